@@ -1,0 +1,213 @@
+"""The bundle: a self-describing model folder, and the only thing the runtime loads.
+
+In: a folder holding the ONNX graph (+ external data), `tokenizer.json` and `bundle.json`.
+Out: a verified `Bundle` (frozen) describing everything the engine needs — architecture facts,
+graph IO names, KV layout, token ids, chat template, quantization, source and recipe.
+
+`bundle.json` is versioned (`format_version`); a loader never guesses a format from a file
+name. Loading refuses a missing file, a checksum mismatch, an unknown format version, or a
+graph whose IO disagrees with the manifest, naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_llm.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    parameters: int = 0
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """How to drive the graph.
+
+    kv_layout "concat": past has shape [B, kv, P, d] and present [B, kv, P+S, d] (optimum).
+    kv_layout "shared": past and present are one preallocated [B, kv, max_ctx, d] buffer (GQA).
+    """
+
+    file: str
+    kv_layout: Literal["concat", "shared"]
+    logits: Literal["all", "last"]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+    kv_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    chat_template: str | None
+    add_bos: bool = False
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    format_version: int
+    name: str
+    architecture: Architecture
+    graph: GraphSpec
+    tokenizer: TokenizerSpec
+    quantization: dict[str, Any]
+    source: dict[str, Any]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def graph_path(self) -> Path:
+        return self.path / self.graph.file
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.tokenizer.file
+
+    def size_bytes(self) -> int:
+        return sum(int(meta["bytes"]) for meta in self.files.values())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Read and check `path/bundle.json`; with `verify`, check every file's size and sha256."""
+    root = Path(path)
+    manifest = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle folder not found")
+    if not manifest.is_file():
+        raise BundleError(f"{manifest}: missing; is {root} a bundle written by `edge-llm export`?")
+    try:
+        raw = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest}: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{manifest}: expected a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest}: unknown format_version {version!r}; this runtime reads {FORMAT_VERSION}"
+        )
+    try:
+        bundle = Bundle(
+            path=root,
+            format_version=version,
+            name=str(raw["name"]),
+            architecture=Architecture(**raw["architecture"]),
+            graph=_graph_spec(raw["graph"]),
+            tokenizer=_tokenizer_spec(raw["tokenizer"]),
+            quantization=dict(raw.get("quantization", {})),
+            source=dict(raw.get("source", {})),
+            recipe=dict(raw.get("recipe", {})),
+            files=dict(raw["files"]),
+        )
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{manifest}: malformed manifest ({exc!s})") from None
+    for needed in (bundle.graph.file, bundle.tokenizer.file):
+        if needed not in bundle.files:
+            raise BundleError(f"{manifest}: {needed} is not listed under 'files'")
+    for name, meta in bundle.files.items():
+        _check_file(root, name, meta, verify)
+    return bundle
+
+
+def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
+    raw = dict(raw)
+    raw["inputs"] = tuple(raw["inputs"])
+    raw["outputs"] = tuple(raw["outputs"])
+    if raw.get("kv_layout") not in ("concat", "shared"):
+        raise TypeError(f"graph.kv_layout must be 'concat' or 'shared', not {raw.get('kv_layout')!r}")
+    return GraphSpec(**raw)
+
+
+def _tokenizer_spec(raw: dict[str, Any]) -> TokenizerSpec:
+    raw = dict(raw)
+    raw["eos_ids"] = tuple(int(i) for i in raw["eos_ids"])
+    return TokenizerSpec(**raw)
+
+
+def _check_file(root: Path, name: str, meta: dict[str, Any], verify: bool) -> None:
+    path = root / name
+    if not path.is_file():
+        raise BundleError(f"{path}: listed in {MANIFEST} but missing")
+    size = path.stat().st_size
+    if size != int(meta["bytes"]):
+        raise BundleError(f"{path}: size {size} bytes, {MANIFEST} says {meta['bytes']}")
+    if verify:
+        digest = sha256_file(path)
+        if digest != meta["sha256"]:
+            raise BundleError(
+                f"{path}: sha256 mismatch (file {digest[:12]}…, {MANIFEST} {meta['sha256'][:12]}…)"
+            )
+
+
+def check_graph_io(bundle: Bundle, input_names: list[str], output_names: list[str]) -> None:
+    """Refuse a graph whose inputs/outputs differ from what the manifest promises."""
+    want_in, want_out = set(bundle.graph.inputs), set(bundle.graph.outputs)
+    got_in, got_out = set(input_names), set(output_names)
+    problems = []
+    if want_in != got_in:
+        problems.append(
+            f"inputs differ (missing {sorted(want_in - got_in)}, unexpected {sorted(got_in - want_in)})"
+        )
+    if want_out != got_out:
+        problems.append(
+            f"outputs differ (missing {sorted(want_out - got_out)}, unexpected {sorted(got_out - want_out)})"
+        )
+    if problems:
+        raise BundleError(f"{bundle.graph_path}: graph IO does not match {MANIFEST}: " + "; ".join(problems))
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
+    """Hash every file in `root` (but the manifest) into `manifest['files']` and write it.
+
+    `manifest` holds every other section (see `Bundle`); the export pipeline calls this last.
+    """
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(root).as_posix()
+        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    data = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+    out = root / MANIFEST
+    out.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    if isinstance(obj, tuple | set):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,89 @@
+"""`edge-llm doctor`: what this board offers — CPU features, memory, onnxruntime and providers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+_FLAGS = (
+    "avx",
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "fma",
+    "f16c",
+    "neon",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "sve",
+    "bf16",
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="show CPU features, memory, onnxruntime version and providers")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run)
+
+
+def facts() -> dict[str, Any]:
+    import numpy
+    import onnxruntime as ort
+    import tokenizers
+
+    cpu = _cpuinfo()
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "cpu_model": cpu.get("model name") or cpu.get("Hardware") or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "cpu_features": sorted(
+            f for f in _FLAGS if f in (cpu.get("flags", "") + " " + cpu.get("Features", "")).split()
+        ),
+        "memory_total_mib": _meminfo("MemTotal"),
+        "memory_available_mib": _meminfo("MemAvailable"),
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+        "numpy": numpy.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
+def _cpuinfo() -> dict[str, str]:
+    path = Path("/proc/cpuinfo")
+    out: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            if ":" in line:
+                key, value = (s.strip() for s in line.split(":", 1))
+                out.setdefault(key, value)
+    return out
+
+
+def _meminfo(key: str) -> int | None:
+    path = Path("/proc/meminfo")
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) // 1024
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    info = facts()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        print(f"{key:<{width}}  {shown}")
+    return 0

@@ -1,0 +1,73 @@
+"""One error tree for the whole runtime.
+
+Every error the runtime raises on purpose derives from `EdgeLLMError` and carries a short,
+stable `code` so transports can turn it into a protocol error reply without guessing.
+"""
+
+from __future__ import annotations
+
+
+class EdgeLLMError(Exception):
+    """Base of every deliberate edge-llm error."""
+
+    code = "internal"
+
+
+class ConfigError(EdgeLLMError):
+    """A TOML config or option is malformed, has unknown keys, or a value of the wrong type."""
+
+    code = "bad_config"
+
+
+class BundleError(EdgeLLMError):
+    """A bundle folder is missing a file, fails its checksum, or disagrees with its graph."""
+
+    code = "bad_bundle"
+
+
+class ProviderError(EdgeLLMError):
+    """No requested execution provider could be configured (not even the CPU fallback)."""
+
+    code = "provider"
+
+
+class RequestError(EdgeLLMError):
+    """A generation request is invalid (bad field, wrong type, out-of-range value)."""
+
+    code = "bad_request"
+
+
+class ContextLengthError(RequestError):
+    """Prompt plus requested tokens exceed the model's context window."""
+
+    code = "too_long"
+
+
+class BusyError(EdgeLLMError):
+    """The request queue is full; retry later."""
+
+    code = "busy"
+
+
+class CancelledError(EdgeLLMError):
+    """The request was cancelled by its client."""
+
+    code = "cancelled"
+
+
+class DeadlineError(EdgeLLMError):
+    """The request's deadline passed before it finished."""
+
+    code = "deadline"
+
+
+class TransportError(EdgeLLMError):
+    """A transport (MQTT broker, socket) failed or refused the connection."""
+
+    code = "transport"
+
+
+class ExportError(EdgeLLMError):
+    """The export pipeline could not produce a bundle (bad source, bad recipe, failed stage)."""
+
+    code = "export"

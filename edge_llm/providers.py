@@ -1,0 +1,180 @@
+"""Execution providers: from a preference list in a board config to ORT session arguments.
+
+In: an ordered tuple of `ProviderSpec` (short name + friendly options) and the providers this
+onnxruntime build offers. Out: a `ProviderPlan` — the ORT provider names and option dicts to pass
+to `InferenceSession`, the session-level thread settings, and one human-readable line per
+decision (taken, or skipped and why). CPU is always the last resort, so a board profile written
+for an NPU still runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_llm.errors import ConfigError, ProviderError
+
+log = logging.getLogger(__name__)
+
+OptionValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    name: str
+    options: dict[str, OptionValue] = field(default_factory=dict)
+
+
+# short name -> (ORT provider name, {friendly option: ORT option key})
+_PROVIDERS: dict[str, tuple[str, dict[str, str]]] = {
+    "cpu": ("CPUExecutionProvider", {"arena": "use_arena"}),
+    "cuda": (
+        "CUDAExecutionProvider",
+        {
+            "device_id": "device_id",
+            "gpu_mem_limit": "gpu_mem_limit",
+            "arena_extend_strategy": "arena_extend_strategy",
+            "cudnn_conv_algo_search": "cudnn_conv_algo_search",
+            "use_tf32": "use_tf32",
+        },
+    ),
+    "tensorrt": (
+        "TensorrtExecutionProvider",
+        {
+            "device_id": "device_id",
+            "fp16": "trt_fp16_enable",
+            "int8": "trt_int8_enable",
+            "engine_cache": "trt_engine_cache_enable",
+            "engine_cache_path": "trt_engine_cache_path",
+            "max_workspace_size": "trt_max_workspace_size",
+        },
+    ),
+    "openvino": (
+        "OpenVINOExecutionProvider",
+        {
+            "device": "device_type",
+            "precision": "precision",
+            "threads": "num_of_threads",
+            "cache_dir": "cache_dir",
+        },
+    ),
+    "qnn": (
+        "QNNExecutionProvider",
+        {
+            "backend": "backend_path",
+            "backend_path": "backend_path",
+            "performance_mode": "htp_performance_mode",
+            "graph_finalization": "htp_graph_finalization_optimization_mode",
+            "soc_model": "soc_model",
+            "context_cache": "ep.context_enable",
+        },
+    ),
+    "coreml": (
+        "CoreMLExecutionProvider",
+        {"compute_units": "MLComputeUnits", "model_format": "ModelFormat"},
+    ),
+}
+
+# QNN picks its hardware by library; boards name the unit instead of the file.
+_QNN_BACKENDS = {"htp": "libQnnHtp.so", "cpu": "libQnnCpu.so", "gpu": "libQnnGpu.so"}
+_ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("openvino", "device"): ("CPU", "GPU", "NPU", "AUTO"),
+    ("coreml", "compute_units"): ("ALL", "CPUOnly", "CPUAndGPU", "CPUAndNeuralEngine"),
+    ("qnn", "performance_mode"): (
+        "burst",
+        "balanced",
+        "default",
+        "high_performance",
+        "high_power_saver",
+        "low_balanced",
+        "low_power_saver",
+        "power_saver",
+        "sustained_high_performance",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ProviderPlan:
+    providers: list[str]
+    provider_options: list[dict[str, str]]
+    decisions: list[str]
+
+    @property
+    def chosen(self) -> str:
+        return self.providers[0]
+
+
+def ort_options(spec: ProviderSpec) -> tuple[str, dict[str, str]]:
+    """Translate one spec into (ORT provider name, ORT option strings); reject unknown options."""
+    key = spec.name.lower()
+    if key not in _PROVIDERS:
+        raise ConfigError(f"unknown execution provider {spec.name!r}; known: {', '.join(sorted(_PROVIDERS))}")
+    ort_name, mapping = _PROVIDERS[key]
+    out: dict[str, str] = {}
+    for opt, value in spec.options.items():
+        if opt not in mapping:
+            raise ConfigError(
+                f"provider {key}: unknown option {opt!r}; allowed: {', '.join(sorted(mapping))}"
+            )
+        allowed = _ENUMS.get((key, opt))
+        if allowed and value not in allowed:
+            raise ConfigError(f"provider {key}: {opt}={value!r} is not one of {', '.join(allowed)}")
+        if key == "qnn" and opt == "backend":
+            if value not in _QNN_BACKENDS:
+                raise ConfigError(f"provider qnn: backend={value!r} is not one of htp, cpu, gpu")
+            value = _QNN_BACKENDS[str(value)]
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        out[mapping[opt]] = str(value)
+    return ort_name, out
+
+
+def plan_providers(specs: Sequence[ProviderSpec], available: Iterable[str] | None = None) -> ProviderPlan:
+    """Keep the specs this build offers, in order, and end with the CPU fallback."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    offered = set(available)
+    providers: list[str] = []
+    options: list[dict[str, str]] = []
+    decisions: list[str] = []
+    for spec in specs or (ProviderSpec("cpu"),):
+        ort_name, opts = ort_options(spec)  # validate even the ones we will skip
+        if ort_name in providers:
+            continue
+        if ort_name not in offered:
+            decisions.append(f"skip {spec.name}: {ort_name} is not in this onnxruntime build")
+            continue
+        providers.append(ort_name)
+        options.append(opts)
+        decisions.append(f"use {spec.name}: {ort_name} {opts or ''}".rstrip())
+    if "CPUExecutionProvider" not in providers:
+        if "CPUExecutionProvider" not in offered:
+            raise ProviderError("onnxruntime offers no CPUExecutionProvider to fall back on")
+        providers.append("CPUExecutionProvider")
+        options.append({})
+        decisions.append("use cpu: fallback for anything the providers above cannot run")
+    for line in decisions:
+        log.info("providers: %s", line)
+    return ProviderPlan(providers, options, decisions)
+
+
+def parse_provider_list(items: Sequence[Mapping[str, Any]]) -> tuple[ProviderSpec, ...]:
+    """Build specs from TOML-like tables: {name = "qnn", backend = "htp"}."""
+    specs = []
+    for i, item in enumerate(items):
+        item = dict(item)
+        name = item.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"providers[{i}]: needs a string 'name'")
+        for k, v in item.items():
+            if not isinstance(v, str | int | float | bool):
+                raise ConfigError(f"providers[{i}].{k}: expected a scalar, got {v!r}")
+        spec = ProviderSpec(name, item)
+        ort_options(spec)
+        specs.append(spec)
+    return tuple(specs)

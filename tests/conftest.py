@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random Llama (built in seconds) and bundles exported from it.
+
+The whole session uses its own cache folder (EDGE_LLM_CACHE), so tests never touch the user's
+cache and every stage runs for real on the tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_CACHE = Path(tempfile.mkdtemp(prefix="edge-llm-test-cache-"))
+os.environ.setdefault("EDGE_LLM_CACHE", str(_CACHE))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TRAIN_TEXT = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Small language models run on embedded boards with ONNX Runtime.",
+    "Grüße aus München! 日本語のテキスト。 Emoji: 🙂🚀 café naïve",
+    "def add(a, b):\n    return a + b\n",
+] * 20
+
+
+def build_tiny_hf(out: Path, *, layers: int = 2, vocab: int = 384, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM + a byte-level BPE tokenizer with a chat template, saved as HF."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TRAIN_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        initializer_range=0.2,  # peaky logits: greedy ties between runtimes become unlikely
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_hf(tmp_path_factory.mktemp("tiny-hf"))
+
+
+def export_bundle(hf_dir: Path, out: Path, quant: str = "none") -> Path:
+    from export import recipe as recipe_mod
+    from export.load import LoadConfig
+    from export.quantize import QuantizeConfig
+
+    recipe = recipe_mod.Recipe(
+        name=f"tiny-{quant}", load=LoadConfig(model=str(hf_dir)), quantize=QuantizeConfig(mode=quant)
+    )
+    return recipe_mod.run(recipe, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 bundle of the tiny model (bit-for-bit comparable with transformers)."""
+    return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-fp32", "none")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_int8(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-int8", "int8")
