@@ -346,12 +346,15 @@ class _Builder:
                 None
                 if all(b is None for b in bs)
                 else np.concatenate(
-                    [b if b is not None else np.zeros(w.shape[0], np.float32) for w, b in zip(ws, bs)]
+                    [
+                        b if b is not None else np.zeros(w.shape[0], np.float32)
+                        for w, b in zip(ws, bs, strict=True)
+                    ]
                 )
             )
             qkv = [self.linear(h, f"{name}.qkv_proj", np.concatenate(ws), bias), "", ""]
         else:
-            qkv = [self.linear(h, f"{name}.{t}_proj", w, b) for t, w, b in zip("qkv", ws, bs)]
+            qkv = [self.linear(h, f"{name}.{t}_proj", w, b) for t, w, b in zip("qkv", ws, bs, strict=True)]
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         present = [f"present.{i}.key", f"present.{i}.value"]
         out = self.g.op(

@@ -1,0 +1,252 @@
+"""export.fuse against transformers on a tiny random Llama: every way the engine drives the graph.
+
+(a) prefill from an empty cache, (b) 1-token decode, (c) multi-token step over a past
+(chat continuation, speculative verify + rollback), (d) batches whose rows hold different
+past lengths (right-padded prefill, decode, uniform and ragged chunks, per-row prefill into a
+slice of the batch buffer). fp32 must match to 1e-4; int8 to INT8_ATOL plus equal top-1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from export import fuse  # noqa: E402
+from export.fuse_check import FusedRunner, make_session  # noqa: E402
+
+VOCAB, CAPACITY = 256, 64
+FP32_ATOL = 1e-4
+# accuracy_level 4 also quantizes activations to int8 inside MatMulNBits. On this model (logits
+# within about ±3) that costs up to ~0.07 against the fp32 model; 0.15 = 5% of the logit range
+# leaves margin, while a wrong position, row or cache slot shows up as O(1) errors.
+INT8_ATOL = 0.15
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CAPACITY,
+        rope_theta=10000.0, tie_word_embeddings=True, initializer_range=0.1,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_model(hf_dir: Path) -> torch.nn.Module:
+    return transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_dequant(hf_dir: Path) -> torch.nn.Module:
+    """The same model with every matrix replaced by its int8 round trip: what the int8 graph
+    must compute exactly when activations stay fp32 (accuracy_level 1)."""
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                q, scale, zp = fuse.quantize_blocks(param.numpy(), 32, symmetric=False)
+                param.copy_(torch.from_numpy(fuse.dequantize_blocks(q, scale, zp, param.shape[1])))
+    return model
+
+
+# name -> (FuseConfig overrides, reference model fixture, tolerance)
+VARIANTS = {
+    "fp32": ({"bits": 0}, "hf_model", FP32_ATOL),
+    "int8-exact": ({"bits": 8, "accuracy_level": 1}, "hf_dequant", FP32_ATOL),
+    "int8": ({"bits": 8, "accuracy_level": 4}, "hf_model", INT8_ATOL),
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> tuple[dict, torch.nn.Module, float]:
+    kw, ref, atol = VARIANTS[request.param]
+    return kw, request.getfixturevalue(ref), atol
+
+
+@pytest.fixture(scope="module")
+def build(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    def _build(**kw: object) -> fuse.FuseResult:
+        cfg = fuse.FuseConfig(max_context=CAPACITY, **kw)  # type: ignore[arg-type]
+        return fuse.run(cfg, hf_dir, tmp_path_factory.mktemp("fused"))
+
+    return _build
+
+
+def ref_logits(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
+    """[len(ids), V] logits of one unpadded sequence."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def seqs(n: int, length: int, seed: int = 1) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, length).tolist() for _ in range(n)]
+
+
+def runner(result: fuse.FuseResult, batch: int = 1) -> FusedRunner:
+    return FusedRunner(make_session(result.model_path), batch, CAPACITY)
+
+
+def close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
+    err = float(np.abs(got - want).max())
+    assert err <= atol, f"max |diff| {err:.2e} > {atol:.0e}"
+
+
+# --------------------------------------------------------------------------- graph shape
+
+
+def test_graph_io_and_ops(build) -> None:
+    res = build(bits=8)
+    assert res.inputs[:2] == ("input_ids", "attention_mask")
+    assert res.inputs[2:4] == ("past_key_values.0.key", "past_key_values.0.value")
+    assert res.outputs[:3] == ("logits", "present.0.key", "present.0.value")
+    assert res.op_counts["GroupQueryAttention"] == 2
+    assert res.op_counts["MatMulNBits"] == 2 * 4 + 1  # qkv, o, gate_up, down per layer + head
+    assert res.op_counts["SkipSimplifiedLayerNormalization"] == 4
+    assert "MatMul" not in res.op_counts
+    sess = make_session(res.model_path)
+    kv = next(i for i in sess.get_inputs() if i.name == "past_key_values.0.key")
+    assert kv.shape[1:] == [2, "max_context", 16]
+    assert res.data_path.stat().st_size > res.weight_bytes * 0.9  # weights are external
+
+
+def test_quantize_roundtrip() -> None:
+    w = np.random.default_rng(0).standard_normal((8, 70)).astype(np.float32)
+    for symmetric in (False, True):
+        q, scale, zp = fuse.quantize_blocks(w, 32, symmetric)
+        assert q.shape == (8, 3, 32) and scale.shape == (8, 3)
+        back = fuse.dequantize_blocks(q, scale, zp, 70)
+        assert np.abs(back - w).max() <= scale.max() * 0.5 + 1e-6  # half a step
+
+
+# --------------------------------------------------------------------------- (a) (b) (c)
+
+
+def test_prefill_decode_continue(build, variant) -> None:
+    kw, model, atol = variant
+    ids = seqs(1, 16)[0]
+    ref = ref_logits(model, ids)
+    for logits in ("all", "last"):
+        r = runner(build(logits=logits, **kw))
+        # (a) prefill 7 tokens from an empty cache
+        out = r.step(np.array([ids[:7]]))
+        close(out[0], ref[:7] if logits == "all" else ref[6:7], atol)
+        # (b) one-token decode
+        close(r.step(np.array([ids[7:8]]))[0], ref[7:8], atol)
+        # (c) a 4-token chunk over the past: chat next turn / speculative verification
+        out = r.step(np.array([ids[8:12]]))
+        close(out[0], ref[8:12] if logits == "all" else ref[11:12], atol)
+        # rollback: reject 2 of the 4 drafts, continue from position 10 with other tokens
+        r.truncate(0, 10)
+        alt = [*ids[:10], 5, 6, 7]
+        out = r.step(np.array([alt[10:13]]))
+        want = ref_logits(model, alt)
+        close(out[0], want[10:13] if logits == "all" else want[12:13], atol)
+
+
+def test_int8_close_to_fp32(build) -> None:
+    """Quantization error on its own: same inputs through the fp32 and int8 graphs."""
+    ids = np.array(seqs(4, 16, seed=3))
+    fp = runner(build(bits=0, logits="all"), 4).step(ids)
+    for symmetric in (False, True):
+        q = runner(build(bits=8, logits="all", symmetric=symmetric), 4).step(ids)
+        close(q, fp, INT8_ATOL)
+        assert (q.argmax(-1) == fp.argmax(-1)).mean() >= 0.9
+
+
+def test_greedy_matches_transformers(build, hf_model) -> None:
+    prompt = seqs(1, 5, seed=7)[0]
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    r = runner(build(bits=0))
+    got, logits = list(prompt), r.step(np.array([prompt]))
+    for _ in range(12):
+        got.append(int(logits[0, -1].argmax()))
+        logits = r.step(np.array([[got[-1]]]))
+    assert got == want[0].tolist()
+
+
+# --------------------------------------------------------------------------- (d) batches
+
+
+def test_batch_rows_with_different_past(build, variant) -> None:
+    kw, model, atol = variant
+    data = seqs(3, 20, seed=11)
+    refs = [ref_logits(model, s) for s in data]
+    lens = [3, 9, 5]
+    for logits in ("all", "last"):
+        r = runner(build(logits=logits, **kw), 3)
+        # right-padded prefill from empty: row b holds lens[b] real tokens
+        ids = np.zeros((3, max(lens)), np.int64)
+        for b, n in enumerate(lens):
+            ids[b, :n] = data[b][:n]
+        out = r.step(ids, new_lens=lens)
+        for b, n in enumerate(lens):
+            close(out[b, :n] if logits == "all" else out[b], refs[b][:n] if logits == "all"
+                  else refs[b][n - 1 : n], atol)  # fmt: skip
+        # continuous-batching decode: one token per row, pasts 3 / 9 / 5
+        out = r.step(np.array([[data[b][n]] for b, n in enumerate(lens)]))
+        for b, n in enumerate(lens):
+            close(out[b], refs[b][n : n + 1], atol)
+        # the same 3-token chunk length for every row over different pasts (4 / 10 / 6)
+        out = r.step(np.array([data[b][n + 1 : n + 4] for b, n in enumerate(lens)]))
+        for b, n in enumerate(lens):
+            want = refs[b][n + 1 : n + 4] if logits == "all" else refs[b][n + 3 : n + 4]
+            close(out[b], want, atol)
+
+
+def test_batch_ragged_chunks_need_query_seqlens(build, hf_model) -> None:
+    """Rows adding different numbers of tokens over a past (one decodes while another
+    prefills a new turn) need the explicit query_seqlens input; idle rows (0) stay intact."""
+    data = seqs(3, 20, seed=5)
+    refs = [ref_logits(hf_model, s) for s in data]
+    for logits in ("all", "last"):
+        r = runner(build(bits=0, logits=logits, query_seqlens_input=True), 3)
+        past = [4, 7, 2]
+        ids = np.zeros((3, 7), np.int64)
+        for b, n in enumerate(past):
+            ids[b, :n] = data[b][:n]
+        r.step(ids, new_lens=past)
+        new = [1, 4, 0]  # decode, 4-token turn, idle
+        ids = np.zeros((3, 4), np.int64)
+        for b, (p, n) in enumerate(zip(past, new, strict=True)):
+            ids[b, :n] = data[b][p : p + n]
+        out = r.step(ids, new_lens=new)
+        for b, (p, n) in enumerate(zip(past, new, strict=True)):
+            if n == 0:
+                continue
+            want = refs[b][p : p + n] if logits == "all" else refs[b][p + n - 1 : p + n]
+            close(out[b, :n] if logits == "all" else out[b], want, FP32_ATOL)
+        # the idle row resumes where it stopped
+        ids = np.array([[data[0][5]], [data[1][11]], [data[2][2]]])
+        out = r.step(ids, new_lens=[1, 1, 1])
+        for b, p in enumerate((5, 11, 2)):
+            close(out[b, -1:], refs[b][p : p + 1], FP32_ATOL)
+    plain = runner(build(bits=0), 2)
+    plain.step(np.array(seqs(2, 3)))
+    with pytest.raises(ValueError, match="query_seqlens"):
+        plain.step(np.array([[1, 2], [3, 0]]), new_lens=[2, 1])
+
+
+def test_prefill_each_row_into_batch_buffer(build, hf_model) -> None:
+    """Continuous batching: prefill a new request alone into its row of the shared batch
+    buffer (binding a pointer offset), then decode all rows together."""
+    data = seqs(2, 16, seed=9)
+    refs = [ref_logits(hf_model, s) for s in data]
+    r = runner(build(bits=0), 2)
+    r.step(np.array([data[0][:6]]), rows=slice(0, 1))
+    r.step(np.array([data[1][:11]]), rows=slice(1, 2))
+    for k in range(3):
+        out = r.step(np.array([[data[0][6 + k]], [data[1][11 + k]]]))
+        close(out[0], refs[0][6 + k : 7 + k], FP32_ATOL)
+        close(out[1], refs[1][11 + k : 12 + k], FP32_ATOL)
