@@ -1,32 +1,37 @@
 """Stage 5, quantize: an fp32 ONNX decoder in, a quantized one out, with its own error report.
 
 Modes (`QuantizeConfig.mode`):
-- "none": copy the fp32 graph.
-- "int8": weight-only blockwise INT8 (MatMulNBits, symmetric, `block_size`, `accuracy_level`):
-  measured here on SmolLM2 as the best CPU trade (ppl 19.92 vs fp32 19.74, faster decode).
-The report gives, per quantized weight, the relative RMS and max-abs error of the dequantized
-weight against the original, read back from the written graph (not recomputed from theory).
+- "none": the fp32 graph, unchanged.
+- "int8": weight-only blockwise INT8 (MatMulNBits, symmetric, `block_size`, `accuracy_level`).
+- "grid": lossless re-encoding of weights that already sit on a GGUF grid (Q4_1 -> 4-bit codes +
+  block offsets, Q8_0 -> int8); anything off-grid falls back to "int8". For a GGUF source this
+  keeps the source model's exact weights (see `export/nbits.py`).
+The report gives, per quantized weight, bits, relative RMS and max-abs error of the weights the
+graph computes with against the fp32 originals, plus the worst weight.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from edge_llm.errors import ExportError
+from export import nbits
 
-MODES = ("none", "int8")
+MODES = ("none", "int8", "grid")
+REPORT = "quantize.json"
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    mode: Literal["none", "int8"] = "int8"
+    mode: Literal["none", "int8", "grid"] = "int8"
     block_size: int = 32
-    accuracy_level: int = 4  # 4: int8 activations x int8 weights in the kernel (fastest on CPU)
+    # 4: int8 activations x n-bit weights inside the kernel; on x86 CPUs levels 1-3 run a slow
+    # dequantize-then-fp32 path (measured ~5x slower per token on SmolLM2).
+    accuracy_level: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -41,80 +46,65 @@ class QuantizeConfig:
 class QuantizeResult:
     model_path: Path
     method: dict[str, Any]
-    errors: dict[str, dict[str, float]]  # weight name -> {rel_rms, max_abs}
-
-    @property
-    def worst(self) -> tuple[str, float] | None:
-        if not self.errors:
-            return None
-        name = max(self.errors, key=lambda n: self.errors[n]["rel_rms"])
-        return name, self.errors[name]["rel_rms"]
-
-
-REPORT = "quantize.json"
+    errors: dict[str, dict[str, float]]  # weight name -> {bits, rel_rms, max_abs}
 
 
 def run(config: QuantizeConfig, model_path: Path, out_dir: Path) -> QuantizeResult:
     """Quantize `model_path` into `out_dir/model.onnx`; also write `out_dir/quantize.json`."""
-    result = _quantize(config, model_path, out_dir)
-    report = {"method": result.method, "errors": result.errors}
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    return result
+    import onnx
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    model = onnx.load(str(model_path))
+    if config.mode == "none":
+        method: dict[str, Any] = {"method": "none", "dtype": "float32"}
+        errors: dict[str, dict[str, float]] = {}
+    else:
+        encode = nbits.encode_int8 if config.mode == "int8" else nbits.encode_auto
+        errors = nbits.rewrite_matmuls(
+            model, functools.partial(encode, block=config.block_size), config.accuracy_level
+        )
+        if not errors:
+            raise ExportError(f"{model_path}: no MatMul with a constant weight to quantize")
+        bits = sorted({int(e["bits"]) for e in errors.values()})
+        method = {
+            "method": "matmul_nbits",
+            "mode": config.mode,
+            "bits": bits,
+            "block_size": config.block_size,
+            "accuracy_level": config.accuracy_level,
+            **summary(errors),
+        }
+    save(model, out)
+    (out_dir / REPORT).write_text(json.dumps({"method": method, "errors": errors}, indent=2) + "\n")
+    return QuantizeResult(out, method, errors)
 
 
 def read_report(out_dir: Path) -> dict[str, Any]:
     return json.loads((out_dir / REPORT).read_text())
 
 
-def _quantize(config: QuantizeConfig, model_path: Path, out_dir: Path) -> QuantizeResult:
-    import onnx
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / "model.onnx"
-    if config.mode == "none":
-        model = onnx.load(str(model_path))
-        _save(model, out)
-        return QuantizeResult(out, {"method": "none", "dtype": "float32"}, {})
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    # The quantizer logs every node at INFO through its own handler; keep our output readable.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-
-    model = onnx.load(str(model_path))
-    originals = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if len(i.dims) == 2}
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=8,
-        block_size=config.block_size,
-        is_symmetric=True,
-        accuracy_level=config.accuracy_level,
-    )
-    quantizer.process()
-    qmodel = quantizer.model.model
-    errors = weight_errors(qmodel, originals, bits=8)
+def summary(errors: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Mean and worst relative RMS error over the quantized weights."""
     if not errors:
-        raise ExportError(f"{model_path}: no MatMul weight was quantized")
-    _save(qmodel, out)
-    method = {
-        "method": "matmul_nbits",
-        "bits": 8,
-        "block_size": config.block_size,
-        "accuracy_level": config.accuracy_level,
-        "symmetric": True,
+        return {}
+    worst = max(errors, key=lambda n: errors[n]["rel_rms"])
+    return {
+        "weights": len(errors),
+        "mean_rel_rms": sum(e["rel_rms"] for e in errors.values()) / len(errors),
+        "worst_weight": worst,
+        "worst_rel_rms": errors[worst]["rel_rms"],
     }
-    return QuantizeResult(out, method, errors)
 
 
-def _save(model: Any, out: Path) -> None:
+def save(model: Any, out: Path) -> None:
+    """Save with all weights in one external data file beside the graph (`<name>.data`)."""
     import onnx
 
-    if out.exists():
-        out.unlink()
     data = out.with_name(out.name + ".data")
-    if data.exists():
-        data.unlink()
+    for f in (out, data):
+        if f.exists():
+            f.unlink()
     onnx.save(
         model,
         str(out),
@@ -123,40 +113,3 @@ def _save(model: Any, out: Path) -> None:
         location=data.name,
         size_threshold=1024,
     )
-
-
-def weight_errors(qmodel: Any, originals: dict[str, np.ndarray], bits: int) -> dict[str, dict[str, float]]:
-    """Dequantize every MatMulNBits weight of `qmodel` and compare with the fp32 original."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in qmodel.graph.initializer}
-    errors: dict[str, dict[str, float]] = {}
-    for node in qmodel.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a.name: a.i for a in node.attribute}
-        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-        q = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, block)
-        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1, 1)
-        zero = 1 << (bits - 1)
-        if len(node.input) > 3 and node.input[3] in inits:
-            zp = numpy_helper.to_array(inits[node.input[3]])
-            zero = zp.reshape(n, -1, 1).astype(np.float32) if bits == 8 else zero
-        deq = ((q.astype(np.float32) - zero) * scales).reshape(n, -1)[:, :k].T
-        name = _original_name(node.input[1], originals)
-        if name is None:
-            continue
-        ref = originals[name].astype(np.float32)
-        diff = deq - ref
-        errors[name] = {
-            "rel_rms": float(np.sqrt((diff**2).mean() / max((ref**2).mean(), 1e-30))),
-            "max_abs": float(np.abs(diff).max()),
-        }
-    return errors
-
-
-def _original_name(qname: str, originals: dict[str, np.ndarray]) -> str | None:
-    for suffix in ("_Q8", "_Q4", ""):
-        if qname.endswith(suffix) and qname[: len(qname) - len(suffix)] in originals:
-            return qname[: len(qname) - len(suffix)]
-    return None

@@ -68,7 +68,7 @@ def run(recipe: Recipe, out_dir: Path) -> Path:
         "quantize", key, lambda out: quantize_stage.run(recipe.quantize, onnx_dir / "model.onnx", out)
     )
     quant = quantize_stage.read_report(q_dir)
-    stages.add("quantize", time.perf_counter() - t, cached, **_error_summary(quant["errors"]))
+    stages.add("quantize", time.perf_counter() - t, cached, **quantize_stage.summary(quant["errors"]))
 
     t = time.perf_counter()
     out = bundle_stage.run(
@@ -88,16 +88,3 @@ def run(recipe: Recipe, out_dir: Path) -> Path:
 
 def _named(recipe: Recipe) -> bundle_stage.BundleConfig:
     return bundle_stage.BundleConfig(**{**asdict(recipe.bundle), "name": recipe.name})
-
-
-def _error_summary(errors: dict[str, dict[str, float]] | None) -> dict[str, Any]:
-    if not errors:
-        return {}
-    worst = max(errors, key=lambda n: errors[n]["rel_rms"])
-    mean = sum(e["rel_rms"] for e in errors.values()) / len(errors)
-    return {
-        "weights": len(errors),
-        "mean_rel_rms": mean,
-        "worst": worst,
-        "worst_rel_rms": errors[worst]["rel_rms"],
-    }
