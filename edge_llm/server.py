@@ -1,0 +1,125 @@
+"""Wiring for `edge-llm serve`: board config + engine + scheduler + sessions + transports.
+
+In: a loaded `Engine` and a `BoardConfig` (its `[server]`, `[sessions]`, `[socket]`, `[mqtt]`
+sections, already merged with command-line overrides). Out: a running `Server` — one scheduler
+worker owning the engine, the SQLite state database, and whichever transports are configured —
+that `stop()` (or SIGINT/SIGTERM in `run_until_signal`) shuts down cleanly: the scheduler first
+(queued requests answered `busy`, the running one given a grace period), then the transports
+(MQTT status `offline`, socket file removed).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from edge_llm import __version__, protocol
+from edge_llm.board import BoardConfig
+from edge_llm.engine import Engine
+from edge_llm.errors import ConfigError
+from edge_llm.scheduler import Scheduler
+from edge_llm.sessions import Conversations, StateDB
+from edge_llm.transports.base import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    def __init__(self, engine: Engine, board: BoardConfig, state_path: str | Path | None = None) -> None:
+        self.engine = engine
+        self.board = board
+        srv = board.server
+        path = (
+            Path(state_path) if state_path is not None else Path(srv.state_dir).expanduser() / "state.sqlite"
+        )
+        self.db = StateDB(path, max_finals=srv.max_finals)
+        pruned = self.db.prune_sessions(board.sessions.ttl_days * 86400)
+        if pruned:
+            log.info("deleted %d sessions idle for more than %g days", pruned, board.sessions.ttl_days)
+        self.conversations = Conversations(
+            engine, self.db, system_prompt=board.sessions.system_prompt, max_live=board.sessions.max_live
+        )
+        self.scheduler = Scheduler(
+            engine,
+            srv.max_queue,
+            srv.max_inflight_per_client,
+            conversations=self.conversations,
+            finals=self.db,
+            default_max_tokens=srv.default_max_tokens,
+        )
+        self.dispatcher = Dispatcher(self.scheduler, max_payload=srv.max_payload)
+        self.socket: Any = None
+        self.mqtt: Any = None
+        self._stopped = threading.Event()
+
+    def status(self) -> dict[str, Any]:
+        """What the MQTT status message advertises."""
+        return {
+            "model": self.engine.bundle.name,
+            "version": __version__,
+            "protocol": protocol.PROTOCOL_VERSION,
+            "capabilities": {
+                "stream": True,
+                "sessions": True,
+                "cancel": True,
+                "max_context": self.engine.max_context,
+                "max_payload": self.board.server.max_payload,
+                "error_codes": list(protocol.ERROR_CODES),
+                "fleet_group": self.board.mqtt.fleet_group or None,
+            },
+        }
+
+    def start(self) -> None:
+        sock, mqtt_cfg = self.board.socket, self.board.mqtt
+        if not sock.path and not sock.tcp_port and not mqtt_cfg.host:
+            raise ConfigError("nothing to serve on: give a socket path, a TCP port or an MQTT broker")
+        self.scheduler.start()
+        try:
+            if sock.path or sock.tcp_port:
+                from edge_llm.transports.socket import SocketTransport
+
+                self.socket = SocketTransport(
+                    self.dispatcher, path=sock.path or None, tcp_port=sock.tcp_port or None
+                )
+                self.socket.start()
+            if mqtt_cfg.host:
+                from edge_llm.transports.mqtt import MqttTransport  # the only place paho is imported
+
+                self.mqtt = MqttTransport(self.dispatcher, mqtt_cfg, self.status())
+                self.mqtt.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        # The scheduler first: it refuses new requests (`busy`, which clients retry) and lets the
+        # running one finish within the grace period while the transports can still deliver it.
+        self.scheduler.close(grace_s=self.board.server.shutdown_grace_s)
+        if self.socket is not None:
+            self.socket.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        self.db.close()
+
+    def run_until_signal(self) -> None:
+        """Serve until SIGINT or SIGTERM, then stop cleanly. Main thread only."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %d: shutting down", signum)
+            done.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop()

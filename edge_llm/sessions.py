@@ -1,0 +1,274 @@
+"""State that outlives a request: conversation history, recent final replies, live KV slots.
+
+In: an `Engine`, an optional SQLite path, a system prompt. Out:
+- `StateDB`: one SQLite file (WAL, synchronous=FULL) holding each session's messages and the
+  recent final replies (bounded) used to answer a repeated request id without generating again.
+  A restart of the runtime loses neither.
+- `Conversations`: turns a `Request` into prompt token ids plus the `Slot` to run them in. A
+  session's next turn reuses that session's live Slot (bounded LRU), so only the new suffix is
+  prefilled; a configured system prompt is prefilled once into a template Slot and each new
+  sequence starts from a copy of it.
+
+Threads: `Conversations` drives the engine and must only be called from the scheduler's worker
+thread. `StateDB` is safe from any thread (one connection behind a lock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_llm.engine import Engine, Slot
+from edge_llm.errors import ConfigError
+from edge_llm.protocol import Request
+from edge_llm.runner import KVCache
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (session, seq)
+);
+CREATE TABLE IF NOT EXISTS finals (
+    id TEXT PRIMARY KEY,
+    reply TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class StateDB:
+    """Session history and recent final replies in one SQLite file."""
+
+    def __init__(self, path: str | Path, max_finals: int = 1000) -> None:
+        self.path = Path(path).expanduser()
+        self.max_finals = max_finals
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: every statement is its own transaction unless we open one; the
+            # lock (not sqlite's thread check) serialises the transport and worker threads.
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a turn acknowledged to the client survives a power cut, at one fsync per turn.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"{self.path}: cannot open the state database: {exc}") from None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- sessions --
+
+    def history(self, session: str) -> list[dict[str, str]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT role, content FROM messages WHERE session = ? ORDER BY seq", (session,)
+            ).fetchall()
+        return [{"role": r, "content": c} for r, c in rows]
+
+    def append(self, session: str, messages: list[dict[str, str]]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                (last,) = self._db.execute(
+                    "SELECT COALESCE(MAX(seq), -1) FROM messages WHERE session = ?", (session,)
+                ).fetchone()
+                self._db.executemany(
+                    "INSERT INTO messages (session, seq, role, content, created) VALUES (?, ?, ?, ?, ?)",
+                    [(session, last + 1 + i, m["role"], m["content"], now) for i, m in enumerate(messages)],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def delete_session(self, session: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM messages WHERE session = ?", (session,))
+
+    def prune_sessions(self, older_than_s: float) -> int:
+        """Delete sessions whose last message is older than `older_than_s`; return how many."""
+        cutoff = time.time() - older_than_s
+        with self._lock:
+            old = [
+                s
+                for (s,) in self._db.execute(
+                    "SELECT session FROM messages GROUP BY session HAVING MAX(created) < ?", (cutoff,)
+                )
+            ]
+            self._db.executemany("DELETE FROM messages WHERE session = ?", [(s,) for s in old])
+        return len(old)
+
+    # -- finals (request-id deduplication) --
+
+    def get_final(self, request_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT reply FROM finals WHERE id = ?", (request_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_final(self, request_id: str, reply: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO finals (id, reply, created) VALUES (?, ?, ?)",
+                (request_id, json.dumps(reply, ensure_ascii=False), time.time()),
+            )
+            # Bounded: keep the newest max_finals (rowid grows with every insert or replace).
+            self._db.execute(
+                "DELETE FROM finals WHERE rowid <= (SELECT MAX(rowid) FROM finals) - ?", (self.max_finals,)
+            )
+
+
+def fork_slot(slot: Slot) -> Slot:
+    """A deep copy of `slot`, so a shared prefix (the system prompt) is never written through.
+
+    The concat runner only ever replaces `cache.past`, but a future in-place ("shared") layout
+    would write into the buffers, so the copy is of the data, not just of the list.
+    """
+    cache = slot.cache
+    if cache is None:
+        return Slot(ids=list(slot.ids))
+    past = [ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True)) for v in cache.past]
+    return Slot(KVCache(past, cache.lengths.copy(), cache.pad.copy()), list(slot.ids))
+
+
+@dataclass
+class Prepared:
+    """What the worker runs for one request: prompt ids in a slot, and what to store after."""
+
+    ids: list[int]
+    slot: Slot
+    session: str | None = None
+    new_messages: list[dict[str, str]] = field(default_factory=list)
+    dropped_messages: int = 0  # old history left out of the prompt to fit the context
+
+
+class Conversations:
+    """Builds prompts (history + system prompt) and hands out Slots; worker thread only."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        db: StateDB | None = None,
+        system_prompt: str = "",
+        max_live: int = 4,
+    ) -> None:
+        self.engine = engine
+        self.db = db
+        self.system_prompt = system_prompt
+        self.max_live = max(0, max_live)
+        self._live: OrderedDict[str, Slot] = OrderedDict()
+        self._memory: dict[str, list[dict[str, str]]] = {}  # history when there is no db
+        self._system_slot: Slot | None = None
+
+    def history(self, session: str) -> list[dict[str, str]]:
+        if self.db is not None:
+            return self.db.history(session)
+        return list(self._memory.get(session, []))
+
+    def prepare(self, request: Request, max_tokens: int) -> Prepared:
+        """Prompt ids and Slot for `request`; raises RequestError / ContextLengthError."""
+        if request.prompt is not None:  # raw completion: no template, no system prompt
+            ids = self.engine.encode_request(prompt=request.prompt)
+            self.engine.check_length(len(ids), max_tokens)
+            return Prepared(ids, Slot())
+        new = [dict(m) for m in request.messages or ()]
+        past = self.history(request.session) if request.session is not None else []
+        if not past and self.system_prompt and new[0]["role"] != "system":
+            new.insert(0, {"role": "system", "content": self.system_prompt})
+        messages, ids, dropped = self._fit(past + new, len(new), max_tokens)
+        self.engine.check_length(len(ids), max_tokens)
+        slot = self._slot_for(request.session, messages)
+        return Prepared(ids, slot, request.session, new, dropped)
+
+    def commit(self, prepared: Prepared, answer: str) -> None:
+        """Store a finished turn (its new messages and the answer) and keep its Slot live."""
+        if prepared.session is None:
+            return
+        turn = [*prepared.new_messages, {"role": "assistant", "content": answer}]
+        if self.db is not None:
+            self.db.append(prepared.session, turn)
+        else:
+            self._memory.setdefault(prepared.session, []).extend(turn)
+        self._keep(prepared.session, prepared.slot)
+
+    def forget(self, session: str) -> None:
+        self._live.pop(session, None)
+
+    def _fit(
+        self, messages: list[dict[str, str]], keep_last: int, max_tokens: int
+    ) -> tuple[list[dict[str, str]], list[int], int]:
+        """Leave out the oldest turns (never system messages, never this turn) until it fits.
+
+        The stored history is untouched; only the prompt slides. If even this turn alone is too
+        long, the caller's check_length reports too_long.
+        """
+        dropped = 0
+        while True:
+            ids = self.engine.encode_request(messages=messages)
+            if len(ids) + max_tokens <= self.engine.max_context:
+                return messages, ids, dropped
+            head = [i for i, m in enumerate(messages[: len(messages) - keep_last]) if m["role"] != "system"]
+            if not head:
+                return messages, ids, dropped
+            # Drop one whole turn: the first non-system message and everything up to the next user
+            # message, so the prompt never starts with an orphan assistant reply.
+            start = head[0]
+            end = start + 1
+            limit = len(messages) - keep_last
+            while end < limit and messages[end]["role"] != "user":
+                end += 1
+            messages = messages[:start] + messages[end:]
+            dropped += end - start
+
+    def _slot_for(self, session: str | None, messages: list[dict[str, str]]) -> Slot:
+        if session is not None and session in self._live:
+            self._live.move_to_end(session)
+            return self._live[session]
+        template = self._system_template(messages)
+        return fork_slot(template) if template is not None else Slot()
+
+    def _system_template(self, messages: list[dict[str, str]]) -> Slot | None:
+        """The Slot holding just the configured system prompt, if this prompt starts with it."""
+        if not self.system_prompt or messages[0] != {"role": "system", "content": self.system_prompt}:
+            return None
+        if self._system_slot is None:
+            tok = self.engine.tokenizer
+            text = tok.render_chat([messages[0]], add_generation_prompt=False)
+            ids = tok.encode(text)
+            if len(ids) < 2:
+                return None
+            slot = Slot()
+            self.engine.prefill(ids, slot)
+            # prefill keeps logits for the last token only by running it; the KV for every token
+            # of the system prompt is now in slot.cache and slot.ids == ids.
+            self._system_slot = slot
+            log.info("system prompt prefilled once (%d tokens)", len(ids))
+        return self._system_slot
+
+    def _keep(self, session: str, slot: Slot) -> None:
+        if self.max_live == 0:
+            return
+        self._live[session] = slot
+        self._live.move_to_end(session)
+        while len(self._live) > self.max_live:
+            evicted, _ = self._live.popitem(last=False)
+            log.debug("session %s: KV slot evicted (history stays in the database)", evicted)

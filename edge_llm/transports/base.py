@@ -1,0 +1,90 @@
+"""The seam between transports and the scheduler: parse, submit, reply.
+
+In: one message's bytes and a way to reach its sender (`resolve(reply_to) -> Address`). Out:
+`Scheduler.submit` / `cancel` calls, with a sink that turns scheduler events into protocol replies
+for that address; or an immediate error reply (bad input, busy). Nothing here blocks: parsing is
+bounded by `max_payload` and `submit` never waits, so a transport callback stays thin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+from edge_llm import protocol
+from edge_llm.errors import EdgeLLMError
+from edge_llm.protocol import Cancel, ProtocolError, Request
+
+log = logging.getLogger(__name__)
+
+
+class Address(Protocol):
+    """Where replies for one request go."""
+
+    key: str  # equal keys = same destination: a redelivered request to it is not answered twice
+    client: str  # groups requests for the per-client in-flight limit
+
+    def send(self, reply: dict[str, Any]) -> None:
+        """Queue one reply object for sending; never blocks, never raises."""
+        ...
+
+
+Resolve = Callable[[str | None], Address | None]
+
+
+class Submitter(Protocol):
+    """What a transport needs from the scheduler."""
+
+    def submit(self, request: Request, sink: Any, client: str = "", reply_key: str | None = None) -> Any: ...
+
+    def cancel(self, request_id: str) -> bool: ...
+
+
+class Dispatcher:
+    def __init__(self, scheduler: Submitter, max_payload: int = protocol.DEFAULT_MAX_PAYLOAD) -> None:
+        self.scheduler = scheduler
+        self.max_payload = max_payload
+        self.stats: Counter[str] = Counter()
+
+    def handle(self, payload: bytes, resolve: Resolve, accept: Literal["any", "cancel"] = "any") -> None:
+        """Handle one inbound message. `resolve(reply_to)` gives the reply address (the request's
+        `reply_to` field is passed for transports that route by it) or None if there is none."""
+        try:
+            message = protocol.parse_message(payload, self.max_payload)
+            if accept == "cancel" and not isinstance(message, Cancel):
+                raise ProtocolError(
+                    'this topic takes cancel messages only: {"cancel": "<id>"}',
+                    message.id,
+                    message.reply_to,
+                )
+        except ProtocolError as exc:
+            self.stats["bad_request"] += 1
+            address = resolve(exc.reply_to)
+            if address is None:
+                log.warning("dropped a bad message with no reply address: %s", exc)
+                return
+            address.send(protocol.error_reply(exc.request_id, "bad_request", str(exc)))
+            return
+        if isinstance(message, Cancel):
+            self.stats["cancel"] += 1
+            self.scheduler.cancel(message.id)
+            return
+        address = resolve(message.reply_to)
+        if address is None:
+            self.stats["no_reply_address"] += 1
+            log.warning(
+                "request %s has no reply address (MQTT: response topic or reply_to); dropped", message.id
+            )
+            return
+        self.stats["request"] += 1
+        send = address.send
+
+        def sink(event: Any) -> None:
+            send(event.to_reply())
+
+        try:
+            self.scheduler.submit(message, sink, client=address.client, reply_key=address.key)
+        except EdgeLLMError as exc:
+            send(protocol.error_reply(message.id, protocol.error_code(exc), str(exc)))
