@@ -62,8 +62,8 @@ def session_options(options: RunnerOptions) -> ort.SessionOptions:
     return so
 
 
-class ConcatRunner:
-    """Runs an optimum-style graph (concatenating KV cache, all-position logits)."""
+class _SessionRunner:
+    """What both layouts share: the ORT session, IO checks, KV tensor names."""
 
     def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
         self.bundle = bundle
@@ -94,9 +94,20 @@ class ConcatRunner:
         self.present_names = [
             n for i in range(self.layers) for n in (g.present_key.format(i=i), g.present_value.format(i=i))
         ]
-        self.has_position_ids = "position_ids" in g.inputs
         self.device = "cpu"
-        log.info("runner: %s on %s", bundle.graph_path.name, self.plan.chosen)
+        log.info("runner: %s (%s KV) on %s", bundle.graph_path.name, g.kv_layout, self.plan.chosen)
+
+    def check_room(self, have: int, steps: int) -> None:
+        if have + steps > self.max_context:
+            raise ContextLengthError(f"context full: {have} cached + {steps} new tokens > {self.max_context}")
+
+
+class ConcatRunner(_SessionRunner):
+    """Runs an optimum-style graph (concatenating KV cache, all-position logits)."""
+
+    def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
+        super().__init__(bundle, options)
+        self.has_position_ids = "position_ids" in bundle.graph.inputs
 
     def empty(self, batch: int = 1) -> KVCache:
         zeros = np.zeros((batch, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=np.float32)
@@ -107,10 +118,7 @@ class ConcatRunner:
         """Feed tokens [B, S] after `cache`; return logits [B, V] (last position) or [B, S, V]."""
         batch, steps = tokens.shape
         width = int(cache.lengths.max() + cache.pad.max()) if batch else 0  # padded past length
-        if width + steps > self.max_context:
-            raise ContextLengthError(
-                f"context full: {width} cached + {steps} new tokens > {self.max_context}"
-            )
+        self.check_room(width, steps)
         mask = np.ones((batch, width + steps), dtype=np.int64)
         for b in range(batch):
             mask[b, : cache.pad[b]] = 0
@@ -132,6 +140,11 @@ class ConcatRunner:
         logits = outs[0].numpy()
         return logits if all_logits else logits[:, -1, :]
 
+    def fork(self, cache: KVCache) -> KVCache:
+        """An independent copy (present tensors are never written in place, so sharing the
+        OrtValues is safe: a forward replaces them rather than mutating them)."""
+        return KVCache(list(cache.past), cache.lengths.copy(), cache.pad.copy())
+
     def truncate(self, cache: KVCache, length: int) -> None:
         """Keep the first `length` cached tokens of a single-row cache (prefix reuse, rollback)."""
         if cache.batch != 1 or cache.pad[0]:
@@ -145,7 +158,109 @@ class ConcatRunner:
         cache.lengths = np.array([length], dtype=np.int64)
 
 
-def make_runner(bundle: Bundle, options: RunnerOptions) -> ConcatRunner:
+@dataclass
+class SharedCache:
+    """Preallocated KV buffers [rows, kv_heads, capacity, head_dim], one per past/present pair.
+
+    Row b holds `lengths[b]` positions; positions past that are stale and simply overwritten,
+    so dropping tokens (a rejected draft, a diverging chat turn) is just lowering the length.
+    """
+
+    buffers: list[np.ndarray]
+    lengths: np.ndarray
+    capacity: int
+
+    @property
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def park(self, row: int) -> list[np.ndarray]:
+        """Copy out row `row`'s live positions (to free the row and resume it later)."""
+        n = int(self.lengths[row])
+        return [buf[row, :, :n].copy() for buf in self.buffers]
+
+    def restore(self, row: int, parked: list[np.ndarray]) -> None:
+        n = parked[0].shape[1]
+        for buf, saved in zip(self.buffers, parked, strict=True):
+            buf[row, :, :n] = saved
+        self.lengths[row] = n
+
+
+class SharedRunner(_SessionRunner):
+    """Runs a fused GroupQueryAttention graph over a KV buffer shared by past and present.
+
+    Each step binds row views of the preallocated buffers as both past and present input and
+    output, so the graph appends new keys/values in place: no per-token allocation or copy.
+    """
+
+    def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
+        super().__init__(bundle, options)
+        self.logits_last = bundle.graph.logits == "last"
+        self.vocab = bundle.architecture.vocab_size
+        self._logits: dict[tuple[int, int], np.ndarray] = {}
+
+    def empty(self, batch: int = 1, capacity: int | None = None) -> SharedCache:
+        cap = min(capacity or self.max_context, self.max_context)
+        # np.zeros maps fresh pages lazily: memory is committed only as rows fill up.
+        shape = (batch, self.kv_shape[0], cap, self.kv_shape[1])
+        return SharedCache(
+            [np.zeros(shape, np.float32) for _ in self.past_names], np.zeros(batch, np.int64), cap
+        )
+
+    def forward(self, tokens: np.ndarray, cache: SharedCache, all_logits: bool = False) -> np.ndarray:
+        """Append tokens [B, S] to every row of `cache`; logits [B, V] (or [B, S, V])."""
+        return self.forward_rows(tokens, cache, 0, all_logits=all_logits)
+
+    def forward_rows(
+        self,
+        tokens: np.ndarray,
+        cache: SharedCache,
+        first: int,
+        advance: np.ndarray | None = None,
+        all_logits: bool = False,
+    ) -> np.ndarray:
+        """Append tokens [b, S] to rows first..first+b-1; rows with advance[i] False are idle:
+        they run a dummy token whose KV lands past their length and is never read."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        rows, steps = tokens.shape
+        if all_logits and self.logits_last:
+            raise BundleError(f"{self.bundle.graph_path}: graph returns last-position logits only")
+        lengths = cache.lengths[first : first + rows]
+        if int(lengths.max()) + steps > cache.capacity:
+            raise ContextLengthError(
+                f"context full: {int(lengths.max())} cached + {steps} new tokens > {cache.capacity}"
+            )
+        total = lengths + steps
+        width = int(total.max())
+        mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", tokens)
+        binding.bind_cpu_input("attention_mask", mask)
+        for past, present, buf in zip(self.past_names, self.present_names, cache.buffers, strict=True):
+            view = buf[first : first + rows]  # whole rows of a C-contiguous buffer: contiguous
+            shape = list(view.shape)
+            binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
+        key = (rows, 1 if self.logits_last else steps)
+        logits = self._logits.get(key)
+        if logits is None:
+            logits = self._logits[key] = np.empty((*key, self.vocab), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        cache.lengths[first : first + rows] = total if advance is None else np.where(advance, total, lengths)
+        return logits.copy() if all_logits else logits[:, -1, :].copy()
+
+    def truncate(self, cache: SharedCache, length: int, row: int = 0) -> None:
+        cache.lengths[row] = min(int(cache.lengths[row]), length)
+
+    def fork(self, cache: SharedCache) -> SharedCache:
+        """An independent single-row copy of row 0 (e.g. a shared system-prompt prefix)."""
+        copy = self.empty(1, cache.capacity)
+        copy.restore(0, cache.park(0))
+        return copy
+
+
+def make_runner(bundle: Bundle, options: RunnerOptions) -> ConcatRunner | SharedRunner:
     if bundle.graph.kv_layout == "concat":
         return ConcatRunner(bundle, options)
-    raise BundleError(f"{bundle.path}: kv_layout {bundle.graph.kv_layout!r} is not supported yet")
+    return SharedRunner(bundle, options)
