@@ -137,15 +137,22 @@ class StateDB:
             )
 
 
-def fork_slot(slot: Slot) -> Slot:
-    """A deep copy of `slot`, so a shared prefix (the system prompt) is never written through.
+def fork_slot(engine: Engine, slot: Slot) -> Slot | None:
+    """A deep copy of `slot`, so a shared prefix (the system prompt) is never written through;
+    None when this engine's cache type cannot be copied here (the caller then starts empty).
 
-    The concat runner only ever replaces `cache.past`, but a future in-place ("shared") layout
-    would write into the buffers, so the copy is of the data, not just of the list.
+    Uses `Engine.fork_slot` when the engine has one (it knows how to copy only the live part of
+    its cache). Otherwise copies the concat layout's KVCache: its runner only ever replaces
+    `cache.past`, but copying the data, not just the list, keeps this safe if that changes.
     """
+    fork = getattr(engine, "fork_slot", None)
+    if fork is not None:
+        return fork(slot)
     cache = slot.cache
     if cache is None:
         return Slot(ids=list(slot.ids))
+    if not isinstance(cache, KVCache):
+        return None
     past = [ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True)) for v in cache.past]
     return Slot(KVCache(past, cache.lengths.copy(), cache.pad.copy()), list(slot.ids))
 
@@ -244,7 +251,8 @@ class Conversations:
             self._live.move_to_end(session)
             return self._live[session]
         template = self._system_template(messages)
-        return fork_slot(template) if template is not None else Slot()
+        forked = fork_slot(self.engine, template) if template is not None else None
+        return forked if forked is not None else Slot()
 
     def _system_template(self, messages: list[dict[str, str]]) -> Slot | None:
         """The Slot holding just the configured system prompt, if this prompt starts with it."""

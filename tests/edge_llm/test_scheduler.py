@@ -1,0 +1,200 @@
+"""The scheduler on a real tiny engine: ordering, dedup, busy, cancel, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_llm.engine import Engine
+from edge_llm.errors import BusyError, RequestError
+from edge_llm.protocol import Request
+from edge_llm.scheduler import Event, Scheduler
+
+
+class Collector:
+    """A sink that records events and signals the final one."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.done:
+            self.done.set()
+
+    def final(self, timeout: float = 30.0) -> Event:
+        assert self.done.wait(timeout), "no final event"
+        return self.events[-1]
+
+
+def hold_worker(scheduler: Scheduler) -> threading.Event:
+    """Keep the worker busy (its sink blocks) until the returned event is set."""
+    release, started = threading.Event(), threading.Event()
+
+    def sink(_event: Event) -> None:
+        started.set()
+        release.wait(30)
+
+    scheduler.submit(
+        Request(id=f"hold-{uuid.uuid4().hex}", prompt="hold", stream=True, max_tokens=3, ignore_eos=True),
+        sink,
+        client="holder",
+    )
+    assert started.wait(30)
+    return release
+
+
+def req(rid: str, **kw: object) -> Request:
+    kw.setdefault("messages", ({"role": "user", "content": "hello"},))
+    kw.setdefault("max_tokens", 8)
+    return Request(id=rid, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def scheduler(tiny_bundle: Path) -> Iterator[Scheduler]:
+    s = Scheduler(Engine.load(tiny_bundle), max_queue=4, max_inflight_per_client=2)
+    s.start()
+    yield s
+    s.close(grace_s=1)
+
+
+def test_stream_chunks_in_order_then_one_final(scheduler: Scheduler) -> None:
+    sink = Collector()
+    scheduler.submit(req("s1", stream=True, max_tokens=24, ignore_eos=True), sink)
+    final = sink.final()
+    chunks = [e for e in sink.events if e.kind == "chunk"]
+    assert [e.kind for e in sink.events].count("final") == 1 and sink.events[-1] is final
+    assert [c.seq for c in chunks] == list(range(len(chunks))) and len(chunks) > 1
+    assert "".join(c.delta for c in chunks) == final.text
+    assert final.finish_reason == "length" and final.usage is not None
+    assert final.usage["completion_tokens"] == 24 and final.usage["queue_s"] >= 0
+
+
+def test_no_chunks_unless_streaming(scheduler: Scheduler) -> None:
+    sink = Collector()
+    scheduler.submit(req("n1"), sink)
+    assert [e.kind for e in [sink.final()]] == ["final"] and len(sink.events) == 1
+
+
+def test_same_id_twice_is_generated_once(scheduler: Scheduler) -> None:
+    first, again = Collector(), Collector()
+    scheduler.submit(req("dup"), first)
+    original = first.final()
+    ticket = scheduler.submit(req("dup"), again)
+    replay = again.final()
+    assert ticket.done and replay.replayed and replay.text == original.text and replay.usage == original.usage
+    assert scheduler.stats["runs"] == 1 and scheduler.stats["replayed"] == 1
+
+
+def test_repeat_while_in_flight_joins_instead_of_running_again(scheduler: Scheduler) -> None:
+    release = hold_worker(scheduler)
+    a, b, c = Collector(), Collector(), Collector()
+    t1 = scheduler.submit(req("j", stream=True, max_tokens=6, ignore_eos=True), a, reply_key="addr-1")
+    t2 = scheduler.submit(req("j", stream=True, max_tokens=6, ignore_eos=True), b, reply_key="addr-2")
+    scheduler.submit(
+        req("j", stream=True, max_tokens=6, ignore_eos=True), c, reply_key="addr-1"
+    )  # redelivery
+    assert t1 is t2
+    release.set()
+    assert a.final().text == b.final().text
+    assert not c.events  # same address as the first: not answered twice
+    assert scheduler.stats["runs"] == 2 and scheduler.stats["joined"] == 2  # the holder + "j"
+
+
+def test_full_queue_and_client_limit_are_busy_at_once(scheduler: Scheduler) -> None:
+    release = hold_worker(scheduler)
+    sinks = [Collector() for _ in range(4)]
+    for i, sink in enumerate(sinks):
+        scheduler.submit(req(f"q{i}"), sink, client=f"c{i}")
+    with pytest.raises(BusyError, match="queue is full"):
+        scheduler.submit(req("q-over"), Collector(), client="other")
+    release.set()
+    assert all(s.final().kind == "final" for s in sinks)
+    # The refused id was never stored: a retry runs normally.
+    retry = Collector()
+    scheduler.submit(req("q-over"), retry)
+    assert retry.final().kind == "final"
+
+    release = hold_worker(scheduler)
+    one, two = Collector(), Collector()
+    scheduler.submit(req("p1"), one, client="me")
+    scheduler.submit(req("p2"), two, client="me")
+    with pytest.raises(BusyError, match="2 requests in flight"):
+        scheduler.submit(req("p3"), Collector(), client="me")
+    release.set()
+    assert one.final().kind == two.final().kind == "final"
+
+
+def test_cancel_queued_and_running(scheduler: Scheduler) -> None:
+    release = hold_worker(scheduler)
+    queued = Collector()
+    ticket = scheduler.submit(req("cq"), queued)
+    assert ticket.cancel()
+    release.set()
+    assert (queued.final().kind, queued.final().code) == ("error", "cancelled")
+
+    running = Collector()
+
+    def cancel_on_first_chunk(event: Event) -> None:  # runs on the worker thread, mid-generation
+        running(event)
+        if event.kind == "chunk" and event.seq == 0:
+            assert scheduler.cancel("cr")
+
+    ticket = scheduler.submit(req("cr", stream=True, max_tokens=200, ignore_eos=True), cancel_on_first_chunk)
+    final = running.final()
+    assert (final.kind, final.code) == ("error", "cancelled") and ticket.wait(1) is final
+    assert 0 < len(running.events) - 1 < 200
+    assert not scheduler.cancel("cr")  # no longer in flight
+
+
+def test_deadlines_queued_and_running(scheduler: Scheduler) -> None:
+    release = hold_worker(scheduler)
+    late = Collector()
+    scheduler.submit(req("dq", deadline_ms=1), late)
+    time.sleep(0.05)  # let the deadline pass while the worker is still held
+    release.set()
+    assert (late.final().code, late.final().message) == ("deadline", "the deadline passed while queued")
+
+    running = Collector()
+    scheduler.submit(req("dr", max_tokens=200, ignore_eos=True, deadline_ms=20), running)
+    assert running.final().code == "deadline"
+
+
+def test_bad_sampling_and_too_long(scheduler: Scheduler) -> None:
+    with pytest.raises(RequestError, match="top_p"):
+        scheduler.submit(req("b1", top_p=0.0), Collector())
+    sink = Collector()
+    scheduler.submit(req("b2", max_tokens=100_000), sink)
+    assert (sink.final().kind, sink.final().code) == ("error", "too_long")
+
+
+def test_a_failing_sink_does_not_stop_the_worker(scheduler: Scheduler) -> None:
+    def broken(_event: Event) -> None:
+        raise RuntimeError("transport gone")
+
+    scheduler.submit(req("f1", stream=True), broken)
+    ok = Collector()
+    scheduler.submit(req("f2"), ok)
+    assert ok.final().kind == "final"
+
+
+def test_close_answers_queued_busy_and_refuses_new(tiny_bundle: Path) -> None:
+    s = Scheduler(Engine.load(tiny_bundle), max_queue=4)
+    s.start()
+    release = hold_worker(s)
+    queued = Collector()
+    s.submit(req("z"), queued)
+    closer = threading.Thread(target=s.close, kwargs={"grace_s": 0.5})
+    closer.start()
+    assert queued.final().code == "busy"
+    with pytest.raises(BusyError):
+        s.submit(req("late"), Collector())
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive()
