@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+QUANT_MODES = ("int8", "grid", "dynamic", "qdq", "none")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="build a bundle from a model (hub id, HF folder, .gguf) or a recipe")
@@ -13,9 +15,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="hub id, local HF folder, .gguf file, or 'smollm2' (default)")
     src.add_argument("--recipe", help="recipe TOML (configs/recipes/NAME.toml)")
     p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--quant", choices=("int8", "none"), help="quantization (default int8)")
+    p.add_argument("--quant", choices=QUANT_MODES, help="quantization (default int8)")
     p.add_argument("--name", help="bundle name (default: from the recipe or the model)")
     p.set_defaults(handler=run)
+
+    e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
+    e.add_argument("--bundle", required=True, help="bundle folder (or a Hugging Face model folder)")
+    e.add_argument("--text", required=True, help="text file (relative paths: cwd, then the repo root)")
+    e.add_argument("--json", help="also write the full result as JSON to this file")
+    e.add_argument("--span", default="0,1", help="fraction of the file's characters: START,END (0,1)")
+    e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (8192)")
+    e.add_argument("--context", type=int, default=512, help="window length in tokens (512)")
+    e.add_argument("--stride", type=int, default=512, help="window step in tokens (512: no overlap)")
+    e.add_argument("--teacher", help="HF folder of a teacher: adds KL and top-1 agreement")
+    e.add_argument("--no-speed", action="store_true", help="skip the decode speed / TTFT measurement")
+    e.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    e.set_defaults(handler=run_eval)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,4 +59,38 @@ def run(args: argparse.Namespace) -> int:
         recipe = replace(recipe, name=args.name)
     out = recipe_mod.run(recipe, Path(args.out))
     print(f"bundle written: {out}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        from export import evaluate
+    except ImportError as exc:
+        print(f"edge-llm: eval needs the export extra: {exc}", file=sys.stderr)
+        return 2
+    from edge_llm.errors import ConfigError
+
+    text = Path(args.text).expanduser()
+    if not text.is_absolute() and text.is_file():
+        text = text.resolve()
+    try:
+        span = tuple(float(x) for x in args.span.split(","))
+        config = evaluate.EvaluateConfig(
+            text=text,
+            span=span,  # type: ignore[arg-type]
+            max_tokens=args.max_tokens,
+            context=args.context,
+            stride=args.stride,
+            teacher=bool(args.teacher),
+            speed=not args.no_speed,
+            threads=args.threads,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"eval: {exc}") from None
+    teacher = Path(args.teacher) if args.teacher else None
+    result = evaluate.run(config, Path(args.bundle), teacher, progress=sys.stderr.isatty())
+    print(evaluate.headline(result))
+    if args.json:
+        evaluate.save(result, Path(args.json))
+        print(f"written: {args.json}")
     return 0

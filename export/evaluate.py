@@ -1,0 +1,287 @@
+"""Stage 6, evaluate: a model (bundle folder or HF folder) + a text file in, quality/size/speed facts out.
+
+What it measures (`EvaluateConfig`):
+- perplexity on a span of a text file, sliding window: windows of `context` tokens every
+  `stride` tokens, each token scored once, by the window that sees most left context (the
+  Hugging Face "perplexity of fixed-length models" recipe). With stride == context the windows
+  do not overlap and the first token of each window is not scored. Context, stride, span and the
+  number of scored tokens are recorded with the result.
+- against a teacher (the unpruned fp32 HF model, run with torch): mean KL(teacher ‖ model) per
+  token and top-1 agreement (argmax equal), on the same windows; and the teacher's perplexity.
+- size on disk, parameter count.
+- speed (bundles only, through `edge_llm.engine`): time to first token for a `speed_prompt`-token
+  prompt and greedy decode tokens/s over `speed_tokens` tokens, best of `speed_runs` (the CPU is
+  shared: the best run is the least disturbed one).
+
+Text spans are fractions of the file's characters, so a recipe can hold out text for evaluation
+that distillation never sees (`export/distill.py` trains on a disjoint span).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_llm.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TEXT = Path("../shared/data/wikitext-2/valid.txt")
+
+Logits = Callable[[np.ndarray], np.ndarray]  # ids [S] -> logits [S, V] (float32)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    text: Path = DEFAULT_TEXT  # relative paths resolve against the repo root
+    span: tuple[float, float] = (0.0, 0.1)  # fraction of the file's characters evaluated
+    max_tokens: int = 8192  # the first max_tokens tokens of the span
+    context: int = 512
+    stride: int = 512
+    teacher: bool = True  # KL / top-1 agreement against the unpruned model
+    speed: bool = True
+    speed_prompt: int = 128
+    speed_tokens: int = 64
+    speed_runs: int = 3
+    threads: int = 0  # 0: one per core
+
+    def __post_init__(self) -> None:
+        check_span(self.span, "evaluate.span")
+        if self.context < 2 or self.stride < 1 or self.stride > self.context:
+            raise ValueError("evaluate: need context >= 2 and 1 <= stride <= context")
+        if self.max_tokens < 2:
+            raise ValueError("evaluate.max_tokens must be >= 2")
+        if self.speed_prompt < 1 or self.speed_tokens < 2 or self.speed_runs < 1:
+            raise ValueError("evaluate: speed_prompt >= 1, speed_tokens >= 2, speed_runs >= 1")
+
+
+def check_span(span: tuple[float, ...], where: str) -> None:
+    if len(span) != 2 or not 0.0 <= span[0] < span[1] <= 1.0:
+        raise ValueError(f"{where} must be [start, end] fractions with 0 <= start < end <= 1, not {span}")
+
+
+def resolve_text(path: Path) -> Path:
+    """A text path as given, or relative to the repository root; it must exist."""
+    path = Path(path).expanduser()
+    full = path if path.is_absolute() else (REPO_ROOT / path).resolve()
+    if not full.is_file():
+        raise ExportError(f"text file {path} not found (looked at {full})")
+    return full
+
+
+def read_span(path: Path, span: tuple[float, float]) -> tuple[str, dict[str, Any]]:
+    """The characters [start, end) of the file given as fractions, and a record of what was read."""
+    full = resolve_text(path)
+    text = full.read_text(encoding="utf-8")
+    a, b = round(span[0] * len(text)), round(span[1] * len(text))
+    return text[a:b], {"file": str(full), "span": list(span), "chars": [a, b]}
+
+
+def windows(n: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, first_scored) of each window over n tokens; every token 1..n-1 scored once."""
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            yield begin, end, first
+        prev_end = end
+        if end == n:
+            break
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) if x.dtype != np.float64 else x
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def score(
+    ids: np.ndarray,
+    model: Logits,
+    context: int,
+    stride: int,
+    teacher: Logits | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Perplexity of `model` on token ids (and KL / agreement / perplexity of `teacher`)."""
+    nll = t_nll = kl = 0.0
+    agree = count = 0
+    spans = list(windows(len(ids), context, stride))
+    bar = _bar(len(spans), "evaluate", progress)
+    for begin, end, first in spans:
+        window = ids[begin:end]
+        lp = log_softmax(model(window))[first - begin - 1 : end - begin - 1]
+        targets = window[first - begin : end - begin]
+        nll -= float(lp[np.arange(len(targets)), targets].sum())
+        if teacher is not None:
+            tp = log_softmax(teacher(window))[first - begin - 1 : end - begin - 1]
+            t_nll -= float(tp[np.arange(len(targets)), targets].sum())
+            kl += float((np.exp(tp) * (tp - lp)).sum())
+            agree += int((tp.argmax(-1) == lp.argmax(-1)).sum())
+        count += len(targets)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+    if bar is not None:
+        bar.close()
+    out: dict[str, Any] = {"perplexity": math.exp(nll / count), "nll": nll / count, "scored_tokens": count}
+    if teacher is not None:
+        out |= {
+            "teacher_perplexity": math.exp(t_nll / count),
+            "kl_to_teacher": kl / count,
+            "top1_agreement": agree / count,
+        }
+    return out
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="win", dynamic_ncols=True)
+
+
+def torch_logits(hf_dir: Path, threads: int = 0) -> tuple[Logits, Any]:
+    """A logits function running the HF model in `hf_dir` with torch (fp32, CPU), and the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(ids[None].astype(np.int64)))
+        return out.logits[0].float().numpy()
+
+    return run, model
+
+
+def bundle_logits(engine: Any) -> Logits:
+    def run(ids: np.ndarray) -> np.ndarray:
+        cache = engine.runner.empty(1)
+        return engine.runner.forward(ids[None].astype(np.int64), cache, all_logits=True)[0]
+
+    return run
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def hf_parameters(hf_dir: Path) -> int:
+    from export.bundle import _parameters
+
+    return _parameters(hf_dir)
+
+
+def tokenize_span(config: EvaluateConfig, encode: Callable[[str], list[int]]) -> tuple[np.ndarray, dict]:
+    text, where = read_span(config.text, config.span)
+    ids = np.asarray(encode(text)[: config.max_tokens], dtype=np.int64)
+    if len(ids) < 2:
+        raise ExportError(f"{where['file']}: span {config.span} has fewer than 2 tokens")
+    return ids, {**where, "tokens": len(ids), "context": config.context, "stride": config.stride}
+
+
+def measure_speed(engine: Any, ids: np.ndarray, config: EvaluateConfig) -> dict[str, Any]:
+    """Best-of-N time to first token and decode tokens/s (greedy, EOS ignored)."""
+    from edge_llm.sampling import SamplingParams
+
+    prompt = [int(i) for i in ids[: config.speed_prompt]]
+    params = SamplingParams(max_tokens=config.speed_tokens, ignore_eos=True)
+    engine.complete(prompt[:8], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    runs = [engine.complete(prompt, params).usage for _ in range(config.speed_runs)]
+    return {
+        "ttft_s": min(u.ttft_s for u in runs),
+        "decode_tok_s": max(u.decode_tok_s for u in runs),
+        "decode_tok_s_runs": [round(u.decode_tok_s, 2) for u in runs],
+        "speed_prompt_tokens": len(prompt),
+        "speed_new_tokens": config.speed_tokens,
+        "threads": config.threads or "all cores",
+    }
+
+
+def run(
+    config: EvaluateConfig,
+    model_dir: Path,
+    teacher_hf_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a bundle folder (bundle.json) or an HF folder (config.json) and return the facts."""
+    model_dir = Path(model_dir)
+    t0 = time.perf_counter()
+    teacher = None
+    if config.teacher and teacher_hf_dir is not None:
+        teacher, _ = torch_logits(teacher_hf_dir, config.threads)
+    result: dict[str, Any] = {"model": str(model_dir), "config": _jsonable(asdict(config))}
+    if (model_dir / "bundle.json").is_file():
+        from edge_llm.engine import Engine
+        from edge_llm.runner import RunnerOptions
+
+        engine = Engine.load(model_dir, RunnerOptions(threads=config.threads))
+        ids, where = tokenize_span(config, engine.tokenizer.encode)
+        result |= {
+            "kind": "bundle",
+            "parameters": engine.bundle.architecture.parameters,
+            "size_bytes": folder_size(model_dir),
+            "quantization": engine.bundle.quantization.get("mode", engine.bundle.quantization.get("method")),
+        }
+        result["text"] = where
+        result |= score(ids, bundle_logits(engine), config.context, config.stride, teacher, progress)
+        if config.speed:
+            result |= measure_speed(engine, ids, config)
+    elif (model_dir / "config.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        ids, where = tokenize_span(config, lambda s: tok.encode(s, add_special_tokens=False).ids)
+        logits, _ = torch_logits(model_dir, config.threads)
+        result |= {
+            "kind": "hf",
+            "parameters": hf_parameters(model_dir),
+            "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+        }
+        result["text"] = where
+        result |= score(ids, logits, config.context, config.stride, teacher, progress)
+    else:
+        raise ExportError(f"{model_dir}: neither a bundle (bundle.json) nor an HF folder (config.json)")
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    return str(x) if isinstance(x, Path) else x
+
+
+def save(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+
+
+def headline(result: dict[str, Any]) -> str:
+    """One line for the terminal."""
+    parts = [f"perplexity {result['perplexity']:.3f} ({result['scored_tokens']} tokens"]
+    parts[0] += f", ctx {result['text']['context']}, stride {result['text']['stride']})"
+    if "kl_to_teacher" in result:
+        parts.append(f"KL {result['kl_to_teacher']:.4f}, top-1 {100 * result['top1_agreement']:.1f}%")
+        parts.append(f"teacher ppl {result['teacher_perplexity']:.3f}")
+    parts.append(f"{result['parameters'] / 1e6:.1f}M params, {result['size_bytes'] / 2**20:.1f} MiB")
+    if "decode_tok_s" in result:
+        parts.append(f"decode {result['decode_tok_s']:.1f} tok/s, TTFT {1000 * result['ttft_s']:.0f} ms")
+    return "; ".join(parts)
