@@ -88,6 +88,9 @@ class MqttConnection:
         self.client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self._subscribed = threading.Event()
 
     def describe(self) -> str:
         return f"mqtt://{self.host}:{self.port}/{self.request_topic}"
@@ -113,6 +116,11 @@ class MqttConnection:
             reason = self._refused or "no answer"
             self.close()
             raise TransportError(f"broker {self.host}:{self.port} refused the connection: {reason}")
+        if not self._subscribed.wait(self.connect_timeout) or self._refused is not None:
+            self.close()
+            raise TransportError(
+                f"broker {self.host}:{self.port} refused {self.reply_topic}: {self._refused}"
+            )
 
     def register(self, request_id: str, put: Callable[[Any], None]) -> None:
         with self._lock:
@@ -154,6 +162,16 @@ class MqttConnection:
                 routes = list(self._routes.values())
             for put in routes:
                 put(RECONNECTED)
+
+    def _on_disconnect(self, _client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        if not self._connack.is_set():  # dropped before any CONNACK (e.g. a TLS or protocol mismatch)
+            self._refused = f"connection closed before the broker answered ({reason})"
+            self._connack.set()
+
+    def _on_subscribe(self, _client: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        if any(r.is_failure for r in reasons) and not self._subscribed.is_set():
+            self._refused = ", ".join(str(r) for r in reasons)
+        self._subscribed.set()
 
     def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

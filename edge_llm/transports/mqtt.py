@@ -132,7 +132,9 @@ class MqttTransport:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self._first_connack = threading.Event()
+        self._subscribed = threading.Event()
         self._refused: str | None = None
         self.connected = threading.Event()
         self.connects = 0
@@ -153,6 +155,8 @@ class MqttTransport:
         except OSError as exc:
             log.warning("broker %s:%d unreachable (%s); retrying in the background", cfg.host, cfg.port, exc)
             self.client.connect_async(cfg.host, cfg.port, **kwargs)
+            self.client.loop_start()
+            return  # serve the other transports meanwhile; the subscriptions follow the connection
         self.client.loop_start()
         if not self._first_connack.wait(wait_s):
             log.warning("no answer from broker %s:%d yet; still trying", cfg.host, cfg.port)
@@ -161,6 +165,9 @@ class MqttTransport:
             self.client.loop_stop()
             self.client.disconnect()
             raise TransportError(f"broker {cfg.host}:{cfg.port} refused the connection: {self._refused}")
+        # Return once the broker has our subscriptions, so a request sent right after is not missed.
+        if not self._subscribed.wait(wait_s):
+            log.warning("broker %s:%d has not confirmed our subscriptions yet", cfg.host, cfg.port)
 
     def stop(self, wait_s: float = 3.0) -> None:
         """Publish `offline` (retained), disconnect cleanly, stop the network thread."""
@@ -208,6 +215,12 @@ class MqttTransport:
             self.client_id,
             getattr(flags, "session_present", None),
         )
+
+    def _on_subscribe(self, _client: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:  # e.g. an ACL that does not let this account read the request topic
+            log.error("broker refused subscriptions: %s", ", ".join(refused))
+        self._subscribed.set()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()

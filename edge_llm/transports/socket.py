@@ -96,13 +96,18 @@ class SocketTransport:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="edge-llm-socket", daemon=True)
         self._thread.start()
-        ready.result(timeout=30)  # re-raises a bind failure here
+        try:
+            ready.result(timeout=30)  # re-raises a bind failure here
+        except BaseException:
+            self._thread.join(timeout=10)  # the loop thread closes its loop and ends
+            self._loop = self._thread = None
+            raise
 
     def stop(self) -> None:
         loop = self._loop
-        if loop is None or self._thread is None:
+        if loop is None or self._thread is None or not self._thread.is_alive():
             return
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, TimeoutError):
             asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
         self._thread.join(timeout=10)
         self._remove_socket_file()
