@@ -25,13 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
-
 from edge_llm.engine import Engine, Slot
 from edge_llm.errors import ConfigError
 from edge_llm.protocol import Request
-from edge_llm.runner import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -138,23 +134,21 @@ class StateDB:
 
 
 def fork_slot(engine: Engine, slot: Slot) -> Slot | None:
-    """A deep copy of `slot`, so a shared prefix (the system prompt) is never written through;
-    None when this engine's cache type cannot be copied here (the caller then starts empty).
+    """An independent copy of `slot`, so a shared prefix (the system prompt) is never written
+    through; None when this engine cannot copy its cache (the caller then starts empty).
 
-    Uses `Engine.fork_slot` when the engine has one (it knows how to copy only the live part of
-    its cache). Otherwise copies the concat layout's KVCache: its runner only ever replaces
-    `cache.past`, but copying the data, not just the list, keeps this safe if that changes.
+    The runner knows what a safe copy of its cache is (the concat layout can share its never-
+    mutated OrtValues; the shared layout copies the row's live positions), so ask it.
     """
     fork = getattr(engine, "fork_slot", None)
     if fork is not None:
         return fork(slot)
-    cache = slot.cache
-    if cache is None:
+    if slot.cache is None:
         return Slot(ids=list(slot.ids))
-    if not isinstance(cache, KVCache):
+    runner_fork = getattr(engine.runner, "fork", None)
+    if runner_fork is None:
         return None
-    past = [ort.OrtValue.ortvalue_from_numpy(np.array(v.numpy(), copy=True)) for v in cache.past]
-    return Slot(KVCache(past, cache.lengths.copy(), cache.pad.copy()), list(slot.ids))
+    return Slot(runner_fork(slot.cache), list(slot.ids))
 
 
 @dataclass
