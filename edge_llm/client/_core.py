@@ -118,6 +118,10 @@ def build_request(
     elif fields.get("stop") is not None:
         fields["stop"] = tuple(fields["stop"])
     fields = {k: v for k, v in fields.items() if v is not None}
+    if fields.get("temperature", 0.0) > 0 and "seed" not in fields:
+        # Fix the seed now: if a retry has to generate again (the server was restarted mid-way),
+        # it produces the same text that was already streamed.
+        fields["seed"] = random.randrange(2**31)
     return Request(
         id=request_id or uuid.uuid4().hex,
         messages=tuple(dict(m) for m in messages) if messages is not None else None,

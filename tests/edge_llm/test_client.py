@@ -1,0 +1,259 @@
+"""The client SDK (sync and asyncio, socket and MQTT) and the `serve` / `send` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_llm.board import BoardConfig, MqttConfig, ServerConfig, SocketConfig
+from edge_llm.client import (
+    AsyncMqttClient,
+    AsyncSocketClient,
+    RequestTimeout,
+    RetryPolicy,
+    SocketClient,
+    build_request,
+)
+from edge_llm.engine import Engine
+from edge_llm.errors import CancelledError, ContextLengthError, RequestError
+from edge_llm.protocol import Request
+from edge_llm.scheduler import Event, Scheduler
+from edge_llm.server import Server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
+from mosquitto import Broker
+
+HELLO = [{"role": "user", "content": "hello"}]
+FAST = RetryPolicy(backoff_s=0.05, backoff_max_s=0.2, resend_after_s=2.0)
+
+
+def start_server(bundle: Path, folder: Path, mqtt: MqttConfig | None = None, **server: Any) -> Server:
+    board = BoardConfig(
+        socket=SocketConfig(path=str(folder / "edge.sock")),
+        mqtt=mqtt or MqttConfig(),
+        server=ServerConfig(**server),
+    )
+    s = Server(Engine.load(bundle), board, state_path=folder / "state.sqlite")
+    s.start()
+    return s
+
+
+@pytest.fixture
+def server(tiny_bundle: Path, tmp_path: Path) -> Iterator[Server]:
+    s = start_server(tiny_bundle, tmp_path)
+    yield s
+    s.stop()
+
+
+def hold_worker(scheduler: Scheduler) -> threading.Event:
+    """Keep the worker busy (its sink blocks) until the returned event is set."""
+    release, started = threading.Event(), threading.Event()
+
+    def sink(_event: Event) -> None:
+        started.set()
+        release.wait(30)
+
+    hold = Request(id=f"hold-{uuid.uuid4().hex}", prompt="x", stream=True, max_tokens=3, ignore_eos=True)
+    scheduler.submit(hold, sink, client="holder")
+    assert started.wait(30)
+    return release
+
+
+def test_build_request_checks_fields_and_pins_a_seed_for_sampling() -> None:
+    r = build_request(messages=HELLO, max_tokens=5, stop="x", session="s")
+    assert r.stop == ("x",) and r.session == "s" and r.seed is None and len(r.id) == 32
+    sampled = build_request(prompt="p", temperature=0.8)
+    assert sampled.seed is not None  # a regeneration after a retry repeats the same text
+    with pytest.raises(TypeError, match="colour"):
+        build_request(prompt="p", colour="red")
+
+
+def test_sync_socket_generate_and_stream(server: Server) -> None:
+    with SocketClient(str(server.socket.path), retry=FAST) as c:
+        stream = c.stream(messages=HELLO, max_tokens=16, ignore_eos=True)
+        deltas = list(stream)
+        assert stream.result is not None and "".join(deltas) == stream.result.text
+        assert stream.result.usage["completion_tokens"] == 16
+        r = c.generate(messages=HELLO, max_tokens=4, request_id="fixed")
+        assert r.id == "fixed" and r.finish_reason in ("stop", "length")
+        with pytest.raises(ContextLengthError):
+            c.generate(messages=HELLO, max_tokens=10_000)
+        with pytest.raises(RequestError, match="top_p"):
+            c.generate(messages=HELLO, top_p=0.0)
+
+
+def test_async_socket_generate_stream_and_concurrency(server: Server) -> None:
+    async def main() -> None:
+        async with AsyncSocketClient(str(server.socket.path), retry=FAST) as c:
+            stream = c.stream(messages=HELLO, max_tokens=12, ignore_eos=True)
+            deltas = [d async for d in stream]
+            assert stream.result is not None and "".join(deltas) == stream.result.text
+            results = await asyncio.gather(*(c.generate(messages=HELLO, max_tokens=3) for _ in range(6)))
+            assert len({r.id for r in results}) == 6
+
+    asyncio.run(main())
+
+
+def test_async_mqtt_generate_and_stream(tiny_bundle: Path, tmp_path: Path) -> None:
+    with Broker(tmp_path / "broker") as broker:
+        cfg = MqttConfig(
+            host=broker.host, port=broker.port, device="a1", reconnect_min_s=0.1, reconnect_max_s=0.5
+        )
+        s = start_server(tiny_bundle, tmp_path, mqtt=cfg)
+        try:
+
+            async def main() -> None:
+                async with AsyncMqttClient(broker.host, broker.port, device="a1", retry=FAST) as c:
+                    stream = c.stream(messages=HELLO, max_tokens=10, ignore_eos=True, session="chat")
+                    deltas = [d async for d in stream]
+                    assert stream.result is not None and "".join(deltas) == stream.result.text
+                    again = await c.generate(messages=HELLO, max_tokens=4, session="chat")
+                    assert again.session == "chat" and again.usage["cached_tokens"] > 0
+
+            asyncio.run(main())
+        finally:
+            s.stop()
+
+
+def test_busy_is_retried_with_the_same_id_until_served(tiny_bundle: Path, tmp_path: Path) -> None:
+    s = start_server(tiny_bundle, tmp_path, max_queue=1)
+    try:
+        release = hold_worker(s.scheduler)
+        filler = threading.Event()
+        s.scheduler.submit(Request(id="filler", prompt="x", max_tokens=2), lambda e: filler.set())
+        threading.Timer(0.5, release.set).start()  # the queue frees up while the client backs off
+        with SocketClient(str(s.socket.path), retry=FAST) as c:
+            r = c.generate(messages=HELLO, max_tokens=3, request_id="patient")
+        assert r.id == "patient" and filler.wait(10)
+        assert s.scheduler.stats["busy"] >= 1  # it was refused at least once...
+        assert s.scheduler.stats["submitted"] == 3  # ...and accepted exactly once (with hold, filler)
+    finally:
+        s.stop()
+
+
+def test_timeout_is_a_clear_error(server: Server) -> None:
+    release = hold_worker(server.scheduler)
+    try:
+        with SocketClient(str(server.socket.path), retry=FAST) as c, pytest.raises(RequestTimeout):
+            c.generate(messages=HELLO, max_tokens=3, timeout=0.3)
+    finally:
+        release.set()
+
+
+def test_cancel_a_stream(server: Server) -> None:
+    with SocketClient(str(server.socket.path), retry=FAST) as c:
+        stream = c.stream(messages=HELLO, max_tokens=200, ignore_eos=True)
+        with pytest.raises(CancelledError):
+            for _ in stream:
+                stream.cancel()
+        assert stream.result is None
+
+
+def test_server_restart_mid_stream_the_client_recovers(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The socket server goes away mid-request (no grace): the client reconnects to the new one,
+    sends the same id again and gets exactly one final whose text matches what it streamed."""
+    first = start_server(tiny_bundle, tmp_path, shutdown_grace_s=0.0)
+    restarted: list[Server] = []
+
+    def restart() -> None:
+        first.stop()
+        time.sleep(0.3)  # the client is left without a server for a moment
+        restarted.append(start_server(tiny_bundle, tmp_path))
+
+    try:
+        with SocketClient(str(first.socket.path), retry=FAST) as c:
+            stream = c.stream(messages=HELLO, max_tokens=200, ignore_eos=True, temperature=0.9)
+            deltas: list[str] = []
+            thread = threading.Thread(target=restart)
+            for delta in stream:
+                if not deltas:
+                    thread.start()
+                deltas.append(delta)
+            thread.join(30)
+        assert stream.result is not None and stream.result.usage["completion_tokens"] == 200
+        assert "".join(deltas) == stream.result.text
+        assert restarted and restarted[0].scheduler.stats["runs"] == 1
+    finally:
+        for s in restarted:
+            s.stop()
+
+
+def edge_llm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_llm.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_send_command_over_socket_and_mqtt(tiny_bundle: Path, tmp_path: Path) -> None:
+    with Broker(tmp_path / "broker") as broker:
+        cfg = MqttConfig(
+            host=broker.host, port=broker.port, device="cli", reconnect_min_s=0.1, reconnect_max_s=0.5
+        )
+        s = start_server(tiny_bundle, tmp_path, mqtt=cfg)
+        try:
+            sock = str(s.socket.path)
+            one = edge_llm("send", "--socket", sock, "hello", "--max-tokens", "6", "--ignore-eos", "--stats")
+            assert one.returncode == 0, one.stderr
+            stats = json.loads(one.stderr.strip().splitlines()[-1])
+            assert stats["completion_tokens"] == 6 and stats["finish_reason"] == "length"
+            turn1 = edge_llm(
+                "send", "--socket", sock, "hi", "--session", "cli-chat", "--max-tokens", "4", "--stats"
+            )
+            turn2 = edge_llm(
+                "send", "--socket", sock, "more", "--session", "cli-chat", "--max-tokens", "4", "--stats"
+            )
+            assert turn1.returncode == turn2.returncode == 0, turn2.stderr
+            assert json.loads(turn2.stderr.strip().splitlines()[-1])["cached_tokens"] > 0
+            raw = edge_llm("send", "--socket", sock, "--raw", "Once upon", "--max-tokens", "3", "--no-stream")
+            assert raw.returncode == 0 and raw.stdout.endswith("\n")
+            mqtt = edge_llm(
+                "send", "--mqtt", f"{broker.host}:{broker.port}", "--device", "cli", "hello",
+                "--max-tokens", "5", "--ignore-eos", "--stats", "--id", "cli-1",
+            )  # fmt: skip
+            assert mqtt.returncode == 0, mqtt.stderr
+            assert json.loads(mqtt.stderr.strip().splitlines()[-1])["completion_tokens"] == 5
+            again = edge_llm(
+                "send", "--socket", sock, "hello", "--max-tokens", "5", "--id", "cli-1", "--no-stream"
+            )
+            assert again.stdout == mqtt.stdout  # same id: the stored answer, over the other transport
+            too_long = edge_llm("send", "--socket", sock, "hello", "--max-tokens", "9999")
+            assert too_long.returncode == 2 and "context window" in too_long.stderr
+        finally:
+            s.stop()
+
+
+def test_serve_command_runs_until_sigterm_and_cleans_up(tiny_bundle: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "serve.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_llm.cli", "serve", "--bundle", str(tiny_bundle), "--socket", str(sock),
+         "--state", str(tmp_path / "state.sqlite"), "--system-prompt", "Be brief."],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = [proc.stderr.readline()]
+        while "serving" not in seen[-1] and seen[-1]:
+            seen.append(proc.stderr.readline())
+        assert f"unix:{sock}" in seen[-1], "".join(seen)
+        assert (os.stat(sock).st_mode & 0o777) == 0o600
+        with SocketClient(str(sock), retry=FAST) as c:
+            r = c.generate(messages=HELLO, max_tokens=3)
+            assert r.usage["cached_tokens"] > 0  # the system prompt was prefilled once, reused here
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
