@@ -169,7 +169,7 @@ def parse_request(data: dict[str, Any]) -> Request:
     if reply_to is not None and any(c in reply_to for c in "+#\0"):
         raise fail("reply_to must be a topic name without wildcards")
     request = Request(
-        id=rid,
+        id=str(rid),
         messages=messages,
         prompt=prompt,
         max_tokens=_int(data, "max_tokens", 1, None, fail),

@@ -23,6 +23,7 @@ batching can replace it without touching the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -311,7 +312,8 @@ class Scheduler:
     def _take_expired_locked(self) -> list[tuple[_Job, Event]]:
         """Remove queued jobs that were cancelled or ran out of time; return their error events."""
         now = time.monotonic()
-        ended, kept = [], deque()
+        ended: list[tuple[_Job, Event]] = []
+        kept: deque[_Job] = deque()
         for j in self._queue:
             if j.cancelled:
                 ended.append((j, self._error(j, "cancelled", "cancelled before it started")))
@@ -329,7 +331,7 @@ class Scheduler:
             elif job.deadline is not None and time.monotonic() >= job.deadline:
                 event = self._error(job, "deadline", "the deadline passed while queued")
             else:
-                prepared = self.conversations.prepare(job.request, job.params.max_tokens)
+                prepared = self._prepare(job)
                 self.stats["runs"] += 1
                 event = self._run_one(job, prepared)
                 if event.kind == "final":
@@ -340,6 +342,17 @@ class Scheduler:
             log.exception("request %s failed", job.request.id)
             event = self._error(job, "internal", f"{type(exc).__name__}: {exc}")
         self._finish(job, event)
+
+    def _prepare(self, job: _Job) -> Prepared:
+        """Prompt ids and slot. Without an explicit max_tokens a request gets as many as fit in
+        the context, up to the default, rather than a too_long error for a long prompt."""
+        if job.request.max_tokens is not None:
+            return self.conversations.prepare(job.request, job.params.max_tokens)
+        context = self.engine.max_context
+        prepared = self.conversations.prepare(job.request, max(1, min(job.params.max_tokens, context // 2)))
+        room = max(1, min(job.params.max_tokens, context - len(prepared.ids)))
+        job.params = dataclasses.replace(job.params, max_tokens=room)
+        return prepared
 
     def _run_one(self, job: _Job, prepared: Prepared) -> Event:
         """Drive the engine for one request; emit chunks; return its final or error event."""

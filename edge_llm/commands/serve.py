@@ -154,6 +154,7 @@ def run_send(args: argparse.Namespace) -> int:
         deadline_ms=args.deadline_ms,
         request_id=args.id,
     )
+    result: Any = None
     with client:
         if args.no_stream:
             result = client.generate(**content, **fields)

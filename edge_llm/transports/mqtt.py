@@ -91,6 +91,9 @@ def make_client(cfg: MqttConfig, client_id: str, *, clean: bool = False) -> mqtt
             raise ConfigError(f"mqtt.tls: {exc}") from None
     client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
     client.max_inflight_messages_set(64)
+    # While the broker is away, replies wait in memory; bound that on a small board (a client
+    # whose reply was dropped gets the stored final when it retries).
+    client.max_queued_messages_set(10_000)
     return client
 
 
@@ -240,6 +243,6 @@ class MqttTransport:
 
         cancel_only = msg.topic in (self.topics.cancel, self.topics.fleet_cancel)
         try:
-            self.dispatcher.handle(msg.payload, resolve, accept="cancel" if cancel_only else "any")
+            self.dispatcher.handle(bytes(msg.payload), resolve, accept="cancel" if cancel_only else "any")
         except Exception:  # an exception escaping a paho callback would kill the network thread
             log.exception("failed to handle a message on %s", msg.topic)

@@ -174,6 +174,14 @@ def test_bad_sampling_and_too_long(scheduler: Scheduler) -> None:
     assert (sink.final().kind, sink.final().code) == ("error", "too_long")
 
 
+def test_without_max_tokens_a_request_gets_what_fits(scheduler: Scheduler) -> None:
+    sink = Collector()  # the tiny model has 256 positions; the server default is 256 tokens
+    scheduler.submit(Request(id="fit", messages=({"role": "user", "content": "hi"},), ignore_eos=True), sink)
+    final = sink.final()
+    assert final.kind == "final" and final.usage is not None
+    assert final.usage["prompt_tokens"] + final.usage["completion_tokens"] == scheduler.engine.max_context
+
+
 def test_a_failing_sink_does_not_stop_the_worker(scheduler: Scheduler) -> None:
     def broken(_event: Event) -> None:
         raise RuntimeError("transport gone")
