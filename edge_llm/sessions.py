@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm.engine import Engine, Slot
-from edge_llm.errors import ConfigError
+from edge_llm.errors import ConfigError, RequestError
 from edge_llm.protocol import Request
 
 log = logging.getLogger(__name__)
@@ -188,10 +188,14 @@ class Conversations:
     def prepare(self, request: Request, max_tokens: int) -> Prepared:
         """Prompt ids and Slot for `request`; raises RequestError / ContextLengthError."""
         if request.prompt is not None:  # raw completion: no template, no system prompt
+            if request.session is not None:
+                raise RequestError("a session turn takes messages (the new ones), not a raw prompt")
             ids = self.engine.encode_request(prompt=request.prompt)
             self.engine.check_length(len(ids), max_tokens)
             return Prepared(ids, Slot())
         new = [dict(m) for m in request.messages or ()]
+        if not new:
+            raise RequestError("give exactly one of prompt or messages (non-empty)")
         past = self.history(request.session) if request.session is not None else []
         if not past and self.system_prompt and new[0]["role"] != "system":
             new.insert(0, {"role": "system", "content": self.system_prompt})
