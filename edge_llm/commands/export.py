@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             recipe = replace(recipe, name=f"{recipe.name.removesuffix('-int8')}-{args.quant}")
     if args.name:
         recipe = replace(recipe, name=args.name)
-    out = recipe_mod.run(recipe, Path(args.out))
+    out = recipe_mod.run(recipe, Path(args.out), progress=True)
     print(f"bundle written: {out}")
     return 0
 

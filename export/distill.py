@@ -1,0 +1,294 @@
+"""Stage 3, distill: a teacher HF folder + a (pruned) student HF folder + text in, a trained student out.
+
+The original model teaches the pruned one: loss = T^2 * KL(teacher_T ‖ student_T) on the logits
+at temperature T, plus optionally a hidden-state loss (1 - cosine of the final hidden states)
+and a hard-label cross-entropy. Training text is a span of a text file (default: WikiText-2
+valid, characters 10%..100%, so the first 10% stays held out for `evaluate`) and/or text the
+teacher generates itself (`teacher_tokens`).
+
+Bounded time: a token budget (`tokens`: student tokens trained on, cycling the text when it is
+shorter), micro-batches with gradient accumulation, and an optional wall-clock cap
+(`max_minutes`, which makes the result depend on machine speed: recorded in the report). Uses
+CUDA when present (`device = "auto"`). A progress bar shows the loss and tokens/s.
+
+Checkpoints: every `checkpoint_every` optimizer steps the student, optimizer, schedule and data
+position go to `out_dir/checkpoint.pt` (written atomically); a rerun into the same folder — the
+recipe keeps an interrupted stage's `.partial` folder — resumes from there with the same data
+order. Out: `out_dir` with the student (safetensors + config + tokenizer) and `distill.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edge_llm.errors import ExportError
+from export.evaluate import DEFAULT_TEXT, check_span, read_span
+from export.prune import TOKENIZER_FILES
+
+log = logging.getLogger(__name__)
+REPORT = "distill.json"
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    text: Path = DEFAULT_TEXT  # relative paths resolve against the repo root
+    span: tuple[float, float] = (0.1, 1.0)  # fraction of the file trained on (eval text held out)
+    teacher_tokens: int = 0  # extra training text sampled from the teacher (0: none)
+    tokens: int = 100_000  # token budget: student tokens trained on
+    seq_len: int = 256
+    batch: int = 4  # sequences per micro-batch
+    grad_accum: int = 2  # micro-batches per optimizer step
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    temperature: float = 2.0
+    kl_weight: float = 1.0
+    hidden_weight: float = 0.0  # 1 - cos(final hidden states of student and teacher)
+    ce_weight: float = 0.0  # cross-entropy on the text's next tokens
+    freeze_embeddings: bool = True  # the tied embedding / lm_head stays the teacher's
+    checkpoint_every: int = 20  # optimizer steps
+    max_minutes: float = 0.0  # wall-clock cap on training (0: none)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_span(self.span, "distill.span")
+        checks = [
+            (self.tokens >= 1, "tokens must be >= 1"),
+            (
+                self.seq_len >= 2 and self.batch >= 1 and self.grad_accum >= 1,
+                "seq_len >= 2, batch/grad_accum >= 1",
+            ),
+            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr > 0 and min_lr_ratio in [0, 1]"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (min(self.kl_weight, self.hidden_weight, self.ce_weight) >= 0, "loss weights must be >= 0"),
+            (self.kl_weight + self.hidden_weight + self.ce_weight > 0, "some loss weight must be > 0"),
+            (self.checkpoint_every >= 1 and self.max_minutes >= 0, "checkpoint_every >= 1, max_minutes >= 0"),
+            (self.teacher_tokens >= 0 and self.warmup_steps >= 0, "teacher_tokens, warmup_steps >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"distill: {msg}")
+
+    @property
+    def steps(self) -> int:
+        return max(1, math.ceil(self.tokens / (self.seq_len * self.batch * self.grad_accum)))
+
+
+def pick_device(config: DistillConfig) -> str:
+    import torch
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("distill.device = 'cuda' but no CUDA device is available")
+    return config.device
+
+
+def training_ids(
+    config: DistillConfig, teacher_dir: Path, teacher: Any, device: str
+) -> tuple[np.ndarray, dict]:
+    """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
+    text, where = read_span(config.text, config.span)
+    ids = tok.encode(text, add_special_tokens=False).ids
+    where["text_tokens"] = len(ids)
+    if config.teacher_tokens:
+        generated = teacher_text(teacher, ids, config, device)
+        where["teacher_tokens"] = len(generated)
+        ids = ids + generated
+    n = len(ids) // config.seq_len
+    if n < 1:
+        raise ExportError(
+            f"distill: {where['file']} span {config.span} has fewer than {config.seq_len} tokens"
+        )
+    return np.asarray(ids[: n * config.seq_len], dtype=np.int64).reshape(n, config.seq_len), where
+
+
+def teacher_text(teacher: Any, ids: list[int], config: DistillConfig, device: str) -> list[int]:
+    """Sample `teacher_tokens` tokens from the teacher, prompted with short pieces of the text."""
+    import torch
+
+    gen = torch.Generator().manual_seed(config.seed)
+    out: list[int] = []
+    rows, new = 8, config.seq_len - 16
+    while len(out) < config.teacher_tokens:
+        starts = torch.randint(0, max(1, len(ids) - 16), (rows,), generator=gen).tolist()
+        prompt = torch.tensor([ids[s : s + 16] for s in starts], device=device)
+        with torch.inference_mode():
+            seqs = teacher.generate(prompt, max_new_tokens=new, do_sample=True, top_p=0.95, temperature=1.0)
+        for row in seqs.tolist():
+            out.extend(row)
+    return out[: config.teacher_tokens]
+
+
+def lr_at(config: DistillConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def losses(config: DistillConfig, s_out: Any, t_out: Any, labels: Any) -> dict[str, Any]:
+    import torch.nn.functional as F
+
+    T = config.temperature
+    s = s_out.logits.float()
+    t = t_out.logits.float()
+    parts: dict[str, Any] = {}
+    if config.kl_weight:
+        t_lp = F.log_softmax(t / T, dim=-1)
+        s_lp = F.log_softmax(s / T, dim=-1)
+        kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
+        parts["kl"] = kl * (T * T) * config.kl_weight
+    if config.hidden_weight:
+        cos = F.cosine_similarity(s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float(), dim=-1)
+        parts["hidden"] = (1 - cos).mean() * config.hidden_weight
+    if config.ce_weight:
+        parts["ce"] = (
+            F.cross_entropy(s[:, :-1].reshape(-1, s.shape[-1]), labels[:, 1:].reshape(-1)) * config.ce_weight
+        )
+    return parts
+
+
+def run(
+    config: DistillConfig, teacher_dir: Path, student_dir: Path, out_dir: Path, progress: bool = True
+) -> dict:
+    """Distill `teacher_dir` into the model in `student_dir`; write the result to `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).to(device).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).to(device)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ExportError("distill: teacher and student vocabularies differ")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if config.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    data, where = training_ids(config, teacher_dir, teacher, device)
+    ckpt_path = out_dir / CHECKPOINT
+    state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": []}
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        student.load_state_dict(ckpt["student"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        state["resumed_at"].append(state["step"])
+        log.warning("distill: resuming from step %d of %d", state["step"], config.steps)
+    student.train()
+    per_step = config.batch * config.grad_accum
+    bar = _bar(config, state["step"], progress)
+    t_start, stopped = time.perf_counter() - state["seconds"], "budget"
+    want_hidden = config.hidden_weight > 0
+    while state["step"] < config.steps:
+        step = state["step"]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(config, step)
+        totals: dict[str, float] = {}
+        for micro in range(config.grad_accum):
+            rows = _rows(data.shape[0], (step * per_step) + micro * config.batch, config.batch, config.seed)
+            ids = torch.from_numpy(data[rows]).to(device)
+            with torch.no_grad():
+                t_out = teacher(ids, output_hidden_states=want_hidden, use_cache=False)
+            s_out = student(ids, output_hidden_states=want_hidden, use_cache=False)
+            parts = losses(config, s_out, t_out, ids)
+            loss = sum(parts.values()) / config.grad_accum
+            loss.backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / config.grad_accum
+            del t_out, s_out, parts, loss
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        state["seconds"] = time.perf_counter() - t_start
+        state["history"].append({"step": step + 1, **{k: round(v, 5) for k, v in totals.items()}})
+        if bar is not None:
+            bar.update(1)
+            tok_s = state["step"] * per_step * config.seq_len / max(state["seconds"], 1e-9)
+            bar.set_postfix(loss=f"{sum(totals.values()):.4f}", tok_s=f"{tok_s:.0f}")
+        out_of_time = config.max_minutes and state["seconds"] > 60 * config.max_minutes
+        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps or out_of_time:
+            _checkpoint(ckpt_path, student, opt, state)
+        if out_of_time:
+            stopped = "max_minutes"
+            break
+    if bar is not None:
+        bar.close()
+    student.eval().save_pretrained(out_dir, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (Path(student_dir) / name).is_file():
+            shutil.copy2(Path(student_dir) / name, out_dir / name)
+    hist = state["history"]
+    report = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "device": device,
+        "text": where,
+        "steps": state["step"],
+        "planned_steps": config.steps,
+        "tokens_trained": state["step"] * per_step * config.seq_len,
+        "stopped_by": stopped,
+        "seconds": round(state["seconds"], 1),
+        "resumed_at_steps": state["resumed_at"],
+        "first_loss": hist[0] if hist else None,
+        "last_loss": hist[-1] if hist else None,
+        "history": hist,
+    }
+    (out_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    ckpt_path.unlink(missing_ok=True)
+    return report
+
+
+def _rows(n: int, start: int, count: int, seed: int) -> np.ndarray:
+    """Rows start..start+count of the endless shuffled sequence of epochs (resumable by position)."""
+    idx = np.arange(start, start + count)
+    out = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(idx // n):
+        mask = idx // n == epoch
+        out[mask] = order(n, seed, int(epoch))[idx[mask] % n]
+    return out
+
+
+def _checkpoint(path: Path, student: Any, opt: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "state": state}, tmp)
+    os.replace(tmp, path)
+
+
+def _bar(config: DistillConfig, done: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.steps, initial=done, desc="distill", unit="step", dynamic_ncols=True)

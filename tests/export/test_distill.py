@@ -1,0 +1,120 @@
+"""Distillation on a tiny random Llama: lowers the KL on its training text, resumes after an interrupt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from export import distill, evaluate, prune
+from tests.conftest import TRAIN_TEXT, build_tiny_hf
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[Path, Path]:
+    """(teacher, pruned student) folders."""
+    teacher = build_tiny_hf(tmp_path_factory.mktemp("teacher"), layers=4)
+    student = tmp_path_factory.mktemp("student")
+    cfg = prune.PruneConfig(
+        layer_ratio=0.25,
+        mlp_ratio=0.5,
+        multiple=8,
+        text=text_file,
+        span=(0.0, 1.0),
+        calib_tokens=256,
+        seq_len=64,
+    )
+    prune.run(cfg, teacher, student)
+    return teacher, student
+
+
+def _config(text: Path, **kw: object) -> distill.DistillConfig:
+    base = dict(
+        text=text,
+        span=(0.0, 1.0),
+        tokens=32 * 4 * 24,
+        seq_len=32,
+        batch=4,
+        grad_accum=1,
+        lr=3e-3,
+        warmup_steps=2,
+        checkpoint_every=5,
+        threads=1,
+    )
+    return distill.DistillConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _kl(student: Path, teacher: Path, text: Path) -> float:
+    tok = Tokenizer.from_file(str(teacher / "tokenizer.json"))
+    ids = np.asarray(tok.encode(text.read_text(), add_special_tokens=False).ids[:512])
+    s, _ = evaluate.torch_logits(student)
+    t, _ = evaluate.torch_logits(teacher)
+    return evaluate.score(ids, s, 64, 64, teacher=t)["kl_to_teacher"]
+
+
+def test_distillation_lowers_kl_on_training_text(
+    pair: tuple[Path, Path], text_file: Path, tmp_path: Path
+) -> None:
+    teacher, student = pair
+    before = _kl(student, teacher, text_file)
+    report = distill.run(
+        _config(text_file, hidden_weight=0.5, ce_weight=0.1), teacher, student, tmp_path / "d", progress=False
+    )
+    after = _kl(tmp_path / "d", teacher, text_file)
+    assert after < 0.85 * before, (before, after)
+    assert report["steps"] == 24 and report["tokens_trained"] == 32 * 4 * 24
+    assert set(report["last_loss"]) == {"step", "kl", "hidden", "ce"}
+    assert not (tmp_path / "d" / distill.CHECKPOINT).exists()
+
+
+def test_interrupted_distillation_resumes(
+    pair: tuple[Path, Path], text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    teacher, student = pair
+    cfg = _config(text_file, tokens=32 * 4 * 12)
+    full = distill.run(cfg, teacher, student, tmp_path / "full", progress=False)
+
+    real = distill._checkpoint
+
+    def interrupt(path: Path, model: object, opt: object, state: dict) -> None:
+        real(path, model, opt, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "_checkpoint", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg, teacher, student, tmp_path / "cut", progress=False)
+    assert (tmp_path / "cut" / distill.CHECKPOINT).is_file()
+    monkeypatch.setattr(distill, "_checkpoint", real)
+    resumed = distill.run(cfg, teacher, student, tmp_path / "cut", progress=False)
+    assert resumed["resumed_at_steps"] == [5]
+    assert resumed["steps"] == full["steps"] == 12
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_distill_config_rejected() -> None:
+    with pytest.raises(ValueError, match="distill"):
+        distill.DistillConfig(temperature=0)
+    with pytest.raises(ValueError, match="distill"):
+        distill.DistillConfig(kl_weight=0, hidden_weight=0, ce_weight=0)
+
+
+def test_schedule_warms_up_and_decays() -> None:
+    cfg = distill.DistillConfig(tokens=256 * 8 * 100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [distill.lr_at(cfg, s) for s in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)

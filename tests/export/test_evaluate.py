@@ -1,0 +1,106 @@
+"""Evaluation: sliding windows score each token once; bundle and torch perplexities agree; the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_llm.cli import main
+from export import evaluate
+from tests.conftest import TRAIN_TEXT
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("n", "ctx", "stride"), [(100, 32, 32), (100, 32, 8), (31, 32, 16), (64, 16, 5)])
+def test_windows_score_every_token_once(n: int, ctx: int, stride: int) -> None:
+    """Overlapping windows score every token after the first; stride == context skips window starts."""
+    scored: list[int] = []
+    for begin, end, first in evaluate.windows(n, ctx, stride):
+        assert end - begin <= ctx and begin < first <= end
+        scored += range(first, end)
+    skipped = set(range(ctx, n, ctx)) if stride == ctx else set()
+    assert scored == [i for i in range(1, n) if i not in skipped]
+
+
+def test_uniform_model_has_vocabulary_perplexity() -> None:
+    ids = np.arange(40) % 7
+    result = evaluate.score(ids, lambda w: np.zeros((len(w), 50), np.float32), 16, 16)
+    assert result["perplexity"] == pytest.approx(50.0)
+    both = evaluate.score(
+        ids,
+        lambda w: np.zeros((len(w), 50), np.float32),
+        16,
+        8,
+        teacher=lambda w: np.zeros((len(w), 50), np.float32),
+    )
+    assert both["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9) and both["top1_agreement"] == 1.0
+
+
+def test_bundle_perplexity_matches_transformers(tiny_hf: Path, tiny_bundle: Path, text_file: Path) -> None:
+    cfg = evaluate.EvaluateConfig(
+        text=text_file,
+        span=(0.0, 1.0),
+        max_tokens=300,
+        context=64,
+        stride=32,
+        speed_tokens=4,
+        speed_prompt=8,
+        speed_runs=1,
+    )
+    onnx = evaluate.run(cfg, tiny_bundle, tiny_hf, progress=False)
+    torch_ = evaluate.run(cfg, tiny_hf, None, progress=False)
+    assert onnx["perplexity"] == pytest.approx(torch_["perplexity"], rel=1e-4)
+    assert onnx["teacher_perplexity"] == pytest.approx(onnx["perplexity"], rel=1e-4)
+    assert onnx["kl_to_teacher"] < 1e-6 and onnx["top1_agreement"] == 1.0
+    assert onnx["scored_tokens"] == 299 and onnx["text"]["stride"] == 32
+    assert onnx["decode_tok_s"] > 0 and onnx["ttft_s"] > 0
+    assert onnx["parameters"] == torch_["parameters"] > 0 and onnx["size_bytes"] > 0
+    assert math.isfinite(onnx["nll"])
+
+
+def test_eval_command_prints_and_writes_json(
+    tiny_bundle: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r.json"
+    rc = main(
+        [
+            "eval",
+            "--bundle",
+            str(tiny_bundle),
+            "--text",
+            str(text_file),
+            "--json",
+            str(out),
+            "--max-tokens",
+            "200",
+            "--context",
+            "64",
+            "--stride",
+            "64",
+            "--no-speed",
+        ]
+    )
+    assert rc == 0
+    assert "perplexity" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["scored_tokens"] == 200 - 4 and result["text"]["context"] == 64
+
+
+def test_eval_command_rejects_bad_window(tiny_bundle: Path, text_file: Path) -> None:
+    assert main(["eval", "--bundle", str(tiny_bundle), "--text", str(text_file), "--stride", "1000"]) == 2
+
+
+def test_relative_text_resolves_against_repo_root() -> None:
+    assert evaluate.resolve_text(Path("pyproject.toml")) == evaluate.REPO_ROOT / "pyproject.toml"
+    with pytest.raises(Exception, match="not found"):
+        evaluate.resolve_text(Path("no/such/file.txt"))

@@ -1,0 +1,124 @@
+"""Structured pruning on a tiny random Llama: loadable, right shapes, importance-driven, zero = identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from export import prune
+from tests.conftest import TRAIN_TEXT, build_tiny_hf
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_hf(tmp_path_factory.mktemp("tiny4"), layers=4)
+
+
+def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def test_prune_by_zero_is_identical(tiny4: Path, text_file: Path, tmp_path: Path) -> None:
+    report = prune.run(prune.PruneConfig(text=text_file, span=(0.0, 1.0)), tiny4, tmp_path / "p")
+    assert report["parameters_after"] == report["parameters_before"]
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(tiny4, ids), _logits(tmp_path / "p", ids))
+
+
+def test_prune_shrinks_the_right_shapes_and_loads(tiny4: Path, text_file: Path, tmp_path: Path) -> None:
+    cfg = prune.PruneConfig(
+        layer_ratio=0.25,
+        mlp_ratio=0.5,
+        head_ratio=0.5,
+        kv_ratio=0.5,
+        multiple=8,
+        text=text_file,
+        span=(0.0, 1.0),
+        calib_tokens=256,
+        seq_len=64,
+    )
+    report = prune.run(cfg, tiny4, tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (3, 64)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (1, 1, 16)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p"))
+    layer = model.model.layers[0]
+    assert tuple(layer.mlp.gate_proj.weight.shape) == (64, 64)
+    assert tuple(layer.mlp.down_proj.weight.shape) == (64, 64)
+    assert tuple(layer.self_attn.q_proj.weight.shape) == (16, 64)
+    assert tuple(layer.self_attn.k_proj.weight.shape) == (16, 64)
+    assert tuple(layer.self_attn.o_proj.weight.shape) == (64, 16)
+    assert report["parameters_after"] == sum(p.numel() for p in model.parameters())
+    assert report["parameters_after"] < report["parameters_before"]
+    assert len(report["dropped_layers"]) == 1 and report["calibration"]["tokens"] == 256
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_layer_choice_follows_importance_not_index(tiny4: Path, text_file: Path, tmp_path: Path) -> None:
+    """A layer made (nearly) the identity is the one dropped, by both methods."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny4))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-4)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (src / name).write_bytes((tiny4 / name).read_bytes())
+    for method in ("single", "block"):
+        cfg = prune.PruneConfig(
+            layer_ratio=0.25,
+            layer_method=method,
+            text=text_file,
+            span=(0.0, 1.0),
+            calib_tokens=128,
+            seq_len=64,
+        )
+        report = prune.run(cfg, src, tmp_path / method)
+        assert report["dropped_layers"] == [1], method
+        assert min(report["layer_distance"]["single"]) == report["layer_distance"]["single"][1]
+
+
+def test_mlp_channels_ranked_by_activation(tiny4: Path, text_file: Path, tmp_path: Path) -> None:
+    """Channels whose down_proj columns are zero contribute nothing and are pruned first."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny4))
+    dead = list(range(0, 128, 2))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, dead] = 0
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    (src / "tokenizer.json").write_bytes((tiny4 / "tokenizer.json").read_bytes())
+    cfg = prune.PruneConfig(mlp_ratio=0.5, multiple=8, text=text_file, span=(0.0, 1.0), calib_tokens=128)
+    report = prune.run(cfg, src, tmp_path / "p")
+    assert all(ch == list(range(1, 128, 2)) for ch in report["kept_mlp_channels"])
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(src, ids), _logits(tmp_path / "p", ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"layer_ratio": 1.0}, {"mlp_ratio": -0.1}, {"head_ratio": 1.5}, {"span": (0.5, 0.2)}],
+)
+def test_impossible_ratio_rejected_by_config(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="prune"):
+        prune.PruneConfig(**kwargs)
+
+
+def test_ratio_the_model_cannot_take(tiny4: Path) -> None:
+    with pytest.raises(Exception, match="leave no attention head"):
+        prune.check_model(prune.PruneConfig(kv_ratio=0.9), tiny4)
+    assert prune.check_model(prune.PruneConfig(layer_ratio=0.5), tiny4).layers == 2

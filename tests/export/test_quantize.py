@@ -1,0 +1,100 @@
+"""Every quantization mode on a tiny random Llama: the runtime loads the graph and it agrees with fp32.
+
+Tolerances, on 48 positions of random tokens (this random model's logits span about -6.5..6,
+and its large `initializer_range` amplifies weight error: 0.5% RMS per weight gives ~0.05 mean
+|Δlogit|; measured values in brackets):
+- int8 / grid (MatMulNBits, accuracy_level 4: int8 activations in the kernel), + 8-bit
+  embedding: mean |Δ| ≤ 0.08 [0.052], max |Δ| ≤ 0.6 (5% of the range) [0.44], top-1 ≥ 85% [92%].
+- dynamic (int8 per-channel weights, uint8 per-tensor activations at run time): mean ≤ 0.12
+  [0.074], max ≤ 0.9 [0.63], top-1 ≥ 85% [90%].
+- qdq (uint8 activations with static MinMax ranges from calibration text): mean ≤ 0.2 [0.11],
+  max ≤ 1.5 [1.03], top-1 ≥ 80% [90%]. Static ranges are the coarsest, as on real models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_llm.engine import Engine
+from export import quantize
+from export import recipe as recipe_mod
+from export.evaluate import bundle_logits
+from export.load import LoadConfig
+from tests.conftest import TRAIN_TEXT
+
+CASES = {
+    "int8": (quantize.QuantizeConfig(mode="int8"), 0.08, 0.6, 0.85),
+    "grid": (quantize.QuantizeConfig(mode="grid"), 0.08, 0.6, 0.85),
+    "int8-embed": (quantize.QuantizeConfig(mode="int8", embeddings="int8"), 0.08, 0.6, 0.85),
+    "dynamic": (quantize.QuantizeConfig(mode="dynamic"), 0.12, 0.9, 0.85),
+    "qdq": (quantize.QuantizeConfig(mode="qdq", calib_tokens=256, calib_seq_len=32), 0.2, 1.5, 0.8),
+}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(3, 380, size=48)
+
+
+def _build(tiny_hf: Path, out: Path, cfg: quantize.QuantizeConfig) -> Path:
+    recipe = recipe_mod.Recipe(name="tiny-q", load=LoadConfig(model=str(tiny_hf)), quantize=cfg)
+    return recipe_mod.run(recipe, out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mode_loads_and_agrees_with_fp32(
+    case: str, tiny_hf: Path, tiny_bundle: Path, text_file: Path, tmp_path: Path, ids: np.ndarray
+) -> None:
+    cfg, mean_tol, max_tol, agree = CASES[case]
+    if cfg.mode == "qdq":
+        cfg = quantize.QuantizeConfig(**{**cfg.__dict__, "calib_text": text_file, "calib_span": (0.0, 1.0)})
+    bundle = _build(tiny_hf, tmp_path / case, cfg)
+    ref = bundle_logits(Engine.load(tiny_bundle))(ids)
+    got = bundle_logits(Engine.load(bundle))(ids)
+    diff = np.abs(got - ref)
+    assert diff.mean() <= mean_tol and diff.max() <= max_tol, (diff.mean(), diff.max())
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= agree
+    method = json.loads((bundle / "bundle.json").read_text())["quantization"]
+    assert method["weights"] > 0 and method["worst_rel_rms"] < 0.05
+    report = quantize.read_report(_qdir(bundle))
+    assert report["errors"] and all("max_abs" in e for e in report["errors"].values())
+
+
+def _qdir(bundle: Path) -> Path:
+    """The quantize stage folder this bundle came from (its report holds every tensor's error)."""
+    from export.cache import cache_root
+
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    for folder in (cache_root() / "stages").glob("quantize-*"):
+        report = folder / quantize.REPORT
+        if report.is_file() and quantize.read_report(folder)["method"] == manifest["quantization"]:
+            return folder
+    raise AssertionError("no quantize stage folder for this bundle")
+
+
+def test_embedding_gather_becomes_8bit(tiny_hf: Path, tmp_path: Path) -> None:
+    import onnx
+
+    bundle = _build(tiny_hf, tmp_path / "e", quantize.QuantizeConfig(mode="int8", embeddings="int8"))
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "GatherBlockQuantized" in ops
+    assert not any(n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight" for n in graph.node)
+
+
+def test_bad_quantize_config() -> None:
+    with pytest.raises(ValueError, match=r"quantize\.mode"):
+        quantize.QuantizeConfig(mode="int4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="block_size"):
+        quantize.QuantizeConfig(block_size=48)

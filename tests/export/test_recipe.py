@@ -1,0 +1,127 @@
+"""Recipes: bad ones fail before any work; a prune+distill+int8 recipe writes a bundle with its report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from edge_llm.errors import ConfigError, ExportError
+from export import recipe as recipe_mod
+from tests.conftest import TRAIN_TEXT, build_tiny_hf
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "r.toml"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ("name = 'x'\n[quantize]\nmode = 'int8'\nblok_size = 32\n", "unknown key.*blok_size"),
+        ("[quantize]\nblock_size = '32'\n", "quantize.block_size: expected an integer"),
+        ("[quantize]\nmode = 'int4'\n", "quantize.mode"),
+        ("[prune]\nlayer_ratio = 1.2\n", "prune.layer_ratio must be in"),
+        ("[distill]\ntokens = 0\n", "distill: tokens"),
+        ("[prune]\nspan = [0.0, 0.5]\n[evaluate]\nspan = [0.0, 0.1]\n", "held-out"),
+        ("[distill]\n[evaluate]\nspan = [0.05, 0.2]\n", "overlaps distill.span"),
+        ("[load]\nmodel = 3\n", "load.model: expected str"),
+    ],
+)
+def test_bad_recipe_fails_with_a_clear_message(tmp_path: Path, body: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        recipe_mod.load_recipe(_write(tmp_path, body))
+
+
+def test_shipped_recipes_parse() -> None:
+    plain = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-int8.toml")
+    pruned = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-pruned-int8.toml")
+    assert plain.prune is None and plain.distill is None and plain.quantize.mode == "int8"
+    assert pruned.prune is not None and pruned.distill is not None and pruned.evaluate is not None
+
+
+def test_ratio_the_model_cannot_take_fails_before_pruning(
+    tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from export import prune
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("prune ran")
+
+    monkeypatch.setattr(prune, "run", never)
+    body = f"[load]\nmodel = '{tiny_hf}'\n[prune]\nkv_ratio = 0.9\n"
+    with pytest.raises(ExportError, match="leave no attention head"):
+        recipe_mod.run(recipe_mod.load_recipe(_write(tmp_path, body)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(TRAIN_TEXT * 3), encoding="utf-8")
+    return path
+
+
+def test_pruned_recipe_writes_bundle_with_report_and_caches_stages(tmp_path: Path, text_file: Path) -> None:
+    hf = build_tiny_hf(tmp_path / "hf", layers=4)
+    body = f"""
+name = "tiny-pruned"
+[load]
+model = "{hf}"
+[prune]
+layer_ratio = 0.25
+mlp_ratio = 0.5
+multiple = 8
+text = "{text_file}"
+span = [0.3, 1.0]
+calib_tokens = 256
+seq_len = 64
+[distill]
+text = "{text_file}"
+span = [0.3, 1.0]
+tokens = 1024
+seq_len = 32
+batch = 4
+grad_accum = 2
+lr = 3e-3
+threads = 1
+[quantize]
+mode = "int8"
+[evaluate]
+text = "{text_file}"
+span = [0.0, 0.3]
+max_tokens = 256
+context = 64
+stride = 32
+speed_tokens = 4
+speed_prompt = 8
+speed_runs = 1
+"""
+    recipe = recipe_mod.load_recipe(_write(tmp_path, body))
+    out = recipe_mod.run(recipe, tmp_path / "bundle")
+    for name in ("report.json", "report.md", "report.png", "bundle.json", "model.onnx"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    names = [s["stage"] for s in report["stages"]]
+    assert names == ["load", "prune", "distill", "to_onnx", "quantize", "bundle", "evaluate", "report"]
+    assert set(report["evaluations"]) == {"load", "prune", "distill", "bundle"}
+    final = report["evaluations"]["bundle"]
+    assert final["text"]["span"] == [0.0, 0.3] and final["text"]["stride"] == 32
+    assert final["parameters"] < report["evaluations"]["load"]["parameters"]
+    assert final["decode_tok_s"] > 0 and 0 <= final["top1_agreement"] <= 1
+    md = (out / "report.md").read_text()
+    assert all(f"| {n} |" in md for n in names)
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert "report.json" in manifest["files"]
+
+    # A changed later stage reuses every earlier one.
+    again = recipe_mod.run(replace(recipe, quantize=replace(recipe.quantize, mode="none")), tmp_path / "b2")
+    stages = {s["stage"]: s for s in json.loads((again / "report.json").read_text())["stages"]}
+    assert stages["load"]["cached"] and stages["prune"]["cached"] and stages["distill"]["cached"]
+    assert stages["to_onnx"]["cached"] and not stages["quantize"]["cached"]
