@@ -134,7 +134,7 @@ def angular(a: Any, b: Any) -> Any:
     return (torch.arccos(cos) / math.pi).mean()
 
 
-def importance(model: Any, batches: list[Any], drop_layers: int) -> dict[str, Any]:
+def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool = False) -> dict[str, Any]:
     """One pass over the calibration batches: layer distances, MLP channel and head energies."""
     import torch
 
@@ -163,9 +163,14 @@ def importance(model: Any, batches: list[Any], drop_layers: int) -> dict[str, An
     single = torch.zeros(n, dtype=torch.float64)
     block = torch.zeros(max(n - drop_layers + 1, 1), dtype=torch.float64)
     tokens = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(batches, desc="prune: calibration", unit="seq", dynamic_ncols=True)
     try:
         with torch.inference_mode():
-            for ids in batches:
+            for ids in bar if bar is not None else batches:
                 model(ids, use_cache=False)
                 tokens += ids.numel()
                 for i in range(n):
@@ -208,7 +213,7 @@ def choose_layers(config: PruneConfig, scores: dict[str, Any], n: int, drop: int
     return sorted(order[:drop])
 
 
-def run(config: PruneConfig, hf_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False) -> dict[str, Any]:
     """Prune the model in `hf_dir` into `out_dir`; returns (and writes) the prune report."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -224,7 +229,7 @@ def run(config: PruneConfig, hf_dir: Path, out_dir: Path) -> dict[str, Any]:
     n = len(layers)
     if config.active:
         batches, where = calibration(config, hf_dir)
-        scores = importance(model, batches, target.drop_layers)
+        scores = importance(model, batches, target.drop_layers, progress)
         report["calibration"] = {**where, "tokens": scores["tokens"], "seq_len": config.seq_len}
     else:
         scores = None

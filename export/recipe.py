@@ -107,7 +107,9 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
         key = stable_key(key, recipe.prune)
         cfg = recipe.prune
         t = time.perf_counter()
-        model_dir, cached = cached_stage("prune", key, lambda out: prune_stage.run(cfg, teacher, out))
+        model_dir, cached = cached_stage(
+            "prune", key, lambda out: prune_stage.run(cfg, teacher, out, progress)
+        )
         rep = json.loads((model_dir / prune_stage.REPORT).read_text())
         stages.add(
             "prune",
@@ -212,6 +214,7 @@ def _evaluate_hf(
     cfg = recipe.evaluate
     if cfg is None or not recipe.report.stage_evals:
         return
+    teacher = teacher if recipe.report.stage_teacher else None
     ekey = stable_key(key, cfg, str(teacher))
 
     def build(out: Path) -> None:

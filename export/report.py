@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 class ReportConfig:
     chart: bool = True
     stage_evals: bool = True  # evaluate intermediate HF models (load/prune/distill) too
+    # KL / top-1 against the teacher for intermediate stages too (doubles their cost: the
+    # teacher runs again); the final bundle is always compared when evaluate.teacher is set.
+    stage_teacher: bool = False
     worst_tensors: int = 5
 
 

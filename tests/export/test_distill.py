@@ -106,6 +106,18 @@ def test_interrupted_distillation_resumes(
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
+def test_teacher_generated_text_is_added(pair: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+    teacher, student = pair
+    report = distill.run(
+        _config(text_file, tokens=32 * 4 * 2, teacher_tokens=100),
+        teacher,
+        student,
+        tmp_path / "g",
+        progress=False,
+    )
+    assert report["text"]["teacher_tokens"] == 100 and report["steps"] == 2
+
+
 def test_bad_distill_config_rejected() -> None:
     with pytest.raises(ValueError, match="distill"):
         distill.DistillConfig(temperature=0)
