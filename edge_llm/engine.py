@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_llm.bundle import Bundle, load_bundle
 from edge_llm.errors import ContextLengthError, RequestError
-from edge_llm.runner import KVCache, RunnerOptions, make_runner
+from edge_llm.runner import KVCache, RunnerOptions, SharedCache, make_runner
 from edge_llm.sampling import SamplingParams, make_rng, sample
 from edge_llm.tokenizer import StreamDecoder, Tokenizer
 
@@ -58,8 +58,9 @@ class Slot:
     Keep one per conversation: the next turn whose prompt starts with `ids` skips that prefill.
     """
 
-    cache: KVCache | None = None
+    cache: KVCache | SharedCache | None = None
     ids: list[int] = field(default_factory=list)
+    row: int | None = None  # set: the sequence lives in row `row` of a shared batch cache
 
 
 class StopMatcher:
@@ -134,18 +135,55 @@ class Engine:
         """Bring `slot` up to `ids`, reusing its longest matching prefix; return last logits."""
         reuse = _common_prefix(slot.ids, ids) if slot.cache is not None else 0
         reuse = min(reuse, len(ids) - 1)  # at least one token must run to get logits
-        if slot.cache is None or reuse == 0:
-            slot.cache, reuse = self.runner.empty(1), 0
+        if slot.cache is None:
+            slot.cache = self.runner.empty(1)
         else:
-            self.runner.truncate(slot.cache, reuse)
-        logits = self.runner.forward(np.array([ids[reuse:]], dtype=np.int64), slot.cache)
+            self.runner.truncate(slot.cache, reuse, slot.row or 0)
+        logits = self._forward_slot(np.array([ids[reuse:]], dtype=np.int64), slot)
         slot.ids = list(ids)
         return logits[0], reuse
 
     def decode_one_token(self, token: int, slot: Slot) -> np.ndarray:
-        logits = self.runner.forward(np.array([[token]], dtype=np.int64), slot.cache)
+        logits = self._forward_slot(np.array([[token]], dtype=np.int64), slot)
         slot.ids.append(token)
         return logits[0]
+
+    def _forward_slot(self, tokens: np.ndarray, slot: Slot) -> np.ndarray:
+        if slot.row is None:
+            return self.runner.forward(tokens, slot.cache)
+        return self.runner.forward_rows(tokens, slot.cache, slot.row)
+
+    def start(self, ids: list[int], params: SamplingParams, slot: Slot | None = None) -> Generation:
+        """Prefill a request and sample its first token; advance it with `step`."""
+        seq = Generation(self, ids, params, slot if slot is not None else Slot())
+        logits, seq.cached = self.prefill(ids, seq.slot)
+        seq.take(logits)
+        return seq
+
+    def step(self, seqs: list[Generation]) -> None:
+        """Advance every unfinished sequence by one token, in one forward where they share a
+        batch cache (continuous batching), else one forward each."""
+        live = [q for q in seqs if not q.finished]
+        batched = [q for q in live if q.slot.row is not None]
+        for q in live:
+            if q.slot.row is None:
+                q.take(self.decode_one_token(q.last, q.slot))
+        if batched:
+            self._step_rows(batched)
+
+    def _step_rows(self, seqs: list[Generation]) -> None:
+        cache = seqs[0].slot.cache
+        if any(q.slot.cache is not cache for q in seqs):
+            raise ValueError("batched sequences must share one batch cache")
+        by_row = {q.slot.row: q for q in seqs}
+        first, last = min(by_row), max(by_row)
+        pad = self.bundle.tokenizer.pad_id
+        tokens = np.array([[by_row[r].last if r in by_row else pad] for r in range(first, last + 1)])
+        advance = np.array([r in by_row for r in range(first, last + 1)])
+        logits = self.runner.forward_rows(tokens, cache, first, advance=advance)
+        for r, q in by_row.items():
+            q.slot.ids.append(q.last)
+            q.take(logits[r - first])
 
     def generate(
         self,
@@ -155,61 +193,103 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[Chunk]:
         """Stream the continuation of prompt `ids`; the last chunk has done=True and usage."""
-        t0 = time.perf_counter()
-        self.check_length(len(ids), params.max_tokens)
-        slot = slot if slot is not None else Slot()
-        rng = make_rng(params)
-        stop_ids = set(params.stop_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_ids))
-        seen = np.array(sorted(set(ids)), dtype=np.int64) if params.repetition_penalty != 1.0 else None
-        decoder, stops = StreamDecoder(self.tokenizer), StopMatcher(params.stop)
-        logits, cached = self.prefill(ids, slot)
-        generated: list[int] = []
-        t_first = time.perf_counter()
-        finish, hit = "length", False
+        seq = self.start(ids, params, slot)
         while True:
-            token = sample(logits, params, rng, seen)
-            if not generated:
-                t_first = time.perf_counter()
-            if token in stop_ids:
-                finish = "stop"
-                break
-            generated.append(token)
-            if seen is not None and token not in seen:
-                seen = np.union1d(seen, [token])
-            delta, hit = stops.feed(decoder.push(token))
+            delta = seq.pop_delta()
             if delta:
                 yield Chunk(delta=delta)
-            if hit:
-                finish = "stop"
-                break
-            if len(generated) >= params.max_tokens:
+            if seq.finished:
                 break
             if should_stop is not None and should_stop():
-                finish = "cancelled"
-                break
-            logits = self.decode_one_token(token, slot)
-        if not hit:  # after a stop string, nothing past it may leak out
-            tail, _ = stops.feed(decoder.flush())
-            tail += stops.finish()
-            if tail:
-                yield Chunk(delta=tail)
-        t_end = time.perf_counter()
-        n = len(generated)
-        usage = Usage(
-            prompt_tokens=len(ids),
-            completion_tokens=n,
-            cached_tokens=cached,
-            ttft_s=t_first - t0,
-            prefill_s=t_first - t0,
-            decode_s=t_end - t_first,
-            decode_tok_s=(n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0,
-        )
-        yield Chunk(done=True, text=stops.text, finish_reason=finish, usage=usage, token_ids=tuple(generated))
+                seq.cancel()
+                continue
+            self.step([seq])
+        yield seq.final()
 
     def complete(self, ids: list[int], params: SamplingParams, slot: Slot | None = None) -> Chunk:
         """Run `generate` to the end and return its final chunk."""
         *_, last = self.generate(ids, params, slot)
         return last
+
+
+class Generation:
+    """One request's generation state: sampling, stop rules, streamed text, timing.
+
+    The engine feeds it logits (`take`), it picks the next token and decides whether it is done;
+    transports read `pop_delta()` and, once `finished`, `final()`.
+    """
+
+    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, slot: Slot) -> None:
+        engine.check_length(len(ids), params.max_tokens)
+        self.t0 = time.perf_counter()
+        self.t_first = self.t0
+        self.ids, self.params, self.slot = ids, params, slot
+        self.rng = make_rng(params)
+        self.stop_ids = set(params.stop_ids) | (set() if params.ignore_eos else set(engine.tokenizer.eos_ids))
+        self.seen = np.array(sorted(set(ids)), dtype=np.int64) if params.repetition_penalty != 1.0 else None
+        self.decoder, self.stops = StreamDecoder(engine.tokenizer), StopMatcher(params.stop)
+        self.generated: list[int] = []
+        self.cached = 0
+        self.finish: str | None = None
+        self.last = -1
+        self._pending = ""
+        self._hit = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    def take(self, logits: np.ndarray) -> None:
+        """Sample from the logits of the last fed position and account for the new token."""
+        token = sample(logits, self.params, self.rng, self.seen)
+        if not self.generated and self.last < 0:
+            self.t_first = time.perf_counter()
+        self.last = token
+        if token in self.stop_ids:
+            self.finish = "stop"
+            return
+        self.generated.append(token)
+        if self.seen is not None and token not in self.seen:
+            self.seen = np.union1d(self.seen, [token])
+        delta, self._hit = self.stops.feed(self.decoder.push(token))
+        self._pending += delta
+        if self._hit:
+            self.finish = "stop"
+        elif len(self.generated) >= self.params.max_tokens:
+            self.finish = "length"
+
+    def cancel(self) -> None:
+        if self.finish is None:
+            self.finish = "cancelled"
+
+    def pop_delta(self) -> str:
+        """Text produced since the last call (after a finish: including the held-back tail)."""
+        if self.finished and not self._hit:  # after a stop string nothing past it may leak
+            tail, self._hit = self.stops.feed(self.decoder.flush())
+            self._pending += tail + self.stops.finish()
+            self._hit = True  # flushed once
+        out, self._pending = self._pending, ""
+        return out
+
+    def final(self) -> Chunk:
+        t_end = time.perf_counter()
+        n = len(self.generated)
+        usage = Usage(
+            prompt_tokens=len(self.ids),
+            completion_tokens=n,
+            cached_tokens=self.cached,
+            ttft_s=self.t_first - self.t0,
+            prefill_s=self.t_first - self.t0,
+            decode_s=t_end - self.t_first,
+            decode_tok_s=(n - 1) / (t_end - self.t_first) if n > 1 and t_end > self.t_first else 0.0,
+        )
+        return Chunk(
+            done=True,
+            text=self.stops.text,
+            finish_reason=self.finish,
+            usage=usage,
+            token_ids=tuple(self.generated),
+        )
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

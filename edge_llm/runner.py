@@ -145,7 +145,7 @@ class ConcatRunner(_SessionRunner):
         OrtValues is safe: a forward replaces them rather than mutating them)."""
         return KVCache(list(cache.past), cache.lengths.copy(), cache.pad.copy())
 
-    def truncate(self, cache: KVCache, length: int) -> None:
+    def truncate(self, cache: KVCache, length: int, row: int = 0) -> None:
         """Keep the first `length` cached tokens of a single-row cache (prefix reuse, rollback)."""
         if cache.batch != 1 or cache.pad[0]:
             raise ValueError("truncate works on an unpadded single-sequence cache")
