@@ -264,14 +264,19 @@ class Generation:
 
     def pop_delta(self) -> str:
         """Text produced since the last call (after a finish: including the held-back tail)."""
-        if self.finished and not self._hit:  # after a stop string nothing past it may leak
-            tail, self._hit = self.stops.feed(self.decoder.flush())
-            self._pending += tail + self.stops.finish()
-            self._hit = True  # flushed once
+        self._flush()
         out, self._pending = self._pending, ""
         return out
 
+    def _flush(self) -> None:
+        """Once finished, release text held back for UTF-8 or stop-string matching."""
+        if self.finished and not self._hit:  # after a stop string nothing past it may leak
+            tail, _ = self.stops.feed(self.decoder.flush())
+            self._pending += tail + self.stops.finish()
+            self._hit = True  # flushed once
+
     def final(self) -> Chunk:
+        self._flush()
         t_end = time.perf_counter()
         n = len(self.generated)
         usage = Usage(

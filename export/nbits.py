@@ -109,8 +109,8 @@ def rewrite_matmuls(
 ) -> dict[str, dict[str, float]]:
     """Replace every MatMul with a 2-D fp32 initializer weight by MatMulNBits, in place.
 
-    Returns the per-weight error report. Activations feeding MatMuls are assumed rank 3
-    ([batch, seq, K]), which is what decoder exports produce.
+    Gemm(transB=1) linears (a tied LM head reading the embedding table) are replaced too.
+    Returns the per-weight error report.
     """
     from onnx import helper, numpy_helper
 
@@ -126,12 +126,14 @@ def rewrite_matmuls(
     block_sums: dict[tuple[str, int], str] = {}
     extra_inits: list[Any] = []
     for node in graph.node:
-        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        weight = node.input[1] if _is_linear(node) else None
         init = inits.get(weight) if weight else None
         if init is None or len(init.dims) != 2 or init.data_type != 1:
             new_nodes.append(node)
             continue
         w = numpy_helper.to_array(init)
+        if node.op_type == "Gemm":  # transB=1: the weight is stored [N, K] (a tied embedding)
+            w = w.T
         enc = encode(w)
         errors[weight] = weight_error(w, enc)
         base = (node.name or weight).strip("/").replace("/", "_")
@@ -178,6 +180,16 @@ def rewrite_matmuls(
     return errors
 
 
+def _is_linear(node: Any) -> bool:
+    """MatMul(A, W), or Gemm(A, W, transB=1) with no bias and unit alpha/beta."""
+    if node.op_type == "MatMul":
+        return len(node.input) == 2
+    if node.op_type != "Gemm" or len(node.input) != 2:
+        return False
+    attrs = {a.name: (a.i if a.type == 2 else a.f) for a in node.attribute}
+    return attrs.get("transB", 0) == 1 and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
+
+
 def _block_sums(
     act: str, enc: NBitsWeight, cache: dict[tuple[str, int], str], nodes: list[Any], inits: list[Any]
 ) -> str:
@@ -188,9 +200,18 @@ def _block_sums(
     key = (act, blocks)
     if key not in cache:
         base = act.strip("/").replace("/", "_").replace(":", "_") + f"_bsum{blocks}"
-        inits.append(numpy_helper.from_array(np.array([0, 0, blocks, enc.block], np.int64), base + "_shape"))
+        # [..., K] -> [..., blocks, block] whatever the rank: leading dims come from Shape(A).
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), base + "_zero"))
         inits.append(numpy_helper.from_array(np.array([-1], np.int64), base + "_axes"))
-        nodes.append(helper.make_node("Reshape", [act, base + "_shape"], [base + "_r"]))
+        inits.append(numpy_helper.from_array(np.array([blocks, enc.block], np.int64), base + "_tail"))
+        nodes.append(helper.make_node("Shape", [act], [base + "_shape"]))
+        nodes.append(
+            helper.make_node("Slice", [base + "_shape", base + "_zero", base + "_axes"], [base + "_lead"])
+        )
+        nodes.append(
+            helper.make_node("Concat", [base + "_lead", base + "_tail"], [base + "_newshape"], axis=0)
+        )
+        nodes.append(helper.make_node("Reshape", [act, base + "_newshape"], [base + "_r"]))
         nodes.append(helper.make_node("ReduceSum", [base + "_r", base + "_axes"], [base], keepdims=0))
         cache[key] = base
     return cache[key]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,13 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
     quant = quantize_stage.read_report(q_dir)
     stages.add("quantize", time.perf_counter() - t, cached, **quantize_stage.summary(quant["errors"]))
 
-    bcfg = recipe.bundle if recipe.bundle.name != "model" else _named(recipe)
+    bcfg = replace(
+        recipe.bundle if recipe.bundle.name != "model" else _named(recipe),
+        kv_layout=recipe.to_onnx.kv_layout,
+        logits=recipe.to_onnx.logits_kind,
+        context_length=recipe.bundle.context_length
+        or (recipe.to_onnx.max_context if recipe.to_onnx.graph == "fused" else 0),
+    )
 
     def write_bundle(extra: dict[str, Path]) -> Path:
         return bundle_stage.run(

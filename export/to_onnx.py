@@ -1,8 +1,11 @@
 """Stage 4, to_onnx: a Hugging Face folder in, an fp32 ONNX decoder with a KV cache out.
 
-Uses optimum's exporter (task text-generation-with-past): one graph taking input_ids,
-attention_mask, position_ids and past_key_values.{i}.key/value, returning logits for every
-position and present.{i}.key/value (the "concat" KV layout of bundle.json).
+`graph = "optimum"`: optimum's exporter (task text-generation-with-past): input_ids,
+attention_mask, position_ids and past_key_values.{i}.key/value in; logits for every position and
+present.{i}.key/value out — the "concat" KV layout of bundle.json (past copied into present).
+`graph = "fused"`: `export/fuse.py` writes ONNX Runtime's fused decoder (GroupQueryAttention over
+a preallocated KV buffer shared by past and present, fused norms) straight from the weights — the
+"shared" layout, about half the per-token cost on CPU. Both are fp32 here; `quantize` follows.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from edge_llm.errors import ExportError
 
@@ -18,9 +22,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ToOnnxConfig:
+    graph: Literal["optimum", "fused"] = "optimum"
     task: str = "text-generation-with-past"
     opset: int | None = None
     validate: bool = False  # optimum's own check; evaluate.py measures agreement instead
+    max_context: int = 2048  # fused: rotary table rows, the largest KV buffer the graph serves
+    logits: Literal["last", "all"] = "last"  # fused: last position per row, or all positions
+
+    def __post_init__(self) -> None:
+        if self.graph not in ("optimum", "fused"):
+            raise ValueError(f"to_onnx.graph must be 'optimum' or 'fused', not {self.graph!r}")
+        if self.max_context < 16:
+            raise ValueError("to_onnx.max_context must be ≥ 16")
+
+    @property
+    def kv_layout(self) -> str:
+        return "shared" if self.graph == "fused" else "concat"
+
+    @property
+    def logits_kind(self) -> str:
+        return self.logits if self.graph == "fused" else "all"
 
 
 @dataclass(frozen=True)
@@ -41,9 +62,20 @@ def graph_io(model_path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.graph == "fused":
+        from export import fuse
+
+        fused = fuse.run(
+            fuse.FuseConfig(
+                max_context=config.max_context, bits=0, logits=config.logits, quantize_embedding=False
+            ),
+            hf_dir,
+            out_dir,
+        )
+        return OnnxResult(fused.model_path, fused.inputs, fused.outputs)
     from optimum.exporters.onnx import main_export
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         main_export(
             str(hf_dir),

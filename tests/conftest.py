@@ -72,13 +72,17 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_hf(tmp_path_factory.mktemp("tiny-hf"))
 
 
-def export_bundle(hf_dir: Path, out: Path, quant: str = "none") -> Path:
+def export_bundle(hf_dir: Path, out: Path, quant: str = "none", graph: str = "optimum") -> Path:
     from export import recipe as recipe_mod
     from export.load import LoadConfig
     from export.quantize import QuantizeConfig
+    from export.to_onnx import ToOnnxConfig
 
     recipe = recipe_mod.Recipe(
-        name=f"tiny-{quant}", load=LoadConfig(model=str(hf_dir)), quantize=QuantizeConfig(mode=quant)
+        name=f"tiny-{quant}" if graph == "optimum" else f"tiny-{graph}-{quant}",
+        load=LoadConfig(model=str(hf_dir)),
+        to_onnx=ToOnnxConfig(graph=graph, max_context=256),
+        quantize=QuantizeConfig(mode=quant),
     )
     return recipe_mod.run(recipe, out)
 
@@ -92,3 +96,14 @@ def tiny_bundle(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="session")
 def tiny_bundle_int8(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-int8", "int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 fused-graph bundle (GroupQueryAttention, shared KV buffer) of the tiny model."""
+    return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-fused", "none", "fused")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_int8(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-fused-int8", "int8", "fused")

@@ -1,0 +1,82 @@
+"""The fused (shared-KV) graph: same tokens as transformers, and continuous batching changes
+nothing about any sequence's output — only how many forwards it takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_llm.engine import Engine, Slot
+from edge_llm.sampling import SamplingParams
+
+PROMPTS = ["The capital of France", "Small language models run", "def add(a, b):", "Grüße aus"]
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_fused: Path) -> Engine:
+    return Engine.load(tiny_fused)
+
+
+def test_fused_bundle_manifest(fused: Engine) -> None:
+    g = fused.bundle.graph
+    assert g.kv_layout == "shared" and g.logits == "last"
+    assert fused.max_context == 256
+
+
+def test_fused_greedy_matches_optimum_graph(fused: Engine, tiny_bundle: Path) -> None:
+    plain = Engine.load(tiny_bundle)
+    for prompt in PROMPTS:
+        ids = plain.encode_request(prompt=prompt)
+        params = SamplingParams(max_tokens=20, ignore_eos=True)
+        assert fused.complete(ids, params).token_ids == plain.complete(ids, params).token_ids
+
+
+def test_fused_int8_close_to_fp32(fused: Engine, tiny_fused_int8: Path) -> None:
+    int8 = Engine.load(tiny_fused_int8)
+    ids = fused.encode_request(prompt=PROMPTS[0])
+    a = fused.runner.forward(np.array([ids]), fused.runner.empty())
+    b = int8.runner.forward(np.array([ids]), int8.runner.empty())
+    assert np.abs(a - b).max() < 0.05 * (a.max() - a.min())
+
+
+def _batched(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], join_late: int) -> list:
+    """Run prompts through one batch cache; the last `join_late` join after 5 decode steps."""
+    cache = engine.runner.empty(len(prompts))
+    seqs = []
+    for row, (ids, p) in enumerate(zip(prompts[: len(prompts) - join_late], params, strict=False)):
+        seqs.append(engine.start(ids, p, Slot(cache=cache, row=row)))
+    for _ in range(5):
+        engine.step(seqs)
+    for row in range(len(prompts) - join_late, len(prompts)):
+        seqs.append(engine.start(prompts[row], params[row], Slot(cache=cache, row=row)))
+    while not all(q.finished for q in seqs):
+        engine.step(seqs)
+    return [q.final() for q in seqs]
+
+
+def test_continuous_batching_equals_solo_runs(fused: Engine) -> None:
+    prompts = [fused.encode_request(prompt=p) for p in PROMPTS]
+    params = [
+        SamplingParams(max_tokens=12, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=7, ignore_eos=True),  # finishes first: its row goes idle
+        SamplingParams(max_tokens=16, temperature=1.2, top_k=20, seed=9, ignore_eos=True),
+    ]
+    solo = [fused.complete(ids, p) for ids, p in zip(prompts, params, strict=True)]
+    batched = _batched(fused, prompts, params, join_late=2)
+    for s, b in zip(solo, batched, strict=True):
+        assert b.token_ids == s.token_ids
+        assert b.text == s.text and b.finish_reason == s.finish_reason
+
+
+def test_shared_slot_reuse_skips_prefill(fused: Engine) -> None:
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    slot = Slot()
+    ids = fused.encode_request(messages=[{"role": "user", "content": "hi"}])
+    first = fused.complete(ids, params, slot)
+    ids2 = ids + list(first.token_ids) + fused.encode_request(prompt=" more")
+    again = fused.complete(ids2, params, slot)
+    fresh = fused.complete(ids2, params, Slot())
+    assert again.usage.cached_tokens >= len(ids) and again.token_ids == fresh.token_ids
