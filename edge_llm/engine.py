@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from edge_llm.bundle import Bundle, load_bundle
-from edge_llm.errors import ContextLengthError, RequestError
-from edge_llm.runner import KVCache, RunnerOptions, SharedCache, make_runner
+from edge_llm.errors import BundleError, ContextLengthError, RequestError
+from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, make_runner
 from edge_llm.sampling import SamplingParams, make_rng, sample
 from edge_llm.tokenizer import StreamDecoder, Tokenizer
 
@@ -152,6 +152,33 @@ class Engine:
         if slot.row is None:
             return self.runner.forward(tokens, slot.cache)
         return self.runner.forward_rows(tokens, slot.cache, slot.row)
+
+    def fork_slot(self, slot: Slot) -> Slot:
+        """An independent copy of `slot` (a shared prefix such as a system prompt)."""
+        cache = None if slot.cache is None else self.runner.fork(slot.cache)
+        return Slot(cache, list(slot.ids))
+
+    def batch_cache(self, rows: int) -> SharedCache:
+        """A KV cache whose rows several sequences share, for `step` to advance together."""
+        if not isinstance(self.runner, SharedRunner):
+            raise BundleError(f"{self.bundle.path}: continuous batching needs a fused (shared-KV) bundle")
+        return self.runner.empty(rows)
+
+    def attach(self, slot: Slot, cache: SharedCache, row: int) -> Slot:
+        """A Slot in row `row` of a batch cache, holding a copy of `slot`'s cached prefix."""
+        if isinstance(slot.cache, SharedCache) and slot.ids:
+            cache.restore(row, slot.cache.park(0))
+            return Slot(cache, list(slot.ids), row)
+        cache.lengths[row] = 0
+        return Slot(cache, [], row)
+
+    def detach(self, batch_slot: Slot, into: Slot) -> None:
+        """Copy a batch row's KV back into a standalone Slot (a session's next turn reuses it)."""
+        if batch_slot.row is None or not isinstance(batch_slot.cache, SharedCache):
+            raise ValueError("detach takes a Slot that lives in a batch cache row")
+        single = self.runner.empty(1)
+        single.restore(0, batch_slot.cache.park(batch_slot.row))
+        into.cache, into.ids, into.row = single, list(batch_slot.ids), None
 
     def start(self, ids: list[int], params: SamplingParams, slot: Slot | None = None) -> Generation:
         """Prefill a request and sample its first token; advance it with `step`."""

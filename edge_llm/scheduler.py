@@ -17,8 +17,10 @@ Semantics that do not depend on how the engine is driven:
 - Sinks are called on the worker thread (a replayed final: on the submitting thread), outside any
   lock; a sink that raises is logged and ignored. Sinks must not block for long.
 
-v1 runs one request at a time; `_run_one` is the only part that drives the engine, so continuous
-batching can replace it without touching the rest.
+Driving the engine: with a fused (shared-KV) bundle and `max_batch` > 1 the worker batches
+continuously — a request that arrives is prefilled into a free row of one batch KV cache and joins
+the running batch at the next decode step; one that finishes leaves it; every sequence keeps its
+own sampling parameters. Otherwise requests run one at a time (`_run_one`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from edge_llm import protocol
-from edge_llm.engine import Engine
+from edge_llm.engine import Chunk, Engine, Generation
 from edge_llm.errors import BusyError, EdgeLLMError, RequestError
 from edge_llm.protocol import Request
+from edge_llm.runner import SharedCache, SharedRunner
 from edge_llm.sampling import SamplingParams
 from edge_llm.sessions import Conversations, Prepared
 
@@ -154,6 +157,13 @@ class _Listener:
 
 
 @dataclass(eq=False)
+class _Running:
+    job: _Job
+    prepared: Prepared
+    gen: Generation
+
+
+@dataclass(eq=False)
 class _Job:
     request: Request
     params: SamplingParams
@@ -177,6 +187,7 @@ class Scheduler:
         conversations: Conversations | None = None,
         finals: FinalStore | None = None,
         default_max_tokens: int = 256,
+        max_batch: int | None = None,
     ) -> None:
         if max_queue < 1 or max_inflight_per_client < 1:
             raise ValueError("max_queue and max_inflight_per_client must be ≥ 1")
@@ -184,6 +195,8 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_inflight_per_client = max_inflight_per_client
         self.default_max_tokens = default_max_tokens
+        rows = engine.options.max_batch if max_batch is None else max_batch
+        self.max_batch = rows if rows > 1 and isinstance(engine.runner, SharedRunner) else 1
         self.conversations = conversations or Conversations(engine)
         self.finals: FinalStore = finals if finals is not None else MemoryFinals()
         self.stats: Counter[str] = Counter()  # runs, replayed, joined, busy, cancelled, deadline, ...
@@ -285,19 +298,22 @@ class Scheduler:
     # -- worker thread --
 
     def _worker(self) -> None:
+        if self.max_batch > 1:
+            self._worker_batched()
+            return
         while True:
             job = self._next_job()
             if job is None:
                 return
             self._execute(job)
 
-    def _next_job(self) -> _Job | None:
+    def _next_job(self, block: bool = True) -> _Job | None:
         while True:
             with self._cond:
                 # Queued jobs only wait while another one runs; `_should_stop` sweeps them then.
-                while not self._queue and not self._closing:
+                while block and not self._queue and not self._closing:
                     self._cond.wait()
-                if self._closing and not self._queue:
+                if (self._closing or not block) and not self._queue:
                     return None
                 ended = self._take_expired_locked()
                 job = None
@@ -356,28 +372,99 @@ class Scheduler:
 
     def _run_one(self, job: _Job, prepared: Prepared) -> Event:
         """Drive the engine for one request; emit chunks; return its final or error event."""
-        request = job.request
         for chunk in self.engine.generate(
             prepared.ids, job.params, slot=prepared.slot, should_stop=lambda: self._should_stop(job)
         ):
             if not chunk.done:
-                if request.stream and chunk.delta:
-                    self._emit(job, Event("chunk", request.id, seq=job.seq, delta=chunk.delta))
-                    job.seq += 1
+                self._chunk(job, chunk.delta)
                 continue
-            if chunk.finish_reason == "cancelled":
-                return self._stopped(job)
-            usage = chunk.usage.as_dict() if chunk.usage is not None else {}
-            usage["queue_s"] = round(job.started - job.submitted, 6)
-            return Event(
-                "final",
-                request.id,
-                text=chunk.text,
-                finish_reason=chunk.finish_reason or "stop",
-                usage=usage,
-                session=request.session,
-            )
+            return self._final(job, chunk)
         raise RuntimeError("the engine ended without a final chunk")
+
+    def _chunk(self, job: _Job, delta: str) -> None:
+        if job.request.stream and delta:
+            self._emit(job, Event("chunk", job.request.id, seq=job.seq, delta=delta))
+            job.seq += 1
+
+    def _final(self, job: _Job, chunk: Chunk) -> Event:
+        if chunk.finish_reason == "cancelled":
+            return self._stopped(job)
+        usage = chunk.usage.as_dict() if chunk.usage is not None else {}
+        usage["queue_s"] = round(job.started - job.submitted, 6)
+        return Event(
+            "final",
+            job.request.id,
+            text=chunk.text,
+            finish_reason=chunk.finish_reason or "stop",
+            usage=usage,
+            session=job.request.session,
+        )
+
+    # -- continuous batching --
+
+    def _worker_batched(self) -> None:
+        cache = self.engine.batch_cache(self.max_batch)
+        active: dict[int, _Running] = {}
+        while True:
+            while len(active) < self.max_batch:  # admit: block for work only when idle
+                job = self._next_job(block=not active)
+                if job is None:
+                    break
+                row = min(set(range(self.max_batch)) - set(active))
+                running = self._admit(job, cache, row)
+                if running is not None:
+                    active[row] = running
+            if not active:
+                if self._closing:
+                    return
+                continue
+            self.stats["batch_steps"] += 1
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(active))
+            try:
+                self.engine.step([r.gen for r in active.values()])
+            except Exception as exc:  # one failed forward fails the whole batch, not the worker
+                log.exception("batched decode step failed")
+                for row in list(active):
+                    r = active.pop(row)
+                    self._finish(r.job, self._error(r.job, "internal", f"{type(exc).__name__}: {exc}"))
+                continue
+            for row in list(active):
+                if self._advance(active[row]):
+                    del active[row]
+
+    def _admit(self, job: _Job, cache: SharedCache, row: int) -> _Running | None:
+        """Prefill a request into batch row `row`; None when it ended at once (error, 1 token)."""
+        try:
+            if job.cancelled or (job.deadline is not None and time.monotonic() >= job.deadline):
+                self._finish(job, self._stopped(job))
+                return None
+            prepared = self._prepare(job)
+            self.stats["runs"] += 1
+            slot = self.engine.attach(prepared.slot, cache, row)
+            running = _Running(job, prepared, self.engine.start(prepared.ids, job.params, slot))
+        except EdgeLLMError as exc:
+            self._finish(job, self._error(job, protocol.error_code(exc), str(exc)))
+            return None
+        except Exception as exc:
+            log.exception("request %s failed", job.request.id)
+            self._finish(job, self._error(job, "internal", f"{type(exc).__name__}: {exc}"))
+            return None
+        return None if self._advance(running) else running
+
+    def _advance(self, r: _Running) -> bool:
+        """Emit what a sequence produced in the last step; finish it when done. True if done."""
+        if not r.gen.finished and self._should_stop(r.job):
+            r.gen.cancel()
+        self._chunk(r.job, r.gen.pop_delta())
+        if not r.gen.finished:
+            return False
+        event = self._final(r.job, r.gen.final())
+        if event.kind == "final":
+            if r.prepared.session is not None:
+                self.engine.detach(r.gen.slot, r.prepared.slot)
+            self.conversations.commit(r.prepared, event.text)
+        self._finish(r.job, event)
+        return True
 
     def _should_stop(self, job: _Job) -> bool:
         now = time.monotonic()

@@ -133,24 +133,6 @@ class StateDB:
             )
 
 
-def fork_slot(engine: Engine, slot: Slot) -> Slot | None:
-    """An independent copy of `slot`, so a shared prefix (the system prompt) is never written
-    through; None when this engine cannot copy its cache (the caller then starts empty).
-
-    The runner knows what a safe copy of its cache is (the concat layout can share its never-
-    mutated OrtValues; the shared layout copies the row's live positions), so ask it.
-    """
-    fork = getattr(engine, "fork_slot", None)
-    if fork is not None:
-        return fork(slot)
-    if slot.cache is None:
-        return Slot(ids=list(slot.ids))
-    runner_fork = getattr(engine.runner, "fork", None)
-    if runner_fork is None:
-        return None
-    return Slot(runner_fork(slot.cache), list(slot.ids))
-
-
 @dataclass
 class Prepared:
     """What the worker runs for one request: prompt ids in a slot, and what to store after."""
@@ -249,8 +231,7 @@ class Conversations:
             self._live.move_to_end(session)
             return self._live[session]
         template = self._system_template(messages)
-        forked = fork_slot(self.engine, template) if template is not None else None
-        return forked if forked is not None else Slot()
+        return self.engine.fork_slot(template) if template is not None else Slot()
 
     def _system_template(self, messages: list[dict[str, str]]) -> Slot | None:
         """The Slot holding just the configured system prompt, if this prompt starts with it."""

@@ -56,9 +56,13 @@ def req(rid: str, **kw: object) -> Request:
     return Request(id=rid, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def scheduler(tiny_bundle: Path) -> Iterator[Scheduler]:
-    s = Scheduler(Engine.load(tiny_bundle), max_queue=4, max_inflight_per_client=2)
+@pytest.fixture(params=["serial", "batched"])
+def scheduler(request: pytest.FixtureRequest) -> Iterator[Scheduler]:
+    """Every semantic holds both for one-at-a-time (optimum bundle) and continuous batching
+    (fused bundle, up to 4 sequences per decode step)."""
+    bundle = request.getfixturevalue("tiny_bundle" if request.param == "serial" else "tiny_fused")
+    s = Scheduler(Engine.load(bundle), max_queue=4, max_inflight_per_client=2, max_batch=4)
+    assert s.max_batch == (1 if request.param == "serial" else 4)
     s.start()
     yield s
     s.close(grace_s=1)
@@ -206,3 +210,35 @@ def test_close_answers_queued_busy_and_refuses_new(tiny_bundle: Path) -> None:
     release.set()
     closer.join(10)
     assert not closer.is_alive()
+
+
+def test_continuous_batching_serves_concurrent_requests_like_solo_runs(tiny_fused: Path) -> None:
+    engine = Engine.load(tiny_fused)
+    s = Scheduler(engine, max_queue=16, max_inflight_per_client=16, max_batch=4)
+    prompts = [f"request number {i}" for i in range(7)]
+    kinds = [{"max_tokens": 10 + i, "ignore_eos": True} for i in range(7)]
+    kinds[2].update(temperature=0.8, seed=5)
+    kinds[5].update(temperature=1.1, top_k=10, seed=1)
+    first = []
+    for p, k in zip(prompts, kinds, strict=True):
+        sink = Collector()
+        s.submit(Request(id=f"first-{p}", prompt=p, **k), sink)  # type: ignore[arg-type]
+        first.append(sink)
+    s.start()  # everything queued before the worker starts: they run as one batch
+    solo_texts = [c.final().text for c in first]
+    assert s.stats["peak_batch"] == 4
+    batched = []
+    for p, k in zip(prompts, kinds, strict=True):
+        sink = Collector()
+        s.submit(Request(id=f"again-{p}", prompt=p, stream=True, **k), sink)  # type: ignore[arg-type]
+        batched.append(sink)
+    for c, text in zip(batched, solo_texts, strict=True):
+        final = c.final()
+        assert final.kind == "final" and final.text == text
+        assert "".join(e.delta for e in c.events if e.kind == "chunk") == text
+    s.close(grace_s=1)
+    # And the same as the engine alone, one request at a time.
+    for p, k, text in zip(prompts, kinds, solo_texts, strict=True):
+        from edge_llm.sampling import SamplingParams
+
+        assert engine.complete(engine.encode_request(prompt=p), SamplingParams(**k)).text == text
