@@ -137,10 +137,14 @@ def teacher_text(teacher: Any, ids: list[int], config: DistillConfig, device: st
     return out[: config.teacher_tokens]
 
 
-def lr_at(config: DistillConfig, step: int) -> float:
+def lr_at(config: DistillConfig, step: int, seconds: float = 0.0) -> float:
+    """Warmup then cosine decay; with `max_minutes`, the decay follows elapsed time when that is
+    further along, so a run cut by the clock still ends at the low learning rate."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.max_minutes:
+        progress = max(progress, seconds / (60 * config.max_minutes))
     floor = config.min_lr_ratio
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -212,7 +216,7 @@ def run(
     while state["step"] < config.steps:
         step = state["step"]
         for g in opt.param_groups:
-            g["lr"] = lr_at(config, step)
+            g["lr"] = lr_at(config, step, state["seconds"])
         totals: dict[str, float] = {}
         for micro in range(config.grad_accum):
             rows = _rows(data.shape[0], (step * per_step) + micro * config.batch, config.batch, config.seed)

@@ -130,3 +130,6 @@ def test_schedule_warms_up_and_decays() -> None:
     lrs = [distill.lr_at(cfg, s) for s in range(cfg.steps)]
     assert lrs[0] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+    capped = distill.DistillConfig(tokens=256 * 8 * 100, lr=1e-3, warmup_steps=10, max_minutes=10.0)
+    assert distill.lr_at(capped, 20, seconds=600.0) == pytest.approx(1e-4)  # the clock ran out
+    assert distill.lr_at(capped, 20, seconds=0.0) == pytest.approx(distill.lr_at(cfg, 20))
