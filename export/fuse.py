@@ -23,7 +23,9 @@ IO contract (see docs/fused-graph.md for how to drive prefill / decode / ragged 
                                              (non-pad) tokens of each row in this step
     past_key_values.{i}.key   float32 [B, kv_heads, C, head_dim]   C <= max_context
     past_key_values.{i}.value float32 [B, kv_heads, C, head_dim]
-    logits                    float32 [B, 1, V] ("last": each row's last real token) or [B, S, V]
+    logits_to_keep            int64 []       only with logits="tail": K, 1 <= K <= S
+    logits                    float32 [B, 1, V] ("last": each row's last real token),
+                              [B, S, V] ("all") or [B, K, V] ("tail": last K real tokens)
     present.{i}.key / .value  float32 [B, kv_heads, C, head_dim]  bind to the past buffer
 """
 
@@ -47,6 +49,8 @@ OPSET = 21
 # Rope variants whose cos/sin table does not depend on the current sequence length, so a table
 # precomputed for max_context is exact. "dynamic" and "longrope" switch tables with length.
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# Decoders with the Llama block (RMSNorm, rotary GQA, SiLU-gated MLP); Qwen2 adds q/k/v biases.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,9 @@ class FuseConfig:
     block_size / accuracy_level: MatMulNBits attributes (4 = int8 activations, VNNI path).
     symmetric: zero point fixed at 128 (no zero_points input) instead of per-block min/max.
     quantize_embedding: with bits=8, store the token table as GatherBlockQuantized uint8.
-    logits: "last" = one row per sequence (generation), "all" = every position (perplexity).
+    logits: "last" = one row per sequence (generation), "all" = every position (perplexity),
+        "tail" = the last `logits_to_keep` real tokens of each row, a runtime int64 scalar
+        input (1 for prefill/decode, k+1 to verify k speculative drafts, in one graph).
     fuse_qkv / fuse_gate_up: one packed MatMul instead of three / two.
     query_seqlens_input: add the int32 `query_seqlens` [B] input, needed only when rows of
         one step carry different numbers of new tokens on top of a non-empty past.
@@ -72,7 +78,7 @@ class FuseConfig:
     accuracy_level: int = 4
     symmetric: bool = False
     quantize_embedding: bool = True
-    logits: Literal["last", "all"] = "last"
+    logits: Literal["last", "all", "tail"] = "last"
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
     query_seqlens_input: bool = False
@@ -84,8 +90,8 @@ class FuseConfig:
             raise ValueError(f"bits must be 0 (fp32) or 8, not {self.bits}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 16, not {self.block_size}")
-        if self.logits not in ("last", "all"):
-            raise ValueError(f"logits must be 'last' or 'all', not {self.logits!r}")
+        if self.logits not in ("last", "all", "tail"):
+            raise ValueError(f"logits must be 'last', 'all' or 'tail', not {self.logits!r}")
         if self.max_context < 1:
             raise ValueError("max_context must be positive")
 
@@ -101,7 +107,7 @@ class FuseResult:
     hidden_size: int
     vocab_size: int
     max_context: int
-    logits: Literal["last", "all"]
+    logits: Literal["last", "all", "tail"]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     op_counts: dict[str, int] = field(default_factory=dict)
@@ -118,12 +124,12 @@ class FuseResult:
 
 
 def load_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json, refusing what the graph would silently get wrong."""
     cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    if (
-        cfg.get("sliding_window")
-        and cfg.get("use_sliding_window", True)
-        and cfg.get("model_type") in ("mistral",)
-    ):
+    if cfg.get("model_type") not in SUPPORTED_TYPES:
+        raise ValueError(f"model_type {cfg.get('model_type')!r} unsupported; known: {SUPPORTED_TYPES}")
+    # Mistral uses its window whenever set; Qwen2 only with use_sliding_window.
+    if cfg.get("sliding_window") and cfg.get("use_sliding_window", cfg["model_type"] == "mistral"):
         raise ValueError("sliding-window attention is not supported by this builder")
     return cfg
 
@@ -273,15 +279,18 @@ class _Builder:
 
     # -- linear layers ----------------------------------------------------------------------
 
-    def linear(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
-        """x @ weight.T (+ bias); weight is HF layout [N, K]."""
+    def linear(
+        self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, out: str | None = None
+    ) -> str:
+        """x @ weight.T (+ bias); weight is HF layout [N, K]. `out` names the result."""
         g, cfg = self.g, self.cfg
         n, k = weight.shape
+        outs = [out] if out else None
         if cfg.bits == 0:
+            if bias is None:
+                return g.op("MatMul", [x, g.const(f"{name}.weight_t", weight.T)], name=name, outputs=outs)[0]
             y = g.op("MatMul", [x, g.const(f"{name}.weight_t", weight.T)], name=name)[0]
-            if bias is not None:
-                y = g.op("Add", [y, g.const(f"{name}.bias", bias)], name=f"{name}/bias")[0]
-            return y
+            return g.op("Add", [y, g.const(f"{name}.bias", bias)], name=f"{name}/bias", outputs=outs)[0]
         q, scale, zp = quantize_blocks(weight, cfg.block_size, cfg.symmetric)
         ins = [
             x,
@@ -298,6 +307,7 @@ class _Builder:
             ins,
             domain=MS,
             name=name,
+            outputs=outs,
             K=k,
             N=n,
             bits=cfg.bits,
@@ -316,10 +326,13 @@ class _Builder:
     def embed(self, ids: str) -> str:
         g, cfg = self.g, self.cfg
         table = self.w["model.embed_tokens.weight"]
-        if cfg.bits == 8 and cfg.quantize_embedding:
-            q, scale, zp = quantize_blocks(table, cfg.block_size, cfg.symmetric)
-            if q.shape[1] * cfg.block_size != table.shape[1]:
-                raise ValueError("quantize_embedding needs hidden_size % block_size == 0")
+        # GatherBlockQuantized needs whole blocks per row: use the largest power of two that
+        # divides hidden_size, up to block_size (576 -> 64 when block_size is 128).
+        block = cfg.block_size
+        while block > 16 and table.shape[1] % block:
+            block //= 2
+        if cfg.bits == 8 and cfg.quantize_embedding and table.shape[1] % block == 0:
+            q, scale, zp = quantize_blocks(table, block, cfg.symmetric)
             ins = [g.const("embed.qweight", q.reshape(table.shape)), ids, g.const("embed.scales", scale)]
             if zp is not None:
                 ins.append(g.const("embed.zero_points", zp))
@@ -329,7 +342,7 @@ class _Builder:
                 domain=MS,
                 name="embed",
                 bits=8,
-                block_size=cfg.block_size,
+                block_size=block,
                 gather_axis=0,
                 quantize_axis=1,
             )[0]
@@ -409,6 +422,8 @@ class _Builder:
         ]
         if cfg.query_seqlens_input:
             inputs.append(helper.make_tensor_value_info("query_seqlens", i32, ["batch"]))
+        if cfg.logits == "tail":
+            inputs.append(helper.make_tensor_value_info("logits_to_keep", i64, []))
         kv_shape = ["batch", kvh, "max_context", hd]
         for i in range(self.layers):
             for kind in ("key", "value"):
@@ -471,26 +486,36 @@ class _Builder:
             )
             h, res = self.skip_norm(mlp, res, nxt, nxt.removeprefix("model.").removesuffix(".weight"))
 
-        if cfg.logits == "last":
-            # Row b's last real token is at index qlens_b - 1 (right padding), so gather that
-            # row before the LM head: decode and prefill then pay for one vocab projection.
-            idx = g.op("Sub", [qlens64, one], name="last_index")[0]
-            idx = g.op("Reshape", [idx, g.const("shape_b11", np.array([-1, 1, 1]))], name="last_index_b11")[0]
-            idx = g.op(
-                "Expand", [idx, g.const("shape_11h", np.array([1, 1, self.hidden]))], name="last_index_b1h"
-            )[0]
-            h = g.op("GatherElements", [h, idx], name="last_hidden", axis=1)[0]
+        if cfg.logits != "all":
+            h = self.gather_tail(h, qlens64, one)
         self.lm_head(h)
 
-        outputs = [
-            helper.make_tensor_value_info(
-                "logits", f32, ["batch", 1 if cfg.logits == "last" else "sequence", self.vocab]
-            )
-        ]
+        rows = {"last": 1, "all": "sequence", "tail": "logits_to_keep"}[cfg.logits]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch", rows, self.vocab])]
         for i in range(self.layers):
             for kind in ("key", "value"):
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv_shape))
         return inputs, outputs
+
+    def gather_tail(self, h: str, qlens64: str, one: str) -> str:
+        """Hidden states of each row's last 1 ("last") or logits_to_keep ("tail") real tokens,
+        taken before the LM head so that prefill pays for one vocab projection per row, not S.
+        Right padding puts row b's last real token at index qlens_b - 1."""
+        g = self.g
+        if self.cfg.logits == "last":
+            idx = g.op("Sub", [qlens64, one], name="last_index")[0]
+            idx = g.op("Reshape", [idx, g.const("shape_b11", np.array([-1, 1, 1]))], name="tail_index")[0]
+        else:  # positions qlens_b - K .. qlens_b - 1, clamped at 0 for rows shorter than K
+            zero = g.const("zero_i64", np.array(0, np.int64))
+            steps = g.op("Range", [zero, "logits_to_keep", one], name="tail_range")[0]
+            start = g.op("Sub", [qlens64, "logits_to_keep"], name="tail_start")[0]
+            start = g.op("Unsqueeze", [start, g.const("axes_1", np.array([1]))], name="tail_start_b1")[0]
+            idx = g.op("Max", [g.op("Add", [start, steps], name="tail_pos")[0], zero], name="tail_clamp")[0]
+            idx = g.op("Unsqueeze", [idx, g.const("axes_2", np.array([2]))], name="tail_index")[0]
+        idx = g.op("Expand", [idx, g.const("shape_11h", np.array([1, 1, self.hidden]))], name="tail_index_h")[
+            0
+        ]
+        return g.op("GatherElements", [h, idx], name="tail_hidden", axis=1)[0]
 
     def skip_norm(self, x: str, skip: str, weight_key: str, name: str) -> tuple[str, str]:
         outs = self.g.op(
@@ -529,9 +554,7 @@ class _Builder:
             )[0]
             g.op("Reshape", [y, out_shape], name="lm_head/unflatten", outputs=["logits"])
             return
-        y = self.linear(h, "lm_head", head, self.w.get("lm_head.bias"))
-        g.nodes[-1].output[0] = "logits"
-        assert y  # the node's output was renamed to the graph output
+        self.linear(h, "lm_head", head, self.w.get("lm_head.bias"), out="logits")
 
 
 # --------------------------------------------------------------------------- entry point

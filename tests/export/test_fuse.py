@@ -102,6 +102,22 @@ def close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
     assert err <= atol, f"max |diff| {err:.2e} > {atol:.0e}"
 
 
+MODES = ("all", "last", "tail")
+
+
+def check_row(out_row: np.ndarray, ref_new: np.ndarray, mode: str, keep: int, atol: float) -> None:
+    """out_row: one row of the graph's logits; ref_new: reference logits of that row's n
+    real new tokens. "all" returns S rows (real ones first), "last" the last real token,
+    "tail" the last `keep` real tokens."""
+    n = len(ref_new)
+    if mode == "all":
+        close(out_row[:n], ref_new, atol)
+    elif mode == "last":
+        close(out_row, ref_new[-1:], atol)
+    else:
+        close(out_row[-min(keep, n) :], ref_new[-keep:], atol)
+
+
 # --------------------------------------------------------------------------- graph shape
 
 
@@ -136,22 +152,19 @@ def test_prefill_decode_continue(build, variant) -> None:
     kw, model, atol = variant
     ids = seqs(1, 16)[0]
     ref = ref_logits(model, ids)
-    for logits in ("all", "last"):
-        r = runner(build(logits=logits, **kw))
-        # (a) prefill 7 tokens from an empty cache
-        out = r.step(np.array([ids[:7]]))
-        close(out[0], ref[:7] if logits == "all" else ref[6:7], atol)
+    for mode in MODES:
+        r = runner(build(logits=mode, **kw))
+        # (a) prefill 7 tokens from an empty cache (tail: logits of the last 2)
+        check_row(r.step(np.array([ids[:7]]), keep=2)[0], ref[:7], mode, 2, atol)
         # (b) one-token decode
-        close(r.step(np.array([ids[7:8]]))[0], ref[7:8], atol)
+        check_row(r.step(np.array([ids[7:8]]))[0], ref[7:8], mode, 1, atol)
         # (c) a 4-token chunk over the past: chat next turn / speculative verification
-        out = r.step(np.array([ids[8:12]]))
-        close(out[0], ref[8:12] if logits == "all" else ref[11:12], atol)
+        check_row(r.step(np.array([ids[8:12]]), keep=4)[0], ref[8:12], mode, 4, atol)
         # rollback: reject 2 of the 4 drafts, continue from position 10 with other tokens
         r.truncate(0, 10)
         alt = [*ids[:10], 5, 6, 7]
-        out = r.step(np.array([alt[10:13]]))
-        want = ref_logits(model, alt)
-        close(out[0], want[10:13] if logits == "all" else want[12:13], atol)
+        out = r.step(np.array([alt[10:13]]), keep=3)
+        check_row(out[0], ref_logits(model, alt)[10:13], mode, 3, atol)
 
 
 def test_int8_close_to_fp32(build) -> None:
@@ -184,25 +197,23 @@ def test_batch_rows_with_different_past(build, variant) -> None:
     data = seqs(3, 20, seed=11)
     refs = [ref_logits(model, s) for s in data]
     lens = [3, 9, 5]
-    for logits in ("all", "last"):
-        r = runner(build(logits=logits, **kw), 3)
+    for mode in MODES:
+        r = runner(build(logits=mode, **kw), 3)
         # right-padded prefill from empty: row b holds lens[b] real tokens
         ids = np.zeros((3, max(lens)), np.int64)
         for b, n in enumerate(lens):
             ids[b, :n] = data[b][:n]
-        out = r.step(ids, new_lens=lens)
+        out = r.step(ids, new_lens=lens, keep=2)
         for b, n in enumerate(lens):
-            close(out[b, :n] if logits == "all" else out[b], refs[b][:n] if logits == "all"
-                  else refs[b][n - 1 : n], atol)  # fmt: skip
+            check_row(out[b], refs[b][:n], mode, 2, atol)
         # continuous-batching decode: one token per row, pasts 3 / 9 / 5
         out = r.step(np.array([[data[b][n]] for b, n in enumerate(lens)]))
         for b, n in enumerate(lens):
-            close(out[b], refs[b][n : n + 1], atol)
+            check_row(out[b], refs[b][n : n + 1], mode, 1, atol)
         # the same 3-token chunk length for every row over different pasts (4 / 10 / 6)
-        out = r.step(np.array([data[b][n + 1 : n + 4] for b, n in enumerate(lens)]))
+        out = r.step(np.array([data[b][n + 1 : n + 4] for b, n in enumerate(lens)]), keep=3)
         for b, n in enumerate(lens):
-            want = refs[b][n + 1 : n + 4] if logits == "all" else refs[b][n + 3 : n + 4]
-            close(out[b], want, atol)
+            check_row(out[b], refs[b][n + 1 : n + 4], mode, 3, atol)
 
 
 def test_batch_ragged_chunks_need_query_seqlens(build, hf_model) -> None:
@@ -210,8 +221,8 @@ def test_batch_ragged_chunks_need_query_seqlens(build, hf_model) -> None:
     prefills a new turn) need the explicit query_seqlens input; idle rows (0) stay intact."""
     data = seqs(3, 20, seed=5)
     refs = [ref_logits(hf_model, s) for s in data]
-    for logits in ("all", "last"):
-        r = runner(build(bits=0, logits=logits, query_seqlens_input=True), 3)
+    for mode in MODES:
+        r = runner(build(bits=0, logits=mode, query_seqlens_input=True), 3)
         past = [4, 7, 2]
         ids = np.zeros((3, 7), np.int64)
         for b, n in enumerate(past):
@@ -221,17 +232,14 @@ def test_batch_ragged_chunks_need_query_seqlens(build, hf_model) -> None:
         ids = np.zeros((3, 4), np.int64)
         for b, (p, n) in enumerate(zip(past, new, strict=True)):
             ids[b, :n] = data[b][p : p + n]
-        out = r.step(ids, new_lens=new)
+        out = r.step(ids, new_lens=new, keep=1)
         for b, (p, n) in enumerate(zip(past, new, strict=True)):
-            if n == 0:
-                continue
-            want = refs[b][p : p + n] if logits == "all" else refs[b][p + n - 1 : p + n]
-            close(out[b, :n] if logits == "all" else out[b], want, FP32_ATOL)
+            if n:
+                check_row(out[b], refs[b][p : p + n], mode, 1, FP32_ATOL)
         # the idle row resumes where it stopped
-        ids = np.array([[data[0][5]], [data[1][11]], [data[2][2]]])
-        out = r.step(ids, new_lens=[1, 1, 1])
+        out = r.step(np.array([[data[0][5]], [data[1][11]], [data[2][2]]]), new_lens=[1, 1, 1])
         for b, p in enumerate((5, 11, 2)):
-            close(out[b, -1:], refs[b][p : p + 1], FP32_ATOL)
+            check_row(out[b], refs[b][p : p + 1], mode, 1, FP32_ATOL)
     plain = runner(build(bits=0), 2)
     plain.step(np.array(seqs(2, 3)))
     with pytest.raises(ValueError, match="query_seqlens"):
