@@ -1,0 +1,166 @@
+"""Speed and memory of this runtime on one bundle, measured the way the peers are measured.
+
+In: a bundle folder, prompt token ids ({"short": ~21 ids, "long": ~500 ids}) and settings.
+Out: one JSON-able dict — decode tok/s (128 new tokens, greedy, EOS ignored), time to first
+token at each prompt length, bundle load to first token, peak RSS, and aggregate throughput with
+1/2/4/8 concurrent requests through the scheduler (continuous batching on fused bundles) — each
+a median of `runs`, with the settings and versions used. Definitions match
+`benchmarks/peers.py` so ratios against llama.cpp / onnxruntime-genai / transformers are fair.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SHORT_PROMPT = (
+    "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+LONG_FILLER = (
+    "The quick brown fox jumps over the lazy dog while the committee debates the history of the "
+    "old harbour town and its fishing fleet. "
+)
+
+DEFAULTS: dict[str, Any] = {
+    "runs": 5,
+    "warmup": 1,
+    "new_tokens": 128,
+    "threads": 2,
+    "batch_sizes": [1, 2, 4, 8],
+}
+
+
+def prompts(engine: Any, long_tokens: int = 500, text_file: Path | None = None) -> dict[str, list[int]]:
+    """The benchmark prompts as token ids: a chat prompt, and `long_tokens` ids of text."""
+    short = engine.tokenizer.encode(SHORT_PROMPT)
+    body = (
+        text_file.read_text(encoding="utf-8")[:20_000]
+        if text_file and text_file.is_file()
+        else LONG_FILLER * 60
+    )
+    long_ids = engine.tokenizer.encode(body)[:long_tokens]
+    if len(long_ids) < long_tokens:
+        raise ValueError(f"long-prompt text too short: {len(long_ids)} < {long_tokens} tokens")
+    return {"short": short, "long": long_ids}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed_generation(engine: Any, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
+    """(ttft_s, total_s, generated ids) for one greedy request through the engine loop."""
+    from edge_llm.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    gen = engine.start(ids, SamplingParams(max_tokens=n_new, ignore_eos=True))
+    ttft = time.perf_counter() - t0
+    while not gen.finished:
+        engine.step([gen])
+    return ttft, time.perf_counter() - t0, gen.generated
+
+
+def _concurrent(engine: Any, ids: list[int], clients: int, n_new: int, tag: str) -> float:
+    """Aggregate tok/s of `clients` requests submitted at once to a fresh scheduler."""
+    from edge_llm.protocol import Request
+    from edge_llm.scheduler import Scheduler
+
+    sched = Scheduler(engine, max_queue=clients, max_inflight_per_client=clients, max_batch=clients)
+    done = threading.Semaphore(0)
+    text = engine.tokenizer.decode(ids)
+    for i in range(clients):
+        request = Request(id=f"{tag}-{i}", prompt=text, max_tokens=n_new, ignore_eos=True)
+        sched.submit(request, lambda e: done.release() if e.done else None)
+    t0 = time.perf_counter()
+    sched.start()
+    for _ in range(clients):
+        done.acquire()
+    elapsed = time.perf_counter() - t0
+    sched.close(grace_s=1)
+    return clients * n_new / elapsed
+
+
+def measure(
+    bundle: str | Path, prompt_ids: dict[str, list[int]] | None = None, **settings: Any
+) -> dict[str, Any]:
+    from edge_llm.bundle import load_bundle
+    from edge_llm.engine import Engine
+    from edge_llm.runner import RunnerOptions
+
+    s = {**DEFAULTS, **settings}
+    n_new, runs = int(s["new_tokens"]), int(s["runs"])
+    sizes = [int(b) for b in s["batch_sizes"]]
+    t0 = time.perf_counter()
+    b = load_bundle(bundle)
+    engine = Engine(b, RunnerOptions(threads=int(s["threads"]), max_batch=max(sizes)))
+    ids = prompt_ids or prompts(engine)
+    ttft0, _, _ = _timed_generation(engine, ids["short"], 1)
+    load_to_first = time.perf_counter() - t0
+    for _ in range(int(s["warmup"])):
+        _timed_generation(engine, ids["short"], n_new)
+        _timed_generation(engine, ids["long"], 1)
+    ttft_short, decode, e2e = [], [], []
+    first_ids: list[int] = []
+    for _ in range(runs):
+        ttft, total, toks = _timed_generation(engine, ids["short"], n_new)
+        ttft_short.append(ttft * 1e3)
+        decode.append((n_new - 1) / (total - ttft))
+        e2e.append(n_new / total)
+        first_ids = toks[:16]
+    ttft_long = [_timed_generation(engine, ids["long"], 1)[0] * 1e3 for _ in range(runs)]
+    peak = _peak_rss_mib()
+    batch: dict[str, float] = {}
+    batch_runs: dict[str, list[float]] = {}
+    for size in sizes:
+        _concurrent(engine, ids["short"], size, n_new, f"warm{size}")
+        batch_runs[str(size)] = [
+            _concurrent(engine, ids["short"], size, n_new, f"b{size}-{r}") for r in range(runs)
+        ]
+        batch[str(size)] = statistics.median(batch_runs[str(size)])
+    arch = b.architecture
+    quant = b.quantization.get("mode", b.quantization.get("method"))
+    kv_bytes_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4
+    import numpy
+    import onnxruntime
+
+    return {
+        "system": "edge-llm",
+        "label": f"edge-llm ({b.graph.kv_layout} KV, {quant})",
+        "skipped": None,
+        "bundle": str(b.path),
+        "bundle_bytes": b.size_bytes(),
+        "kv_bytes_per_token": kv_bytes_per_token,
+        "decode_tok_s": statistics.median(decode),
+        "decode_tok_s_best": max(decode),
+        "e2e_tok_s": statistics.median(e2e),
+        "ttft_short_ms": statistics.median(ttft_short),
+        "ttft_long_ms": statistics.median(ttft_long),
+        "first_token_after_load_s": load_to_first,
+        "ttft_cold_ms": ttft0 * 1e3,
+        "prompt_tokens": {"short": len(ids["short"]), "long": len(ids["long"])},
+        "new_tokens": n_new,
+        "runs": runs,
+        "peak_rss_mib": peak,
+        "peak_rss_with_batch_mib": _peak_rss_mib(),
+        "batch_tok_s_by_size": batch,
+        "batch_runs": batch_runs,
+        "batch_speedup_8": batch["8"] / batch["1"] if {"1", "8"} <= batch.keys() else None,
+        "decode_tok_s_runs": decode,
+        "ttft_short_ms_runs": ttft_short,
+        "ttft_long_ms_runs": ttft_long,
+        "first_ids": first_ids,
+        "versions": {
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+        },
+        "loadavg_1min_start": os.getloadavg()[0],
+        "settings": s,
+    }

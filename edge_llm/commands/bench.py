@@ -1,0 +1,170 @@
+"""`edge-llm bench`: this runtime's speed and memory on a bundle, optionally beside the peers
+(llama.cpp, onnxruntime-genai, transformers via `benchmarks/peers.py` in a source checkout),
+on the same prompt token ids in the same run; writes JSON, Markdown and a PNG chart."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure decode tok/s, TTFT, RSS and batch throughput")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--peers", action="store_true", help="also run llama.cpp, onnxruntime-genai, transformers")
+    p.add_argument("--runs", type=int, default=5, help="each figure is the median of this many runs")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-sizes", default="1,2,4,8", help="concurrent requests to measure, comma-separated")
+    p.add_argument("--text", type=Path, default=WIKITEXT, help="text for the long prompt")
+    p.add_argument("--long-tokens", type=int, default=500, help="length of the long prompt (TTFT)")
+    p.add_argument("--json", type=Path, help="write results as JSON")
+    p.add_argument("--markdown", type=Path, help="write the table as Markdown")
+    p.add_argument("--png", type=Path, help="write a chart (needs matplotlib)")
+    p.set_defaults(handler=run)
+
+
+def load_peers() -> ModuleType | None:
+    path = REPO / "benchmarks" / "peers.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("edge_llm_bench_peers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_llm import bench
+    from edge_llm.engine import Engine
+
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    ids = bench.prompts(Engine.load(args.bundle, verify=False), args.long_tokens, args.text)
+    print(
+        f"edge-llm bench: prompts {len(ids['short'])} / {len(ids['long'])} tokens, "
+        f"{args.new_tokens} new, {args.runs} runs, {args.threads} threads",
+        file=sys.stderr,
+    )
+    results = [
+        bench.measure(
+            args.bundle,
+            ids,
+            runs=args.runs,
+            new_tokens=args.new_tokens,
+            threads=args.threads,
+            batch_sizes=sizes,
+        )
+    ]
+    if args.peers:
+        peers = load_peers()
+        settings = {
+            "runs": args.runs,
+            "new_tokens": args.new_tokens,
+            "threads": args.threads,
+            "batch_size": 4,
+        }
+        for system in ("llamacpp", "ortgenai", "transformers"):
+            if peers is None:
+                results.append(
+                    {"system": system, "skipped": "benchmarks/peers.py not found (not a source checkout)"}
+                )
+                continue
+            print(f"edge-llm bench: running {system}", file=sys.stderr)
+            results.append(peers.run_peer(system, ids, settings))
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "results": results, "ratios": ratios(results)}
+    table = markdown(results)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.png:
+        chart(results, args.png)
+    return 0
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our figures over each peer's, measured in this run (>1 = we are faster / bigger)."""
+    ours = results[0]
+    out: dict[str, Any] = {}
+    for r in results[1:]:
+        if r.get("skipped"):
+            continue
+        out[r["system"]] = {
+            "decode": ours["decode_tok_s"] / r["decode_tok_s"],
+            "ttft_short": ours["ttft_short_ms"] / r["ttft_short_ms"],
+            "ttft_long": ours["ttft_long_ms"] / r["ttft_long_ms"],
+            "peak_rss": ours["peak_rss_mib"] / r["peak_rss_mib"],
+        }
+    return out
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    ours = results[0]
+    sizes = list(ours.get("batch_tok_s_by_size", {}))
+    head = [
+        "system",
+        "decode tok/s",
+        "TTFT short ms",
+        "TTFT long ms",
+        "peak RSS MiB",
+        *[f"{b} conc. tok/s" for b in sizes],
+        "peer batch tok/s",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    llama = next((r for r in results if r.get("system") == "llamacpp" and not r.get("skipped")), None)
+    for r in results:
+        if r.get("skipped"):
+            rows.append(f"| {r['system']} | skipped: {str(r['skipped'])[:90]} |" + " |" * (len(head) - 2))
+            continue
+        pt = r.get("prompt_tokens", {})
+        decode = f"{r['decode_tok_s']:.1f}"
+        if llama is not None and r is not llama:
+            decode += f" ({r['decode_tok_s'] / llama['decode_tok_s']:.2f}× llama.cpp)"
+        batch = [f"{r.get('batch_tok_s_by_size', {}).get(b, 0):.1f}" if r is ours else "" for b in sizes]
+        peer_batch = (
+            ""
+            if r is ours
+            else (f"{r['batch_tok_s']:.1f} (B={r['batch_size']})" if r.get("batch_tok_s") else "n/a")
+        )
+        rows.append(
+            f"| {r.get('label', r['system'])} | {decode} | {r['ttft_short_ms']:.1f} (@{pt.get('short')}) | "
+            f"{r['ttft_long_ms']:.1f} (@{pt.get('long')}) | {r['peak_rss_mib']:.0f} | "
+            + " | ".join(batch)
+            + f" | {peer_batch} |"
+        )
+    return "\n".join(rows)
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("edge-llm bench: matplotlib not installed; no chart", file=sys.stderr)
+        return
+    ok = [r for r in results if not r.get("skipped")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = [r.get("label", r["system"]) for r in ok]
+    axes[0].barh(names, [r["decode_tok_s"] for r in ok])
+    axes[0].set_title("decode tok/s (batch 1)")
+    axes[1].barh(names, [r["ttft_long_ms"] for r in ok])
+    axes[1].set_title(f"TTFT ms @ {ok[0]['prompt_tokens']['long']} tokens")
+    sizes = ok[0].get("batch_tok_s_by_size", {})
+    axes[2].plot([int(b) for b in sizes], list(sizes.values()), marker="o")
+    axes[2].set_title("edge-llm aggregate tok/s vs concurrent requests")
+    axes[2].set_xlabel("concurrent requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
