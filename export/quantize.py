@@ -97,9 +97,11 @@ def run(
         method = {"method": "none", "dtype": "float32"}
         if config.mode in ("int8", "grid"):
             encode = nbits.encode_int8 if config.mode == "int8" else nbits.encode_auto
+            users = _weight_users(model)
             errors = nbits.rewrite_matmuls(
                 model, functools.partial(encode, block=config.block_size), config.accuracy_level
             )
+            errors = {users.get(w, w): e for w, e in errors.items()}
             if not errors:
                 raise ExportError(f"{model_path}: no MatMul with a constant weight to quantize")
             method = {
@@ -117,6 +119,16 @@ def run(
     save(model, out)
     (out_dir / REPORT).write_text(json.dumps({"method": method, "errors": errors}, indent=2) + "\n")
     return QuantizeResult(out, method, errors)
+
+
+def _weight_users(model: Any) -> dict[str, str]:
+    """Initializer name -> "node name [initializer]" for MatMul weights (readable report keys)."""
+    inits = {i.name for i in model.graph.initializer}
+    return {
+        n.input[1]: f"{n.name} [{n.input[1]}]"
+        for n in model.graph.node
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits and n.name
+    }
 
 
 def quantize_embeddings(model: Any, block: int) -> dict[str, dict[str, float]]:
