@@ -153,6 +153,18 @@ class Engine:
             return self.runner.forward(tokens, slot.cache)
         return self.runner.forward_rows(tokens, slot.cache, slot.row)
 
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(ids), V] for every position of `ids` from an empty cache (perplexity).
+
+        A graph that returns only last-position logits is fed one token per step, which gives the
+        same numbers as a full forward on the decode path the device actually runs.
+        """
+        cache = self.runner.empty(1)
+        tokens = np.asarray(ids, dtype=np.int64)[None, :]
+        if self.bundle.graph.logits == "all":
+            return self.runner.forward(tokens, cache, all_logits=True)[0]
+        return np.stack([self.runner.forward(tokens[:, i : i + 1], cache)[0] for i in range(tokens.shape[1])])
+
     def fork_slot(self, slot: Slot) -> Slot:
         """An independent copy of `slot` (a shared prefix such as a system prompt)."""
         cache = None if slot.cache is None else self.runner.fork(slot.cache)

@@ -170,11 +170,7 @@ def torch_logits(hf_dir: Path, threads: int = 0) -> tuple[Logits, Any]:
 
 
 def bundle_logits(engine: Any) -> Logits:
-    def run(ids: np.ndarray) -> np.ndarray:
-        cache = engine.runner.empty(1)
-        return engine.runner.forward(ids[None].astype(np.int64), cache, all_logits=True)[0]
-
-    return run
+    return engine.score
 
 
 def folder_size(path: Path) -> int:

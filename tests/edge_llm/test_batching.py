@@ -80,3 +80,9 @@ def test_shared_slot_reuse_skips_prefill(fused: Engine) -> None:
     again = fused.complete(ids2, params, slot)
     fresh = fused.complete(ids2, params, Slot())
     assert again.usage.cached_tokens >= len(ids) and again.token_ids == fresh.token_ids
+
+
+def test_score_on_last_logits_graph_matches_full_forward(fused: Engine, tiny_bundle: Path) -> None:
+    plain = Engine.load(tiny_bundle)
+    ids = plain.encode_request(prompt="Small language models run on embedded boards")
+    np.testing.assert_allclose(fused.score(ids), plain.score(ids), atol=1e-4)
