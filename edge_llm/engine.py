@@ -148,10 +148,10 @@ class Engine:
         slot.ids.append(token)
         return logits[0]
 
-    def _forward_slot(self, tokens: np.ndarray, slot: Slot) -> np.ndarray:
+    def _forward_slot(self, tokens: np.ndarray, slot: Slot, all_logits: bool = False) -> np.ndarray:
         if slot.row is None:
-            return self.runner.forward(tokens, slot.cache)
-        return self.runner.forward_rows(tokens, slot.cache, slot.row)
+            return self.runner.forward(tokens, slot.cache, all_logits=all_logits)
+        return self.runner.forward_rows(tokens, slot.cache, slot.row, all_logits=all_logits)
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), V] for every position of `ids` from an empty cache (perplexity).
@@ -201,14 +201,50 @@ class Engine:
 
     def step(self, seqs: list[Generation]) -> None:
         """Advance every unfinished sequence by one token, in one forward where they share a
-        batch cache (continuous batching), else one forward each."""
+        batch cache (continuous batching), else one forward each (several tokens at once when
+        prompt-lookup speculation is on and its draft is accepted)."""
         live = [q for q in seqs if not q.finished]
         batched = [q for q in live if q.slot.row is not None]
         for q in live:
-            if q.slot.row is None:
+            if q.slot.row is None and not self._speculate(q):
                 q.take(self.decode_one_token(q.last, q.slot))
         if batched:
             self._step_rows(batched)
+
+    def _speculate(self, q: Generation) -> bool:
+        """Prompt-lookup speculative decoding for a greedy sequence; False if nothing to try.
+
+        Drafts are the tokens that followed the latest earlier occurrence of the context's last
+        n-gram; one forward scores [last, *draft] and we keep the longest draft prefix equal to
+        the greedy choice, plus the model's own next token — output identical to plain greedy.
+        """
+        k = min(self.options.prompt_lookup, q.params.max_tokens - len(q.generated) - 1)
+        if k < 1 or not q.params.greedy or q.params.repetition_penalty != 1.0 or not self.all_logits:
+            return False
+        draft = lookup_draft([*q.ids, *q.generated], k)
+        if not draft:
+            return False
+        cached = len(q.slot.ids)
+        tokens = np.array([[q.last, *draft]], dtype=np.int64)
+        logits = self._forward_slot(tokens, q.slot, all_logits=True)[0]
+        greedy = logits.argmax(axis=-1)
+        accepted = 0
+        while accepted < len(draft) and greedy[accepted] == draft[accepted]:
+            accepted += 1
+        self.runner.truncate(q.slot.cache, cached + 1 + accepted, q.slot.row or 0)
+        q.slot.ids.extend(tokens[0, : 1 + accepted].tolist())
+        q.drafted += len(draft)
+        q.accepted += accepted
+        for i in range(accepted):
+            q.accept(int(draft[i]))
+            if q.finished:
+                return True
+        q.take(logits[accepted])
+        return True
+
+    @property
+    def all_logits(self) -> bool:
+        return self.bundle.graph.logits == "all" or getattr(self.runner, "num_logits", False)
 
     def _step_rows(self, seqs: list[Generation]) -> None:
         cache = seqs[0].slot.cache
@@ -269,6 +305,7 @@ class Generation:
         self.decoder, self.stops = StreamDecoder(engine.tokenizer), StopMatcher(params.stop)
         self.generated: list[int] = []
         self.cached = 0
+        self.drafted = self.accepted = 0  # prompt-lookup speculation: proposed / kept tokens
         self.finish: str | None = None
         self.last = -1
         self._pending = ""
@@ -280,7 +317,10 @@ class Generation:
 
     def take(self, logits: np.ndarray) -> None:
         """Sample from the logits of the last fed position and account for the new token."""
-        token = sample(logits, self.params, self.rng, self.seen)
+        self.accept(sample(logits, self.params, self.rng, self.seen))
+
+    def accept(self, token: int) -> None:
+        """Account for the next token (sampled, or a verified speculative draft token)."""
         if not self.generated and self.last < 0:
             self.t_first = time.perf_counter()
         self.last = token
@@ -334,6 +374,21 @@ class Generation:
             usage=usage,
             token_ids=tuple(self.generated),
         )
+
+
+def lookup_draft(context: Sequence[int], k: int, max_ngram: int = 3, window: int = 1024) -> list[int]:
+    """Up to `k` tokens that followed the most recent earlier occurrence of the context's last
+    n-gram (longest n first, within the last `window` tokens): prompt-lookup's draft."""
+    arr = np.asarray(context[-window:], dtype=np.int64)
+    for n in range(min(max_ngram, arr.size - 1), 0, -1):
+        starts = arr.size - n  # candidate occurrences begin at 0 .. starts-1 (not the tail itself)
+        match = np.ones(starts, dtype=bool)
+        for j in range(n):
+            match &= arr[j : starts + j] == arr[starts + j]
+        hits = np.flatnonzero(match)
+        if hits.size:
+            return arr[hits[-1] + n : hits[-1] + n + k].tolist()
+    return []
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

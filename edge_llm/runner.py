@@ -34,6 +34,7 @@ class RunnerOptions:
     spin: bool = True  # busy-wait between ops: lower latency per token on an idle board
     max_context: int = 0  # 0: the bundle's context length (shared layout: buffer size)
     max_batch: int = 8  # shared layout: rows preallocated in the KV buffer
+    prompt_lookup: int = 0  # speculative draft length for greedy requests (0: off)
 
 
 @dataclass

@@ -72,7 +72,9 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_hf(tmp_path_factory.mktemp("tiny-hf"))
 
 
-def export_bundle(hf_dir: Path, out: Path, quant: str = "none", graph: str = "optimum") -> Path:
+def export_bundle(
+    hf_dir: Path, out: Path, quant: str = "none", graph: str = "optimum", logits: str = "last"
+) -> Path:
     from export import recipe as recipe_mod
     from export.load import LoadConfig
     from export.quantize import QuantizeConfig
@@ -81,7 +83,7 @@ def export_bundle(hf_dir: Path, out: Path, quant: str = "none", graph: str = "op
     recipe = recipe_mod.Recipe(
         name=f"tiny-{quant}" if graph == "optimum" else f"tiny-{graph}-{quant}",
         load=LoadConfig(model=str(hf_dir)),
-        to_onnx=ToOnnxConfig(graph=graph, max_context=256),
+        to_onnx=ToOnnxConfig(graph=graph, max_context=256, logits=logits),
         quantize=QuantizeConfig(mode=quant),
     )
     return recipe_mod.run(recipe, out)
@@ -107,3 +109,10 @@ def tiny_fused(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fused_int8(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-fused-int8", "int8", "fused")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_all(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fused bundle returning logits for every position (perplexity, speculative verify)."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fused-all"
+    return export_bundle(tiny_hf, out, "none", "fused", logits="all")

@@ -86,3 +86,32 @@ def test_score_on_last_logits_graph_matches_full_forward(fused: Engine, tiny_bun
     plain = Engine.load(tiny_bundle)
     ids = plain.encode_request(prompt="Small language models run on embedded boards")
     np.testing.assert_allclose(fused.score(ids), plain.score(ids), atol=1e-4)
+
+
+def test_lookup_draft() -> None:
+    from edge_llm.engine import lookup_draft
+
+    assert lookup_draft([1, 2, 3, 9, 9, 1, 2, 3], 3) == [9, 9, 1]
+    assert lookup_draft([5, 1, 2, 7, 1, 2], 2) == [7, 1]  # bigram match
+    assert lookup_draft([1, 2, 3, 4], 2) == []
+
+
+@pytest.mark.parametrize("kind", ["tiny_bundle", "tiny_fused_all"])
+def test_prompt_lookup_speculation_keeps_greedy_output(kind: str, request: pytest.FixtureRequest) -> None:
+    from edge_llm.runner import RunnerOptions
+
+    bundle = request.getfixturevalue(kind)
+    plain = Engine.load(bundle)
+    spec = Engine.load(bundle, RunnerOptions(prompt_lookup=4))
+    assert spec.all_logits
+    prompt = "def add(a, b):\n    return a + b\n" * 3
+    for text in (prompt, "The capital of France is Paris. The capital of"):
+        ids = plain.encode_request(prompt=text)
+        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        ref = plain.complete(ids, params)
+        gen = spec.start(ids, params)
+        while not gen.finished:
+            spec.step([gen])
+        assert tuple(gen.generated) == ref.token_ids
+        assert gen.final().text == ref.text
+    assert gen.drafted > 0  # speculation actually ran (its acceptance is the model's business)
