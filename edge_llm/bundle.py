@@ -46,7 +46,7 @@ class GraphSpec:
 
     file: str
     kv_layout: Literal["concat", "shared"]
-    logits: Literal["all", "last"]
+    logits: Literal["all", "last", "tail"]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     past_key: str = "past_key_values.{i}.key"

@@ -161,7 +161,7 @@ class Engine:
         """
         cache = self.runner.empty(1)
         tokens = np.asarray(ids, dtype=np.int64)[None, :]
-        if self.bundle.graph.logits == "all":
+        if self.all_logits:
             return self.runner.forward(tokens, cache, all_logits=True)[0]
         return np.stack([self.runner.forward(tokens[:, i : i + 1], cache)[0] for i in range(tokens.shape[1])])
 
@@ -244,7 +244,8 @@ class Engine:
 
     @property
     def all_logits(self) -> bool:
-        return self.bundle.graph.logits == "all" or getattr(self.runner, "num_logits", False)
+        """Whether the graph can return logits for every fed position (score, verify drafts)."""
+        return self.bundle.graph.logits in ("all", "tail")
 
     def _step_rows(self, seqs: list[Generation]) -> None:
         cache = seqs[0].slot.cache

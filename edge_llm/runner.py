@@ -196,7 +196,9 @@ class SharedRunner(_SessionRunner):
 
     def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
         super().__init__(bundle, options)
-        self.logits_last = bundle.graph.logits == "last"
+        # "last": one row of logits per sequence; "tail": the last `logits_to_keep` (a runtime
+        # input: 1 while decoding, S to score or verify a speculative draft); "all": every row.
+        self.logits_kind = bundle.graph.logits
         self.vocab = bundle.architecture.vocab_size
         self._logits: dict[tuple[int, int], np.ndarray] = {}
 
@@ -224,7 +226,7 @@ class SharedRunner(_SessionRunner):
         they run a dummy token whose KV lands past their length and is never read."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         rows, steps = tokens.shape
-        if all_logits and self.logits_last:
+        if all_logits and self.logits_kind == "last":
             raise BundleError(f"{self.bundle.graph_path}: graph returns last-position logits only")
         lengths = cache.lengths[first : first + rows]
         if int(lengths.max()) + steps > cache.capacity:
@@ -242,7 +244,10 @@ class SharedRunner(_SessionRunner):
             shape = list(view.shape)
             binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
             binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
-        key = (rows, 1 if self.logits_last else steps)
+        if self.logits_kind == "tail":
+            binding.bind_cpu_input("logits_to_keep", np.array(steps if all_logits else 1, dtype=np.int64))
+        kept = steps if self.logits_kind == "all" or (all_logits and self.logits_kind == "tail") else 1
+        key = (rows, kept)
         logits = self._logits.get(key)
         if logits is None:
             logits = self._logits[key] = np.empty((*key, self.vocab), np.float32)

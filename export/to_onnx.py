@@ -27,7 +27,9 @@ class ToOnnxConfig:
     opset: int | None = None
     validate: bool = False  # optimum's own check; evaluate.py measures agreement instead
     max_context: int = 2048  # fused: rotary table rows, the largest KV buffer the graph serves
-    logits: Literal["last", "all"] = "last"  # fused: last position per row, or all positions
+    # fused: "tail" = the last `logits_to_keep` positions per row, a runtime input (1 to decode,
+    # k+1 to verify a speculative draft, S to score); "last" = 1 always; "all" = every position.
+    logits: Literal["last", "all", "tail"] = "tail"
 
     def __post_init__(self) -> None:
         if self.graph not in ("optimum", "fused"):

@@ -73,7 +73,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def export_bundle(
-    hf_dir: Path, out: Path, quant: str = "none", graph: str = "optimum", logits: str = "last"
+    hf_dir: Path, out: Path, quant: str = "none", graph: str = "optimum", logits: str = "tail"
 ) -> Path:
     from export import recipe as recipe_mod
     from export.load import LoadConfig
@@ -102,7 +102,7 @@ def tiny_bundle_int8(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="session")
 def tiny_fused(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32 fused-graph bundle (GroupQueryAttention, shared KV buffer) of the tiny model."""
+    """fp32 fused-graph bundle (GroupQueryAttention, shared KV buffer, "tail" logits)."""
     return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-fused", "none", "fused")
 
 
@@ -116,3 +116,10 @@ def tiny_fused_all(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """Fused bundle returning logits for every position (perplexity, speculative verify)."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-fused-all"
     return export_bundle(tiny_hf, out, "none", "fused", logits="all")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_last(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fused bundle that only ever returns each row's last-position logits."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fused-last"
+    return export_bundle(tiny_hf, out, "none", "fused", logits="last")

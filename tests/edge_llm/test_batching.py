@@ -21,7 +21,8 @@ def fused(tiny_fused: Path) -> Engine:
 
 def test_fused_bundle_manifest(fused: Engine) -> None:
     g = fused.bundle.graph
-    assert g.kv_layout == "shared" and g.logits == "last"
+    assert g.kv_layout == "shared" and g.logits == "tail"
+    assert "logits_to_keep" in g.inputs
     assert fused.max_context == 256
 
 
@@ -82,8 +83,11 @@ def test_shared_slot_reuse_skips_prefill(fused: Engine) -> None:
     assert again.usage.cached_tokens >= len(ids) and again.token_ids == fresh.token_ids
 
 
-def test_score_on_last_logits_graph_matches_full_forward(fused: Engine, tiny_bundle: Path) -> None:
+@pytest.mark.parametrize("kind", ["tiny_fused", "tiny_fused_last", "tiny_fused_all"])
+def test_score_matches_optimum_graph(kind: str, request: pytest.FixtureRequest, tiny_bundle: Path) -> None:
+    """Every logits kind scores a text like the optimum graph ("last" steps token by token)."""
     plain = Engine.load(tiny_bundle)
+    fused = Engine.load(request.getfixturevalue(kind))
     ids = plain.encode_request(prompt="Small language models run on embedded boards")
     np.testing.assert_allclose(fused.score(ids), plain.score(ids), atol=1e-4)
 
@@ -96,7 +100,7 @@ def test_lookup_draft() -> None:
     assert lookup_draft([1, 2, 3, 4], 2) == []
 
 
-@pytest.mark.parametrize("kind", ["tiny_bundle", "tiny_fused_all"])
+@pytest.mark.parametrize("kind", ["tiny_bundle", "tiny_fused", "tiny_fused_all"])
 def test_prompt_lookup_speculation_keeps_greedy_output(kind: str, request: pytest.FixtureRequest) -> None:
     from edge_llm.runner import RunnerOptions
 
