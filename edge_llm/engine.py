@@ -221,7 +221,10 @@ class Engine:
         k = min(self.options.prompt_lookup, q.params.max_tokens - len(q.generated) - 1)
         if k < 1 or not q.params.greedy or q.params.repetition_penalty != 1.0 or not self.all_logits:
             return False
-        draft = lookup_draft([*q.ids, *q.generated], k)
+        if q.spec_wait > 0:  # recent drafts were all rejected: plain decoding for a while
+            q.spec_wait -= 1
+            return False
+        draft = lookup_draft([*q.ids, *q.generated], k, min_ngram=2)
         if not draft:
             return False
         cached = len(q.slot.ids)
@@ -235,6 +238,10 @@ class Engine:
         q.slot.ids.extend(tokens[0, : 1 + accepted].tolist())
         q.drafted += len(draft)
         q.accepted += accepted
+        # A rejected draft costs a wider forward for nothing: back off exponentially (novel text
+        # has few repeats), and speculate every step again as soon as drafts are being accepted.
+        q.spec_backoff = 0 if accepted else min(2 * q.spec_backoff + 1, 16)
+        q.spec_wait = q.spec_backoff
         for i in range(accepted):
             q.accept(int(draft[i]))
             if q.finished:
@@ -307,6 +314,7 @@ class Generation:
         self.generated: list[int] = []
         self.cached = 0
         self.drafted = self.accepted = 0  # prompt-lookup speculation: proposed / kept tokens
+        self.spec_backoff = self.spec_wait = 0
         self.finish: str | None = None
         self.last = -1
         self._pending = ""
@@ -377,11 +385,13 @@ class Generation:
         )
 
 
-def lookup_draft(context: Sequence[int], k: int, max_ngram: int = 3, window: int = 1024) -> list[int]:
+def lookup_draft(
+    context: Sequence[int], k: int, max_ngram: int = 3, window: int = 1024, min_ngram: int = 1
+) -> list[int]:
     """Up to `k` tokens that followed the most recent earlier occurrence of the context's last
     n-gram (longest n first, within the last `window` tokens): prompt-lookup's draft."""
     arr = np.asarray(context[-window:], dtype=np.int64)
-    for n in range(min(max_ngram, arr.size - 1), 0, -1):
+    for n in range(min(max_ngram, arr.size - 1), min_ngram - 1, -1):
         starts = arr.size - n  # candidate occurrences begin at 0 .. starts-1 (not the tail itself)
         match = np.ones(starts, dtype=bool)
         for j in range(n):

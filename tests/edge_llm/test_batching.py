@@ -109,13 +109,15 @@ def test_prompt_lookup_speculation_keeps_greedy_output(kind: str, request: pytes
     spec = Engine.load(bundle, RunnerOptions(prompt_lookup=4))
     assert spec.all_logits
     prompt = "def add(a, b):\n    return a + b\n" * 3
+    drafted = 0
     for text in (prompt, "The capital of France is Paris. The capital of"):
         ids = plain.encode_request(prompt=text)
-        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        params = SamplingParams(max_tokens=150, ignore_eos=True)
         ref = plain.complete(ids, params)
         gen = spec.start(ids, params)
         while not gen.finished:
             spec.step([gen])
         assert tuple(gen.generated) == ref.token_ids
         assert gen.final().text == ref.text
-    assert gen.drafted > 0  # speculation actually ran (its acceptance is the model's business)
+        drafted += gen.drafted
+    assert drafted > 0  # speculation actually ran (its acceptance is the model's business)
