@@ -24,10 +24,13 @@ class RuntimeConfig:
     spin: bool = True
     max_context: int = 0
     max_batch: int = 8
+    prompt_lookup: int = 0  # draft tokens for prompt-lookup speculative decoding (greedy only)
 
     def __post_init__(self) -> None:
         if self.threads < 0 or self.max_context < 0 or self.max_batch < 1:
             raise ValueError("runtime: threads and max_context must be ≥ 0, max_batch ≥ 1")
+        if not 0 <= self.prompt_lookup <= 16:
+            raise ValueError("runtime: prompt_lookup must be in 0..16")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class BoardConfig:
             spin=r.spin,
             max_context=r.max_context,
             max_batch=r.max_batch,
+            prompt_lookup=r.prompt_lookup,
         )
 
 

@@ -36,6 +36,8 @@ class Usage:
     prefill_s: float
     decode_s: float
     decode_tok_s: float  # tokens after the first / time after the first
+    draft_tokens: int = 0  # prompt-lookup speculation: tokens proposed ...
+    accepted_draft_tokens: int = 0  # ... and kept (identical to what greedy decoding gives)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -375,6 +377,8 @@ class Generation:
             prefill_s=self.t_first - self.t0,
             decode_s=t_end - self.t_first,
             decode_tok_s=(n - 1) / (t_end - self.t_first) if n > 1 and t_end > self.t_first else 0.0,
+            draft_tokens=self.drafted,
+            accepted_draft_tokens=self.accepted,
         )
         return Chunk(
             done=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 from edge_llm.board import load_board
@@ -34,6 +35,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="board profile TOML (configs/boards/NAME.toml)")
     p.add_argument("--threads", type=int, help="intra-op threads (overrides the board profile)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files")
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="K",
+        help="speculate up to K tokens copied from the context (greedy only; 0 = off)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +57,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def load_engine(args: argparse.Namespace) -> Engine:
     options = load_board(args.config).runner_options()
     if args.threads is not None:
-        options = type(options)(**{**options.__dict__, "threads": args.threads})
+        options = replace(options, threads=args.threads)
+    if args.prompt_lookup is not None:
+        options = replace(options, prompt_lookup=args.prompt_lookup)
     return Engine.load(args.bundle, options, verify=not args.no_verify)
 
 
