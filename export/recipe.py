@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm.config import load_toml
+from edge_llm.errors import ExportError
 from export import bundle as bundle_stage
 from export import distill as distill_stage
 from export import evaluate as evaluate_stage
@@ -90,6 +91,11 @@ class StageLog:
 
 def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
     """Run every stage of `recipe` and write the bundle (with its report) to `out_dir`."""
+    if recipe.to_onnx.graph == "auto" and recipe.quantize.mode in ("dynamic", "qdq"):
+        # ORT's dynamic / QDQ quantizers (and the NPUs QDQ is for) need standard ops only.
+        recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph="optimum"))
+    elif recipe.to_onnx.graph == "fused" and recipe.quantize.mode in ("dynamic", "qdq"):
+        raise ExportError(f"quantize.mode {recipe.quantize.mode!r} needs to_onnx.graph 'optimum'")
     stages = StageLog()
     evals: dict[str, dict[str, Any]] = {}
     t_all = time.perf_counter()
@@ -143,9 +149,9 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
         _evaluate_hf(recipe, "distill", key, model_dir, teacher, evals, progress)
 
     if model_dir == loaded.hf_dir:  # the key unpruned exports always had: keeps their cache
-        key = stable_key(recipe.load, loaded.source, recipe.to_onnx)
+        key = stable_key(recipe.load, loaded.source, recipe.to_onnx, to_onnx_stage.STAGE_VERSION)
     else:
-        key = stable_key(key, recipe.to_onnx)
+        key = stable_key(key, recipe.to_onnx, to_onnx_stage.STAGE_VERSION)
     src = model_dir
     t = time.perf_counter()
     onnx_dir, cached = cached_stage("to_onnx", key, lambda out: to_onnx_stage.run(recipe.to_onnx, src, out))
@@ -161,12 +167,12 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
     quant = quantize_stage.read_report(q_dir)
     stages.add("quantize", time.perf_counter() - t, cached, **quantize_stage.summary(quant["errors"]))
 
+    layout = to_onnx_stage.read_layout(onnx_dir)
     bcfg = replace(
         recipe.bundle if recipe.bundle.name != "model" else _named(recipe),
-        kv_layout=recipe.to_onnx.kv_layout,
-        logits=recipe.to_onnx.logits_kind,
-        context_length=recipe.bundle.context_length
-        or (recipe.to_onnx.max_context if recipe.to_onnx.graph == "fused" else 0),
+        kv_layout=layout["kv_layout"],
+        logits=layout["logits"],
+        context_length=recipe.bundle.context_length or layout["context_length"],
     )
 
     def write_bundle(extra: dict[str, Path]) -> Path:

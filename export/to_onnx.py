@@ -10,10 +10,11 @@ a preallocated KV buffer shared by past and present, fused norms) straight from 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edge_llm.errors import ExportError
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ToOnnxConfig:
-    graph: Literal["optimum", "fused"] = "optimum"
+    # "auto": fused when export/fuse.py supports the architecture (Llama, Mistral, Qwen2), else optimum
+    graph: Literal["auto", "optimum", "fused"] = "auto"
     task: str = "text-generation-with-past"
     opset: int | None = None
     validate: bool = False  # optimum's own check; evaluate.py measures agreement instead
@@ -32,18 +34,14 @@ class ToOnnxConfig:
     logits: Literal["last", "all", "tail"] = "tail"
 
     def __post_init__(self) -> None:
-        if self.graph not in ("optimum", "fused"):
-            raise ValueError(f"to_onnx.graph must be 'optimum' or 'fused', not {self.graph!r}")
+        if self.graph not in ("auto", "optimum", "fused"):
+            raise ValueError(f"to_onnx.graph must be 'auto', 'optimum' or 'fused', not {self.graph!r}")
         if self.max_context < 16:
             raise ValueError("to_onnx.max_context must be ≥ 16")
 
-    @property
-    def kv_layout(self) -> str:
-        return "shared" if self.graph == "fused" else "concat"
 
-    @property
-    def logits_kind(self) -> str:
-        return self.logits if self.graph == "fused" else "all"
+LAYOUT = "graph.json"  # written beside the graph: what the bundle stage records in bundle.json
+STAGE_VERSION = 2  # part of the cache key: outputs of older versions lack graph.json
 
 
 @dataclass(frozen=True)
@@ -63,9 +61,24 @@ def graph_io(model_path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return inputs, tuple(o.name for o in model.graph.output)
 
 
+def choose_graph(config: ToOnnxConfig, hf_dir: Path) -> str:
+    if config.graph != "auto":
+        return config.graph
+    from export import fuse
+
+    model_type = json.loads((hf_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return "fused" if model_type in fuse.SUPPORTED_TYPES else "optimum"
+
+
+def read_layout(out_dir: Path) -> dict[str, Any]:
+    """{"graph", "kv_layout", "logits", "context_length"} of a to_onnx output folder."""
+    return json.loads((out_dir / LAYOUT).read_text(encoding="utf-8"))
+
+
 def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.graph == "fused":
+    graph = choose_graph(config, hf_dir)
+    if graph == "fused":
         from export import fuse
 
         fused = fuse.run(
@@ -75,6 +88,13 @@ def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
             hf_dir,
             out_dir,
         )
+        layout = {
+            "graph": "fused",
+            "kv_layout": "shared",
+            "logits": config.logits,
+            "context_length": config.max_context,
+        }
+        (out_dir / LAYOUT).write_text(json.dumps(layout) + "\n")
         return OnnxResult(fused.model_path, fused.inputs, fused.outputs)
     from optimum.exporters.onnx import main_export
 
@@ -94,4 +114,6 @@ def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
     if not model_path.is_file():
         raise ExportError(f"optimum wrote no model.onnx into {out_dir}")
     inputs, outputs = graph_io(model_path)
+    layout = {"graph": "optimum", "kv_layout": "concat", "logits": "all", "context_length": 0}
+    (out_dir / LAYOUT).write_text(json.dumps(layout) + "\n")
     return OnnxResult(model_path, inputs, outputs)

@@ -17,6 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--quant", choices=QUANT_MODES, help="quantization (default int8)")
     p.add_argument("--name", help="bundle name (default: from the recipe or the model)")
+    p.add_argument(
+        "--graph",
+        choices=("auto", "fused", "optimum"),
+        help="ONNX graph: fused GQA (Llama-family) or optimum's export (default: the recipe's, auto)",
+    )
     p.set_defaults(handler=run)
 
     e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
@@ -57,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
             recipe = replace(recipe, name=f"{recipe.name.removesuffix('-int8')}-{args.quant}")
     if args.name:
         recipe = replace(recipe, name=args.name)
+    if args.graph:
+        recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph=args.graph))
     out = recipe_mod.run(recipe, Path(args.out), progress=True)
     print(f"bundle written: {out}")
     return 0
