@@ -93,3 +93,14 @@ def test_graph_io_mismatch(bundle_copy: Path) -> None:
 def test_not_a_folder(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="bundle folder not found"):
         load_bundle(tmp_path / "nope")
+
+
+def test_remembered_verification_still_catches_a_changed_file(bundle_copy: Path) -> None:
+    load_bundle(bundle_copy)  # full hash; remembered for this exact set of files
+    load_bundle(bundle_copy)  # unchanged: trusted without hashing
+    tok = bundle_copy / "tokenizer.json"
+    data = bytearray(tok.read_bytes())
+    data[20] ^= 0x01
+    tok.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        load_bundle(bundle_copy)
