@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 CACHE=${EDGE_LLM_CACHE:-$HOME/.cache/edge-llm}
-BUNDLE=${EDGE_LLM_BUNDLE:-$CACHE/bundles/smollm2-int8}
+RECIPE=configs/recipes/smollm2-int8.toml
+# Keyed by the recipe's content: editing the recipe builds a new bundle, an unchanged one is reused.
+BUNDLE=${EDGE_LLM_BUNDLE:-$CACHE/bundles/smollm2-int8-$(sha256sum "$RECIPE" | cut -c1-12)}
 QUESTION=${1:-What is the capital of France?}
 if [ ! -f "$BUNDLE/bundle.json" ]; then
-  .venv/bin/edge-llm export --recipe configs/recipes/smollm2-int8.toml --out "$BUNDLE"
+  .venv/bin/edge-llm export --recipe "$RECIPE" --out "$BUNDLE"
 fi
 SOCK=$(mktemp -u "${TMPDIR:-/tmp}/edge-llm-XXXXXX.sock")
 .venv/bin/edge-llm serve --bundle "$BUNDLE" --socket "$SOCK" &
