@@ -235,7 +235,8 @@ def _ort_quantize(
         }
     original = onnx.load(str(model_path))
     quant = onnx.load(str(out))
-    errors |= _ort_errors(original, quant)
+    users = _weight_users(original)
+    errors |= {users.get(w, w): e for w, e in _ort_errors(original, quant).items()}
     return method
 
 
