@@ -628,21 +628,30 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
     short, long_ = prompts["short"], prompts["long"]
 
     load_start = os.getloadavg()[0]
-    cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(int(s["warmup"])):
         generate(short, n_new)
         generate(long_, 1)
     ttft_short, decode, e2e = [], [], []
     first_ids: list[int] = []
     busy_runs = 0
+    cpu_s = wall_s = 0.0
 
     def gate() -> None:
         nonlocal busy_runs
         busy_runs += not _wait_idle(float(s["idle_wait_s"]))
 
+    def timed(fn: Callable[..., Any], *args: Any) -> Any:
+        """Call fn, adding its process CPU time and wall time to the totals."""
+        nonlocal cpu_s, wall_s
+        c, w = time.process_time(), time.perf_counter()
+        out = fn(*args)
+        cpu_s += time.process_time() - c
+        wall_s += time.perf_counter() - w
+        return out
+
     for _ in range(runs):
         gate()
-        ttft, total, toks = generate(short, n_new)
+        ttft, total, toks = timed(generate, short, n_new)
         if len(toks) != n_new:
             raise RuntimeError(f"{system} generated {len(toks)} tokens, expected {n_new}")
         ttft_short.append(ttft * 1e3)
@@ -652,10 +661,11 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
     ttft_long = []
     for _ in range(runs):
         gate()
-        ttft_long.append(generate(long_, 1)[0] * 1e3)
+        ttft_long.append(timed(generate, long_, 1)[0] * 1e3)
     peak = _peak_rss_mib()
-    # CPU seconds used / (wall seconds x threads): well below 1 means the worker lost its cores.
-    cpu_util = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * int(s["threads"]))
+    # Timed runs' CPU seconds / (wall seconds x threads): well below 1 means the worker's threads
+    # were waiting for cores that other processes held (the figures are then pessimistic).
+    cpu_util = cpu_s / max(wall_s * int(s["threads"]), 1e-9)
 
     b = int(s["batch_size"])
     batch_runs: list[float] = []
@@ -713,8 +723,10 @@ def worker(system: str, payload: dict[str, Any]) -> Result:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    helps = {"run": "measure the systems, print one JSON line each",
+             "prepare": "only fetch/build the model files into the cache"}
     for name in ("run", "prepare"):
-        sp = sub.add_parser(name)
+        sp = sub.add_parser(name, help=helps[name])
         sp.add_argument("--system", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
         sp.add_argument("--runs", type=int, default=DEFAULT_SETTINGS["runs"])
         sp.add_argument("--new-tokens", type=int, default=DEFAULT_SETTINGS["new_tokens"])
@@ -722,10 +734,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--batch-size", type=int, default=DEFAULT_SETTINGS["batch_size"])
         sp.add_argument("--n-batch", type=int, default=DEFAULT_SETTINGS["n_batch"],
                         help="llama.cpp n_batch/n_ubatch")
+        sp.add_argument("--no-flash-attn", action="store_true", help="llama.cpp without flash attn")
         sp.add_argument("--precision", default=DEFAULT_SETTINGS["ortgenai_precision"],
                         choices=["int4", "int8", "fp32"], help="ort-genai builder precision")
         sp.add_argument("--idle-wait", type=float, default=30.0,
                         help="seconds to wait for an idle machine before each timed run (0: off)")
+        sp.add_argument("--timeout", type=float, default=DEFAULT_SETTINGS["timeout_s"],
+                        help="seconds one system's worker may take")
         sp.add_argument("--json", type=Path, help="write all results here")
         sp.add_argument("--markdown", action="store_true", help="print a Markdown table")
     w = sub.add_parser("worker", help="internal: measure one system, payload JSON on stdin")
@@ -751,7 +766,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = {"runs": a.runs, "new_tokens": a.new_tokens, "threads": a.threads,
                 "batch_size": a.batch_size, "n_batch": a.n_batch,
-                "ortgenai_precision": a.precision, "idle_wait_s": a.idle_wait}
+                "ortgenai_precision": a.precision, "idle_wait_s": a.idle_wait,
+                "flash_attn": not a.no_flash_attn,
+                "timeout_s": a.timeout}
     if a.cmd == "prepare":
         for system in a.system:
             try:
