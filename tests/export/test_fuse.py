@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from export import fuse  # noqa: E402
+from export.fuse import FuseConfig  # noqa: E402
 from export.fuse_check import FusedRunner, make_session  # noqa: E402
 
 VOCAB, CAPACITY = 256, 64
@@ -258,3 +259,39 @@ def test_prefill_each_row_into_batch_buffer(build, hf_model) -> None:
         out = r.step(np.array([[data[0][6 + k]], [data[1][11 + k]]]))
         close(out[0], refs[0][6 + k : 7 + k], FP32_ATOL)
         close(out[1], refs[1][11 + k : 12 + k], FP32_ATOL)
+
+
+# --------------------------------------------------------------------------- other checkpoints
+
+
+@pytest.mark.parametrize("kind", ["qwen2-bias", "llama-untied-llama3-rope"])
+def test_other_llama_family_checkpoints(kind: str, tmp_path: Path) -> None:
+    """q/k/v biases (Qwen2), an untied LM head and llama3 rope scaling take other code paths."""
+    torch.manual_seed(1)
+    common = {
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": CAPACITY,
+        "initializer_range": 0.1,
+    }  # fmt: skip
+    if kind == "qwen2-bias":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+        with torch.no_grad():  # HF initializes biases to zero: make them matter
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.5)
+    else:
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}  # fmt: skip
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_scaling=rope)
+        model = transformers.LlamaForCausalLM(cfg)
+    model.eval().save_pretrained(tmp_path / "hf")
+    ids = seqs(1, 24, seed=2)[0]
+    ref = ref_logits(model, ids)
+    for bits, atol in ((0, FP32_ATOL), (8, INT8_ATOL)):
+        res = fuse.run(
+            FuseConfig(max_context=CAPACITY, bits=bits, logits="all"), tmp_path / "hf", tmp_path / f"o{bits}"
+        )
+        r = runner(res)
+        check_row(r.step(np.array([ids[:20]]))[0], ref[:20], "all", 1, atol)
+        check_row(r.step(np.array([ids[20:21]]))[0], ref[20:21], "all", 1, atol)
+        check_row(r.step(np.array([ids[21:24]]))[0], ref[21:24], "all", 1, atol)
