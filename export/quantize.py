@@ -58,6 +58,7 @@ class QuantizeConfig:
     calib_span: tuple[float, float] = (0.1, 1.0)
     calib_tokens: int = 1024
     calib_seq_len: int = 128
+    activation_bits: int = 8  # qdq: 8 (uint8) or 16 (uint16, "A16W8", what QNN HTP runs LLMs with)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -66,6 +67,8 @@ class QuantizeConfig:
             raise ValueError("quantize.block_size must be a power of two in 16..256")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError("quantize.accuracy_level must be 0..4")
+        if self.activation_bits not in (8, 16):
+            raise ValueError("quantize.activation_bits must be 8 or 16")
         if self.calib_tokens < 2 or self.calib_seq_len < 2:
             raise ValueError("quantize.calib_tokens and calib_seq_len must be >= 2")
 
@@ -215,9 +218,14 @@ def _ort_quantize(
             str(out),
             reader,
             quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QUInt16 if config.activation_bits == 16 else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            # 16-bit activations need the com.microsoft Q/DQ ops on opsets before 21.
+            extra_options={
+                "ActivationSymmetric": False,
+                "WeightSymmetric": True,
+                "UseQDQContribOps": config.activation_bits == 16,
+            },
             nodes_to_exclude=dynamic_b,
             **common,
         )
@@ -225,7 +233,7 @@ def _ort_quantize(
             "method": "ort_qdq",
             "mode": "qdq",
             "weights": "int8 per-channel",
-            "activations": "uint8 minmax",
+            "activations": f"uint{config.activation_bits} minmax",
             "calibration": {
                 "tokens": config.calib_tokens,
                 "seq_len": config.calib_seq_len,

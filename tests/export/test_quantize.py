@@ -9,6 +9,7 @@ and its large `initializer_range` amplifies weight error: 0.5% RMS per weight gi
   [0.074], max ≤ 0.9 [0.63], top-1 ≥ 85% [90%].
 - qdq (uint8 activations with static MinMax ranges from calibration text): mean ≤ 0.2 [0.11],
   max ≤ 1.5 [1.03], top-1 ≥ 80% [90%]. Static ranges are the coarsest, as on real models.
+- qdq with 16-bit activations: as int8 [mean 0.058, max 0.48, top-1 92%].
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ CASES = {
     "int8-embed": (quantize.QuantizeConfig(mode="int8", embeddings="int8"), 0.08, 0.6, 0.85),
     "dynamic": (quantize.QuantizeConfig(mode="dynamic"), 0.12, 0.9, 0.85),
     "qdq": (quantize.QuantizeConfig(mode="qdq", calib_tokens=256, calib_seq_len=32), 0.2, 1.5, 0.8),
+    "qdq16": (
+        quantize.QuantizeConfig(mode="qdq", activation_bits=16, calib_tokens=256, calib_seq_len=32),
+        0.08,
+        0.6,
+        0.85,
+    ),
 }
 
 
