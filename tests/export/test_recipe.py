@@ -44,6 +44,8 @@ def test_shipped_recipes_parse() -> None:
     pruned = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-pruned-int8.toml")
     assert plain.prune is None and plain.distill is None and plain.quantize.mode == "int8"
     assert pruned.prune is not None and pruned.distill is not None and pruned.evaluate is not None
+    npu = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-qdq-npu.toml")
+    assert npu.quantize.mode == "qdq" and npu.quantize.activation_bits == 16
 
 
 def test_ratio_the_model_cannot_take_fails_before_pruning(
