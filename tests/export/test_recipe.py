@@ -127,3 +127,51 @@ speed_runs = 1
     stages = {s["stage"]: s for s in json.loads((again / "report.json").read_text())["stages"]}
     assert stages["load"]["cached"] and stages["prune"]["cached"] and stages["distill"]["cached"]
     assert stages["to_onnx"]["cached"] and not stages["quantize"]["cached"]
+
+
+def test_recipe_interrupted_mid_distillation_resumes(
+    tmp_path: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from export import distill
+
+    hf = build_tiny_hf(tmp_path / "hf", layers=2, seed=3)
+    body = f"""
+[load]
+model = "{hf}"
+[prune]
+mlp_ratio = 0.5
+multiple = 8
+text = "{text_file}"
+span = [0.3, 1.0]
+calib_tokens = 128
+[distill]
+text = "{text_file}"
+span = [0.3, 1.0]
+tokens = 1024
+seq_len = 32
+batch = 4
+grad_accum = 1
+checkpoint_every = 3
+threads = 1
+[quantize]
+mode = "none"
+"""
+    recipe = recipe_mod.load_recipe(_write(tmp_path, body))
+    real = distill._checkpoint
+
+    def interrupt(*args: object) -> None:
+        real(*args)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "_checkpoint", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        recipe_mod.run(recipe, tmp_path / "out")
+    monkeypatch.setattr(distill, "_checkpoint", real)
+    out = recipe_mod.run(recipe, tmp_path / "out")
+    stages = {s["stage"]: s for s in json.loads((out / "report.json").read_text())["stages"]}
+    assert stages["prune"]["cached"] and not stages["distill"]["cached"]
+    assert stages["distill"]["steps"] == 8
+    from export.cache import cache_root
+
+    reports = [json.loads(p.read_text()) for p in (cache_root() / "stages").glob("distill-*/distill.json")]
+    assert any(r["resumed_at_steps"] == [3] and r["steps"] == 8 for r in reports)
