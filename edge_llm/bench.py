@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "new_tokens": 128,
     "threads": 2,
     "batch_sizes": [1, 2, 4, 8],
+    "prompt_lookup": 0,
 }
 
 
@@ -52,6 +53,16 @@ def prompts(engine: Any, long_tokens: int = 500, text_file: Path | None = None) 
 
 
 def _peak_rss_mib() -> float:
+    """This process's high-water RSS. VmHWM belongs to the address space, which exec replaces;
+    getrusage's ru_maxrss survives exec on Linux, so a worker started by a big parent would
+    report the parent's peak instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -99,7 +110,8 @@ def measure(
     sizes = [int(b) for b in s["batch_sizes"]]
     t0 = time.perf_counter()
     b = load_bundle(bundle)
-    engine = Engine(b, RunnerOptions(threads=int(s["threads"]), max_batch=max(sizes)))
+    lookup = int(s["prompt_lookup"])
+    engine = Engine(b, RunnerOptions(threads=int(s["threads"]), max_batch=max(sizes), prompt_lookup=lookup))
     ids = prompt_ids or prompts(engine)
     ttft0, _, _ = _timed_generation(engine, ids["short"], 1)
     load_to_first = time.perf_counter() - t0
@@ -131,8 +143,9 @@ def measure(
     import onnxruntime
 
     return {
-        "system": "edge-llm",
-        "label": f"edge-llm ({b.graph.kv_layout} KV, {quant})",
+        "system": "edge-llm" + (f"+lookup{lookup}" if lookup else ""),
+        "label": f"edge-llm ({b.graph.kv_layout} KV, {quant}"
+        + (f", prompt lookup {lookup})" if lookup else ")"),
         "skipped": None,
         "bundle": str(b.path),
         "bundle_bytes": b.size_bytes(),

@@ -27,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,2,4,8", help="concurrent requests to measure, comma-separated")
     p.add_argument("--text", type=Path, default=WIKITEXT, help="text for the long prompt")
     p.add_argument("--long-tokens", type=int, default=500, help="length of the long prompt (TTFT)")
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also measure with prompt-lookup speculation of K tokens (greedy output unchanged)",
+    )
     p.add_argument("--json", type=Path, help="write results as JSON")
     p.add_argument("--markdown", type=Path, help="write the table as Markdown")
     p.add_argument("--png", type=Path, help="write a chart (needs matplotlib)")
@@ -55,16 +62,12 @@ def run(args: argparse.Namespace) -> int:
         f"{args.new_tokens} new, {args.runs} runs, {args.threads} threads",
         file=sys.stderr,
     )
-    results = [
-        bench.measure(
-            args.bundle,
-            ids,
-            runs=args.runs,
-            new_tokens=args.new_tokens,
-            threads=args.threads,
-            batch_sizes=sizes,
+    common = {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads}
+    results = [bench.measure(args.bundle, ids, batch_sizes=sizes, **common)]
+    if args.prompt_lookup:
+        results.append(
+            bench.measure(args.bundle, ids, batch_sizes=[1], prompt_lookup=args.prompt_lookup, **common)
         )
-    ]
     if args.peers:
         peers = load_peers()
         settings = {
@@ -94,19 +97,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Our figures over each peer's, measured in this run (>1 = we are faster / bigger)."""
-    ours = results[0]
-    out: dict[str, Any] = {}
-    for r in results[1:]:
-        if r.get("skipped"):
-            continue
-        out[r["system"]] = {
-            "decode": ours["decode_tok_s"] / r["decode_tok_s"],
-            "ttft_short": ours["ttft_short_ms"] / r["ttft_short_ms"],
-            "ttft_long": ours["ttft_long_ms"] / r["ttft_long_ms"],
-            "peak_rss": ours["peak_rss_mib"] / r["peak_rss_mib"],
+    """Each of our variants over each peer, measured in this run (>1 = ours is faster / bigger)."""
+    ours = [r for r in results if r["system"].startswith("edge-llm") and not r.get("skipped")]
+    peers = [r for r in results if not r["system"].startswith("edge-llm") and not r.get("skipped")]
+    return {
+        f"{o['system']} / {p['system']}": {
+            "decode": o["decode_tok_s"] / p["decode_tok_s"],
+            "ttft_short": o["ttft_short_ms"] / p["ttft_short_ms"],
+            "ttft_long": o["ttft_long_ms"] / p["ttft_long_ms"],
+            "peak_rss": o["peak_rss_mib"] / p["peak_rss_mib"],
         }
-    return out
+        for o in ours
+        for p in peers
+    }
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -131,10 +134,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
         decode = f"{r['decode_tok_s']:.1f}"
         if llama is not None and r is not llama:
             decode += f" ({r['decode_tok_s'] / llama['decode_tok_s']:.2f}× llama.cpp)"
-        batch = [f"{r.get('batch_tok_s_by_size', {}).get(b, 0):.1f}" if r is ours else "" for b in sizes]
+        by_size = r.get("batch_tok_s_by_size", {})
+        batch = [f"{by_size[b]:.1f}" if b in by_size else "" for b in sizes]
         peer_batch = (
             ""
-            if r is ours
+            if r["system"].startswith("edge-llm")
             else (f"{r['batch_tok_s']:.1f} (B={r['batch_size']})" if r.get("batch_tok_s") else "n/a")
         )
         rows.append(
