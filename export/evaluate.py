@@ -221,7 +221,7 @@ def run(
     teacher = None
     if config.teacher and teacher_hf_dir is not None:
         teacher, _ = torch_logits(teacher_hf_dir, config.threads)
-    result: dict[str, Any] = {"model": str(model_dir), "config": _jsonable(asdict(config))}
+    result: dict[str, Any] = {"model": str(model_dir), "config": jsonable(asdict(config))}
     if (model_dir / "bundle.json").is_file():
         from edge_llm.engine import Engine
         from edge_llm.runner import RunnerOptions
@@ -257,17 +257,18 @@ def run(
     return result
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """Paths as strings, tuples as lists, recursively: what json.dumps takes."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return str(x) if isinstance(x, Path) else x
 
 
 def save(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    path.write_text(json.dumps(jsonable(result), indent=2) + "\n")
 
 
 def headline(result: dict[str, Any]) -> str:

@@ -183,7 +183,7 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
                 hf_dir=model_dir,
                 quantization=quant["method"],
                 source=loaded.source,
-                recipe={**_jsonable(asdict(recipe)), "stages": stages.stages},
+                recipe={**evaluate_stage.jsonable(asdict(recipe)), "stages": stages.stages},
                 extra_files=extra,
             ),
             out_dir,
@@ -247,14 +247,6 @@ def _brief(result: dict[str, Any]) -> dict[str, Any]:
         "ttft_s",
     )
     return {k: result[k] for k in keys if k in result}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    return str(x) if isinstance(x, Path) else x
 
 
 def _named(recipe: Recipe) -> bundle_stage.BundleConfig:
