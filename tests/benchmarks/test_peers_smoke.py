@@ -42,10 +42,13 @@ def test_worker_reports_failure_as_skipped() -> None:
     payload = {"prompts": {"short": [1], "long": [1]}, "settings": {}, "model": "/nonexistent"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "worker", "--system", "llamacpp"],
-        input=json.dumps(payload), capture_output=True, text=True, timeout=120,
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(peers.RESULT_MARKER))
-    result = json.loads(line[len(peers.RESULT_MARKER):])
+    result = json.loads(line[len(peers.RESULT_MARKER) :])
     assert proc.returncode == 0 and result["skipped"]
 
 
@@ -67,12 +70,23 @@ def test_prompts_have_requested_lengths(tmp_path: Path) -> None:
 
 
 def test_markdown_table_handles_skips() -> None:
-    md = peers.markdown_table([
-        {"system": "llamacpp", "skipped": "absent"},
-        {"system": "ortgenai", "label": "ort", "skipped": None, "decode_tok_s": 1.0,
-         "ttft_short_ms": 2.0, "ttft_long_ms": 3.0, "peak_rss_mib": 4.0, "batch_tok_s": None,
-         "batch_size": None, "prompt_tokens": {"short": 21, "long": 500}},
-    ])
+    md = peers.markdown_table(
+        [
+            {"system": "llamacpp", "skipped": "absent"},
+            {
+                "system": "ortgenai",
+                "label": "ort",
+                "skipped": None,
+                "decode_tok_s": 1.0,
+                "ttft_short_ms": 2.0,
+                "ttft_long_ms": 3.0,
+                "peak_rss_mib": 4.0,
+                "batch_tok_s": None,
+                "batch_size": None,
+                "prompt_tokens": {"short": 21, "long": 500},
+            },
+        ]
+    )
     assert "skipped: absent" in md and "| ort | 1.0 |" in md
 
 
