@@ -84,7 +84,7 @@ def export_bundle(
         name=f"tiny-{quant}" if graph == "optimum" else f"tiny-{graph}-{quant}",
         load=LoadConfig(model=str(hf_dir)),
         to_onnx=ToOnnxConfig(graph=graph, max_context=256, logits=logits),
-        quantize=QuantizeConfig(mode=quant),
+        quantize=QuantizeConfig(mode=quant, block_size=16),  # rows are only 64 wide here
     )
     return recipe_mod.run(recipe, out)
 
