@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -39,15 +39,13 @@ class RunnerOptions:
 
 @dataclass
 class KVCache:
-    """KV state of B sequences (rows). `lengths[b]` = tokens already in row b's cache.
+    """KV state of the concat layout: B rows of equal length `lengths[b]` (ORT-owned tensors).
 
-    concat layout: rows share one padded length (left padding, masked out).
-    shared layout: rows live in fixed slots of preallocated buffers.
+    Sequences of different lengths batch on the shared layout (`SharedCache`) instead.
     """
 
     past: list[ort.OrtValue]
     lengths: np.ndarray
-    pad: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def batch(self) -> int:
@@ -117,16 +115,14 @@ class ConcatRunner(_SessionRunner):
     def empty(self, batch: int = 1) -> KVCache:
         zeros = np.zeros((batch, *self.kv_shape[:1], 0, self.kv_shape[1]), dtype=np.float32)
         past = [ort.OrtValue.ortvalue_from_numpy(zeros) for _ in self.past_names]
-        return KVCache(past, np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64))
+        return KVCache(past, np.zeros(batch, dtype=np.int64))
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Feed tokens [B, S] after `cache`; return logits [B, V] (last position) or [B, S, V]."""
         batch, steps = tokens.shape
-        width = int(cache.lengths.max() + cache.pad.max()) if batch else 0  # padded past length
+        width = int(cache.lengths.max()) if batch else 0
         self.check_room(width, steps)
         mask = np.ones((batch, width + steps), dtype=np.int64)
-        for b in range(batch):
-            mask[b, : cache.pad[b]] = 0
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
@@ -148,12 +144,12 @@ class ConcatRunner(_SessionRunner):
     def fork(self, cache: KVCache) -> KVCache:
         """An independent copy (present tensors are never written in place, so sharing the
         OrtValues is safe: a forward replaces them rather than mutating them)."""
-        return KVCache(list(cache.past), cache.lengths.copy(), cache.pad.copy())
+        return KVCache(list(cache.past), cache.lengths.copy())
 
     def truncate(self, cache: KVCache, length: int, row: int = 0) -> None:
         """Keep the first `length` cached tokens of a single-row cache (prefix reuse, rollback)."""
-        if cache.batch != 1 or cache.pad[0]:
-            raise ValueError("truncate works on an unpadded single-sequence cache")
+        if cache.batch != 1:
+            raise ValueError("truncate works on a single-sequence cache")
         if length >= int(cache.lengths[0]):
             return
         cache.past = [
