@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -170,6 +170,7 @@ class SharedCache:
     buffers: list[np.ndarray]
     lengths: np.ndarray
     capacity: int
+    bindings: dict[tuple[int, int, int], ort.IOBinding] = field(default_factory=dict, repr=False)
 
     @property
     def batch(self) -> int:
@@ -236,25 +237,35 @@ class SharedRunner(_SessionRunner):
         total = lengths + steps
         width = int(total.max())
         mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", tokens)
-        binding.bind_cpu_input("attention_mask", mask)
-        for past, present, buf in zip(self.past_names, self.present_names, cache.buffers, strict=True):
-            view = buf[first : first + rows]  # whole rows of a C-contiguous buffer: contiguous
-            shape = list(view.shape)
-            binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
-            binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
-        if self.logits_kind == "tail":
-            binding.bind_cpu_input("logits_to_keep", np.array(steps if all_logits else 1, dtype=np.int64))
         kept = steps if self.logits_kind == "all" or (all_logits and self.logits_kind == "tail") else 1
         key = (rows, kept)
         logits = self._logits.get(key)
         if logits is None:
             logits = self._logits[key] = np.empty((*key, self.vocab), np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        binding = cache.bindings.get((first, *key))
+        if binding is None:
+            binding = cache.bindings[(first, *key)] = self._bind_kv(cache, first, rows, logits)
+        # Only these change from step to step; the KV views and logits stay bound.
+        binding.bind_cpu_input("input_ids", tokens)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self.logits_kind == "tail":
+            binding.bind_cpu_input("logits_to_keep", np.array(steps if all_logits else 1, dtype=np.int64))
         self.session.run_with_iobinding(binding)
         cache.lengths[first : first + rows] = total if advance is None else np.where(advance, total, lengths)
         return logits.copy() if all_logits else logits[:, -1, :].copy()
+
+    def _bind_kv(self, cache: SharedCache, first: int, rows: int, logits: np.ndarray) -> ort.IOBinding:
+        """A binding of rows first..first+rows-1 of the KV buffers (as past and present) and of
+        the logits buffer; kept on the cache, whose buffers never move, and reused every step
+        (binding 2 x layers tensors per token cost about as much as the sampling step)."""
+        binding = self.session.io_binding()
+        for past, present, buf in zip(self.past_names, self.present_names, cache.buffers, strict=True):
+            view = buf[first : first + rows]  # whole rows of a C-contiguous buffer: contiguous
+            shape = list(view.shape)
+            binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        return binding
 
     def truncate(self, cache: SharedCache, length: int, row: int = 0) -> None:
         cache.lengths[row] = min(int(cache.lengths[row]), length)
