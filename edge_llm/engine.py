@@ -197,9 +197,50 @@ class Engine:
     def start(self, ids: list[int], params: SamplingParams, slot: Slot | None = None) -> Generation:
         """Prefill a request and sample its first token; advance it with `step`."""
         seq = Generation(self, ids, params, slot if slot is not None else Slot())
-        logits, seq.cached = self.prefill(ids, seq.slot)
-        seq.take(logits)
+        self.start_all([seq])
         return seq
+
+    def start_all(self, seqs: list[Generation]) -> None:
+        """Prefill new generations and sample each one's first token.
+
+        Requests that arrive together and sit in adjacent empty rows of a batch cache share one
+        right-padded forward: a prefill is a fixed cost per forward plus a little per token
+        (measured: 8.8 ms for 1 token, 27.7 ms for 16), so eight short prompts cost about what
+        two do alone. A row with a reused prefix (a session's next turn) runs alone.
+        """
+        for group in self._prefill_groups(seqs):
+            if len(group) == 1:
+                q = group[0]
+                logits, q.cached = self.prefill(q.ids, q.slot)
+                q.take(logits)
+                continue
+            counts = np.array([len(q.ids) for q in group], dtype=np.int64)
+            tokens = np.full((len(group), int(counts.max())), self.bundle.tokenizer.pad_id, dtype=np.int64)
+            for i, q in enumerate(group):
+                tokens[i, : counts[i]] = q.ids
+            logits = self.runner.forward_rows(tokens, group[0].slot.cache, group[0].slot.row, counts=counts)
+            for i, q in enumerate(group):
+                q.slot.ids = list(q.ids)
+                q.take(logits[i])
+
+    def _prefill_groups(self, seqs: list[Generation]) -> list[list[Generation]]:
+        """Runs of adjacent empty batch rows whose padding stays under a third of the work;
+        everything else alone."""
+        alone: list[list[Generation]] = []
+        runs: list[list[Generation]] = []
+        for q in sorted(seqs, key=lambda q: -1 if q.slot.row is None else q.slot.row):
+            s = q.slot
+            if s.row is None or not isinstance(s.cache, SharedCache) or s.cache.lengths[s.row]:
+                alone.append([q])
+                continue
+            run = runs[-1] if runs else None
+            if run and s.cache is run[-1].slot.cache and s.row == run[-1].slot.row + 1:
+                lens = [len(x.ids) for x in (*run, q)]
+                if max(lens) * len(lens) <= 1.5 * sum(lens):
+                    run.append(q)
+                    continue
+            runs.append([q])
+        return alone + runs
 
     def step(self, seqs: list[Generation]) -> None:
         """Advance every unfinished sequence by one token, in one forward where they share a

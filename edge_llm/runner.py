@@ -222,19 +222,27 @@ class SharedRunner(_SessionRunner):
         first: int,
         advance: np.ndarray | None = None,
         all_logits: bool = False,
+        counts: np.ndarray | None = None,
     ) -> np.ndarray:
         """Append tokens [b, S] to rows first..first+b-1; rows with advance[i] False are idle:
-        they run a dummy token whose KV lands past their length and is never read."""
+        they run a dummy token whose KV lands past their length and is never read.
+
+        `counts` (first prompts only: every row empty) gives each row's real token count; the
+        rest of its S is right padding, and "last"/"tail" logits are its own last real token."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         rows, steps = tokens.shape
         if all_logits and self.logits_kind == "last":
             raise BundleError(f"{self.bundle.graph_path}: graph returns last-position logits only")
         lengths = cache.lengths[first : first + rows]
+        if counts is not None and (lengths.any() or all_logits or int(counts.min()) < 1):
+            # Without query_seqlens the graph reads ragged counts only for empty rows (GQA's first
+            # prompt); over a past the padding would land at the wrong positions.
+            raise ValueError("ragged rows (counts) need empty rows, >= 1 token each, last-token logits")
         if int(lengths.max()) + steps > cache.capacity:
             raise ContextLengthError(
                 f"context full: {int(lengths.max())} cached + {steps} new tokens > {cache.capacity}"
             )
-        total = lengths + steps
+        total = lengths + (steps if counts is None else counts)
         width = int(total.max())
         mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
         kept = steps if self.logits_kind == "all" or (all_logits and self.logits_kind == "tail") else 1
@@ -252,7 +260,11 @@ class SharedRunner(_SessionRunner):
             binding.bind_cpu_input("logits_to_keep", np.array(steps if all_logits else 1, dtype=np.int64))
         self.session.run_with_iobinding(binding)
         cache.lengths[first : first + rows] = total if advance is None else np.where(advance, total, lengths)
-        return logits.copy() if all_logits else logits[:, -1, :].copy()
+        if all_logits:
+            return logits.copy()
+        if counts is not None and self.logits_kind == "all":
+            return logits[np.arange(rows), counts - 1].copy()
+        return logits[:, -1, :].copy()
 
     def _bind_kv(self, cache: SharedCache, first: int, rows: int, logits: np.ndarray) -> ort.IOBinding:
         """A binding of rows first..first+rows-1 of the KV buffers (as past and present) and of

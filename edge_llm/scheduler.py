@@ -406,14 +406,15 @@ class Scheduler:
         cache = self.engine.batch_cache(self.max_batch)
         active: dict[int, _Running] = {}
         while True:
-            while len(active) < self.max_batch:  # admit: block for work only when idle
-                job = self._next_job(block=not active)
+            free = sorted(set(range(self.max_batch)) - set(active))
+            taken: list[tuple[int, _Job]] = []
+            while len(taken) < len(free):  # admit: block for work only when idle
+                job = self._next_job(block=not active and not taken)
                 if job is None:
                     break
-                row = min(set(range(self.max_batch)) - set(active))
-                running = self._admit(job, cache, row)
-                if running is not None:
-                    active[row] = running
+                taken.append((free[len(taken)], job))
+            if taken:
+                active.update(self._admit(taken, cache))
             if not active:
                 if self._closing:
                     return
@@ -432,24 +433,54 @@ class Scheduler:
                 if self._advance(active[row]):
                     del active[row]
 
-    def _admit(self, job: _Job, cache: SharedCache, row: int) -> _Running | None:
-        """Prefill a request into batch row `row`; None when it ended at once (error, 1 token)."""
-        try:
+    def _admit(self, taken: list[tuple[int, _Job]], cache: SharedCache) -> dict[int, _Running]:
+        """Prefill requests into their batch rows (adjacent ones in one forward); returns those
+        still running (the rest ended at once: error, cancelled, a single token)."""
+        ready: dict[int, tuple[_Job, Prepared, Generation]] = {}
+        for row, job in taken:
             if job.cancelled or (job.deadline is not None and time.monotonic() >= job.deadline):
                 self._finish(job, self._stopped(job))
-                return None
-            prepared = self._prepare(job)
-            self.stats["runs"] += 1
-            slot = self.engine.attach(prepared.slot, cache, row)
-            running = _Running(job, prepared, self.engine.start(prepared.ids, job.params, slot))
+                continue
+
+            def begin(job: _Job = job, row: int = row) -> tuple[_Job, Prepared, Generation]:
+                prepared = self._prepare(job)
+                self.stats["runs"] += 1
+                slot = self.engine.attach(prepared.slot, cache, row)
+                return job, prepared, Generation(self.engine, prepared.ids, job.params, slot)
+
+            if (got := self._guarded(job, begin)) is not None:
+                ready[row] = got
+        try:
+            self.engine.start_all([gen for _, _, gen in ready.values()])
+        except Exception:  # a shared prefill failed: run each alone so only its culprit fails
+            log.warning("batched prefill failed; prefilling its requests one by one", exc_info=True)
+            for row, (job, _, gen) in list(ready.items()):
+                if gen.last >= 0 or gen.finished:
+                    continue
+
+                def alone(gen: Generation = gen) -> Generation:
+                    self.engine.start_all([gen])
+                    return gen
+
+                if self._guarded(job, alone) is None:
+                    del ready[row]
+        out: dict[int, _Running] = {}
+        for row, (job, prepared, gen) in ready.items():
+            running = _Running(job, prepared, gen)
+            if not self._advance(running):
+                out[row] = running
+        return out
+
+    def _guarded(self, job: _Job, fn: Callable[[], Any]) -> Any:
+        """fn() or, when it raises, None after finishing `job` with the matching error event."""
+        try:
+            return fn()
         except EdgeLLMError as exc:
             self._finish(job, self._error(job, protocol.error_code(exc), str(exc)))
-            return None
         except Exception as exc:
             log.exception("request %s failed", job.request.id)
             self._finish(job, self._error(job, "internal", f"{type(exc).__name__}: {exc}"))
-            return None
-        return None if self._advance(running) else running
+        return None
 
     def _advance(self, r: _Running) -> bool:
         """Emit what a sequence produced in the last step; finish it when done. True if done."""

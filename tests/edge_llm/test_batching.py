@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_llm.engine import Engine, Slot
+from edge_llm.engine import Engine, Generation, Slot
 from edge_llm.sampling import SamplingParams
 
 PROMPTS = ["The capital of France", "Small language models run", "def add(a, b):", "Grüße aus"]
@@ -121,3 +121,71 @@ def test_prompt_lookup_speculation_keeps_greedy_output(kind: str, request: pytes
         assert gen.final().text == ref.text
         drafted += gen.drafted
     assert drafted > 0  # speculation actually ran (its acceptance is the model's business)
+
+
+def _calls(engine: Engine) -> list[tuple[int, int]]:
+    """Record the (rows, S) shape of every forward the runner makes."""
+    seen: list[tuple[int, int]] = []
+    inner = engine.runner.forward_rows
+
+    def spy(tokens, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.append(tuple(np.asarray(tokens).shape))
+        return inner(tokens, *args, **kwargs)
+
+    engine.runner.forward_rows = spy  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["tiny_fused", "tiny_fused_last", "tiny_fused_all"])
+def test_requests_admitted_together_prefill_in_one_forward(kind: str, request: pytest.FixtureRequest) -> None:
+    """Prompts of different lengths, right-padded into one forward, give each sequence exactly
+    the tokens it gets alone (greedy and seeded sampling), for every logits kind."""
+    engine = Engine.load(request.getfixturevalue(kind))
+    prompts = [engine.encode_request(prompt=p) for p in ("The capital of France is", "Small models run", "Hi")]
+    prompts[2] = prompts[0][:2] + prompts[2]  # lengths within the padding bound, not equal
+    params = [
+        SamplingParams(max_tokens=10, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=10, ignore_eos=True),
+    ]
+    solo = [engine.complete(ids, p) for ids, p in zip(prompts, params, strict=True)]
+    assert len({len(p) for p in prompts}) > 1
+    cache = engine.runner.empty(4)
+    seqs = [
+        Generation(engine, ids, p, Slot(cache=cache, row=row))
+        for row, (ids, p) in enumerate(zip(prompts, params, strict=True))
+    ]
+    calls = _calls(engine)
+    engine.start_all(seqs)
+    assert calls == [(3, max(len(p) for p in prompts))]  # one padded prefill for all three
+    while not all(q.finished for q in seqs):
+        engine.step(seqs)
+    for s, q in zip(solo, seqs, strict=True):
+        assert q.final().token_ids == s.token_ids
+
+
+def test_prefill_groups_only_adjacent_fresh_rows_with_little_padding(fused: Engine) -> None:
+    ids = fused.encode_request(prompt="Small language models run on embedded boards")
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    cache = fused.runner.empty(6)
+    busy = fused.start(ids, params, Slot(cache=cache, row=1))  # row 1 holds a past
+    seqs = [
+        Generation(fused, ids, params, Slot(cache=cache, row=0)),
+        Generation(fused, ids[:2], params, Slot(cache=cache, row=2)),  # padding would be > 1/3
+        Generation(fused, ids, params, Slot(cache=cache, row=3)),
+        Generation(fused, ids[:-1], params, Slot(cache=cache, row=4)),
+        Generation(fused, ids, params, Slot()),  # a standalone slot
+    ]
+    groups = fused._prefill_groups(seqs)
+    rows = sorted([q.slot.row for q in g] for g in groups if g[0].slot.row is not None)
+    assert rows == [[0], [2], [3, 4]]
+    assert len(groups) == 4
+    fused.start_all(seqs)
+    assert all(q.last >= 0 for q in seqs) and busy.slot.cache.lengths[1] == len(ids)
+
+
+def test_ragged_counts_refused_over_a_past(fused: Engine) -> None:
+    cache = fused.runner.empty(2)
+    cache.lengths[:] = [3, 0]
+    with pytest.raises(ValueError, match="empty rows"):
+        fused.runner.forward_rows(np.zeros((2, 4), np.int64), cache, 0, counts=np.array([4, 2]))
