@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export.evaluate import DEFAULT_TEXT, check_span, read_span
+from export.evaluate import DEFAULT_TEXT, check_span, overlaps, read_span
 from export.prune import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ class DistillConfig:
     ce_weight: float = 0.0  # cross-entropy on the text's next tokens
     freeze_embeddings: bool = True  # the tied embedding / lm_head stays the teacher's
     checkpoint_every: int = 20  # optimizer steps
+    # Learning curve: every `eval_every` optimizer steps (0: never; also at the start and the
+    # end) the student's perplexity on the held-out span, same windows as `evaluate`.
+    eval_every: int = 0
+    eval_span: tuple[float, float] = (0.0, 0.1)
+    eval_tokens: int = 8192
+    eval_context: int = 512
     max_minutes: float = 0.0  # wall-clock cap on training (0: none)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch CPU threads (0: torch's default)
@@ -66,6 +72,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         check_span(self.span, "distill.span")
+        check_span(self.eval_span, "distill.eval_span")
         checks = [
             (self.tokens >= 1, "tokens must be >= 1"),
             (
@@ -78,6 +85,12 @@ class DistillConfig:
             (self.kl_weight + self.hidden_weight + self.ce_weight > 0, "some loss weight must be > 0"),
             (self.checkpoint_every >= 1 and self.max_minutes >= 0, "checkpoint_every >= 1, max_minutes >= 0"),
             (self.teacher_tokens >= 0 and self.warmup_steps >= 0, "teacher_tokens, warmup_steps >= 0"),
+            (self.eval_every >= 0, "eval_every must be >= 0"),
+            (self.eval_tokens >= 2 and self.eval_context >= 2, "eval_tokens, eval_context >= 2"),
+            (
+                not (self.eval_every and overlaps(self.span, self.eval_span)),
+                f"eval_span {list(self.eval_span)} overlaps the training span {list(self.span)}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -135,6 +148,39 @@ def teacher_text(teacher: Any, ids: list[int], config: DistillConfig, device: st
         for row in seqs.tolist():
             out.extend(row)
     return out[: config.teacher_tokens]
+
+
+def held_out_ids(config: DistillConfig, teacher_dir: Path) -> np.ndarray | None:
+    """Token ids of the held-out span the learning curve is measured on (None: no curve)."""
+    if not config.eval_every:
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
+    text, _ = read_span(config.text, config.eval_span)
+    ids = tok.encode(text, add_special_tokens=False).ids[: config.eval_tokens]
+    if len(ids) < 2:
+        raise ExportError(f"distill: eval_span {config.eval_span} of {config.text} has no text")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def curve_point(student: Any, ids: np.ndarray, config: DistillConfig, device: str, tokens: int) -> dict:
+    """The student's held-out perplexity now (one point of the learning curve)."""
+    import torch
+
+    from export.evaluate import score
+
+    def logits(window: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = student(torch.from_numpy(window[None]).to(device), use_cache=False)
+        return out.logits[0].float().cpu().numpy()
+
+    t = time.perf_counter()
+    was_training = student.training
+    student.eval()
+    ppl = score(ids, logits, config.eval_context, config.eval_context)["perplexity"]
+    student.train(was_training)
+    return {"tokens": tokens, "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t, 1)}
 
 
 def lr_at(config: DistillConfig, step: int, seconds: float = 0.0) -> float:
@@ -199,8 +245,9 @@ def run(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     data, where = training_ids(config, teacher_dir, teacher, device)
+    held_out = held_out_ids(config, teacher_dir)
     ckpt_path = out_dir / CHECKPOINT
-    state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": []}
+    state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": [], "curve": []}
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         student.load_state_dict(ckpt["student"])
@@ -208,8 +255,11 @@ def run(
         state = ckpt["state"]
         state["resumed_at"].append(state["step"])
         log.warning("distill: resuming from step %d of %d", state["step"], config.steps)
-    student.train()
+    state.setdefault("curve", [])
     per_step = config.batch * config.grad_accum
+    if held_out is not None and not state["curve"]:
+        state["curve"].append(curve_point(student, held_out, config, device, 0))
+    student.train()
     bar = _bar(config, state["step"], progress)
     t_start, stopped = time.perf_counter() - state["seconds"], "budget"
     want_hidden = config.hidden_weight > 0
@@ -241,7 +291,13 @@ def run(
             tok_s = state["step"] * per_step * config.seq_len / max(state["seconds"], 1e-9)
             bar.set_postfix(loss=f"{sum(totals.values()):.4f}", tok_s=f"{tok_s:.0f}")
         out_of_time = config.max_minutes and state["seconds"] > 60 * config.max_minutes
-        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps or out_of_time:
+        last = state["step"] == config.steps or out_of_time
+        if held_out is not None and (state["step"] % config.eval_every == 0 or last):
+            tokens = state["step"] * per_step * config.seq_len
+            state["curve"].append(curve_point(student, held_out, config, device, tokens))
+            log.info("distill: %d tokens, held-out perplexity %.3f", tokens, state["curve"][-1]["perplexity"])
+            t_start += state["curve"][-1]["seconds"]  # the time cap and tok/s count training only
+        if state["step"] % config.checkpoint_every == 0 or last:
             _checkpoint(ckpt_path, student, opt, state)
         if out_of_time:
             stopped = "max_minutes"
@@ -266,6 +322,7 @@ def run(
         "first_loss": hist[0] if hist else None,
         "last_loss": hist[-1] if hist else None,
         "history": hist,
+        "curve": state["curve"],
     }
     (out_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     ckpt_path.unlink(missing_ok=True)

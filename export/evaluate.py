@@ -69,6 +69,11 @@ def check_span(span: tuple[float, ...], where: str) -> None:
         raise ValueError(f"{where} must be [start, end] fractions with 0 <= start < end <= 1, not {span}")
 
 
+def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two [begin, end) spans of a file share any part."""
+    return a[0] < b[1] and b[0] < a[1]
+
+
 def resolve_text(path: Path) -> Path:
     """A text path as given, or relative to the repository root; it must exist."""
     path = Path(path).expanduser()

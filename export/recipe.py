@@ -51,7 +51,9 @@ class Recipe:
         if ev is None:
             return
         for stage, cfg in (("distill", self.distill), ("prune", self.prune)):
-            if cfg is not None and _same_file(cfg.text, ev.text) and _overlap(cfg.span, ev.span):
+            if cfg is None or not _same_file(cfg.text, ev.text):
+                continue
+            if evaluate_stage.overlaps(cfg.span, ev.span):
                 raise ValueError(
                     f"evaluate.span {list(ev.span)} overlaps {stage}.span {list(cfg.span)} of the same "
                     f"text file: evaluation must use held-out text"
@@ -60,7 +62,7 @@ class Recipe:
             self.quantize.mode == "qdq"
             and self.quantize.calib_text is not None
             and _same_file(self.quantize.calib_text, ev.text)
-            and _overlap(self.quantize.calib_span, ev.span)
+            and evaluate_stage.overlaps(self.quantize.calib_span, ev.span)
         ):
             raise ValueError("quantize.calib_span overlaps evaluate.span of the same text file")
 
@@ -68,10 +70,6 @@ class Recipe:
 def _same_file(a: Path, b: Path) -> bool:
     root = evaluate_stage.REPO_ROOT
     return (root / Path(a).expanduser()).resolve() == (root / Path(b).expanduser()).resolve()
-
-
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -145,6 +143,7 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
             text=rep["text"],
             first_loss=rep["first_loss"],
             last_loss=rep["last_loss"],
+            held_out_curve=[(c["tokens"], c["perplexity"]) for c in rep.get("curve", [])],
         )
         _evaluate_hf(recipe, "distill", key, model_dir, teacher, evals, progress)
 

@@ -128,7 +128,7 @@ def _calls(engine: Engine) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     inner = engine.runner.forward_rows
 
-    def spy(tokens, *args, **kwargs):  # noqa: ANN001, ANN202
+    def spy(tokens: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
         seen.append(tuple(np.asarray(tokens).shape))
         return inner(tokens, *args, **kwargs)
 
@@ -141,7 +141,8 @@ def test_requests_admitted_together_prefill_in_one_forward(kind: str, request: p
     """Prompts of different lengths, right-padded into one forward, give each sequence exactly
     the tokens it gets alone (greedy and seeded sampling), for every logits kind."""
     engine = Engine.load(request.getfixturevalue(kind))
-    prompts = [engine.encode_request(prompt=p) for p in ("The capital of France is", "Small models run", "Hi")]
+    texts = ("The capital of France is", "Small models run", "Hi")
+    prompts = [engine.encode_request(prompt=p) for p in texts]
     prompts[2] = prompts[0][:2] + prompts[2]  # lengths within the padding bound, not equal
     params = [
         SamplingParams(max_tokens=10, ignore_eos=True),

@@ -133,3 +133,25 @@ def test_schedule_warms_up_and_decays() -> None:
     capped = distill.DistillConfig(tokens=256 * 8 * 100, lr=1e-3, warmup_steps=10, max_minutes=10.0)
     assert distill.lr_at(capped, 20, seconds=600.0) == pytest.approx(1e-4)  # the clock ran out
     assert distill.lr_at(capped, 20, seconds=0.0) == pytest.approx(distill.lr_at(cfg, 20))
+    with pytest.raises(ValueError, match="overlaps the training span"):
+        distill.DistillConfig(eval_every=5, span=(0.0, 1.0), eval_span=(0.0, 0.1))
+
+
+def test_learning_curve_on_held_out_text(pair: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+    """Held-out perplexity at the start, every eval_every steps and at the end; it falls, and the
+    first point is the undistilled student's perplexity as `evaluate` measures it."""
+    teacher, student = pair
+    cfg = _config(
+        text_file, span=(0.3, 1.0), eval_every=5, eval_span=(0.0, 0.3), eval_tokens=256, eval_context=64
+    )
+    report = distill.run(cfg, teacher, student, tmp_path / "c", progress=False)
+    curve = report["curve"]
+    assert [c["tokens"] for c in curve] == [0, 640, 1280, 1920, 2560, 3072]
+    assert curve[-1]["perplexity"] < curve[0]["perplexity"]
+    tok = Tokenizer.from_file(str(teacher / "tokenizer.json"))
+    text, _ = evaluate.read_span(text_file, (0.0, 0.3))
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids[:256])
+    logits, _ = evaluate.torch_logits(student)
+    assert curve[0]["perplexity"] == pytest.approx(
+        evaluate.score(ids, logits, 64, 64)["perplexity"], rel=1e-3
+    )
