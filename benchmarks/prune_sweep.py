@@ -42,9 +42,11 @@ CANDIDATES: dict[str, tuple[float, float, float, float]] = {
 }
 
 
-def measure(name: str, ratios: tuple[float, ...], hf_dir: Path, ids, method: str, args) -> dict:
+def measure(name: str, ratios: tuple[float, ...], hf_dir: Path, ids, refit: bool, args) -> dict:
     layer, mlp, head, kv = ratios
+    method = args.method
     cfg = prune.PruneConfig(
+        reconstruct=refit,
         layer_ratio=layer,
         layer_method=method,
         mlp_ratio=mlp,
@@ -65,6 +67,7 @@ def measure(name: str, ratios: tuple[float, ...], hf_dir: Path, ids, method: str
         "mlp_ratio": mlp,
         "head_ratio": head,
         "kv_ratio": kv,
+        "refit": refit,
         "parameters": report["parameters_after"],
         "removed": 1 - report["parameters_after"] / report["parameters_before"],
         "perplexity": result["perplexity"],
@@ -80,6 +83,12 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--method", choices=("single", "block"), default="single")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument(
+        "--refit",
+        choices=("on", "off", "both"),
+        default="both",
+        help="least-squares refit of pruned projections",
+    )
     ap.add_argument("--add", nargs="*", default=[], help="name:layer,mlp,head,kv")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_sweep"))
     args = ap.parse_args()
@@ -106,12 +115,13 @@ def main() -> None:
     base = evaluate.score(ids, logits, args.context, args.context)["perplexity"]
     print(f"teacher perplexity {base:.3f} on {len(ids)} tokens of {where['file']}", flush=True)
     rows = []
-    for name in names:
-        row = measure(name, cands[name], hf_dir, ids, args.method, args)
+    refits = {"on": [True], "off": [False], "both": [False, True]}[args.refit]
+    for name, refit in [(n, r) for n in names for r in refits]:
+        row = measure(name, cands[name], hf_dir, ids, refit, args)
         row["ratio_to_teacher"] = row["perplexity"] / base
         rows.append(row)
         print(
-            f"{name:12s} params {row['parameters'] / 1e6:6.1f}M (-{row['removed']:.1%})  "
+            f"{name:12s} refit {'on ' if refit else 'off'} params {row['parameters'] / 1e6:6.1f}M (-{row['removed']:.1%})  "
             f"ppl {row['perplexity']:9.2f} ({row['ratio_to_teacher']:.2f}x)  {row['seconds']}s",
             flush=True,
         )
@@ -122,13 +132,13 @@ def main() -> None:
     lines = [
         f"Teacher perplexity {base:.3f} ({len(ids)} tokens, context {args.context}); no distillation.",
         "",
-        "| candidate | layers | MLP | heads | KV | params | removed | ppl | x teacher |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| candidate | layers | MLP | heads | KV | refit | params | removed | ppl | x teacher |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['layer_ratio']} ({r['layer_method']}) | {r['mlp_ratio']} "
-            f"| {r['head_ratio']} | {r['kv_ratio']} | {r['parameters'] / 1e6:.1f}M | {r['removed']:.1%} "
+            f"| {r['head_ratio']} | {r['kv_ratio']} | {'yes' if r['refit'] else 'no'} | {r['parameters'] / 1e6:.1f}M | {r['removed']:.1%} "
             f"| {r['perplexity']:.2f} | {r['ratio_to_teacher']:.2f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -56,6 +56,11 @@ class PruneConfig:
     head_ratio: float = 0.0  # fraction of query heads removed within each KV group
     kv_ratio: float = 0.0  # fraction of KV groups (with their query heads) removed
     multiple: int = 32  # MLP width kept is a multiple of this (MatMulNBits blocks)
+    # Refit down_proj / o_proj on the kept channels / heads by least squares on the calibration
+    # activations, so the layer output stays as close as a linear map allows; `damp` is the
+    # ridge term relative to the mean input energy.
+    reconstruct: bool = True
+    damp: float = 0.01
     text: Path = DEFAULT_TEXT  # calibration text; relative paths resolve against the repo root
     span: tuple[float, float] = (0.1, 1.0)  # fraction of the file used (keep eval text out)
     calib_tokens: int = 8192
@@ -69,6 +74,8 @@ class PruneConfig:
         check_span(self.span, "prune.span")
         if self.multiple < 1 or self.calib_tokens < 1 or self.seq_len < 2:
             raise ValueError("prune: multiple >= 1, calib_tokens >= 1, seq_len >= 2")
+        if self.damp <= 0:
+            raise ValueError(f"prune.damp must be > 0, not {self.damp}")
 
     @property
     def active(self) -> bool:
@@ -141,8 +148,10 @@ def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool 
     layers = model.model.layers
     n = len(layers)
     hidden: list[Any] = [None] * (n + 1)
-    mlp_sq = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
-    attn_sq = [torch.zeros(layer.self_attn.o_proj.in_features, dtype=torch.float64) for layer in layers]
+    # Gram matrices X^T X of the inputs of down_proj and o_proj: their diagonals give channel
+    # and head energies, the whole matrix the least-squares refit of the pruned projections.
+    mlp_gram = [_square(layer.mlp.down_proj.in_features) for layer in layers]
+    attn_gram = [_square(layer.self_attn.o_proj.in_features) for layer in layers]
     hooks = []
     for i, layer in enumerate(layers):
 
@@ -152,10 +161,10 @@ def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool 
             hidden[i + 1] = (out[0] if isinstance(out, tuple) else out).detach()
 
         def mlp_hook(_m: Any, args: Any, i: int = i) -> None:
-            mlp_sq[i] += args[0].detach().double().pow(2).sum(dim=(0, 1))
+            mlp_gram[i] += _gram(args[0])
 
         def attn_hook(_m: Any, args: Any, i: int = i) -> None:
-            attn_sq[i] += args[0].detach().double().pow(2).sum(dim=(0, 1))
+            attn_gram[i] += _gram(args[0])
 
         hooks.append(layer.register_forward_hook(layer_hook, with_kwargs=True))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook))
@@ -182,14 +191,14 @@ def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool 
         for h in hooks:
             h.remove()
     mlp_score = [
-        (sq / tokens).sqrt() * layer.mlp.down_proj.weight.detach().double().norm(dim=0)
-        for sq, layer in zip(mlp_sq, layers, strict=True)
+        (g.diagonal() / tokens).sqrt() * layer.mlp.down_proj.weight.detach().double().norm(dim=0)
+        for g, layer in zip(mlp_gram, layers, strict=True)
     ]
     head_score = []
-    for sq, layer in zip(attn_sq, layers, strict=True):
+    for g, layer in zip(attn_gram, layers, strict=True):
         d = layer.self_attn.head_dim
         w = layer.self_attn.o_proj.weight.detach().double()
-        energy = (sq / tokens).view(-1, d).sum(-1).sqrt()
+        energy = (g.diagonal() / tokens).view(-1, d).sum(-1).sqrt()
         head_score.append(energy * w.view(w.shape[0], -1, d).pow(2).sum(dim=(0, 2)).sqrt())
     return {
         "tokens": tokens,
@@ -197,7 +206,43 @@ def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool 
         "block": (block / tokens).tolist() if drop_layers else [],
         "mlp": mlp_score,
         "heads": head_score,
+        "mlp_gram": mlp_gram,
+        "attn_gram": attn_gram,
     }
+
+
+def _square(n: int) -> Any:
+    import torch
+
+    return torch.zeros((n, n), dtype=torch.float64)
+
+
+def _gram(x: Any) -> Any:
+    """X^T X over all tokens of a [B, S, n] activation (float32 product, float64 sum)."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    return (flat.T @ flat).double()
+
+
+def refit(weight: Any, gram: Any, keep: Any, damp: float) -> Any:
+    """Least-squares refit of a projection `weight` [out, n] that keeps only input columns `keep`.
+
+    argmin_W' E||W x - W' x_k||^2 = W_k + W_d G_dk G_kk^-1 (d: the dropped columns): the kept
+    weights plus the part of the dropped channels that the kept ones can linearly stand in for.
+    The ridge (damp x mean input energy) shrinks only that correction, so dropping channels that
+    contribute nothing changes nothing.
+    """
+    import torch
+
+    n = weight.shape[1]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[keep] = False
+    drop = mask.nonzero().flatten()
+    g_kk = gram[keep][:, keep]
+    ridge = damp * g_kk.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(len(keep), dtype=gram.dtype)
+    carry = weight.double()[:, drop] @ gram[drop][:, keep]  # [out, k]
+    fix = torch.linalg.solve(g_kk + ridge * eye, carry.T).T  # carry @ (G_kk + ridge I)^-1
+    return (weight.double()[:, keep] + fix).to(weight.dtype)
 
 
 def choose_layers(config: PruneConfig, scores: dict[str, Any], n: int, drop: int) -> list[int]:
@@ -250,6 +295,16 @@ def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False
         kept_mlp.append(ch.tolist())
         kept_heads.append(q_idx.tolist())
         sub = _slice_layer(sub, ch, q_idx, kv_idx, d)
+        if config.reconstruct and scores:
+            if len(ch) < layer.mlp.down_proj.in_features:
+                w = state[prefix + "mlp.down_proj.weight"]
+                sub["mlp.down_proj.weight"] = refit(
+                    w, scores["mlp_gram"][old_i], torch.from_numpy(ch), config.damp
+                )
+            if len(q_idx) < attn.o_proj.in_features // d:
+                w = state[prefix + "self_attn.o_proj.weight"]
+                rows = _rows(q_idx, d)
+                sub["self_attn.o_proj.weight"] = refit(w, scores["attn_gram"][old_i], rows, config.damp)
         new_state.update({f"model.layers.{new_i}.{k}": v for k, v in sub.items()})
     new_config = AutoConfig.from_pretrained(str(hf_dir))
     new_config.num_hidden_layers = len(kept_layers)
