@@ -121,7 +121,8 @@ def main() -> None:
         row["ratio_to_teacher"] = row["perplexity"] / base
         rows.append(row)
         print(
-            f"{name:12s} refit {'on ' if refit else 'off'} params {row['parameters'] / 1e6:6.1f}M (-{row['removed']:.1%})  "
+            f"{name:12s} refit {'on ' if refit else 'off'} "
+            f"params {row['parameters'] / 1e6:6.1f}M (-{row['removed']:.1%})  "
             f"ppl {row['perplexity']:9.2f} ({row['ratio_to_teacher']:.2f}x)  {row['seconds']}s",
             flush=True,
         )
@@ -138,7 +139,8 @@ def main() -> None:
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['layer_ratio']} ({r['layer_method']}) | {r['mlp_ratio']} "
-            f"| {r['head_ratio']} | {r['kv_ratio']} | {'yes' if r['refit'] else 'no'} | {r['parameters'] / 1e6:.1f}M | {r['removed']:.1%} "
+            f"| {r['head_ratio']} | {r['kv_ratio']} | {'yes' if r['refit'] else 'no'} "
+            f"| {r['parameters'] / 1e6:.1f}M | {r['removed']:.1%} "
             f"| {r['perplexity']:.2f} | {r['ratio_to_teacher']:.2f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
