@@ -1,0 +1,79 @@
+"""Decode speed of several bundles, interleaved in one process, as ratios to the first.
+
+In: two or more bundle folders (the first is the reference). Out: per bundle the median decode
+tok/s (short chat prompt, 128 new tokens, greedy, EOS ignored, 2 threads) and its ratio to the
+reference, printed and written to `benchmarks/results/compare.{json,md}`.
+
+Why interleaved: on a shared VM the absolute speed drifts by tens of percent over minutes, so
+bundles measured one after another can swap places. Here run r of every bundle happens before
+run r+1 of any, and each ratio is the median of the per-round ratios.
+
+    python benchmarks/compare.py UNPRUNED_BUNDLE PRUNED_BUNDLE [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_llm import bench  # noqa: E402
+from edge_llm.engine import Engine  # noqa: E402
+from edge_llm.runner import RunnerOptions  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bundles", nargs="+", type=Path)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
+    args = ap.parse_args()
+    if len(args.bundles) < 2:
+        ap.error("give at least two bundles (the first is the reference)")
+    engines = [Engine.load(b, RunnerOptions(threads=args.threads, max_batch=1)) for b in args.bundles]
+    ids = bench.prompts(engines[0])["short"]
+    for e in engines:  # warm-up: first-run allocations, page faults
+        bench._timed_generation(e, ids, args.new_tokens)
+    speeds: list[list[float]] = [[] for _ in engines]
+    for _ in range(args.rounds):
+        for i, e in enumerate(engines):
+            ttft, total, _ = bench._timed_generation(e, ids, args.new_tokens)
+            speeds[i].append((args.new_tokens - 1) / (total - ttft))
+    rows = []
+    for b, s in zip(args.bundles, speeds, strict=True):
+        ratios = [x / r for x, r in zip(s, speeds[0], strict=True)]
+        rows.append(
+            {
+                "bundle": str(b),
+                "decode_tok_s": statistics.median(s),
+                "decode_runs": s,
+                "ratio_to_first": statistics.median(ratios),
+                "ratio_runs": ratios,
+            }
+        )
+        print(f"{b.name:40s} {statistics.median(s):7.1f} tok/s  x{statistics.median(ratios):.3f}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [
+        f"Interleaved decode, {args.rounds} rounds, {args.new_tokens} new tokens, {args.threads} threads.",
+        "",
+        "| bundle | decode tok/s (median) | x first (median of per-round ratios) |",
+        "|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {Path(r['bundle']).name} | {r['decode_tok_s']:.1f} | {r['ratio_to_first']:.3f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}.json and {out}.md")
+
+
+if __name__ == "__main__":
+    main()
