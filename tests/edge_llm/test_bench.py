@@ -44,5 +44,6 @@ def test_bench_writes_json_markdown_png(kind: str, request: pytest.FixtureReques
     for key in ("decode_tok_s", "ttft_short_ms", "ttft_long_ms", "peak_rss_mib", "first_token_after_load_s"):
         assert ours[key] > 0, key
     assert set(ours["batch_tok_s_by_size"]) == {"1", "2"}
+    assert ours["cpu"]["cores"] >= 1 and "isa" in ours["cpu"]  # which int8 kernels ran
     assert "edge-llm" in (out / "bench.md").read_text() and "edge-llm" in proc.stdout
     assert (out / "bench.png").stat().st_size > 1000
