@@ -31,7 +31,9 @@ CASES = {
     "int8": (quantize.QuantizeConfig(mode="int8"), 0.08, 0.6, 0.85),
     "grid": (quantize.QuantizeConfig(mode="grid"), 0.08, 0.6, 0.85),
     "int8-embed": (quantize.QuantizeConfig(mode="int8", embeddings="int8"), 0.08, 0.6, 0.85),
-    "dynamic": (quantize.QuantizeConfig(mode="dynamic"), 0.12, 0.9, 0.85),
+    # 7-bit weights (reduce_range, the default): measured max 1.00 on an AVX2-only host; with 8-bit
+    # weights there the u8 x s8 int16 saturation put the mean at 0.43 and the max at 3.2.
+    "dynamic": (quantize.QuantizeConfig(mode="dynamic"), 0.12, 1.2, 0.85),
     "qdq": (quantize.QuantizeConfig(mode="qdq", calib_tokens=256, calib_seq_len=32), 0.2, 1.5, 0.8),
     "qdq16": (
         quantize.QuantizeConfig(mode="qdq", activation_bits=16, calib_tokens=256, calib_seq_len=32),
@@ -74,6 +76,8 @@ def test_mode_loads_and_agrees_with_fp32(
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= agree
     method = json.loads((bundle / "bundle.json").read_text())["quantization"]
     assert method["weights"] > 0 and method["worst_rel_rms"] < 0.05
+    if cfg.mode in ("dynamic", "qdq"):  # 7-bit weights wherever activations are 8-bit
+        assert method["reduce_range"] is (cfg.mode == "dynamic" or cfg.activation_bits == 8)
     report = quantize.read_report(_qdir(bundle))
     assert report["errors"] and all("max_abs" in e for e in report["errors"].values())
 
