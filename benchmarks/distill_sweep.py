@@ -64,6 +64,10 @@ def main() -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             rep = distill.run(cfg, loaded.hf_dir, student, Path(tmp) / "d", progress=False)
+            # Agreement with the teacher: a student fitted to the text (ce_weight) can beat the
+            # teacher's perplexity on that text while agreeing with it less.
+            trained, _ = evaluate.torch_logits(Path(tmp) / "d")
+            agree = evaluate.score(held_out, trained, cfg.eval_context, cfg.eval_context, teacher=logits)
         first, last = rep["curve"][0], rep["curve"][-1]
         row = {
             "name": name,
@@ -73,13 +77,17 @@ def main() -> None:
             "perplexity_before": first["perplexity"],
             "perplexity": last["perplexity"],
             "ratio_to_teacher": last["perplexity"] / teacher_ppl,
+            "kl_to_teacher": agree["kl_to_teacher"],
+            "top1_agreement": agree["top1_agreement"],
             "last_loss": rep["last_loss"],
             "seconds": round(time.perf_counter() - t0, 1),
         }
         rows.append(row)
         print(
             f"{name:12s} {overrides}  ppl {row['perplexity_before']:.2f} -> {row['perplexity']:.2f} "
-            f"({row['ratio_to_teacher']:.2f}x)  {row['train_tok_s']:.0f} tok/s",
+            f"({row['ratio_to_teacher']:.2f}x)  KL {row['kl_to_teacher']:.3f}  "
+            f"top-1 {row['top1_agreement']:.3f}  "
+            f"{row['train_tok_s']:.0f} tok/s",
             flush=True,
         )
     out = Path(args.out)
@@ -90,13 +98,14 @@ def main() -> None:
         f"Student: {Path(args.recipe).name} after pruning; {args.tokens} training tokens per variant; "
         f"teacher perplexity {teacher_ppl:.3f} (held-out span, context {base_cfg.eval_context}).",
         "",
-        "| variant | overrides | ppl before | ppl after | x teacher | train tok/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| variant | overrides | ppl before | ppl after | x teacher | KL to teacher | top-1 | train tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['overrides'] or '-'} | {r['perplexity_before']:.2f} | {r['perplexity']:.2f} "
-            f"| {r['ratio_to_teacher']:.2f} | {r['train_tok_s']:.0f} |"
+            f"| {r['ratio_to_teacher']:.2f} | {r['kl_to_teacher']:.3f} | {r['top1_agreement']:.3f} "
+            f"| {r['train_tok_s']:.0f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}.json and {out}.md")
