@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from export import distill, evaluate, load, prune, recipe  # noqa: E402
 from export.cache import cached_stage, stable_key  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> None:
     pcfg = rec.prune
     student, _ = cached_stage("prune", key, lambda out: prune.run(pcfg, loaded.hf_dir, out))
     base_cfg = replace(rec.distill, tokens=args.tokens, max_minutes=0.0)
-    held_out = distill.held_out_ids(replace(base_cfg, eval_every=1), loaded.hf_dir)
+    held_out = distill.held_out_ids(replace(base_cfg, eval_every=1), distill.load_tokenizer(loaded.hf_dir))
     logits, _ = evaluate.torch_logits(loaded.hf_dir)
     teacher_ppl = evaluate.score(held_out, logits, base_cfg.eval_context, base_cfg.eval_context)["perplexity"]
     print(f"teacher perplexity {teacher_ppl:.3f}; student from {student}", flush=True)
@@ -90,10 +90,7 @@ def main() -> None:
             f"{row['train_tok_s']:.0f} tok/s",
             flush=True,
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"recipe": args.recipe, "teacher_perplexity": teacher_ppl, "tokens": args.tokens, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(evaluate.jsonable(doc), indent=1) + "\n")
     lines = [
         f"Student: {Path(args.recipe).name} after pruning; {args.tokens} training tokens per variant; "
         f"teacher perplexity {teacher_ppl:.3f} (held-out span, context {base_cfg.eval_context}).",
@@ -107,8 +104,7 @@ def main() -> None:
             f"| {r['ratio_to_teacher']:.2f} | {r['kl_to_teacher']:.3f} | {r['top1_agreement']:.3f} "
             f"| {r['train_tok_s']:.0f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}.json and {out}.md")
+    write_results(Path(args.out), doc, lines)
 
 
 if __name__ == "__main__":

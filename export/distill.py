@@ -111,13 +111,14 @@ def pick_device(config: DistillConfig) -> str:
     return config.device
 
 
-def training_ids(
-    config: DistillConfig, teacher_dir: Path, teacher: Any, device: str
-) -> tuple[np.ndarray, dict]:
-    """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from."""
+def load_tokenizer(teacher_dir: Path) -> Any:
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
+    return Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
+
+
+def training_ids(config: DistillConfig, tok: Any, teacher: Any, device: str) -> tuple[np.ndarray, dict]:
+    """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from."""
     text, where = read_span(config.text, config.span)
     ids = tok.encode(text, add_special_tokens=False).ids
     where["text_tokens"] = len(ids)
@@ -150,35 +151,30 @@ def teacher_text(teacher: Any, ids: list[int], config: DistillConfig, device: st
     return out[: config.teacher_tokens]
 
 
-def held_out_ids(config: DistillConfig, teacher_dir: Path) -> np.ndarray | None:
+def held_out_ids(config: DistillConfig, tok: Any) -> np.ndarray | None:
     """Token ids of the held-out span the learning curve is measured on (None: no curve)."""
     if not config.eval_every:
         return None
-    from tokenizers import Tokenizer
+    from export.evaluate import EvaluateConfig, tokenize_span
 
-    tok = Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
-    text, _ = read_span(config.text, config.eval_span)
-    ids = tok.encode(text, add_special_tokens=False).ids[: config.eval_tokens]
-    if len(ids) < 2:
-        raise ExportError(f"distill: eval_span {config.eval_span} of {config.text} has no text")
-    return np.asarray(ids, dtype=np.int64)
+    ecfg = EvaluateConfig(
+        text=config.text,
+        span=config.eval_span,
+        max_tokens=config.eval_tokens,
+        context=config.eval_context,
+        stride=config.eval_context,
+    )
+    return tokenize_span(ecfg, lambda text: tok.encode(text, add_special_tokens=False).ids)[0]
 
 
 def curve_point(student: Any, ids: np.ndarray, config: DistillConfig, device: str, tokens: int) -> dict:
     """The student's held-out perplexity now (one point of the learning curve)."""
-    import torch
-
-    from export.evaluate import score
-
-    def logits(window: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = student(torch.from_numpy(window[None]).to(device), use_cache=False)
-        return out.logits[0].float().cpu().numpy()
+    from export.evaluate import model_logits, score
 
     t = time.perf_counter()
     was_training = student.training
     student.eval()
-    ppl = score(ids, logits, config.eval_context, config.eval_context)["perplexity"]
+    ppl = score(ids, model_logits(student, device), config.eval_context, config.eval_context)["perplexity"]
     student.train(was_training)
     return {"tokens": tokens, "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t, 1)}
 
@@ -244,8 +240,9 @@ def run(
         student.get_output_embeddings().weight.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    data, where = training_ids(config, teacher_dir, teacher, device)
-    held_out = held_out_ids(config, teacher_dir)
+    tok = load_tokenizer(teacher_dir)
+    data, where = training_ids(config, tok, teacher, device)
+    held_out = held_out_ids(config, tok)
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": [], "curve": []}
     if ckpt_path.is_file():

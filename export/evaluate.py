@@ -165,13 +165,19 @@ def torch_logits(hf_dir: Path, threads: int = 0) -> tuple[Logits, Any]:
     if threads:
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    return model_logits(model), model
+
+
+def model_logits(model: Any, device: str = "cpu") -> Logits:
+    """A logits function over an in-memory HF causal LM (put it in eval mode first)."""
+    import torch
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(torch.from_numpy(ids[None].astype(np.int64)))
-        return out.logits[0].float().numpy()
+            out = model(torch.from_numpy(ids[None].astype(np.int64)).to(device), use_cache=False)
+        return out.logits[0].float().cpu().numpy()
 
-    return run, model
+    return run
 
 
 def bundle_logits(engine: Any) -> Logits:
