@@ -141,17 +141,27 @@ def angular(a: Any, b: Any) -> Any:
     return (torch.arccos(cos) / math.pi).mean()
 
 
-def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool = False) -> dict[str, Any]:
-    """One pass over the calibration batches: layer distances, MLP channel and head energies."""
+def importance(
+    model: Any,
+    batches: list[Any],
+    drop_layers: int,
+    progress: bool = False,
+    grams: tuple[bool, bool] = (False, False),
+) -> dict[str, Any]:
+    """One pass over the calibration batches: layer distances, MLP channel and head energies.
+
+    `grams` = (mlp, attention): also keep the whole Gram matrix of that projection's input (for
+    `refit`) instead of its diagonal; n x n per layer, so only where channels are removed.
+    """
     import torch
 
     layers = model.model.layers
     n = len(layers)
     hidden: list[Any] = [None] * (n + 1)
-    # Gram matrices X^T X of the inputs of down_proj and o_proj: their diagonals give channel
-    # and head energies, the whole matrix the least-squares refit of the pruned projections.
-    mlp_gram = [_square(layer.mlp.down_proj.in_features) for layer in layers]
-    attn_gram = [_square(layer.self_attn.o_proj.in_features) for layer in layers]
+    # Input energies of down_proj and o_proj: diag(X^T X) ranks channels and heads; the whole
+    # Gram matrix, kept only where `grams` asks, is what the least-squares refit needs.
+    mlp_energy = [_energy_sum(layer.mlp.down_proj.in_features, grams[0]) for layer in layers]
+    attn_energy = [_energy_sum(layer.self_attn.o_proj.in_features, grams[1]) for layer in layers]
     hooks = []
     for i, layer in enumerate(layers):
 
@@ -161,10 +171,10 @@ def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool 
             hidden[i + 1] = (out[0] if isinstance(out, tuple) else out).detach()
 
         def mlp_hook(_m: Any, args: Any, i: int = i) -> None:
-            mlp_gram[i] += _gram(args[0])
+            mlp_energy[i] += _energy(args[0], grams[0])
 
         def attn_hook(_m: Any, args: Any, i: int = i) -> None:
-            attn_gram[i] += _gram(args[0])
+            attn_energy[i] += _energy(args[0], grams[1])
 
         hooks.append(layer.register_forward_hook(layer_hook, with_kwargs=True))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook))
@@ -191,14 +201,14 @@ def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool 
         for h in hooks:
             h.remove()
     mlp_score = [
-        (g.diagonal() / tokens).sqrt() * layer.mlp.down_proj.weight.detach().double().norm(dim=0)
-        for g, layer in zip(mlp_gram, layers, strict=True)
+        (_diag(g) / tokens).sqrt() * layer.mlp.down_proj.weight.detach().double().norm(dim=0)
+        for g, layer in zip(mlp_energy, layers, strict=True)
     ]
     head_score = []
-    for g, layer in zip(attn_gram, layers, strict=True):
+    for g, layer in zip(attn_energy, layers, strict=True):
         d = layer.self_attn.head_dim
         w = layer.self_attn.o_proj.weight.detach().double()
-        energy = (g.diagonal() / tokens).view(-1, d).sum(-1).sqrt()
+        energy = (_diag(g) / tokens).view(-1, d).sum(-1).sqrt()
         head_score.append(energy * w.view(w.shape[0], -1, d).pow(2).sum(dim=(0, 2)).sqrt())
     return {
         "tokens": tokens,
@@ -206,21 +216,28 @@ def importance(model: Any, batches: list[Any], drop_layers: int, progress: bool 
         "block": (block / tokens).tolist() if drop_layers else [],
         "mlp": mlp_score,
         "heads": head_score,
-        "mlp_gram": mlp_gram,
-        "attn_gram": attn_gram,
+        "mlp_energy": mlp_energy,
+        "attn_energy": attn_energy,
     }
 
 
-def _square(n: int) -> Any:
+def _energy_sum(n: int, full: bool) -> Any:
     import torch
 
-    return torch.zeros((n, n), dtype=torch.float64)
+    return torch.zeros((n, n) if full else n, dtype=torch.float64)
 
 
-def _gram(x: Any) -> Any:
-    """X^T X over all tokens of a [B, S, n] activation (float32 product, float64 sum)."""
-    flat = x.detach().reshape(-1, x.shape[-1]).float()
-    return (flat.T @ flat).double()
+def _energy(x: Any, full: bool) -> Any:
+    """X^T X (full) or its diagonal over all tokens of a [B, S, n] activation, summed in float64."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    if full:
+        flat = flat.float()
+        return (flat.T @ flat).double()
+    return flat.double().pow(2).sum(0)
+
+
+def _diag(energy: Any) -> Any:
+    return energy.diagonal() if energy.dim() == 2 else energy
 
 
 def refit(weight: Any, gram: Any, keep: Any, damp: float) -> Any:
@@ -274,7 +291,11 @@ def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False
     n = len(layers)
     if config.active:
         batches, where = calibration(config, hf_dir)
-        scores = importance(model, batches, target.drop_layers, progress)
+        grams = (
+            config.reconstruct and target.intermediate < model.config.intermediate_size,
+            config.reconstruct and target.heads < model.config.num_attention_heads,
+        )
+        scores = importance(model, batches, target.drop_layers, progress, grams)
         report["calibration"] = {**where, "tokens": scores["tokens"], "seq_len": config.seq_len}
     else:
         scores = None
@@ -299,12 +320,12 @@ def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False
             if len(ch) < layer.mlp.down_proj.in_features:
                 w = state[prefix + "mlp.down_proj.weight"]
                 sub["mlp.down_proj.weight"] = refit(
-                    w, scores["mlp_gram"][old_i], torch.from_numpy(ch), config.damp
+                    w, scores["mlp_energy"][old_i], torch.from_numpy(ch), config.damp
                 )
             if len(q_idx) < attn.o_proj.in_features // d:
                 w = state[prefix + "self_attn.o_proj.weight"]
                 rows = _rows(q_idx, d)
-                sub["self_attn.o_proj.weight"] = refit(w, scores["attn_gram"][old_i], rows, config.damp)
+                sub["self_attn.o_proj.weight"] = refit(w, scores["attn_energy"][old_i], rows, config.damp)
         new_state.update({f"model.layers.{new_i}.{k}": v for k, v in sub.items()})
     new_config = AutoConfig.from_pretrained(str(hf_dir))
     new_config.num_hidden_layers = len(kept_layers)
