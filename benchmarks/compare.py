@@ -14,7 +14,6 @@ run r+1 of any, and each ratio is the median of the per-round ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from edge_llm import bench  # noqa: E402
 from edge_llm.engine import Engine  # noqa: E402
 from edge_llm.runner import RunnerOptions  # noqa: E402
@@ -59,10 +59,7 @@ def main() -> None:
             }
         )
         print(f"{b.name:40s} {statistics.median(s):7.1f} tok/s  x{statistics.median(ratios):.3f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
         f"Interleaved decode, {args.rounds} rounds, {args.new_tokens} new tokens, {args.threads} threads.",
         "",
@@ -71,8 +68,7 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(f"| {Path(r['bundle']).name} | {r['decode_tok_s']:.1f} | {r['ratio_to_first']:.3f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}.json and {out}.md")
+    write_results(Path(args.out), doc, lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ CPU-sized token budget.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import write_results  # noqa: E402
 from export import evaluate, load, prune  # noqa: E402
 
 # name: (layer_ratio, mlp_ratio, head_ratio, kv_ratio); SmolLM2-135M has 30 layers, 1536 MLP
@@ -126,10 +126,7 @@ def main() -> None:
             f"ppl {row['perplexity']:9.2f} ({row['ratio_to_teacher']:.2f}x)  {row['seconds']}s",
             flush=True,
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"teacher_perplexity": base, "eval": where, "calib_tokens": args.calib_tokens, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(evaluate.jsonable(doc), indent=1) + "\n")
     lines = [
         f"Teacher perplexity {base:.3f} ({len(ids)} tokens, context {args.context}); no distillation.",
         "",
@@ -143,8 +140,7 @@ def main() -> None:
             f"| {r['parameters'] / 1e6:.1f}M | {r['removed']:.1%} "
             f"| {r['perplexity']:.2f} | {r['ratio_to_teacher']:.2f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}.json and {out}.md")
+    write_results(Path(args.out), doc, lines)
 
 
 if __name__ == "__main__":

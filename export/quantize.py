@@ -214,8 +214,12 @@ def _ort_quantize(
             extra_options={"MatMulConstBOnly": True},
             **common,
         )
-        method: dict[str, Any] = {"method": "ort_dynamic", "mode": "dynamic", "weights": "int8 per-channel"}
-        method["reduce_range"] = common["reduce_range"]
+        method: dict[str, Any] = {
+            "method": "ort_dynamic",
+            "mode": "dynamic",
+            "weights": "int8 per-channel",
+            "reduce_range": common["reduce_range"],
+        }
     else:
         if hf_dir is None:
             raise ExportError("quantize.mode 'qdq' needs the model's tokenizer for calibration text")
