@@ -43,10 +43,13 @@ class GraphSpec:
 
     kv_layout "concat": past has shape [B, kv, P, d] and present [B, kv, P+S, d] (optimum).
     kv_layout "shared": past and present are one preallocated [B, kv, max_ctx, d] buffer (GQA).
+    kv_layout "static": fixed shapes (NPUs): `file` decodes 1 token, `prefill_file` takes
+    `prefill_length`, both over a past of exactly `past_length` positions; presents are the new
+    positions only.
     """
 
     file: str
-    kv_layout: Literal["concat", "shared"]
+    kv_layout: Literal["concat", "shared", "static"]
     logits: Literal["all", "last", "tail"]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -55,6 +58,9 @@ class GraphSpec:
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
     kv_dtype: str = "float32"
+    prefill_file: str = ""  # static only
+    prefill_length: int = 0
+    past_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         )
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{manifest}: malformed manifest ({exc!s})") from None
-    for needed in (bundle.graph.file, bundle.tokenizer.file):
+    for needed in (bundle.graph.file, bundle.graph.prefill_file or bundle.graph.file, bundle.tokenizer.file):
         if needed not in bundle.files:
             raise BundleError(f"{manifest}: {needed} is not listed under 'files'")
     stamp = _stamp(root, bundle.files)
@@ -187,8 +193,10 @@ def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
     raw = dict(raw)
     raw["inputs"] = tuple(raw["inputs"])
     raw["outputs"] = tuple(raw["outputs"])
-    if raw.get("kv_layout") not in ("concat", "shared"):
-        raise TypeError(f"graph.kv_layout must be 'concat' or 'shared', not {raw.get('kv_layout')!r}")
+    if raw.get("kv_layout") not in ("concat", "shared", "static"):
+        raise TypeError(
+            f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"
+        )
     return GraphSpec(**raw)
 
 

@@ -9,6 +9,10 @@ Layouts (bundle.json `graph.kv_layout`):
 - "concat" (optimum export): past [B, kv, P, d] -> present [B, kv, P+S, d].
 - "shared" (fused GQA export): one [B, kv, max_ctx, d] buffer per layer, preallocated once,
   bound as both past and present so the graph writes new entries in place.
+- "static" (fixed-shape graphs for NPUs, `export/fix_shapes.py`): a decode graph (1 token) and a
+  prefill graph (a chunk of C tokens), both over a fixed past of P positions; one [1, kv, P, d]
+  buffer per layer whose unused positions the attention mask hides; presents are the new
+  positions only, copied into the buffer after each call.
 """
 
 from __future__ import annotations
@@ -289,7 +293,103 @@ class SharedRunner(_SessionRunner):
         return copy
 
 
-def make_runner(bundle: Bundle, options: RunnerOptions) -> ConcatRunner | SharedRunner:
+@dataclass
+class StaticCache:
+    """One row of fixed-size KV buffers [1, kv_heads, P, head_dim]; positions >= `lengths[0]` are
+    masked out, so dropping tokens is just lowering the length."""
+
+    buffers: list[np.ndarray]
+    lengths: np.ndarray
+
+    @property
+    def batch(self) -> int:
+        return 1
+
+
+class StaticRunner(_SessionRunner):
+    """Runs fixed-shape graphs: `bundle.graph.file` decodes one token, `prefill_file` a chunk of
+    `prefill_length` (right-padded); both attend over a past of exactly `past_length` positions."""
+
+    def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
+        super().__init__(bundle, options)
+        g = bundle.graph
+        if not g.prefill_file or g.past_length < 1 or g.prefill_length < 2:
+            raise BundleError(
+                f"{bundle.path}: a static graph needs prefill_file, past_length and prefill_length"
+            )
+        self.past_length = g.past_length
+        self.chunk = g.prefill_length
+        self.max_context = min(self.max_context, self.past_length)
+        self.pad_id = bundle.tokenizer.pad_id
+        self.prefill = self._open(bundle.path / g.prefill_file)
+
+    def _open(self, path: os.PathLike[str]) -> ort.InferenceSession:
+        try:
+            session = ort.InferenceSession(
+                str(path),
+                sess_options=session_options(self.options),
+                providers=self.plan.providers,
+                provider_options=self.plan.provider_options,
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"{path}: onnxruntime cannot load the graph: {exc}") from None
+        check_graph_io(
+            self.bundle, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        )
+        return session
+
+    def empty(self, batch: int = 1) -> StaticCache:
+        if batch != 1:
+            raise BundleError(f"{self.bundle.path}: static graphs run one sequence at a time")
+        shape = (1, self.kv_shape[0], self.past_length, self.kv_shape[1])
+        return StaticCache([np.zeros(shape, np.float32) for _ in self.past_names], np.zeros(1, np.int64))
+
+    def forward(self, tokens: np.ndarray, cache: StaticCache, all_logits: bool = False) -> np.ndarray:
+        """Feed tokens [1, S] after `cache`: prefill chunks while 2+ remain, decode for a last
+        single token; logits [1, V] (last position) or [1, S, V]."""
+        steps = tokens.shape[1]
+        self.check_room(int(cache.lengths[0]), steps)
+        parts, done = [], 0
+        while done < steps:
+            take = 1 if steps - done == 1 else min(self.chunk, steps - done)
+            parts.append(self._run(tokens[:, done : done + take], cache))
+            done += take
+        if all_logits:
+            return np.concatenate(parts, axis=1)
+        return parts[-1][:, -1, :].copy()
+
+    def _run(self, tokens: np.ndarray, cache: StaticCache) -> np.ndarray:
+        """One call of the graph whose width fits `tokens`; returns the real positions' logits."""
+        take = tokens.shape[1]
+        session, width = (self.session, 1) if take == 1 else (self.prefill, self.chunk)
+        have, past = int(cache.lengths[0]), self.past_length
+        ids = np.full((1, width), self.pad_id, np.int64)
+        ids[0, :take] = tokens[0]
+        mask = np.zeros((1, past + width), np.int64)
+        mask[0, :have] = 1
+        mask[0, past : past + take] = 1  # padding columns stay 0: no real token attends to them
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": (have + np.arange(width, dtype=np.int64))[None, :],
+        }
+        feeds.update(zip(self.past_names, cache.buffers, strict=True))
+        logits, *presents = session.run(["logits", *self.present_names], feeds)
+        for buf, new in zip(cache.buffers, presents, strict=True):
+            buf[:, :, have : have + take] = new[:, :, :take]
+        cache.lengths[0] = have + take
+        return logits[:, :take]
+
+    def truncate(self, cache: StaticCache, length: int, row: int = 0) -> None:
+        cache.lengths[0] = min(int(cache.lengths[0]), length)
+
+    def fork(self, cache: StaticCache) -> StaticCache:
+        return StaticCache([b.copy() for b in cache.buffers], cache.lengths.copy())
+
+
+def make_runner(bundle: Bundle, options: RunnerOptions) -> ConcatRunner | SharedRunner | StaticRunner:
     if bundle.graph.kv_layout == "concat":
         return ConcatRunner(bundle, options)
+    if bundle.graph.kv_layout == "static":
+        return StaticRunner(bundle, options)
     return SharedRunner(bundle, options)

@@ -29,6 +29,10 @@ class BundleConfig:
     context_length: int = 0  # 0: the model's max_position_embeddings
     kv_layout: str = "concat"
     logits: str = "all"
+    # kv_layout "static" (export/fix_shapes.py): the prefill graph beside the decode graph
+    prefill_file: str = ""
+    prefill_length: int = 0
+    past_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,15 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
             "logits": config.logits,
             "inputs": list(graph_inputs),
             "outputs": list(graph_outputs),
+            **(
+                {
+                    "prefill_file": config.prefill_file,
+                    "prefill_length": config.prefill_length,
+                    "past_length": config.past_length,
+                }
+                if config.prefill_file
+                else {}
+            ),
         },
         "tokenizer": tokenizer_section(inputs.hf_dir),
         "quantization": inputs.quantization,

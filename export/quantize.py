@@ -38,10 +38,9 @@ log = logging.getLogger(__name__)
 MODES = ("none", "int8", "grid", "dynamic", "qdq")
 REPORT = "quantize.json"
 QDQ_NOTES = (
-    "QDQ graph with dynamic shapes (the runtime's concat KV cache needs a growing past). For QNN, "
-    "fix the shapes per use (e.g. prefill batch 1 x N, decode 1 x 1 with past P) with "
-    "`python -m onnxruntime.tools.make_dynamic_shape_fixed --dim_param NAME --dim_value V`, and "
-    "export one graph per shape; activations are uint8 with MinMax ranges from calibration text."
+    "QDQ graph with dynamic shapes, calibrated as prefill (past length 0) with MinMax ranges from "
+    "calibration text. For NPUs that compile fixed shapes (QNN HTP), a recipe's [static] section "
+    "(export/fix_shapes.py) turns it into a decode and a prefill graph over a fixed past."
 )
 
 

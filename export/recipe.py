@@ -1,6 +1,6 @@
 """A recipe chains the stages: TOML (or flags) in, a verified bundle folder with its report out.
 
-load → prune → distill → to_onnx → quantize → bundle → evaluate → report (→ bundle again, with
+load → prune → distill → to_onnx → quantize (→ fix_shapes) → bundle → evaluate → report (→ bundle again, with
 the report files inside). `Recipe` has one section per stage, each the stage's own frozen config;
 prune, distill and evaluate are optional (absent: skipped). Unknown keys, wrong types, impossible
 ratios and an evaluation span that overlaps the training/calibration text are rejected by
@@ -24,6 +24,7 @@ from edge_llm.errors import ExportError
 from export import bundle as bundle_stage
 from export import distill as distill_stage
 from export import evaluate as evaluate_stage
+from export import fix_shapes as fix_shapes_stage
 from export import load as load_stage
 from export import prune as prune_stage
 from export import quantize as quantize_stage
@@ -42,11 +43,19 @@ class Recipe:
     distill: distill_stage.DistillConfig | None = None
     to_onnx: to_onnx_stage.ToOnnxConfig = field(default_factory=to_onnx_stage.ToOnnxConfig)
     quantize: quantize_stage.QuantizeConfig = field(default_factory=quantize_stage.QuantizeConfig)
+    static: fix_shapes_stage.FixShapesConfig | None = None  # fixed-shape graphs for NPUs
     evaluate: evaluate_stage.EvaluateConfig | None = None
     report: report_stage.ReportConfig = field(default_factory=report_stage.ReportConfig)
     bundle: bundle_stage.BundleConfig = field(default_factory=bundle_stage.BundleConfig)
 
     def __post_init__(self) -> None:
+        if self.static is not None and (
+            self.to_onnx.graph == "fused" or self.quantize.mode in ("int8", "grid")
+        ):
+            raise ValueError(
+                "[static] fixes the shapes of an optimum graph of standard ops: it needs to_onnx.graph "
+                "'optimum' (or 'auto') and quantize.mode 'qdq', 'dynamic' or 'none'"
+            )
         ev = self.evaluate
         if ev is None:
             return
@@ -94,6 +103,8 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
         recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph="optimum"))
     elif recipe.to_onnx.graph == "fused" and recipe.quantize.mode in ("dynamic", "qdq"):
         raise ExportError(f"quantize.mode {recipe.quantize.mode!r} needs to_onnx.graph 'optimum'")
+    if recipe.static is not None:
+        recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph="optimum"))
     stages = StageLog()
     evals: dict[str, dict[str, Any]] = {}
     t_all = time.perf_counter()
@@ -173,17 +184,35 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
         logits=layout["logits"],
         context_length=recipe.bundle.context_length or layout["context_length"],
     )
+    graph, graphs = q_dir / "model.onnx", {}
+    if recipe.static is not None:
+        scfg = recipe.static
+        key = stable_key(key, scfg)
+        t = time.perf_counter()
+        s_dir, cached = cached_stage(
+            "fix_shapes", key, lambda out: fix_shapes_stage.run(scfg, q_dir / "model.onnx", out)
+        )
+        stages.add("fix_shapes", time.perf_counter() - t, cached, **asdict(scfg))
+        graph, graphs = s_dir / "model.onnx", {"prefill.onnx": s_dir / "prefill.onnx"}
+        bcfg = replace(
+            bcfg,
+            kv_layout="static",
+            context_length=scfg.past_length,
+            prefill_file="prefill.onnx",
+            prefill_length=scfg.prefill_length,
+            past_length=scfg.past_length,
+        )
 
     def write_bundle(extra: dict[str, Path]) -> Path:
         return bundle_stage.run(
             bcfg,
             bundle_stage.BundleInputs(
-                graph=q_dir / "model.onnx",
+                graph=graph,
                 hf_dir=model_dir,
                 quantization=quant["method"],
                 source=loaded.source,
                 recipe={**evaluate_stage.jsonable(asdict(recipe)), "stages": stages.stages},
-                extra_files=extra,
+                extra_files={**graphs, **extra},
             ),
             out_dir,
         )

@@ -46,6 +46,7 @@ def test_shipped_recipes_parse() -> None:
     assert pruned.prune is not None and pruned.distill is not None and pruned.evaluate is not None
     npu = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-qdq-npu.toml")
     assert npu.quantize.mode == "qdq" and npu.quantize.activation_bits == 16
+    assert npu.static is not None and npu.static.past_length == 512
 
 
 def test_ratio_the_model_cannot_take_fails_before_pruning(
