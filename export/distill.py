@@ -4,7 +4,12 @@ The original model teaches the pruned one: loss = T^2 * KL(teacher_T ‖ student
 at temperature T, plus optionally a hidden-state loss (1 - cosine of the final hidden states)
 and a hard-label cross-entropy. Training text is a span of a text file (default: WikiText-2
 valid, characters 10%..100%, so the first 10% stays held out for `evaluate`) and/or text the
-teacher generates itself (`teacher_tokens`).
+teacher generates itself: continuations of the text (`teacher_tokens`) and chat turns
+(`chat_tokens`). Plain text alone keeps perplexity but loses the chat model: a pruned SmolLM2
+distilled on WikiText only answered "What is the capital of France?" with its own system prompt.
+Chat turns are written the Magpie way, with no dataset: the teacher gets its chat template up to
+an empty user turn and writes the question itself, then answers it; the student learns the
+teacher's distribution on the whole templated conversation.
 
 Bounded time: a token budget (`tokens`: student tokens trained on, cycling the text when it is
 shorter), micro-batches with gradient accumulation, and an optional wall-clock cap
@@ -38,6 +43,7 @@ from export.prune import TOKENIZER_FILES
 log = logging.getLogger(__name__)
 REPORT = "distill.json"
 CHECKPOINT = "checkpoint.pt"
+CHAT_ROWS = 32  # conversations generated together (CPU generate: wider batches are nearly free)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class DistillConfig:
     text: Path = DEFAULT_TEXT  # relative paths resolve against the repo root
     span: tuple[float, float] = (0.1, 1.0)  # fraction of the file trained on (eval text held out)
     teacher_tokens: int = 0  # extra training text sampled from the teacher (0: none)
+    chat_tokens: int = 0  # chat turns (question + answer) the teacher writes itself (0: none)
+    chat_max_answer: int = 160  # tokens per generated answer at most
     tokens: int = 100_000  # token budget: student tokens trained on
     seq_len: int = 256
     batch: int = 4  # sequences per micro-batch
@@ -84,7 +92,11 @@ class DistillConfig:
             (min(self.kl_weight, self.hidden_weight, self.ce_weight) >= 0, "loss weights must be >= 0"),
             (self.kl_weight + self.hidden_weight + self.ce_weight > 0, "some loss weight must be > 0"),
             (self.checkpoint_every >= 1 and self.max_minutes >= 0, "checkpoint_every >= 1, max_minutes >= 0"),
-            (self.teacher_tokens >= 0 and self.warmup_steps >= 0, "teacher_tokens, warmup_steps >= 0"),
+            (
+                min(self.teacher_tokens, self.chat_tokens, self.warmup_steps) >= 0,
+                "teacher_tokens, chat_tokens, warmup_steps >= 0",
+            ),
+            (self.chat_max_answer >= 8, "chat_max_answer must be >= 8"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
             (self.eval_tokens >= 2 and self.eval_context >= 2, "eval_tokens, eval_context >= 2"),
             (
@@ -117,7 +129,9 @@ def load_tokenizer(teacher_dir: Path) -> Any:
     return Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
 
 
-def training_ids(config: DistillConfig, tok: Any, teacher: Any, device: str) -> tuple[np.ndarray, dict]:
+def training_ids(
+    config: DistillConfig, tok: Any, teacher: Any, device: str, teacher_dir: Path | None = None
+) -> tuple[np.ndarray, dict]:
     """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from."""
     text, where = read_span(config.text, config.span)
     ids = tok.encode(text, add_special_tokens=False).ids
@@ -126,6 +140,18 @@ def training_ids(config: DistillConfig, tok: Any, teacher: Any, device: str) -> 
         generated = teacher_text(teacher, ids, config, device)
         where["teacher_tokens"] = len(generated)
         ids = ids + generated
+    if config.chat_tokens:
+        if teacher_dir is None:
+            raise ExportError("distill.chat_tokens needs the teacher's folder (its chat template)")
+        written = teacher_chats(
+            teacher, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
+        )
+        chats = [c for c, _ in written]
+        where["chat_tokens"] = sum(len(c) for c in chats)
+        where["chat_turns"] = len(chats)
+        where["chat_example"] = tok.decode(chats[0], skip_special_tokens=False)[:400]
+        # Whole conversations, shuffled in among the text's sequences after chunking below.
+        ids = ids + [i for c in chats for i in c]
     n = len(ids) // config.seq_len
     if n < 1:
         raise ExportError(
@@ -149,6 +175,68 @@ def teacher_text(teacher: Any, ids: list[int], config: DistillConfig, device: st
         for row in seqs.tolist():
             out.extend(row)
     return out[: config.teacher_tokens]
+
+
+def teacher_chats(
+    teacher: Any, teacher_dir: Path, tokens: int, max_answer: int, seed: int, device: str
+) -> list[tuple[list[int], int]]:
+    """Conversations of about `tokens` tokens in all, each the templated user question the
+    teacher wrote (prompted with its template up to an empty user turn) and its own answer
+    (at most `max_answer` tokens, sampled with `seed`): (ids, prompt length) each."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from export.bundle import tokenizer_section
+
+    hf_tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    if not hf_tok.chat_template:
+        raise ExportError(f"distill.chat_tokens: {teacher_dir} has no chat template")
+    # The ids the runtime stops on (end of turn first), as the bundle records them.
+    stop = list(tokenizer_section(Path(teacher_dir))["eos_ids"])
+    mark = "\u2063QUESTION\u2063"
+    rendered = hf_tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
+    prefix = hf_tok(rendered[: rendered.index(mark)], add_special_tokens=False)["input_ids"]
+    torch.manual_seed(seed)  # generate() samples from torch's global generator
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else stop[0]
+    sample = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "eos_token_id": stop, "pad_token_id": pad}
+    chats: list[tuple[list[int], int]] = []
+    total, rows, empty_rounds = 0, CHAT_ROWS, 0
+    while total < tokens:
+        start = torch.tensor([prefix] * rows, device=device)
+        with torch.inference_mode():
+            asked = teacher.generate(
+                start, attention_mask=torch.ones_like(start), max_new_tokens=48, **sample
+            )[:, len(prefix) :].tolist()
+        questions = [hf_tok.decode(_until(q, stop), skip_special_tokens=True).strip() for q in asked]
+        prompts = [
+            hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            for q in questions
+            if q
+        ]
+        if not prompts:
+            empty_rounds += 1
+            if empty_rounds == 10:
+                raise ExportError("distill.chat_tokens: the teacher wrote no user question in 10 tries")
+            continue
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.inference_mode():
+            out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **sample)[
+                :, width:
+            ].tolist()
+        for p, answer in zip(prompts, out, strict=True):
+            kept = _until(answer, stop)
+            chat = p + kept + ([stop[0]] if len(kept) < len(answer) else [])  # with its end of turn
+            chats.append((chat, len(p)))
+            total += len(chat)
+    return chats
+
+
+def _until(ids: list[int], stop: list[int]) -> list[int]:
+    """`ids` up to (not including) the first stop token."""
+    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    return ids[:cut]
 
 
 def held_out_ids(config: DistillConfig, tok: Any) -> np.ndarray | None:
@@ -241,7 +329,7 @@ def run(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     tok = load_tokenizer(teacher_dir)
-    data, where = training_ids(config, tok, teacher, device)
+    data, where = training_ids(config, tok, teacher, device, teacher_dir)
     held_out = held_out_ids(config, tok)
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": [], "curve": []}

@@ -8,6 +8,10 @@ What it measures (`EvaluateConfig`):
   number of scored tokens are recorded with the result.
 - against a teacher (the unpruned fp32 HF model, run with torch): mean KL(teacher ‖ model) per
   token and top-1 agreement (argmax equal), on the same windows; and the teacher's perplexity.
+- chat (`chat_tokens`, with a teacher): the same KL / top-1 agreement on the answers of chat
+  turns the teacher writes itself (`distill.teacher_chats`, seeded with `chat_seed`, which the
+  recipe keeps apart from distillation's), and the model's perplexity on those answers. Text
+  perplexity alone missed a pruned student that had stopped answering chat prompts.
 - size on disk, parameter count.
 - speed (bundles only, through `edge_llm.engine`): time to first token for a `speed_prompt`-token
   prompt and greedy decode tokens/s over `speed_tokens` tokens, best of `speed_runs` (the CPU is
@@ -48,6 +52,9 @@ class EvaluateConfig:
     context: int = 512
     stride: int = 512
     teacher: bool = True  # KL / top-1 agreement against the unpruned model
+    chat_tokens: int = 0  # teacher-written chat turns to compare on (0: none; needs teacher)
+    chat_seed: int = 1
+    chat_max_answer: int = 160
     speed: bool = True
     speed_prompt: int = 128
     speed_tokens: int = 64
@@ -58,6 +65,8 @@ class EvaluateConfig:
         check_span(self.span, "evaluate.span")
         if self.context < 2 or self.stride < 1 or self.stride > self.context:
             raise ValueError("evaluate: need context >= 2 and 1 <= stride <= context")
+        if self.chat_tokens < 0 or self.chat_max_answer < 8:
+            raise ValueError("evaluate: need chat_tokens >= 0 and chat_max_answer >= 8")
         if self.max_tokens < 2:
             raise ValueError("evaluate.max_tokens must be >= 2")
         if self.speed_prompt < 1 or self.speed_tokens < 2 or self.speed_runs < 1:
@@ -149,6 +158,34 @@ def score(
     return out
 
 
+def score_chats(chats: list[tuple[list[int], int]], model: Logits, teacher: Logits) -> dict[str, Any]:
+    """KL(teacher ‖ model), top-1 agreement and perplexities on the answer tokens of each chat."""
+    nll = t_nll = kl = 0.0
+    agree = count = 0
+    for ids, prompt_len in chats:
+        window = np.asarray(ids, dtype=np.int64)
+        if len(window) <= prompt_len:
+            continue
+        lp = log_softmax(model(window))[prompt_len - 1 : -1]
+        tp = log_softmax(teacher(window))[prompt_len - 1 : -1]
+        targets = window[prompt_len:]
+        nll -= float(lp[np.arange(len(targets)), targets].sum())
+        t_nll -= float(tp[np.arange(len(targets)), targets].sum())
+        kl += float((np.exp(tp) * (tp - lp)).sum())
+        agree += int((tp.argmax(-1) == lp.argmax(-1)).sum())
+        count += len(targets)
+    if not count:
+        raise ExportError("evaluate: the teacher's chat turns have no answer tokens to score")
+    return {
+        "chat_turns": len(chats),
+        "chat_scored_tokens": count,
+        "chat_kl_to_teacher": kl / count,
+        "chat_top1_agreement": agree / count,
+        "chat_perplexity": math.exp(nll / count),
+        "teacher_chat_perplexity": math.exp(t_nll / count),
+    }
+
+
 def _bar(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -229,9 +266,20 @@ def run(
     """Evaluate a bundle folder (bundle.json) or an HF folder (config.json) and return the facts."""
     model_dir = Path(model_dir)
     t0 = time.perf_counter()
-    teacher = None
+    teacher = chats = None
     if config.teacher and teacher_hf_dir is not None:
-        teacher, _ = torch_logits(teacher_hf_dir, config.threads)
+        teacher, teacher_model = torch_logits(teacher_hf_dir, config.threads)
+        if config.chat_tokens:
+            from export.distill import teacher_chats
+
+            chats = teacher_chats(
+                teacher_model,
+                teacher_hf_dir,
+                config.chat_tokens,
+                config.chat_max_answer,
+                config.chat_seed,
+                "cpu",
+            )
     result: dict[str, Any] = {"model": str(model_dir), "config": jsonable(asdict(config))}
     if (model_dir / "bundle.json").is_file():
         from edge_llm.engine import Engine
@@ -247,6 +295,8 @@ def run(
         }
         result["text"] = where
         result |= score(ids, bundle_logits(engine), config.context, config.stride, teacher, progress)
+        if chats and teacher is not None:
+            result |= score_chats(chats, bundle_logits(engine), teacher)
         if config.speed:
             result |= measure_speed(engine, ids, config)
     elif (model_dir / "config.json").is_file():
@@ -262,6 +312,8 @@ def run(
         }
         result["text"] = where
         result |= score(ids, logits, config.context, config.stride, teacher, progress)
+        if chats and teacher is not None:
+            result |= score_chats(chats, logits, teacher)
     else:
         raise ExportError(f"{model_dir}: neither a bundle (bundle.json) nor an HF folder (config.json)")
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -289,6 +341,11 @@ def headline(result: dict[str, Any]) -> str:
     if "kl_to_teacher" in result:
         parts.append(f"KL {result['kl_to_teacher']:.4f}, top-1 {100 * result['top1_agreement']:.1f}%")
         parts.append(f"teacher ppl {result['teacher_perplexity']:.3f}")
+    if "chat_kl_to_teacher" in result:
+        parts.append(
+            f"chat answers: KL {result['chat_kl_to_teacher']:.4f}, "
+            f"top-1 {100 * result['chat_top1_agreement']:.1f}% ({result['chat_scored_tokens']} tokens)"
+        )
     parts.append(f"{result['parameters'] / 1e6:.1f}M params, {result['size_bytes'] / 2**20:.1f} MiB")
     if "decode_tok_s" in result:
         parts.append(f"decode {result['decode_tok_s']:.1f} tok/s, TTFT {1000 * result['ttft_s']:.0f} ms")

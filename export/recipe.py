@@ -67,6 +67,12 @@ class Recipe:
                     f"evaluate.span {list(ev.span)} overlaps {stage}.span {list(cfg.span)} of the same "
                     f"text file: evaluation must use held-out text"
                 )
+        d = self.distill
+        if d is not None and d.chat_tokens and ev.chat_tokens and d.seed == ev.chat_seed:
+            raise ValueError(
+                f"evaluate.chat_seed {ev.chat_seed} equals distill.seed: the chat turns evaluated on "
+                f"would be the ones distillation trained on"
+            )
         if (
             self.quantize.mode == "qdq"
             and self.quantize.calib_text is not None

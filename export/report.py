@@ -52,17 +52,27 @@ def markdown(data: dict[str, Any], config: ReportConfig) -> str:
             f"context {t.get('context')}, stride {t.get('stride')}.",
             "",
             "| model after | parameters | size MiB | perplexity | KL to teacher | top-1 agree "
-            "| decode tok/s | TTFT ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| chat KL | chat top-1 | decode tok/s | TTFT ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for stage, r in evals.items():
             ttft = r.get("ttft_s")
             lines.append(
                 f"| {stage} ({r.get('kind')}) | {r['parameters'] / 1e6:.2f}M | {r['size_bytes'] / 2**20:.1f} "
                 f"| {r['perplexity']:.3f} | {_fmt(r.get('kl_to_teacher'), '.4f')} "
-                f"| {_fmt(r.get('top1_agreement'), '.3f')} | {_fmt(r.get('decode_tok_s'), '.1f')} "
+                f"| {_fmt(r.get('top1_agreement'), '.3f')} | {_fmt(r.get('chat_kl_to_teacher'), '.4f')} "
+                f"| {_fmt(r.get('chat_top1_agreement'), '.3f')} | {_fmt(r.get('decode_tok_s'), '.1f')} "
                 f"| {_fmt(None if ttft is None else 1000 * ttft, '.0f')} |"
             )
+        chat = next((r for r in evals.values() if "chat_turns" in r), None)
+        if chat is not None:
+            lines += [
+                "",
+                f"Chat: {chat['chat_turns']} chat turns the teacher wrote (seed "
+                f"{chat['config'].get('chat_seed')}), {chat['chat_scored_tokens']} answer tokens scored; "
+                f"the teacher's perplexity on them {chat['teacher_chat_perplexity']:.3f}, this model's "
+                f"{chat['chat_perplexity']:.3f}.",
+            ]
         lines += ["", "Speed is measured on the export machine (best of the runs), not the board."]
     quant = data.get("quantization") or {}
     errors = quant.get("errors") or {}

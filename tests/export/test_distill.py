@@ -118,6 +118,34 @@ def test_teacher_generated_text_is_added(pair: tuple[Path, Path], text_file: Pat
     assert report["text"]["teacher_tokens"] == 100 and report["steps"] == 2
 
 
+def test_teacher_written_chats_are_added(pair: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+    teacher, student = pair
+    cfg = _config(text_file, tokens=32 * 4 * 2, chat_tokens=200, chat_max_answer=16)
+    tok = distill.load_tokenizer(teacher)
+    chats = distill.teacher_chats(_model(teacher), teacher, 200, 16, 0, "cpu")
+    assert sum(len(c) for c, _ in chats) >= 200
+    end = "<|im_end|>"
+    for chat, prompt_len in chats:
+        assert tok.decode(chat[:prompt_len], skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+        text = tok.decode(chat, skip_special_tokens=False)
+        # the template's user turn with a question the teacher wrote, the template's assistant
+        # turn, and the answer: cut at its end of turn, which stays (the student learns to stop)
+        assert text.startswith("<|im_start|>user\n"), text
+        question, answer = text.removeprefix("<|im_start|>user\n").split(f"{end}\n<|im_start|>assistant\n")
+        assert question.strip() and end not in question
+        assert end not in answer.removesuffix(end)
+        assert len(chat) - prompt_len <= 16 + 1
+    report = distill.run(cfg, teacher, student, tmp_path / "c", progress=False)
+    assert report["text"]["chat_tokens"] >= 200 and report["text"]["chat_turns"] == len(chats)
+    assert "<|im_start|>assistant" in report["text"]["chat_example"]
+
+
+def _model(path: Path) -> object:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
 def test_bad_distill_config_rejected() -> None:
     with pytest.raises(ValueError, match="distill"):
         distill.DistillConfig(temperature=0)

@@ -68,6 +68,31 @@ def test_bundle_perplexity_matches_transformers(tiny_hf: Path, tiny_bundle: Path
     assert math.isfinite(onnx["nll"])
 
 
+def test_chat_answers_compared_with_the_teacher(tiny_hf: Path, tiny_bundle: Path, text_file: Path) -> None:
+    cfg = evaluate.EvaluateConfig(
+        text=text_file,
+        span=(0.0, 1.0),
+        max_tokens=100,
+        context=64,
+        stride=64,
+        speed=False,
+        chat_tokens=150,
+        chat_max_answer=12,
+    )
+    same = evaluate.run(cfg, tiny_bundle, tiny_hf, progress=False)  # the teacher's own export
+    assert same["chat_turns"] >= 1 and same["chat_scored_tokens"] >= same["chat_turns"]
+    assert same["chat_kl_to_teacher"] < 1e-5 and same["chat_top1_agreement"] == 1.0
+    assert same["chat_perplexity"] == pytest.approx(same["teacher_chat_perplexity"], rel=1e-4)
+    # Scored on the answers only: a model that differs only on the prompt tokens agrees fully.
+    chats = [([3, 4, 5, 6, 7], 3)]
+    flat = lambda w: np.tile(np.arange(50, dtype=np.float32), (len(w), 1))  # noqa: E731
+    prompt_off = lambda w: np.vstack([np.zeros((1, 50), np.float32), flat(w)[1:]])  # noqa: E731
+    scored = evaluate.score_chats(chats, prompt_off, flat)
+    assert scored["chat_scored_tokens"] == 2 and scored["chat_top1_agreement"] == 1.0
+    assert scored["chat_kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
+    assert "chat answers" in evaluate.headline(same)
+
+
 def test_eval_command_prints_and_writes_json(
     tiny_bundle: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

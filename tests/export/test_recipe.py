@@ -32,6 +32,7 @@ def _write(tmp_path: Path, body: str) -> Path:
         ("[prune]\nspan = [0.0, 0.5]\n[evaluate]\nspan = [0.0, 0.1]\n", "held-out"),
         ("[distill]\n[evaluate]\nspan = [0.05, 0.2]\n", "overlaps distill.span"),
         ("[load]\nmodel = 3\n", "load.model: expected str"),
+        ("[distill]\nchat_tokens = 10\n[evaluate]\nchat_tokens = 10\nchat_seed = 0\n", "chat_seed 0 equals"),
     ],
 )
 def test_bad_recipe_fails_with_a_clear_message(tmp_path: Path, body: str, match: str) -> None:
@@ -94,6 +95,8 @@ batch = 4
 grad_accum = 2
 lr = 3e-3
 threads = 1
+chat_tokens = 128
+chat_max_answer = 8
 [quantize]
 mode = "int8"
 [evaluate]
@@ -105,6 +108,8 @@ stride = 32
 speed_tokens = 4
 speed_prompt = 8
 speed_runs = 1
+chat_tokens = 64
+chat_max_answer = 8
 """
     recipe = recipe_mod.load_recipe(_write(tmp_path, body))
     out = recipe_mod.run(recipe, tmp_path / "bundle")
@@ -118,8 +123,12 @@ speed_runs = 1
     assert final["text"]["span"] == [0.0, 0.3] and final["text"]["stride"] == 32
     assert final["parameters"] < report["evaluations"]["load"]["parameters"]
     assert final["decode_tok_s"] > 0 and 0 <= final["top1_agreement"] <= 1
+    assert final["chat_turns"] >= 1 and 0 <= final["chat_top1_agreement"] <= 1
+    distilled = next(s for s in report["stages"] if s["stage"] == "distill")
+    assert distilled["text"]["chat_tokens"] >= 128
     md = (out / "report.md").read_text()
     assert all(f"| {n} |" in md for n in names)
+    assert "chat turns the teacher wrote (seed 1)" in md
     manifest = json.loads((out / "bundle.json").read_text())
     assert "report.json" in manifest["files"]
 
