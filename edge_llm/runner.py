@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -76,20 +77,7 @@ class _SessionRunner:
         self.bundle = bundle
         self.options = options
         self.plan: ProviderPlan = plan_providers(options.providers)
-        try:
-            self.session = ort.InferenceSession(
-                str(bundle.graph_path),
-                sess_options=session_options(options, prefused=bundle.graph.kv_layout == "shared"),
-                providers=self.plan.providers,
-                provider_options=self.plan.provider_options,
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise BundleError(f"{bundle.graph_path}: onnxruntime cannot load the graph: {exc}") from None
-        check_graph_io(
-            bundle,
-            [i.name for i in self.session.get_inputs()],
-            [o.name for o in self.session.get_outputs()],
-        )
+        self.session = self.open_session(bundle.graph_path, prefused=bundle.graph.kv_layout == "shared")
         arch = bundle.architecture
         self.layers = arch.num_layers
         self.kv_shape = (arch.num_kv_heads, arch.head_dim)
@@ -103,6 +91,22 @@ class _SessionRunner:
         ]
         self.device = "cpu"
         log.info("runner: %s (%s KV) on %s", bundle.graph_path.name, g.kv_layout, self.plan.chosen)
+
+    def open_session(self, path: Path, prefused: bool = False) -> ort.InferenceSession:
+        """An ORT session on the planned providers for a graph whose IO the manifest describes."""
+        try:
+            session = ort.InferenceSession(
+                str(path),
+                sess_options=session_options(self.options, prefused=prefused),
+                providers=self.plan.providers,
+                provider_options=self.plan.provider_options,
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"{path}: onnxruntime cannot load the graph: {exc}") from None
+        check_graph_io(
+            self.bundle, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+        )
+        return session
 
     def check_room(self, have: int, steps: int) -> None:
         if have + steps > self.max_context:
@@ -321,22 +325,7 @@ class StaticRunner(_SessionRunner):
         self.chunk = g.prefill_length
         self.max_context = min(self.max_context, self.past_length)
         self.pad_id = bundle.tokenizer.pad_id
-        self.prefill = self._open(bundle.path / g.prefill_file)
-
-    def _open(self, path: os.PathLike[str]) -> ort.InferenceSession:
-        try:
-            session = ort.InferenceSession(
-                str(path),
-                sess_options=session_options(self.options),
-                providers=self.plan.providers,
-                provider_options=self.plan.provider_options,
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise BundleError(f"{path}: onnxruntime cannot load the graph: {exc}") from None
-        check_graph_io(
-            self.bundle, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-        )
-        return session
+        self.prefill = self.open_session(bundle.path / g.prefill_file)
 
     def empty(self, batch: int = 1) -> StaticCache:
         if batch != 1:
