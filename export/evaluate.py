@@ -158,14 +158,18 @@ def score(
     return out
 
 
-def score_chats(chats: list[tuple[list[int], int]], model: Logits, teacher: Logits) -> dict[str, Any]:
-    """KL(teacher ‖ model), top-1 agreement and perplexities on the answer tokens of each chat."""
+def score_chats(
+    chats: list[tuple[list[int], int]], model: Logits, teacher: Logits, max_len: int = 0
+) -> dict[str, Any]:
+    """KL(teacher ‖ model), top-1 agreement and perplexities on the answer tokens of each chat
+    (the first `max_len` tokens of each: a model's context window; 0 = whole chats)."""
     nll = t_nll = kl = 0.0
-    agree = count = 0
+    agree = count = turns = 0
     for ids, prompt_len in chats:
-        window = np.asarray(ids, dtype=np.int64)
+        window = np.asarray(ids[:max_len] if max_len else ids, dtype=np.int64)
         if len(window) <= prompt_len:
             continue
+        turns += 1
         lp = log_softmax(model(window))[prompt_len - 1 : -1]
         tp = log_softmax(teacher(window))[prompt_len - 1 : -1]
         targets = window[prompt_len:]
@@ -177,7 +181,7 @@ def score_chats(chats: list[tuple[list[int], int]], model: Logits, teacher: Logi
     if not count:
         raise ExportError("evaluate: the teacher's chat turns have no answer tokens to score")
     return {
-        "chat_turns": len(chats),
+        "chat_turns": turns,
         "chat_scored_tokens": count,
         "chat_kl_to_teacher": kl / count,
         "chat_top1_agreement": agree / count,
@@ -296,7 +300,7 @@ def run(
         result["text"] = where
         result |= score(ids, bundle_logits(engine), config.context, config.stride, teacher, progress)
         if chats and teacher is not None:
-            result |= score_chats(chats, bundle_logits(engine), teacher)
+            result |= score_chats(chats, bundle_logits(engine), teacher, engine.max_context)
         if config.speed:
             result |= measure_speed(engine, ids, config)
     elif (model_dir / "config.json").is_file():

@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--context", type=int, default=512, help="window length in tokens (512)")
     e.add_argument("--stride", type=int, default=512, help="window step in tokens (512: no overlap)")
     e.add_argument("--teacher", help="HF folder of a teacher: adds KL and top-1 agreement")
+    e.add_argument(
+        "--chat-tokens",
+        type=int,
+        default=0,
+        help="with --teacher: also compare on the answers of ~N tokens of chat turns the teacher writes",
+    )
     e.add_argument("--no-speed", action="store_true", help="skip the decode speed / TTFT measurement")
     e.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     e.set_defaults(handler=run_eval)
@@ -89,11 +95,14 @@ def run_eval(args: argparse.Namespace) -> int:
             context=args.context,
             stride=args.stride,
             teacher=bool(args.teacher),
+            chat_tokens=args.chat_tokens,
             speed=not args.no_speed,
             threads=args.threads,
         )
     except ValueError as exc:
         raise ConfigError(f"eval: {exc}") from None
+    if args.chat_tokens and not args.teacher:
+        raise ConfigError("eval: --chat-tokens needs --teacher (the teacher writes and scores the chats)")
     teacher = Path(args.teacher) if args.teacher else None
     result = evaluate.run(config, Path(args.bundle), teacher, progress=sys.stderr.isatty())
     print(evaluate.headline(result))

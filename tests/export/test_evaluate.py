@@ -125,6 +125,17 @@ def test_eval_command_rejects_bad_window(tiny_bundle: Path, text_file: Path) -> 
     assert main(["eval", "--bundle", str(tiny_bundle), "--text", str(text_file), "--stride", "1000"]) == 2
 
 
+def test_eval_command_chat_needs_a_teacher(
+    tiny_bundle: Path, tiny_hf: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["eval", "--bundle", str(tiny_bundle), "--text", str(text_file), "--no-speed"]
+    common += ["--max-tokens", "100", "--context", "64", "--stride", "64", "--chat-tokens", "50"]
+    assert main(common) == 2
+    assert "--chat-tokens needs --teacher" in capsys.readouterr().err
+    assert main([*common, "--teacher", str(tiny_hf)]) == 0
+    assert "chat answers: KL" in capsys.readouterr().out
+
+
 def test_relative_text_resolves_against_repo_root() -> None:
     assert evaluate.resolve_text(Path("pyproject.toml")) == evaluate.REPO_ROOT / "pyproject.toml"
     with pytest.raises(Exception, match="not found"):
