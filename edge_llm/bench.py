@@ -66,20 +66,6 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _reset_peak_rss() -> None:
-    """Start a new VmHWM (Linux >= 4.0: writing 5 to clear_refs), so a second `measure` in the
-    same process (the prompt-lookup variant after the batch runs) reports its own peak, not the
-    8-row batch cache the first one committed. Elsewhere the peak stays cumulative."""
-    import gc
-
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _timed_generation(engine: Any, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
     """(ttft_s, total_s, generated ids) for one greedy request through the engine loop."""
     from edge_llm.sampling import SamplingParams
@@ -120,7 +106,6 @@ def measure(
     from edge_llm.runner import RunnerOptions
 
     s = {**DEFAULTS, **settings}
-    _reset_peak_rss()
     n_new, runs = int(s["new_tokens"]), int(s["runs"])
     sizes = [int(b) for b in s["batch_sizes"]]
     t0 = time.perf_counter()
