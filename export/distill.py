@@ -43,6 +43,7 @@ from export.prune import TOKENIZER_FILES
 log = logging.getLogger(__name__)
 REPORT = "distill.json"
 CHECKPOINT = "checkpoint.pt"
+CHATS = "chats.json"  # the teacher-written conversations trained on (token ids)
 CHAT_ROWS = 32  # conversations generated together (CPU generate: wider batches are nearly free)
 
 
@@ -130,9 +131,17 @@ def load_tokenizer(teacher_dir: Path) -> Any:
 
 
 def training_ids(
-    config: DistillConfig, tok: Any, teacher: Any, device: str, teacher_dir: Path | None = None
+    config: DistillConfig,
+    tok: Any,
+    teacher: Any,
+    device: str,
+    teacher_dir: Path | None = None,
+    chats_file: Path | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from."""
+    """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from.
+
+    Written chats are kept in `chats_file` (JSON) when given and read back from it: a resumed
+    run trains on the same conversations without spending the minutes to write them again."""
     text, where = read_span(config.text, config.span)
     ids = tok.encode(text, add_special_tokens=False).ids
     where["text_tokens"] = len(ids)
@@ -143,14 +152,21 @@ def training_ids(
     if config.chat_tokens:
         if teacher_dir is None:
             raise ExportError("distill.chat_tokens needs the teacher's folder (its chat template)")
-        written = teacher_chats(
-            teacher, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
-        )
-        chats = [c for c, _ in written]
+        if chats_file is not None and chats_file.is_file():
+            chats = json.loads(chats_file.read_text())
+        else:
+            written = teacher_chats(
+                teacher, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
+            )
+            chats = [c for c, _ in written]
+            if chats_file is not None:
+                tmp = chats_file.with_name(chats_file.name + ".tmp")
+                tmp.write_text(json.dumps(chats))
+                os.replace(tmp, chats_file)
         where["chat_tokens"] = sum(len(c) for c in chats)
         where["chat_turns"] = len(chats)
         where["chat_example"] = tok.decode(chats[0], skip_special_tokens=False)[:400]
-        # Whole conversations, shuffled in among the text's sequences after chunking below.
+        # One stream after the text, cut into seq_len rows like it; rows are shuffled per epoch.
         ids = ids + [i for c in chats for i in c]
     n = len(ids) // config.seq_len
     if n < 1:
@@ -200,9 +216,9 @@ def teacher_chats(
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else stop[0]
     sample = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "eos_token_id": stop, "pad_token_id": pad}
     chats: list[tuple[list[int], int]] = []
-    total, rows, empty_rounds = 0, CHAT_ROWS, 0
+    total = empty_rounds = 0
     while total < tokens:
-        start = torch.tensor([prefix] * rows, device=device)
+        start = torch.tensor([prefix] * CHAT_ROWS, device=device)
         with torch.inference_mode():
             asked = teacher.generate(
                 start, attention_mask=torch.ones_like(start), max_new_tokens=48, **sample
@@ -329,7 +345,7 @@ def run(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     tok = load_tokenizer(teacher_dir)
-    data, where = training_ids(config, tok, teacher, device, teacher_dir)
+    data, where = training_ids(config, tok, teacher, device, teacher_dir, out_dir / CHATS)
     held_out = held_out_ids(config, tok)
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": [], "curve": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,9 @@ def test_teacher_generated_text_is_added(pair: tuple[Path, Path], text_file: Pat
     assert report["text"]["teacher_tokens"] == 100 and report["steps"] == 2
 
 
-def test_teacher_written_chats_are_added(pair: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+def test_teacher_written_chats_are_added(
+    pair: tuple[Path, Path], text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     teacher, student = pair
     cfg = _config(text_file, tokens=32 * 4 * 2, chat_tokens=200, chat_max_answer=16)
     tok = distill.load_tokenizer(teacher)
@@ -138,6 +141,16 @@ def test_teacher_written_chats_are_added(pair: tuple[Path, Path], text_file: Pat
     report = distill.run(cfg, teacher, student, tmp_path / "c", progress=False)
     assert report["text"]["chat_tokens"] >= 200 and report["text"]["chat_turns"] == len(chats)
     assert "<|im_start|>assistant" in report["text"]["chat_example"]
+    # kept beside the student; a rerun into the folder (a resume) reads them instead of writing anew
+    kept = json.loads((tmp_path / "c" / distill.CHATS).read_text())
+    assert sum(len(c) for c in kept) == report["text"]["chat_tokens"]
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("chats written again")
+
+    monkeypatch.setattr(distill, "teacher_chats", never)
+    again = distill.run(cfg, teacher, student, tmp_path / "c", progress=False)
+    assert again["text"]["chat_tokens"] == report["text"]["chat_tokens"]
 
 
 def _model(path: Path) -> object:
