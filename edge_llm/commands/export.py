@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "fused", "optimum"),
         help="ONNX graph: fused GQA (Llama-family) or optimum's export (default: the recipe's, auto)",
     )
+    p.add_argument(
+        "--static",
+        metavar="PAST,PREFILL",
+        help="also fix the shapes for NPUs: a decode and a PREFILL-token graph over PAST positions "
+        "(optimum graph; quant qdq, dynamic or none), e.g. 512,64",
+    )
     p.set_defaults(handler=run)
 
     e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
@@ -70,6 +76,18 @@ def run(args: argparse.Namespace) -> int:
         recipe = replace(recipe, name=args.name)
     if args.graph:
         recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph=args.graph))
+    if args.static:
+        from edge_llm.errors import ConfigError
+        from export.fix_shapes import FixShapesConfig
+
+        try:
+            past, prefill = (int(x) for x in args.static.split(","))
+        except ValueError:
+            raise ConfigError(f"export --static {args.static!r}: give PAST,PREFILL, e.g. 512,64") from None
+        try:
+            recipe = replace(recipe, static=FixShapesConfig(past_length=past, prefill_length=prefill))
+        except ValueError as exc:
+            raise ConfigError(f"export --static: {exc}") from None
     out = recipe_mod.run(recipe, Path(args.out), progress=True)
     print(f"bundle written: {out}")
     return 0

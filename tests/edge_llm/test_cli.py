@@ -80,3 +80,21 @@ def test_export_rejects_bad_source(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "not a GGUF file" in proc.stderr
     proc = edge_llm("export", "--model", "not-a-thing", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "not a hub id" in proc.stderr
+
+
+def test_export_static_flag(tiny_hf: Path, tmp_path: Path) -> None:
+    proc = edge_llm(
+        "export", "--model", str(tiny_hf), "--quant", "int8", "--static", "64,8", "--out", str(tmp_path / "x")
+    )
+    assert proc.returncode == 2 and "[static]" in proc.stderr  # fused int8 graphs have no fixed shapes
+    proc = edge_llm(
+        "export", "--model", str(tiny_hf), "--quant", "none", "--static", "64", "--out", str(tmp_path / "x")
+    )
+    assert proc.returncode == 2 and "PAST,PREFILL" in proc.stderr
+    out = tmp_path / "s"
+    proc = edge_llm(
+        "export", "--model", str(tiny_hf), "--quant", "none", "--static", "64,8", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    graph = json.loads((out / "bundle.json").read_text())["graph"]
+    assert (graph["kv_layout"], graph["past_length"], graph["prefill_length"]) == ("static", 64, 8)
