@@ -140,8 +140,8 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         )
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{manifest}: malformed manifest ({exc!s})") from None
-    for needed in (bundle.graph.file, bundle.graph.prefill_file or bundle.graph.file, bundle.tokenizer.file):
-        if needed not in bundle.files:
+    for needed in (bundle.graph.file, bundle.graph.prefill_file, bundle.tokenizer.file):
+        if needed and needed not in bundle.files:
             raise BundleError(f"{manifest}: {needed} is not listed under 'files'")
     stamp = _stamp(root, bundle.files)
     already = verify and stamp is not None and _verified_before(root, stamp)

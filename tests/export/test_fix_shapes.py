@@ -117,3 +117,21 @@ def test_bad_static_section(tmp_path: Path, body: str, match: str) -> None:
     path.write_text(body)
     with pytest.raises(ConfigError, match=match):
         recipe_mod.load_recipe(path)
+
+
+def test_static_bundle_without_its_prefill_graph_is_refused(static_fp32: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from edge_llm.bundle import load_bundle
+    from edge_llm.errors import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(static_fp32, copy)
+    (copy / "prefill.onnx").unlink()
+    with pytest.raises(BundleError, match=r"prefill\.onnx.*missing"):
+        load_bundle(copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    del manifest["files"]["prefill.onnx"]
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"prefill\.onnx is not listed"):
+        load_bundle(copy)
