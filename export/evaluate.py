@@ -119,6 +119,22 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def _sums(
+    window: np.ndarray, start: int, model: Logits, teacher: Logits | None
+) -> tuple[float, float, float, int]:
+    """Over the targets window[start:] (each predicted by the position before it): the model's
+    NLL and, with a teacher, the teacher's NLL, KL(teacher ‖ model) and argmax agreements."""
+    targets = window[start:]
+    rows = np.arange(len(targets))
+    lp = log_softmax(model(window))[start - 1 : -1]
+    nll = -float(lp[rows, targets].sum())
+    if teacher is None:
+        return nll, 0.0, 0.0, 0
+    tp = log_softmax(teacher(window))[start - 1 : -1]
+    kl = float((np.exp(tp) * (tp - lp)).sum())
+    return nll, -float(tp[rows, targets].sum()), kl, int((tp.argmax(-1) == lp.argmax(-1)).sum())
+
+
 def score(
     ids: np.ndarray,
     model: Logits,
@@ -133,16 +149,9 @@ def score(
     spans = list(windows(len(ids), context, stride))
     bar = _bar(len(spans), "evaluate", progress)
     for begin, end, first in spans:
-        window = ids[begin:end]
-        lp = log_softmax(model(window))[first - begin - 1 : end - begin - 1]
-        targets = window[first - begin : end - begin]
-        nll -= float(lp[np.arange(len(targets)), targets].sum())
-        if teacher is not None:
-            tp = log_softmax(teacher(window))[first - begin - 1 : end - begin - 1]
-            t_nll -= float(tp[np.arange(len(targets)), targets].sum())
-            kl += float((np.exp(tp) * (tp - lp)).sum())
-            agree += int((tp.argmax(-1) == lp.argmax(-1)).sum())
-        count += len(targets)
+        sums = _sums(ids[begin:end], first - begin, model, teacher)
+        nll, t_nll, kl, agree = nll + sums[0], t_nll + sums[1], kl + sums[2], agree + sums[3]
+        count += end - first
         if bar is not None:
             bar.update(1)
             bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
@@ -170,14 +179,9 @@ def score_chats(
         if len(window) <= prompt_len:
             continue
         turns += 1
-        lp = log_softmax(model(window))[prompt_len - 1 : -1]
-        tp = log_softmax(teacher(window))[prompt_len - 1 : -1]
-        targets = window[prompt_len:]
-        nll -= float(lp[np.arange(len(targets)), targets].sum())
-        t_nll -= float(tp[np.arange(len(targets)), targets].sum())
-        kl += float((np.exp(tp) * (tp - lp)).sum())
-        agree += int((tp.argmax(-1) == lp.argmax(-1)).sum())
-        count += len(targets)
+        sums = _sums(window, prompt_len, model, teacher)
+        nll, t_nll, kl, agree = nll + sums[0], t_nll + sums[1], kl + sums[2], agree + sums[3]
+        count += len(window) - prompt_len
     if not count:
         raise ExportError("evaluate: the teacher's chat turns have no answer tokens to score")
     return {
@@ -299,7 +303,7 @@ def run(
         }
         result["text"] = where
         result |= score(ids, bundle_logits(engine), config.context, config.stride, teacher, progress)
-        if chats and teacher is not None:
+        if chats:
             result |= score_chats(chats, bundle_logits(engine), teacher, engine.max_context)
         if config.speed:
             result |= measure_speed(engine, ids, config)
@@ -316,7 +320,7 @@ def run(
         }
         result["text"] = where
         result |= score(ids, logits, config.context, config.stride, teacher, progress)
-        if chats and teacher is not None:
+        if chats:
             result |= score_chats(chats, logits, teacher)
     else:
         raise ExportError(f"{model_dir}: neither a bundle (bundle.json) nor an HF folder (config.json)")
