@@ -104,13 +104,12 @@ class StageLog:
 
 def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
     """Run every stage of `recipe` and write the bundle (with its report) to `out_dir`."""
-    if recipe.to_onnx.graph == "auto" and recipe.quantize.mode in ("dynamic", "qdq"):
-        # ORT's dynamic / QDQ quantizers (and the NPUs QDQ is for) need standard ops only.
+    standard_ops = recipe.quantize.mode in ("dynamic", "qdq") or recipe.static is not None
+    if recipe.to_onnx.graph == "auto" and standard_ops:
+        # ORT's dynamic / QDQ quantizers, fixed shapes (and the NPUs both are for) need standard ops.
         recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph="optimum"))
     elif recipe.to_onnx.graph == "fused" and recipe.quantize.mode in ("dynamic", "qdq"):
         raise ExportError(f"quantize.mode {recipe.quantize.mode!r} needs to_onnx.graph 'optimum'")
-    if recipe.static is not None:
-        recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph="optimum"))
     stages = StageLog()
     evals: dict[str, dict[str, Any]] = {}
     t_all = time.perf_counter()
