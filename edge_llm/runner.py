@@ -18,6 +18,7 @@ Layouts (bundle.json `graph.kv_layout`):
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,21 @@ def session_options(options: RunnerOptions, prefused: bool = False) -> ort.Sessi
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.spin else "0")
     return so
+
+
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zero float32 array whose memory is committed 4 KiB page by page as it is written.
+
+    np.zeros asks for transparent huge pages on arrays >= 4 MiB, so writing the first positions
+    of each head commits (and zeroes) whole 2 MiB pages: an 8-row SmolLM2 cache took RSS from
+    248 to 866 MiB and its first prefill from 88 to 831 ms (measured). Anonymous mmap pages
+    without huge pages grow with the positions actually used (278 MiB), at the same decode speed.
+    """
+    nbytes = max(int(np.prod(shape)) * 4, 1)
+    buf = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux with THP "always": opt out explicitly
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, np.float32, count=int(np.prod(shape))).reshape(shape)
 
 
 class _SessionRunner:
@@ -213,11 +229,8 @@ class SharedRunner(_SessionRunner):
 
     def empty(self, batch: int = 1, capacity: int | None = None) -> SharedCache:
         cap = min(capacity or self.max_context, self.max_context)
-        # np.zeros maps fresh pages lazily: memory is committed only as rows fill up.
         shape = (batch, self.kv_shape[0], cap, self.kv_shape[1])
-        return SharedCache(
-            [np.zeros(shape, np.float32) for _ in self.past_names], np.zeros(batch, np.int64), cap
-        )
+        return SharedCache([lazy_zeros(shape) for _ in self.past_names], np.zeros(batch, np.int64), cap)
 
     def forward(self, tokens: np.ndarray, cache: SharedCache, all_logits: bool = False) -> np.ndarray:
         """Append tokens [B, S] to every row of `cache`; logits [B, V] (or [B, S, V])."""
@@ -331,7 +344,7 @@ class StaticRunner(_SessionRunner):
         if batch != 1:
             raise BundleError(f"{self.bundle.path}: static graphs run one sequence at a time")
         shape = (1, self.kv_shape[0], self.past_length, self.kv_shape[1])
-        return StaticCache([np.zeros(shape, np.float32) for _ in self.past_names], np.zeros(1, np.int64))
+        return StaticCache([lazy_zeros(shape) for _ in self.past_names], np.zeros(1, np.int64))
 
     def forward(self, tokens: np.ndarray, cache: StaticCache, all_logits: bool = False) -> np.ndarray:
         """Feed tokens [1, S] after `cache`: prefill chunks while 2+ remain, decode for a last

@@ -3,12 +3,14 @@ nothing about any sequence's output — only how many forwards it takes."""
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_llm.engine import Engine, Generation, Slot
+from edge_llm.runner import lazy_zeros
 from edge_llm.sampling import SamplingParams
 
 PROMPTS = ["The capital of France", "Small language models run", "def add(a, b):", "Grüße aus"]
@@ -190,3 +192,33 @@ def test_ragged_counts_refused_over_a_past(fused: Engine) -> None:
     cache.lengths[:] = [3, 0]
     with pytest.raises(ValueError, match="empty rows"):
         fused.runner.forward_rows(np.zeros((2, 4), np.int64), cache, 0, counts=np.array([4, 2]))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_kv_buffers_commit_only_the_pages_written() -> None:
+    # 256 MiB laid out like a KV buffer: 512 heads x 512 KiB; the first position of each head
+    # written. np.zeros would commit a whole huge page per head where THP is on (256 MiB here).
+    buf = lazy_zeros((512, 2048, 64))
+    before = _rss_mib()
+    buf[:, 0, :] = 1.0
+    grown = _rss_mib() - before
+    assert buf.flags.writeable and buf.dtype == np.float32
+    assert float(buf[:, 1:, :].max()) == 0.0 and float(buf[:, 0, :].min()) == 1.0
+    assert grown < 32, f"writing 512 x 256 bytes committed {grown:.0f} MiB"
+
+
+def test_batch_cache_buffers_are_lazy_zeros(fused: Engine) -> None:
+    cache = fused.batch_cache(4)
+
+    def owner(a: np.ndarray) -> object:
+        while isinstance(a.base, np.ndarray):
+            a = a.base
+        return a.base.obj if isinstance(a.base, memoryview) else a.base
+
+    assert all(isinstance(owner(b), mmap.mmap) for b in cache.buffers)
+    assert all(not b.any() for b in cache.buffers)
