@@ -248,6 +248,11 @@ def test_each_bad_input_gets_its_error_and_the_server_keeps_serving(
             ).encode(),
             "bad/replies",
         )
+        # Hold "h" between two tokens until `busy` came back: on a fast machine the tiny model
+        # could finish it before "q" arrives, and then "q" would run and "over" find room.
+        gate = threading.Event()
+        step = s.engine.step
+        s.engine.step = lambda seqs: (gate.wait(10), step(seqs))[1]
         assert raw.get()[0]["id"] == "h"  # first chunk: it is running
         raw.publish(GENERATE, json.dumps({"id": "q", "prompt": "x", "max_tokens": 2}).encode(), "bad/replies")
         raw.publish(
@@ -258,6 +263,7 @@ def test_each_bad_input_gets_its_error_and_the_server_keeps_serving(
             reply, _ = raw.get()
             if reply.get("done"):
                 finals[reply["id"]] = reply
+                gate.set()
         assert finals["over"]["error"]["code"] == "busy"
         assert "text" in finals["h"] and "text" in finals["q"]
         assert s.dispatcher.stats["no_reply_address"] == 1 and s.dispatcher.stats["bad_request"] == 7
