@@ -4,6 +4,12 @@ Stage outputs live under `stages/<stage>-<key>/`, key = hash of everything that 
 output (the stage's config and its input's key), so a rerun with the same inputs is free and a
 changed later stage does not redo earlier ones. A stage writes into a temporary folder and renames
 it when complete, so an interrupted run never leaves a half-written output that looks finished.
+
+The stages folder is bounded: a recipe run ends with `evict`, which removes the least recently
+used complete stage outputs (never one this run used, never a `.partial` folder: it may hold a
+resumable distillation checkpoint) until the folder fits `EDGE_LLM_CACHE_MAX_GB` (default 20; 0
+or less: no bound). Every SmolLM2 recipe variant adds ~0.8-1.5 GB (fp32 ONNX, quantized copy),
+so a sweep would otherwise fill a workstation's disk. `edge-llm cache` lists and prunes it.
 """
 
 from __future__ import annotations
@@ -12,12 +18,17 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_llm.errors import ConfigError
+
 DONE = ".complete"
+PARTIAL = ".partial"
+DEFAULT_MAX_GB = 20.0
 
 
 def cache_root() -> Path:
@@ -52,8 +63,9 @@ def cached_stage(stage: str, key: str, build: Callable[[Path], None]) -> tuple[P
     """Return (folder, was_cached); run `build(tmp_folder)` only when no complete output exists."""
     final = stage_dir(stage, key)
     if (final / DONE).exists():
+        os.utime(final / DONE)  # its mtime is the last use that `evict` goes by
         return final, True
-    tmp = final.with_name(final.name + ".partial")
+    tmp = final.with_name(final.name + PARTIAL)
     # A partial folder may hold a resumable checkpoint (distillation): keep it, build into it.
     tmp.mkdir(parents=True, exist_ok=True)
     build(tmp)
@@ -62,3 +74,63 @@ def cached_stage(stage: str, key: str, build: Callable[[Path], None]) -> tuple[P
         shutil.rmtree(final)
     tmp.rename(final)
     return final, False
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    path: Path
+    bytes: int
+    last_used: float  # epoch seconds: a complete entry's last hit, a partial one's newest file
+    complete: bool
+
+
+def max_bytes() -> int | None:
+    """The stages folder's bound from EDGE_LLM_CACHE_MAX_GB; None when unbounded (<= 0)."""
+    raw = os.environ.get("EDGE_LLM_CACHE_MAX_GB", "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_MAX_GB
+    except ValueError:
+        raise ConfigError(f"EDGE_LLM_CACHE_MAX_GB={raw!r}: expected a number of GB") from None
+    return int(gb * 1024**3) if gb > 0 else None
+
+
+def stage_entries() -> list[StageEntry]:
+    """Every stage folder in the cache, least recently used first."""
+    root = cache_root() / "stages"
+    entries = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_dir():
+            continue
+        files = [f for f in path.rglob("*") if f.is_file()]
+        size = sum(f.stat().st_size for f in files)
+        done = path / DONE
+        complete = done.is_file() and not path.name.endswith(PARTIAL)
+        newest = max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
+        entries.append(StageEntry(path, size, done.stat().st_mtime if complete else newest, complete))
+    return sorted(entries, key=lambda e: e.last_used)
+
+
+def evict(limit: int | None, used_since: float | None = None) -> list[StageEntry]:
+    """Remove least recently used complete stage outputs until the stages folder is <= `limit`
+    bytes; outputs used at or after `used_since` (this run's) and partial folders stay.
+    Returns what was removed."""
+    if limit is None:
+        return []
+    entries = stage_entries()
+    total = sum(e.bytes for e in entries)
+    removed = []
+    for e in entries:
+        if total <= limit:
+            break
+        if not e.complete or (used_since is not None and e.last_used >= used_since):
+            continue
+        shutil.rmtree(e.path)
+        total -= e.bytes
+        removed.append(e)
+    return removed
+
+
+def run_started() -> float:
+    """A time stamp for `evict(used_since=...)` that a hit later in this run compares above
+    (coarse file-system clocks: one second of margin)."""
+    return time.time() - 1.0

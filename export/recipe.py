@@ -22,6 +22,7 @@ from typing import Any
 from edge_llm.config import load_toml
 from edge_llm.errors import ExportError
 from export import bundle as bundle_stage
+from export import cache
 from export import distill as distill_stage
 from export import evaluate as evaluate_stage
 from export import fix_shapes as fix_shapes_stage
@@ -112,6 +113,8 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
         raise ExportError(f"quantize.mode {recipe.quantize.mode!r} needs to_onnx.graph 'optimum'")
     stages = StageLog()
     evals: dict[str, dict[str, Any]] = {}
+    limit = cache.max_bytes()  # a bad EDGE_LLM_CACHE_MAX_GB fails before any work
+    started = cache.run_started()
     t_all = time.perf_counter()
     t = time.perf_counter()
     loaded = load_stage.run(recipe.load)
@@ -243,6 +246,8 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
     for f in files.values():
         f.unlink()
     report_dir.rmdir()
+    for e in cache.evict(limit, used_since=started):
+        log.info("cache: removed %s (%.0f MiB, least recently used)", e.path.name, e.bytes / 2**20)
     return out
 
 

@@ -165,9 +165,18 @@ def test_deadlines_queued_and_running(scheduler: Scheduler) -> None:
     release.set()
     assert (late.final().code, late.final().message) == ("deadline", "the deadline passed while queued")
 
+    # Its first chunk's sink outlasts the deadline: the tiny model alone can finish 200 tokens
+    # in less than 20 ms, so without the pause the test would race it.
     running = Collector()
-    scheduler.submit(req("dr", max_tokens=200, ignore_eos=True, deadline_ms=20), running)
+
+    def slow_first_chunk(event: Event) -> None:
+        if not running.events:
+            time.sleep(0.05)
+        running(event)
+
+    scheduler.submit(req("dr", max_tokens=200, ignore_eos=True, deadline_ms=20, stream=True), slow_first_chunk)
     assert running.final().code == "deadline"
+    assert running.events[0].kind == "chunk" and len(running.events) < 200  # stopped while running
 
 
 def test_bad_sampling_and_too_long(scheduler: Scheduler) -> None:

@@ -1,0 +1,80 @@
+"""`edge-llm cache`: what the export pipeline keeps under the cache folder, and pruning it.
+
+Lists each stage output (`stages/<stage>-<key>`) with its size and last use, least recently used
+first. `--max-gb N` removes least recently used complete outputs until the stages fit N GB (what
+every recipe run does at its end with EDGE_LLM_CACHE_MAX_GB); `--clear` removes them all, and with
+`--partial` also the unfinished ones (an interrupted distillation's checkpoint among them).
+Bundles, downloaded models and the peers' venv are not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="list or prune the export pipeline's cached stage outputs")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--max-gb", type=float, help="remove least recently used outputs until they fit N GB")
+    act.add_argument("--clear", action="store_true", help="remove every complete stage output")
+    p.add_argument("--partial", action="store_true", help="with --clear: also unfinished (.partial) ones")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_llm.errors import ConfigError
+    from export import cache
+
+    if args.partial and not args.clear:
+        raise ConfigError("--partial goes with --clear")
+    if args.max_gb is not None and args.max_gb < 0:
+        raise ConfigError(f"--max-gb {args.max_gb}: must be >= 0")
+    removed: list[cache.StageEntry] = []
+    if args.max_gb is not None:
+        removed = cache.evict(int(args.max_gb * 1024**3))
+    elif args.clear:
+        removed = [e for e in cache.stage_entries() if e.complete or args.partial]
+        for e in removed:
+            shutil.rmtree(e.path)
+    entries = cache.stage_entries()
+    limit = cache.max_bytes()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "root": str(cache.cache_root()),
+                    "stages": [_row(e) for e in entries],
+                    "removed": [_row(e) for e in removed],
+                    "total_bytes": sum(e.bytes for e in entries),
+                    "max_bytes": limit,
+                }
+            )
+        )
+        return 0
+    now = time.time()
+    for e in removed:
+        print(f"removed {e.path.name} ({e.bytes / 2**20:.0f} MiB)")
+    print(f"{cache.cache_root() / 'stages'}:")
+    for e in entries:
+        state = "" if e.complete else "  (partial: kept unless --clear --partial)"
+        print(f"  {e.bytes / 2**20:8.0f} MiB  used {_ago(now - e.last_used):>9}  {e.path.name}{state}")
+    total = sum(e.bytes for e in entries) / 2**30
+    bound = "no bound" if limit is None else f"bound {limit / 2**30:.1f} GB (EDGE_LLM_CACHE_MAX_GB)"
+    print(f"  {len(entries)} outputs, {total:.2f} GB; {bound}")
+    return 0
+
+
+def _row(e: Any) -> dict[str, Any]:
+    return {"name": e.path.name, "bytes": e.bytes, "last_used": e.last_used, "complete": e.complete}
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return "just now"
