@@ -174,7 +174,8 @@ def test_deadlines_queued_and_running(scheduler: Scheduler) -> None:
             time.sleep(0.05)
         running(event)
 
-    scheduler.submit(req("dr", max_tokens=200, ignore_eos=True, deadline_ms=20, stream=True), slow_first_chunk)
+    long_request = req("dr", max_tokens=200, ignore_eos=True, deadline_ms=20, stream=True)
+    scheduler.submit(long_request, slow_first_chunk)
     assert running.final().code == "deadline"
     assert running.events[0].kind == "chunk" and len(running.events) < 200  # stopped while running
 
