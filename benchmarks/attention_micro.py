@@ -105,8 +105,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("bundle")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--pasts", default="64,256", help="past lengths, comma-separated")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/attention_micro"))
     args = ap.parse_args(argv)
+    try:
+        pasts = [int(n) for n in args.pasts.split(",")]
+    except ValueError:
+        ap.error(f"--pasts {args.pasts!r}: expected comma-separated integers")
+    if not pasts or min(pasts) < 1:
+        ap.error("--pasts: lengths must be >= 1")
     engine = Engine.load(args.bundle, RunnerOptions(threads=args.threads, max_batch=8))
     arch, runner = engine.bundle.architecture, engine.runner
     heads, kv, dim, layers = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.num_layers
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     sin = np.sin(rng.random((cap, dim // 2))).astype(np.float32)
     rows = []
     for batch in (1, 8):
-        for length in [n for n in (64, 256) if n < runner.max_context]:
+        for length in [n for n in pasts if n < runner.max_context]:
             pk = rng.random((batch, kv, cap, dim), dtype=np.float32)
             pv = pk.copy()
             b = gqa.io_binding()
