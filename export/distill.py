@@ -19,7 +19,8 @@ CUDA when present (`device = "auto"`). A progress bar shows the loss and tokens/
 Checkpoints: every `checkpoint_every` optimizer steps the student, optimizer, schedule and data
 position go to `out_dir/checkpoint.pt` (written atomically); a rerun into the same folder — the
 recipe keeps an interrupted stage's `.partial` folder — resumes from there with the same data
-order. Out: `out_dir` with the student (safetensors + config + tokenizer) and `distill.json`.
+and order: what the teacher wrote is kept there too (`teacher_text.json`, `chats.json`). Out:
+`out_dir` with the student (safetensors + config + tokenizer) and `distill.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 REPORT = "distill.json"
 CHECKPOINT = "checkpoint.pt"
 CHATS = "chats.json"  # the teacher-written conversations trained on (token ids)
+TEACHER_TEXT = "teacher_text.json"  # the teacher's text continuations trained on (token ids)
 CHAT_ROWS = 32  # conversations generated together (CPU generate: wider batches are nearly free)
 
 
@@ -136,33 +139,33 @@ def training_ids(
     teacher: Any,
     device: str,
     teacher_dir: Path | None = None,
-    chats_file: Path | None = None,
+    keep_dir: Path | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from.
 
-    Written chats are kept in `chats_file` (JSON) when given and read back from it: a resumed
-    run trains on the same conversations without spending the minutes to write them again."""
+    What the teacher writes (text continuations, chats) is kept in `keep_dir` when given and read
+    back from there: a resumed run trains on the same data, in the same order, without spending
+    the minutes to sample it again (sampling would not repeat across processes)."""
     text, where = read_span(config.text, config.span)
     ids = tok.encode(text, add_special_tokens=False).ids
     where["text_tokens"] = len(ids)
     if config.teacher_tokens:
-        generated = teacher_text(teacher, ids, config, device)
+        generated = _kept(keep_dir, TEACHER_TEXT, lambda: teacher_text(teacher, ids, config, device))
         where["teacher_tokens"] = len(generated)
         ids = ids + generated
     if config.chat_tokens:
         if teacher_dir is None:
             raise ExportError("distill.chat_tokens needs the teacher's folder (its chat template)")
-        if chats_file is not None and chats_file.is_file():
-            chats = json.loads(chats_file.read_text())
-        else:
-            written = teacher_chats(
-                teacher, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
-            )
-            chats = [c for c, _ in written]
-            if chats_file is not None:
-                tmp = chats_file.with_name(chats_file.name + ".tmp")
-                tmp.write_text(json.dumps(chats))
-                os.replace(tmp, chats_file)
+        chats = _kept(
+            keep_dir,
+            CHATS,
+            lambda: [
+                c
+                for c, _ in teacher_chats(
+                    teacher, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
+                )
+            ],
+        )
         where["chat_tokens"] = sum(len(c) for c in chats)
         where["chat_turns"] = len(chats)
         where["chat_example"] = tok.decode(chats[0], skip_special_tokens=False)[:400]
@@ -174,6 +177,19 @@ def training_ids(
             f"distill: {where['file']} span {config.span} has fewer than {config.seq_len} tokens"
         )
     return np.asarray(ids[: n * config.seq_len], dtype=np.int64).reshape(n, config.seq_len), where
+
+
+def _kept(folder: Path | None, name: str, make: Callable[[], Any]) -> Any:
+    """`make()`'s JSON value, written atomically to folder/name, or read from there if present."""
+    path = None if folder is None else folder / name
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    return value
 
 
 def teacher_text(teacher: Any, ids: list[int], config: DistillConfig, device: str) -> list[int]:
@@ -345,7 +361,7 @@ def run(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     tok = load_tokenizer(teacher_dir)
-    data, where = training_ids(config, tok, teacher, device, teacher_dir, out_dir / CHATS)
+    data, where = training_ids(config, tok, teacher, device, teacher_dir, out_dir)
     held_out = held_out_ids(config, tok)
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": [], "curve": []}

@@ -107,16 +107,26 @@ def test_interrupted_distillation_resumes(
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
-def test_teacher_generated_text_is_added(pair: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+def test_teacher_generated_text_is_added_and_kept_for_a_resume(
+    pair: tuple[Path, Path], text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     teacher, student = pair
-    report = distill.run(
-        _config(text_file, tokens=32 * 4 * 2, teacher_tokens=100),
-        teacher,
-        student,
-        tmp_path / "g",
-        progress=False,
-    )
+    cfg = _config(text_file, tokens=32 * 4 * 2, teacher_tokens=100)
+    report = distill.run(cfg, teacher, student, tmp_path / "g", progress=False)
     assert report["text"]["teacher_tokens"] == 100 and report["steps"] == 2
+    kept = json.loads((tmp_path / "g" / distill.TEACHER_TEXT).read_text())
+    assert len(kept) == 100 and all(isinstance(i, int) for i in kept)
+
+    # A rerun into the folder (the recipe's resume) trains on the same samples: sampling again
+    # would give other tokens (generate() draws from torch's global generator).
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("teacher text sampled again")
+
+    monkeypatch.setattr(distill, "teacher_text", never)
+    tok = distill.load_tokenizer(teacher)
+    data, where = distill.training_ids(cfg, tok, None, "cpu", teacher, tmp_path / "g")
+    assert where["teacher_tokens"] == 100
+    assert data.reshape(-1)[where["text_tokens"] :].tolist() == kept[: data.size - where["text_tokens"]]
 
 
 def test_teacher_written_chats_are_added(
