@@ -96,8 +96,13 @@ class MqttConfig:
     topic_prefix: str = "edge-llm"
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
+    # Stream chunks: 1 survives a broker hiccup; 0 halves the packets per token (no PUBACK each).
+    # A lost chunk ends the client's streaming early; the final (always QoS 1) has the whole text.
+    chunk_qos: int = 1
 
     def __post_init__(self) -> None:
+        if self.chunk_qos not in (0, 1):
+            raise ValueError("mqtt: chunk_qos must be 0 or 1")
         for name in ("device", "fleet_group", "topic_prefix"):
             if any(c in getattr(self, name) for c in "/+#"):
                 raise ValueError(f"mqtt: {name} must not contain /, + or #")

@@ -27,6 +27,7 @@ from edge_llm import protocol
 from edge_llm.client._core import RECONNECTED
 from edge_llm.errors import TransportError
 from edge_llm.protocol import Request
+from edge_llm.transports.mqtt import no_delay
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class MqttConnection:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
+        no_delay(self.client)
         self._subscribed = threading.Event()
 
     def describe(self) -> str:

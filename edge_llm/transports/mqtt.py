@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import threading
 from pathlib import Path
@@ -94,7 +95,22 @@ def make_client(cfg: MqttConfig, client_id: str, *, clean: bool = False) -> mqtt
     # While the broker is away, replies wait in memory; bound that on a small board (a client
     # whose reply was dropped gets the stored final when it retries).
     client.max_queued_messages_set(10_000)
+    no_delay(client)
     return client
+
+
+def no_delay(client: mqtt.Client) -> None:
+    """Send each MQTT packet at once (TCP_NODELAY) on every socket the client opens.
+
+    Streamed replies are many small QoS 1 packets: with Nagle's algorithm a packet waits for the
+    ACK of the previous one, which the peer delays up to 40 ms (measured here: QoS 1 round trips
+    to the local mosquitto with a 42 ms tail, 0.5 ms with TCP_NODELAY)."""
+
+    def on_open(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # a websocket wrapper has no such option
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    client.on_socket_open = on_open
 
 
 def connect_properties(cfg: MqttConfig) -> Properties | None:
@@ -190,8 +206,10 @@ class MqttTransport:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation
         try:
-            # QoS 1 and paho's own queue: a reply made while the broker is away goes out on reconnect.
-            self.client.publish(topic, protocol.encode(reply), qos=1, properties=props)
+            # QoS 1 and paho's own queue: a reply made while the broker is away goes out on
+            # reconnect. Chunks may go at QoS 0 (`chunk_qos`): the final holds the whole text.
+            qos = self.cfg.chunk_qos if "seq" in reply else 1
+            self.client.publish(topic, protocol.encode(reply), qos=qos, properties=props)
         except (ValueError, TypeError) as exc:  # e.g. a reply topic with wildcards
             log.warning("cannot publish a reply to %r: %s", topic, exc)
 

@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -138,6 +139,32 @@ def test_round_trip_stream_and_status(tiny_bundle: Path, tmp_path: Path, broker:
         assert isinstance(result, Result) and result.finish_reason in ("stop", "length")
     s.stop()
     assert status(broker)["state"] == "offline"  # said on a clean stop
+
+
+def test_chunk_qos_0_and_no_nagle_on_our_sockets(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> None:
+    s = start_server(tiny_bundle, tmp_path, broker, chunk_qos=0)
+    raw = Raw(broker)
+    try:
+        raw.subscribe("q0/replies")  # at QoS 1: what arrives at 0 was published at 0
+        request = {"id": "q0", "prompt": "x", "max_tokens": 5, "ignore_eos": True, "stream": True}
+        raw.publish(GENERATE, json.dumps(request).encode(), "q0/replies")
+        got = []
+        while not got or not got[-1][0].get("done"):
+            reply, msg = raw.get()
+            got.append((reply, msg.qos))
+        assert [(r["seq"], q) for r, q in got[:-1]] == [(i, 0) for i in range(5)]
+        assert got[-1][1] == 1 and got[-1][0]["text"] == "".join(r["delta"] for r, _ in got[:-1])
+        # Nagle off on the runtime's and the SDK's broker connections (small packets go at once).
+        assert s.mqtt is not None
+        assert s.mqtt.client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with client(broker) as c:  # and the SDK streams as usual
+            sock = c.connection.client.socket()  # type: ignore[attr-defined]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            stream = c.stream(messages=HELLO, max_tokens=8, ignore_eos=True)
+            assert "".join(stream) == stream.result.text  # type: ignore[union-attr]
+    finally:
+        raw.close()
+        s.stop()
 
 
 def test_mosquitto_rr_gets_one_final_reply(server: Server, broker: Broker) -> None:

@@ -100,4 +100,7 @@ def test_board_unknown_key_and_wrong_type(tmp_path: Path) -> None:
     bad.write_text('[[providers]]\nname = "cuda"\ndevice = 0\n')
     with pytest.raises(ConfigError, match="unknown option 'device'"):
         load_board(bad)
+    bad.write_text('[mqtt]\nhost = "b"\ndevice = "d"\nchunk_qos = 2\n')
+    with pytest.raises(ConfigError, match="mqtt: chunk_qos must be 0 or 1"):
+        load_board(bad)
     assert BoardConfig().runner_options().providers[0].name == "cpu"
