@@ -109,3 +109,12 @@ def test_bad_quantize_config() -> None:
         quantize.QuantizeConfig(mode="int4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block_size"):
         quantize.QuantizeConfig(block_size=48)
+
+
+@pytest.mark.parametrize(
+    ("mode", "asked", "got"),
+    [("int8", "auto", "int8"), ("grid", "auto", "int8"), ("none", "auto", "fp32"), ("qdq", "auto", "fp32"),
+     ("dynamic", "auto", "fp32"), ("int8", "fp32", "fp32"), ("none", "int8", "int8")],
+)  # fmt: skip
+def test_embeddings_auto_follows_the_mode(mode: str, asked: str, got: str) -> None:
+    assert quantize.embeddings(quantize.QuantizeConfig(mode=mode, embeddings=asked)) == got  # type: ignore[arg-type]
