@@ -83,9 +83,13 @@ def _concurrent(engine: Any, ids: list[int], clients: int, n_new: int, tag: str)
     from edge_llm.protocol import Request
     from edge_llm.scheduler import Scheduler
 
+    # Requests carry text: keep the chat markers, and check that it encodes back to the same ids
+    # (decoding without them once turned the 21-token chat prompt into 18 tokens of plain text).
+    text = engine.tokenizer.decode(ids, skip_special=False)
+    if engine.tokenizer.encode(text) != list(ids):
+        raise ValueError("the benchmark prompt does not survive a round trip through text")
     sched = Scheduler(engine, max_queue=clients, max_inflight_per_client=clients, max_batch=clients)
     done = threading.Semaphore(0)
-    text = engine.tokenizer.decode(ids)
     for i in range(clients):
         request = Request(id=f"{tag}-{i}", prompt=text, max_tokens=n_new, ignore_eos=True)
         sched.submit(request, lambda e: done.release() if e.done else None)

@@ -43,8 +43,10 @@ class Tokenizer:
             ids = [self.spec.bos_id, *ids]
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids`; with skip_special=False markers such as <|im_start|> stay, so a prompt
+        survives a round trip through text (encode parses them back)."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_text(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)

@@ -29,3 +29,10 @@ def test_chat_template_renders_roles(tiny_bundle: Path) -> None:
     assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.encode(text)
     assert ids[0] == 1 and ids.count(2) == 2  # special tokens are single ids, not spelled out
+
+
+def test_a_chat_prompt_survives_a_round_trip_through_text(tiny_bundle: Path) -> None:
+    tok = Tokenizer(load_bundle(tiny_bundle))
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "Write a story."}]))
+    assert tok.encode(tok.decode(ids, skip_special=False)) == ids
+    assert tok.encode(tok.decode(ids)) != ids  # the default drops the markers: shown text, not prompts
