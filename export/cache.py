@@ -6,7 +6,8 @@ changed later stage does not redo earlier ones. A stage writes into a temporary 
 it when complete, so an interrupted run never leaves a half-written output that looks finished.
 
 The stages folder is bounded: a recipe run ends with `evict`, which removes the least recently
-used complete stage outputs (never one this run used, never a `.partial` folder: it may hold a
+used complete stage outputs (never one used since the start of this or any other live run —
+`running` marks them under `stages/.runs` — and never a `.partial` folder: it may hold a
 resumable distillation checkpoint) until the folder fits `EDGE_LLM_CACHE_MAX_GB` (default 20; 0
 or less: no bound). Every SmolLM2 recipe variant adds ~0.8-1.5 GB (fp32 ONNX, quantized copy),
 so a sweep would otherwise fill a workstation's disk. `edge-llm cache` lists and prunes it.
@@ -14,12 +15,13 @@ so a sweep would otherwise fill a workstation's disk. `edge-llm cache` lists and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from edge_llm.errors import ConfigError
 
 DONE = ".complete"
 PARTIAL = ".partial"
+RUNS = ".runs"  # under stages/: one mark per live recipe run
 DEFAULT_MAX_GB = 20.0
 
 
@@ -99,7 +102,7 @@ def stage_entries() -> list[StageEntry]:
     root = cache_root() / "stages"
     entries = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if not path.is_dir():
+        if not path.is_dir() or path.name.startswith("."):
             continue
         files = [f for f in path.rglob("*") if f.is_file()]
         size = sum(f.stat().st_size for f in files)
@@ -112,17 +115,19 @@ def stage_entries() -> list[StageEntry]:
 
 def evict(limit: int | None, used_since: float | None = None) -> list[StageEntry]:
     """Remove least recently used complete stage outputs until the stages folder is <= `limit`
-    bytes; outputs used at or after `used_since` (this run's) and partial folders stay.
-    Returns what was removed."""
+    bytes. Outputs used at or after `used_since` (this run's), or since the start of any other
+    recipe run still alive (`running`), and partial folders stay. Returns what was removed."""
     if limit is None:
         return []
+    starts = [t for t in (used_since, *_live_run_starts()) if t is not None]
+    since = min(starts) if starts else None
     entries = stage_entries()
     total = sum(e.bytes for e in entries)
     removed = []
     for e in entries:
         if total <= limit:
             break
-        if not e.complete or (used_since is not None and e.last_used >= used_since):
+        if not e.complete or (since is not None and e.last_used >= since):
             continue
         shutil.rmtree(e.path)
         total -= e.bytes
@@ -130,7 +135,38 @@ def evict(limit: int | None, used_since: float | None = None) -> list[StageEntry
     return removed
 
 
-def run_started() -> float:
-    """A time stamp for `evict(used_since=...)` that a hit later in this run compares above
-    (coarse file-system clocks: one second of margin)."""
-    return time.time() - 1.0
+@contextlib.contextmanager
+def running() -> Iterator[float]:
+    """Mark a recipe run as alive for its duration; yields its start time for `evict`.
+
+    Every output a run uses is touched at or after its start, so another run's eviction that
+    spares everything used since the oldest live start never removes a folder in use. (A start
+    one second early: coarse file-system clocks.)"""
+    start = time.time() - 1.0
+    runs = cache_root() / "stages" / RUNS
+    runs.mkdir(parents=True, exist_ok=True)
+    mark = runs / f"{os.getpid()}-{os.urandom(4).hex()}"
+    mark.write_text(f"{start}\n")
+    try:
+        yield start
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def _live_run_starts() -> list[float]:
+    """Start times of the recipe runs whose process is alive; marks of dead ones are removed."""
+    runs = cache_root() / "stages" / RUNS
+    starts = []
+    for mark in runs.iterdir() if runs.is_dir() else []:
+        try:
+            pid, start = int(mark.name.split("-")[0]), float(mark.read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mark.unlink(missing_ok=True)
+            continue
+        except PermissionError:  # alive, another user's
+            pass
+        except (ValueError, OSError):
+            continue
+        starts.append(start)
+    return starts

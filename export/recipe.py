@@ -104,7 +104,17 @@ class StageLog:
 
 
 def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
-    """Run every stage of `recipe` and write the bundle (with its report) to `out_dir`."""
+    """Run every stage of `recipe` and write the bundle (with its report) to `out_dir`; then
+    bring the stage cache back under its bound (sparing what this and other live runs use)."""
+    limit = cache.max_bytes()  # a bad EDGE_LLM_CACHE_MAX_GB fails before any work
+    with cache.running() as started:
+        out = _run(recipe, out_dir, progress)
+        for e in cache.evict(limit, used_since=started):
+            log.info("cache: removed %s (%.0f MiB, least recently used)", e.path.name, e.bytes / 2**20)
+    return out
+
+
+def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
     standard_ops = recipe.quantize.mode in ("dynamic", "qdq") or recipe.static is not None
     if recipe.to_onnx.graph == "auto" and standard_ops:
         # ORT's dynamic / QDQ quantizers, fixed shapes (and the NPUs both are for) need standard ops.
@@ -113,8 +123,6 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
         raise ExportError(f"quantize.mode {recipe.quantize.mode!r} needs to_onnx.graph 'optimum'")
     stages = StageLog()
     evals: dict[str, dict[str, Any]] = {}
-    limit = cache.max_bytes()  # a bad EDGE_LLM_CACHE_MAX_GB fails before any work
-    started = cache.run_started()
     t_all = time.perf_counter()
     t = time.perf_counter()
     loaded = load_stage.run(recipe.load)
@@ -246,8 +254,6 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
     for f in files.values():
         f.unlink()
     report_dir.rmdir()
-    for e in cache.evict(limit, used_since=started):
-        log.info("cache: removed %s (%.0f MiB, least recently used)", e.path.name, e.bytes / 2**20)
     return out
 
 

@@ -118,3 +118,26 @@ def test_cli_lists_prunes_and_clears(root: Path, capsys: pytest.CaptureFixture[s
     assert not partial.exists()
     assert main(["cache", "--partial"]) == 2
     assert "--partial goes with --clear" in capsys.readouterr().err
+
+
+def test_outputs_another_live_run_may_use_are_spared(root: Path) -> None:
+    now = time.time()
+    older = _stage("to_onnx-older", 1000, now - 7200)
+    read_by_b = _stage("to_onnx-b", 1000, now - 600)  # run B (alive) used it after it started
+    runs = cache_stages() / cache.RUNS
+    runs.mkdir(parents=True)
+    (runs / f"{os.getpid()}-b").write_text(f"{now - 900}\n")  # B started 15 min ago, still alive
+    dead = runs / "999999999-x"  # a run whose process is gone: its mark is ignored and removed
+    dead.write_text(f"{now - 99999}\n")
+    removed = cache.evict(0, used_since=now)
+    assert [e.path for e in removed] == [older] and read_by_b.exists()
+    assert not dead.exists() and (runs / f"{os.getpid()}-b").exists()
+    assert all(not e.path.name.startswith(".") for e in cache.stage_entries())  # marks are not outputs
+
+
+def test_running_marks_the_run_while_it_lasts(root: Path) -> None:
+    with cache.running() as started:
+        marks = list((cache_stages() / cache.RUNS).iterdir())
+        assert len(marks) == 1 and marks[0].name.startswith(f"{os.getpid()}-")
+        assert started <= time.time() and cache._live_run_starts() == [started]
+    assert not list((cache_stages() / cache.RUNS).iterdir())
