@@ -119,7 +119,7 @@ def evict(limit: int | None, used_since: float | None = None) -> list[StageEntry
     recipe run still alive (`running`), and partial folders stay. Returns what was removed."""
     if limit is None:
         return []
-    starts = [t for t in (used_since, *_live_run_starts()) if t is not None]
+    starts = [t for t in (used_since, *live_run_starts()) if t is not None]
     since = min(starts) if starts else None
     entries = stage_entries()
     total = sum(e.bytes for e in entries)
@@ -153,7 +153,7 @@ def running() -> Iterator[float]:
         mark.unlink(missing_ok=True)
 
 
-def _live_run_starts() -> list[float]:
+def live_run_starts() -> list[float]:
     """Start times of the recipe runs whose process is alive; marks of dead ones are removed."""
     runs = cache_root() / "stages" / RUNS
     starts = []

@@ -4,6 +4,7 @@ Lists each stage output (`stages/<stage>-<key>`) with its size and last use, lea
 first. `--max-gb N` removes least recently used complete outputs until the stages fit N GB (what
 every recipe run does at its end with EDGE_LLM_CACHE_MAX_GB); `--clear` removes them all, and with
 `--partial` also the unfinished ones (an interrupted distillation's checkpoint among them).
+Neither touches what an export running now has used since it started.
 Bundles, downloaded models and the peers' venv are not touched.
 """
 
@@ -38,9 +39,18 @@ def run(args: argparse.Namespace) -> int:
     if args.max_gb is not None:
         removed = cache.evict(int(args.max_gb * 1024**3))
     elif args.clear:
-        removed = [e for e in cache.stage_entries() if e.complete or args.partial]
+        # An export running now may be reading what it used since it started: leave that.
+        starts = cache.live_run_starts()
+        since = min(starts) if starts else None
+        removed = [
+            e
+            for e in cache.stage_entries()
+            if (e.complete or args.partial) and (since is None or e.last_used < since)
+        ]
         for e in removed:
             shutil.rmtree(e.path)
+        if since is not None:
+            print(f"{len(starts)} export run(s) in progress: what they use was kept")
     entries = cache.stage_entries()
     limit = cache.max_bytes()
     if args.json:

@@ -139,5 +139,15 @@ def test_running_marks_the_run_while_it_lasts(root: Path) -> None:
     with cache.running() as started:
         marks = list((cache_stages() / cache.RUNS).iterdir())
         assert len(marks) == 1 and marks[0].name.startswith(f"{os.getpid()}-")
-        assert started <= time.time() and cache._live_run_starts() == [started]
+        assert started <= time.time() and cache.live_run_starts() == [started]
     assert not list((cache_stages() / cache.RUNS).iterdir())
+
+
+def test_cli_clear_leaves_what_a_live_run_uses(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    now = time.time()
+    old = _stage("quantize-old", 100, now - 7200)
+    with cache.running():
+        in_use = _stage("quantize-in-use", 100, time.time())  # the running export touched it
+        assert main(["cache", "--clear"]) == 0
+    assert not old.exists() and in_use.exists()
+    assert "1 export run(s) in progress" in capsys.readouterr().out
