@@ -1,7 +1,8 @@
 """edge-llm: a small on-device runtime for language-model bundles (ONNX Runtime).
 
-The runtime depends only on onnxruntime, numpy, tokenizers, paho-mqtt and jinja2; it never
-imports torch, transformers or optimum (the `export` package and extra do).
+The runtime depends only on onnxruntime, numpy, tokenizers and paho-mqtt (jinja2 is optional:
+bundles without a plain chat format); it never imports torch, transformers or optimum (the
+`export` package and extra do).
 """
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_llm.chat import ChatFormat
 from edge_llm.errors import BundleError
 
 FORMAT_VERSION = 1
@@ -71,6 +72,9 @@ class TokenizerSpec:
     pad_id: int
     chat_template: str | None
     add_bos: bool = False
+    # The template as plain strings (`edge_llm.chat.ChatFormat`), when it is that simple: the
+    # runtime then renders chats without jinja2. Absent in older bundles.
+    chat_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,8 @@ def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
 def _tokenizer_spec(raw: dict[str, Any]) -> TokenizerSpec:
     raw = dict(raw)
     raw["eos_ids"] = tuple(int(i) for i in raw["eos_ids"])
+    if raw.get("chat_format") is not None:
+        ChatFormat.from_dict(raw["chat_format"])  # a malformed one fails the load, not a request
     return TokenizerSpec(**raw)
 
 

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edge_llm.chat import ROLES  # light: the client SDK imports this module
 from edge_llm.errors import EdgeLLMError, RequestError
 
 PROTOCOL_VERSION = 1
@@ -27,9 +28,6 @@ ERROR_CODES = ("bad_request", "too_long", "busy", "cancelled", "deadline", "inte
 # Codes a client may retry with the same request id (the server will not have stored a final).
 RETRYABLE_CODES = frozenset({"busy"})
 
-# Kept in step with edge_llm.tokenizer.ROLES (not imported: that module pulls in tokenizers/jinja2,
-# and the client SDK must stay light). The engine checks messages again when it renders them.
-_ROLES = ("system", "user", "assistant", "tool")
 
 _FIELDS = frozenset(
     {
@@ -205,8 +203,8 @@ def _messages(value: Any, fail: Any) -> tuple[dict[str, str], ...]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m:
             raise fail(f"messages[{i}] must be an object with role and content")
-        if m["role"] not in _ROLES:
-            raise fail(f"messages[{i}].role must be one of {', '.join(_ROLES)}")
+        if m["role"] not in ROLES:
+            raise fail(f"messages[{i}].role must be one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise fail(f"messages[{i}].content must be a string")
         if "name" in m and not isinstance(m["name"], str):

@@ -1,8 +1,9 @@
-"""Text <-> token ids for the runtime: `tokenizers` plus the bundle's chat template.
+"""Text <-> token ids for the runtime: `tokenizers` plus the bundle's chat format.
 
-In: the bundle's `tokenizer.json` and `TokenizerSpec`. Out: `encode`, `render_chat` (the model's
-own Jinja chat template, sandboxed) and `StreamDecoder`, which turns a growing list of ids into
-text deltas that never end inside a multibyte UTF-8 character.
+In: the bundle's `tokenizer.json` and `TokenizerSpec`. Out: `encode`, `render_chat` (the bundle's
+plain `chat_format`, or for bundles without one the model's Jinja template: `edge_llm.chat`) and
+`StreamDecoder`, which turns a growing list of ids into text deltas that never end inside a
+multibyte UTF-8 character.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from edge_llm.bundle import Bundle
+from edge_llm.chat import ROLES, ChatFormat, Render, jinja_renderer
 from edge_llm.errors import BundleError, RequestError
 
 _REPLACEMENT = "\ufffd"
-ROLES = ("system", "user", "assistant", "tool")
 
 
 class Tokenizer:
@@ -27,11 +27,11 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(bundle.tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             raise BundleError(f"{bundle.tokenizer_path}: cannot load tokenizer: {exc}") from None
-        self._template = None
-        if self.spec.chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(self.spec.chat_template)
+        self._render: Render | None = None
+        if self.spec.chat_format is not None:
+            self._render = ChatFormat.from_dict(self.spec.chat_format).render
+        elif self.spec.chat_template:
+            self._render = jinja_renderer(self.spec.chat_template, *self.special_texts())
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -54,18 +54,17 @@ class Tokenizer:
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render chat messages with the model's template (checked: role and string content)."""
         check_messages(messages)
-        if self._template is None:
+        if self._render is None:
             # A base model without a template: plain "role: content" lines are the honest fallback.
             body = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return body + ("assistant: " if add_generation_prompt else "")
-        bos = self.token_text(self.spec.bos_id) if self.spec.bos_id is not None else ""
-        eos = self.token_text(self.spec.eos_ids[0]) if self.spec.eos_ids else ""
-        return self._template.render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos,
-            eos_token=eos,
-        )
+        return self._render(messages, add_generation_prompt)
+
+    def special_texts(self) -> tuple[str, str]:
+        """(bos_token, eos_token) as a template sees them."""
+        bos = self.token_text(self.spec.bos_id) if self.spec.bos_id is not None else None
+        eos = self.token_text(self.spec.eos_ids[0]) if self.spec.eos_ids else None
+        return bos or "", eos or ""
 
 
 def check_messages(messages: Any) -> None:
@@ -78,10 +77,6 @@ def check_messages(messages: Any) -> None:
             raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise RequestError(f"messages[{i}].content must be a string")
-
-
-def _raise_template_error(message: str) -> None:
-    raise RequestError(f"chat template refused the messages: {message}")
 
 
 class StreamDecoder:

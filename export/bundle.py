@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_llm import chat
 from edge_llm.bundle import FORMAT_VERSION, load_bundle, write_manifest
 from edge_llm.errors import ExportError
 from export.to_onnx import graph_io
@@ -85,12 +86,21 @@ def tokenizer_section(hf_dir: Path) -> dict[str, Any]:
     jinja = hf_dir / "chat_template.jinja"
     if template is None and jinja.exists():
         template = jinja.read_text(encoding="utf-8")
+    chat_format = None
+    if template is not None:
+        # The runtime renders chats from these plain strings when they reproduce the template
+        # (then it needs no jinja2); the template stays in the manifest for other tools.
+        text = {i: t for t, i in lookup.items()}
+        specials = (text.get(bos, "") if bos is not None else "", text.get(eos[0], ""))
+        fmt = chat.derive(chat.jinja_renderer(template, *specials))
+        chat_format = fmt.to_dict() if fmt is not None else None
     return {
         "file": "tokenizer.json",
         "bos_id": bos,
         "eos_ids": eos,
         "pad_id": pad if isinstance(pad, int) else eos[0],
         "chat_template": template,
+        "chat_format": chat_format,
         # Chat templates carry their own special tokens; only a template-less model gets a BOS.
         "add_bos": bool(template is None and tcfg.get("add_bos_token", False) and bos is not None),
     }
