@@ -58,8 +58,12 @@ def stable_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def stages_root() -> Path:
+    return cache_root() / "stages"
+
+
 def stage_dir(stage: str, key: str) -> Path:
-    return cache_root() / "stages" / f"{stage}-{key}"
+    return stages_root() / f"{stage}-{key}"
 
 
 def cached_stage(stage: str, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
@@ -99,7 +103,7 @@ def max_bytes() -> int | None:
 
 def stage_entries() -> list[StageEntry]:
     """Every stage folder in the cache, least recently used first."""
-    root = cache_root() / "stages"
+    root = stages_root()
     entries = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         if not path.is_dir() or path.name.startswith("."):
@@ -113,10 +117,11 @@ def stage_entries() -> list[StageEntry]:
     return sorted(entries, key=lambda e: e.last_used)
 
 
-def evict(limit: int | None, used_since: float | None = None) -> list[StageEntry]:
-    """Remove least recently used complete stage outputs until the stages folder is <= `limit`
-    bytes. Outputs used at or after `used_since` (this run's), or since the start of any other
-    recipe run still alive (`running`), and partial folders stay. Returns what was removed."""
+def evict(limit: int | None, used_since: float | None = None, partial: bool = False) -> list[StageEntry]:
+    """Remove least recently used complete stage outputs (and with `partial` unfinished ones) until
+    the stages folder is <= `limit` bytes (< 0: all of them). Outputs used at or after `used_since`
+    (this run's), or since the start of any other recipe run still alive (`running`), stay.
+    Returns what was removed."""
     if limit is None:
         return []
     starts = [t for t in (used_since, *live_run_starts()) if t is not None]
@@ -127,7 +132,7 @@ def evict(limit: int | None, used_since: float | None = None) -> list[StageEntry
     for e in entries:
         if total <= limit:
             break
-        if not e.complete or (since is not None and e.last_used >= since):
+        if not (e.complete or partial) or (since is not None and e.last_used >= since):
             continue
         shutil.rmtree(e.path)
         total -= e.bytes
@@ -143,7 +148,7 @@ def running() -> Iterator[float]:
     spares everything used since the oldest live start never removes a folder in use. (A start
     one second early: coarse file-system clocks.)"""
     start = time.time() - 1.0
-    runs = cache_root() / "stages" / RUNS
+    runs = stages_root() / RUNS
     runs.mkdir(parents=True, exist_ok=True)
     mark = runs / f"{os.getpid()}-{os.urandom(4).hex()}"
     mark.write_text(f"{start}\n")
@@ -155,7 +160,7 @@ def running() -> Iterator[float]:
 
 def live_run_starts() -> list[float]:
     """Start times of the recipe runs whose process is alive; marks of dead ones are removed."""
-    runs = cache_root() / "stages" / RUNS
+    runs = stages_root() / RUNS
     starts = []
     for mark in runs.iterdir() if runs.is_dir() else []:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from typing import Any
 
@@ -39,18 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_gb is not None:
         removed = cache.evict(int(args.max_gb * 1024**3))
     elif args.clear:
-        # An export running now may be reading what it used since it started: leave that.
-        starts = cache.live_run_starts()
-        since = min(starts) if starts else None
-        removed = [
-            e
-            for e in cache.stage_entries()
-            if (e.complete or args.partial) and (since is None or e.last_used < since)
-        ]
-        for e in removed:
-            shutil.rmtree(e.path)
-        if since is not None:
-            print(f"{len(starts)} export run(s) in progress: what they use was kept")
+        removed = cache.evict(-1, partial=args.partial)  # spares what running exports use
+        if runs := len(cache.live_run_starts()):
+            print(f"{runs} export run(s) in progress: what they use was kept")
     entries = cache.stage_entries()
     limit = cache.max_bytes()
     if args.json:

@@ -37,7 +37,7 @@ def _stage(name: str, size: int, used: float, complete: bool = True) -> Path:
 
 
 def cache_stages() -> Path:
-    return cache.cache_root() / "stages"
+    return cache.stages_root()
 
 
 def test_evict_removes_least_recently_used_first_and_stops_under_the_bound(root: Path) -> None:
