@@ -16,6 +16,7 @@ from typing import Literal
 from edge_llm.config import load_toml
 from edge_llm.providers import ProviderSpec, parse_provider_list
 from edge_llm.runner import RunnerOptions
+from edge_llm.topics import REPLY_LEVEL, level_problem, topic_problem
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,25 @@ class MqttConfig:
     # Stream chunks: 1 survives a broker hiccup; 0 halves the packets per token (no PUBACK each).
     # A lost chunk ends the client's streaming early; the final (always QoS 1) has the whole text.
     chunk_qos: int = 1
+    # Where a request may ask for its replies (MQTT 5 Response Topic, 3.1.1 `reply_to`): topics
+    # under one of these prefixes, level-wise ("apps/a" covers "apps/a/x"). Empty = anywhere but
+    # `$` topics and device topics (`<topic_prefix>/…` other than `<topic_prefix>/reply/…`), which
+    # are refused in any case. A request whose reply topic is refused is dropped and logged.
+    reply_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_qos not in (0, 1):
             raise ValueError("mqtt: chunk_qos must be 0 or 1")
         for name in ("device", "fleet_group", "topic_prefix"):
-            if any(c in getattr(self, name) for c in "/+#"):
-                raise ValueError(f"mqtt: {name} must not contain /, + or #")
+            problem = level_problem(getattr(self, name), f"mqtt: {name}")
+            if problem is not None:
+                raise ValueError(problem)
+        if self.device in (REPLY_LEVEL, "fleet"):  # those levels carry replies and fleet requests
+            raise ValueError(f"mqtt: device must not be {self.device!r} (a reserved topic level)")
+        for prefix in self.reply_prefixes:
+            problem = topic_problem(prefix, "mqtt: reply_prefixes entry")
+            if problem is not None or prefix.startswith("$"):
+                raise ValueError(problem or f"mqtt: reply_prefixes entry {prefix!r} is a $-topic")
         if self.host and not self.device:
             raise ValueError("mqtt: device is required when host is set")
         if not 0 < self.port <= 65535 or self.keepalive < 5 or self.session_expiry_s < 0:

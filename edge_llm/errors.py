@@ -37,6 +37,16 @@ class RequestError(EdgeLLMError):
     code = "bad_request"
 
 
+class ProtocolError(RequestError):
+    """A message that is not a valid request; `request_id`/`reply_to` are set when readable, so
+    the transport can still address its `bad_request` reply."""
+
+    def __init__(self, message: str, request_id: str | None = None, reply_to: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.reply_to = reply_to
+
+
 class ContextLengthError(RequestError):
     """Prompt plus requested tokens exceed the model's context window."""
 
@@ -67,7 +77,39 @@ class TransportError(EdgeLLMError):
     code = "transport"
 
 
+class RequestTimeout(TransportError):
+    """Client side: no final reply within the client's timeout."""
+
+    code = "timeout"
+
+
+class ServerError(EdgeLLMError):
+    """Client side: the server failed the request (`internal`) or answered with a code this client
+    does not know (kept in `code`)."""
+
+    code = "internal"
+
+
 class ExportError(EdgeLLMError):
     """The export pipeline could not produce a bundle (bad source, bad recipe, failed stage)."""
 
     code = "export"
+
+
+# The class a client raises for each error code of a reply (docs/protocol.md, "Error codes").
+_REPLY_ERRORS: dict[str, type[EdgeLLMError]] = {
+    "bad_request": RequestError,
+    "too_long": ContextLengthError,
+    "busy": BusyError,
+    "cancelled": CancelledError,
+    "deadline": DeadlineError,
+}
+
+
+def error_from_reply(error: dict[str, object]) -> EdgeLLMError:
+    """The exception for a reply's `error` object: its code's class, else `ServerError`."""
+    code = str(error.get("code", "internal"))
+    exc = _REPLY_ERRORS.get(code, ServerError)(str(error.get("message", "")))
+    if type(exc) is ServerError and code != "internal":
+        exc.code = code  # an unknown code stays visible to the caller
+    return exc

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_llm.chat import ROLES  # light: the client SDK imports this module
-from edge_llm.errors import EdgeLLMError, RequestError
+from edge_llm.errors import EdgeLLMError, ProtocolError  # ProtocolError: importable from here too
+from edge_llm.topics import topic_problem
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
@@ -48,15 +49,6 @@ _FIELDS = frozenset(
         "ignore_eos",
     }
 )
-
-
-class ProtocolError(RequestError):
-    """A message that is not a valid request; `request_id`/`reply_to` are set when readable."""
-
-    def __init__(self, message: str, request_id: str | None = None, reply_to: str | None = None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-        self.reply_to = reply_to
 
 
 @dataclass(frozen=True)
@@ -164,8 +156,9 @@ def parse_request(data: dict[str, Any]) -> Request:
         value = data.get(name)
         if value is not None and not _is_id(value):
             raise fail(f"{name} must be a string of 1..{MAX_ID_CHARS} characters")
-    if reply_to is not None and any(c in reply_to for c in "+#\0"):
-        raise fail("reply_to must be a topic name without wildcards")
+    problem = topic_problem(reply_to, "reply_to") if reply_to is not None else None
+    if problem is not None:
+        raise fail(problem)  # the transport will not reply to that address either (log and drop)
     request = Request(
         id=str(rid),
         messages=messages,

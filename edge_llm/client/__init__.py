@@ -20,18 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_llm.client._core import (
-    AsyncClient,
-    AsyncStream,
-    Client,
-    RequestTimeout,
-    Result,
-    RetryPolicy,
-    ServerError,
-    Stream,
-    build_request,
-)
+from edge_llm.client._core import AsyncClient, AsyncStream, Client, Result, RetryPolicy, Stream, build_request
 from edge_llm.client._socket import SocketConnection
+from edge_llm.errors import RequestTimeout, ServerError  # defined with the other errors; public here too
 
 _CLIENT_KW = ("timeout", "retry")
 

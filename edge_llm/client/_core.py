@@ -21,49 +21,13 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edge_llm.errors import (
-    BusyError,
-    CancelledError,
-    ContextLengthError,
-    DeadlineError,
-    EdgeLLMError,
-    RequestError,
-    TransportError,
-)
+from edge_llm.errors import EdgeLLMError, RequestTimeout, TransportError, error_from_reply
 from edge_llm.protocol import Request
 
 # Inbox items besides reply dicts.
 RECONNECTED = "reconnected"  # the transport is back: send the request again
 LOST = "lost"  # the transport dropped: reconnect (with backoff), then send again
-
-
-class RequestTimeout(TransportError):
-    """No final reply within the client's timeout."""
-
-    code = "timeout"
-
-
-class ServerError(EdgeLLMError):
-    """The server failed the request (`internal`) or answered with a code this client does not know."""
-
-    code = "internal"
-
-
-_ERRORS: dict[str, type[EdgeLLMError]] = {
-    "bad_request": RequestError,
-    "too_long": ContextLengthError,
-    "busy": BusyError,
-    "cancelled": CancelledError,
-    "deadline": DeadlineError,
-}
-
-
-def error_for(error: dict[str, Any]) -> EdgeLLMError:
-    code = str(error.get("code", "internal"))
-    exc = _ERRORS.get(code, ServerError)(str(error.get("message", "")))
-    if type(exc) is ServerError and code != "internal":
-        exc.code = code
-    return exc
+SILENCE = "silence"  # (not from a transport) nothing arrived within `_Exchange.wait_s()`
 
 
 @dataclass(frozen=True)
@@ -136,26 +100,60 @@ class _Step:
     deltas: list[str]
     result: Result | None = None
     error: EdgeLLMError | None = None
-    retry_in: float | None = None
+    retry_in: float | None = None  # wait this long, then send again (`busy`)
+    resend: bool = False  # send again now (transport back, or silence)
 
 
-class _Tracker:
-    """Follows one request's replies: orders chunks, survives gaps and repeats, counts retries."""
+class _Exchange:
+    """One request's exchange, without I/O: the sync and async clients drive the same logic.
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    Orders chunks, survives gaps and repeats, counts `busy` retries, keeps the deadline and the
+    silence timer. The driver sends the request, then loops: wait up to `wait_s()` for an inbox
+    item (`SILENCE` when none came), `feed` it, and act on the `_Step`."""
+
+    def __init__(self, request: Request, policy: RetryPolicy, timeout: float) -> None:
+        self.request = request
         self.policy = policy
+        self.deadline = time.monotonic() + timeout
+        self.last = time.monotonic()  # when the request was last sent or a reply last came
         self.next_seq = 0
         self.emitted: list[str] = []
         self.gap = False  # a chunk went missing: stop streaming, take the rest from the final
         self.busy = 0
 
-    def feed(self, reply: dict[str, Any]) -> _Step:
+    def sent(self) -> None:
+        self.last = time.monotonic()
+
+    def wait_s(self) -> float:
+        """How long to wait for the next item; raises RequestTimeout once the deadline passed."""
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise RequestTimeout(f"no final reply to {self.request.id} in time")
+        return max(0.0, min(self.deadline, self.last + self.policy.resend_after_s) - now)
+
+    def send_failed(self, exc: TransportError, attempt: int) -> float:
+        """The transport is down: how long to back off before sending again (or RequestTimeout)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeout(f"transport down until the timeout: {exc}") from None
+        return min(left, self.policy.delay(attempt))
+
+    def feed(self, item: Any) -> _Step:
+        if item == SILENCE:
+            return _Step([], resend=time.monotonic() >= self.last + self.policy.resend_after_s)
+        if item in (RECONNECTED, LOST):
+            return _Step([], resend=True)
+        self.last = time.monotonic()
+        return self._reply(item)
+
+    def _reply(self, reply: dict[str, Any]) -> _Step:
         if "error" in reply:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
             if error.get("code") == "busy" and self.busy < self.policy.max_retries:
                 self.busy += 1
-                return _Step([], retry_in=self.policy.delay(self.busy - 1))
-            return _Step([], error=error_for(error))
+                delay = self.policy.delay(self.busy - 1)
+                return _Step([], retry_in=max(0.0, min(delay, self.deadline - time.monotonic())))
+            return _Step([], error=error_from_reply(error))
         if reply.get("done") is True:
             text = str(reply.get("text", ""))
             sent = "".join(self.emitted)
@@ -221,28 +219,17 @@ class Client:
         self.connection.send_cancel(request_id)
 
     def _exchange(self, request: Request, timeout: float | None) -> Iterator[str | _Done]:
-        policy, conn = self.retry, self.connection
+        ex = _Exchange(request, self.retry, timeout if timeout is not None else self.timeout)
         inbox: queue.Queue[Any] = queue.Queue()
-        tracker = _Tracker(policy)
-        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        conn.register(request.id, inbox.put)
+        self.connection.register(request.id, inbox.put)
         try:
-            last = self._send(request, deadline)
+            self._send(ex)
             while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise RequestTimeout(f"no final reply to {request.id} in time")
                 try:
-                    item = inbox.get(timeout=max(0.0, min(deadline, last + policy.resend_after_s) - now))
+                    item = inbox.get(timeout=ex.wait_s())
                 except queue.Empty:
-                    if time.monotonic() >= last + policy.resend_after_s:
-                        last = self._send(request, deadline)
-                    continue
-                if item in (RECONNECTED, LOST):
-                    last = self._send(request, deadline)
-                    continue
-                last = time.monotonic()
-                step = tracker.feed(item)
+                    item = SILENCE
+                step = ex.feed(item)
                 yield from step.deltas
                 if step.result is not None:
                     yield _Done(step.result)
@@ -250,23 +237,22 @@ class Client:
                 if step.error is not None:
                     raise step.error
                 if step.retry_in is not None:
-                    time.sleep(max(0.0, min(step.retry_in, deadline - time.monotonic())))
-                    last = self._send(request, deadline)
+                    time.sleep(step.retry_in)
+                if step.resend or step.retry_in is not None:
+                    self._send(ex)
         finally:
-            conn.unregister(request.id)
+            self.connection.unregister(request.id)
 
-    def _send(self, request: Request, deadline: float) -> float:
-        """Send (reconnecting with backoff while the transport is down); return the send time."""
+    def _send(self, ex: _Exchange) -> None:
+        """Send (reconnecting with backoff while the transport is down)."""
         attempt = 0
         while True:
             try:
-                self.connection.send(request)
-                return time.monotonic()
+                self.connection.send(ex.request)
+                ex.sent()
+                return
             except TransportError as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RequestTimeout(f"transport down until the timeout: {exc}") from None
-                time.sleep(min(left, self.retry.delay(attempt)))
+                time.sleep(ex.send_failed(exc, attempt))
                 attempt += 1
 
 
@@ -334,7 +320,7 @@ class AsyncClient:
 
     async def _exchange(self, request: Request, timeout: float | None) -> AsyncIterator[str | _Done]:
         await self.connect()
-        policy, conn = self.retry, self.connection
+        ex = _Exchange(request, self.retry, timeout if timeout is not None else self.timeout)
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -342,27 +328,15 @@ class AsyncClient:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        tracker = _Tracker(policy)
-        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
-        conn.register(request.id, put)
+        self.connection.register(request.id, put)
         try:
-            last = await self._send(request, deadline)
+            await self._send(ex)
             while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise RequestTimeout(f"no final reply to {request.id} in time")
                 try:
-                    wait = max(0.0, min(deadline, last + policy.resend_after_s) - now)
-                    item = await asyncio.wait_for(inbox.get(), wait)
+                    item = await asyncio.wait_for(inbox.get(), ex.wait_s())
                 except asyncio.TimeoutError:
-                    if time.monotonic() >= last + policy.resend_after_s:
-                        last = await self._send(request, deadline)
-                    continue
-                if item in (RECONNECTED, LOST):
-                    last = await self._send(request, deadline)
-                    continue
-                last = time.monotonic()
-                step = tracker.feed(item)
+                    item = SILENCE
+                step = ex.feed(item)
                 for delta in step.deltas:
                     yield delta
                 if step.result is not None:
@@ -371,22 +345,21 @@ class AsyncClient:
                 if step.error is not None:
                     raise step.error
                 if step.retry_in is not None:
-                    await asyncio.sleep(max(0.0, min(step.retry_in, deadline - time.monotonic())))
-                    last = await self._send(request, deadline)
+                    await asyncio.sleep(step.retry_in)
+                if step.resend or step.retry_in is not None:
+                    await self._send(ex)
         finally:
-            conn.unregister(request.id)
+            self.connection.unregister(request.id)
 
-    async def _send(self, request: Request, deadline: float) -> float:
+    async def _send(self, ex: _Exchange) -> None:
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self.connection.send, request)
-                return time.monotonic()
+                await asyncio.to_thread(self.connection.send, ex.request)
+                ex.sent()
+                return
             except TransportError as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RequestTimeout(f"transport down until the timeout: {exc}") from None
-                await asyncio.sleep(min(left, self.retry.delay(attempt)))
+                await asyncio.sleep(ex.send_failed(exc, attempt))
                 attempt += 1
 
 

@@ -5,29 +5,33 @@ this client's reply topic (default `<prefix>/reply/<client id>`): MQTT 5 names i
 Response Topic with the request id as Correlation Data; MQTT 3.1.1 puts it in `reply_to`.
 paho reconnects with backoff on its own; after every reconnect each waiting request is told
 (`RECONNECTED`) and sent again with the same id, which the server deduplicates.
+
+With `require_online=True`, `connect()` also reads the devices' retained status topics (their
+Last Will makes them `offline` when they drop) and fails at once when the addressed device (or,
+for the fleet, every device of a fleet group) is not online, naming the devices that are.
+paho set-up and start-up diagnosis are shared with the runtime (`edge_llm.mqtt_common`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_llm import protocol
+from edge_llm import mqtt_common, protocol
 from edge_llm.client._core import RECONNECTED
 from edge_llm.errors import TransportError
 from edge_llm.protocol import Request
-from edge_llm.transports.mqtt import no_delay
+from edge_llm.topics import level_problem, topic_problem
 
 log = logging.getLogger(__name__)
 
@@ -55,74 +59,154 @@ class MqttConnection:
         connect_timeout: float = 10.0,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 10.0,
+        require_online: bool = False,
+        status_wait_s: float = 1.0,
     ) -> None:
         if fleet == (device is not None):
             raise ValueError("give a device id, or fleet=True")
+        for value, what in ((device or "", "device"), (topic_prefix, "topic_prefix")):
+            problem = level_problem(value, what)
+            if problem is not None:
+                raise ValueError(problem)
         self.host, self.port = host, port
         self.v5 = protocol_version == "5"
+        self.tls = bool(tls or ca or cert)
         self.client_id = client_id or f"edge-llm-client-{uuid.uuid4().hex[:12]}"
         self.reply_topic = reply_topic or f"{topic_prefix}/reply/{self.client_id}"
+        problem = topic_problem(self.reply_topic, "reply_topic")
+        if problem is not None:
+            raise ValueError(problem)
+        self.device = device
+        self.topic_prefix = topic_prefix
         target = "fleet" if fleet else device
         self.request_topic = f"{topic_prefix}/{target}/generate"
         self.cancel_topic = f"{topic_prefix}/{target}/cancel"
         self.session_expiry_s = session_expiry_s
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
+        self.require_online = require_online
+        self.status_wait_s = status_wait_s
         self._routes: dict[str, Callable[[Any], None]] = {}
         self._lock = threading.Lock()
-        self._connack = threading.Event()
-        self._refused: str | None = None
+        self._first = mqtt_common.FirstAnswer()
+        self._sub_refused: str | None = None
         self._connects = 0
         self._started = False
+        self._statuses: dict[str, dict[str, Any]] = {}
+        self._status_changed = threading.Condition()
         # A v3.1.1 session cannot expire, so only a caller-chosen client id gets a persistent one.
-        persistent_v3 = client_id is not None
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
-            clean_session=None if self.v5 else not persistent_v3,
+        self.client = mqtt_common.new_client(
+            self.client_id,
+            v5=self.v5,
+            clean=client_id is None,
+            username=username,
+            password=password,
+            tls=self.tls,
+            ca=ca,
+            cert=cert,
+            key=key,
+            reconnect_min_s=reconnect_min_s,
+            reconnect_max_s=reconnect_max_s,
         )
-        if username:
-            self.client.username_pw_set(username, password)
-        if tls or ca or cert:
-            self.client.tls_set(ca_certs=ca, certfile=cert, keyfile=key, cert_reqs=ssl.CERT_REQUIRED)
-        self.client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
-        no_delay(self.client)
         self._subscribed = threading.Event()
 
     def describe(self) -> str:
         return f"mqtt://{self.host}:{self.port}/{self.request_topic}"
 
     def connect(self) -> None:
-        """Connect and wait for the broker's answer; a refusal or no answer raises TransportError."""
+        """Connect and wait for the broker's answer; a refusal, a TLS/plain mismatch, no answer or
+        (with `require_online`) an offline device raises TransportError naming the cause."""
         with self._lock:
             if self._started:
                 return
             self._started = True
-        kwargs: dict[str, Any] = {"keepalive": self.keepalive}
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self.session_expiry_s
-            kwargs.update(clean_start=False, properties=props)
+        kwargs = mqtt_common.connect_args(self.v5, self.keepalive, self.session_expiry_s)
         try:
-            self.client.connect(self.host, self.port, **kwargs)
-        except (OSError, ssl.SSLError) as exc:
+            unreachable = mqtt_common.connect(self.client, self.host, self.port, self.tls, **kwargs)
+        except TransportError:
             self._started = False
-            raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            raise
+        if unreachable is not None:
+            self._started = False
+            raise TransportError(f"cannot connect to {self.host}:{self.port}: {unreachable}")
         self.client.loop_start()
-        if not self._connack.wait(self.connect_timeout) or self._refused is not None:
-            reason = self._refused or "no answer"
+        answered = self._first.event.wait(self.connect_timeout)
+        if not answered or self._first.refused is not None or self._first.closed_early:
             self.close()
-            raise TransportError(f"broker {self.host}:{self.port} refused the connection: {reason}")
-        if not self._subscribed.wait(self.connect_timeout) or self._refused is not None:
+            cause = self._first.fatal(self.host, self.port, self.tls) if answered else None
+            reason = cause or f"refused the connection: {self._first.refused or 'no answer'}"
+            raise TransportError(cause or f"broker {self.host}:{self.port} {reason}")
+        if not self._subscribed.wait(self.connect_timeout) or self._sub_refused is not None:
             self.close()
             raise TransportError(
-                f"broker {self.host}:{self.port} refused {self.reply_topic}: {self._refused}"
+                f"broker {self.host}:{self.port} refused {self.reply_topic}: {self._sub_refused}"
             )
+        if self.require_online:
+            problem = self.offline_problem()
+            if problem is not None:
+                self.close()
+                raise TransportError(problem)
+
+    def device_statuses(self) -> dict[str, dict[str, Any]] | None:
+        """The devices' retained status messages (device id -> status), read within about
+        `status_wait_s`; None when the broker does not let this client read them."""
+        pattern = f"{self.topic_prefix}/+/status"
+        done = threading.Event()
+        granted: list[bool] = []
+
+        def on_subscribe(_c: Any, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+            granted.append(not any(r.is_failure for r in reasons))
+            done.set()
+
+        self.client.message_callback_add(pattern, self._on_status)
+        self.client.on_subscribe = on_subscribe
+        try:
+            self.client.subscribe(pattern, qos=1)
+            if not done.wait(self.connect_timeout) or not granted[0]:
+                return None
+            # Retained messages follow the SUBACK at once; stop as soon as the target's status is
+            # in, else after a short quiet period.
+            end = time.monotonic() + self.status_wait_s
+            with self._status_changed:
+                while self.device not in self._statuses and time.monotonic() < end:
+                    self._status_changed.wait(end - time.monotonic())
+                return dict(self._statuses)
+        finally:
+            self.client.unsubscribe(pattern)
+            self.client.message_callback_remove(pattern)
+            self.client.on_subscribe = self._on_subscribe
+
+    def offline_problem(self) -> str | None:
+        """Why the addressed device (or fleet) cannot answer now, or None (also when unknown)."""
+        statuses = self.device_statuses()
+        if statuses is None:
+            log.warning("cannot read the device status topics (broker ACL); not checking the device")
+            return None
+        online = sorted(d for d, s in statuses.items() if s.get("state") == "online")
+        where = f"broker {self.host}:{self.port}"
+        listing = f"devices online: {', '.join(online)}" if online else "no device is online there"
+        if self.device is None:
+            fleet = [d for d in online if (statuses[d].get("capabilities") or {}).get("fleet_group")]
+            return None if fleet else f"no fleet device is online at {where} ({listing})"
+        if self.device in online:
+            return None
+        seen = "is offline" if self.device in statuses else "has never announced itself"
+        return f"device {self.device!r} {seen} at {where} ({listing})"
+
+    def _on_status(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        device = msg.topic.split("/")[-2]
+        try:
+            status = json.loads(msg.payload) if msg.payload else {"state": "gone"}
+        except ValueError:
+            return
+        if isinstance(status, dict):
+            with self._status_changed:
+                self._statuses[device] = status
+                self._status_changed.notify_all()
 
     def register(self, request_id: str, put: Callable[[Any], None]) -> None:
         with self._lock:
@@ -151,28 +235,23 @@ class MqttConnection:
         self.client.loop_stop()
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._first.connack(reason)
         if reason.is_failure:
-            if not self._connack.is_set():
-                self._refused = str(reason)
-                self._connack.set()
             return
         client.subscribe(self.reply_topic, qos=1)  # again on every connect: the broker may have lost it
         self._connects += 1
-        self._connack.set()
         if self._connects > 1:
             with self._lock:
                 routes = list(self._routes.values())
             for put in routes:
                 put(RECONNECTED)
 
-    def _on_disconnect(self, _client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
-        if not self._connack.is_set():  # dropped before any CONNACK (e.g. a TLS or protocol mismatch)
-            self._refused = f"connection closed before the broker answered ({reason})"
-            self._connack.set()
+    def _on_disconnect(self, _client: mqtt.Client, _u: Any, _flags: Any, _reason: Any, _p: Any) -> None:
+        self._first.closed()  # before any CONNACK: a TLS/plain mismatch, a missing client certificate
 
     def _on_subscribe(self, _client: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
         if any(r.is_failure for r in reasons) and not self._subscribed.is_set():
-            self._refused = ", ".join(str(r) for r in reasons)
+            self._sub_refused = ", ".join(str(r) for r in reasons)
         self._subscribed.set()
 
     def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:

@@ -14,6 +14,13 @@ sent while the runtime is down wait on the broker and are served when it is back
 thread reconnects with exponential backoff and keeps unacknowledged QoS 1 replies to resend; we
 subscribe again on every connect in case the broker lost the session. Callbacks only parse and
 submit (`Dispatcher.handle`, which never blocks); generation happens on the scheduler's thread.
+
+One bad reply topic must not take the device off MQTT: Mosquitto closes the connection on a
+malformed PUBLISH and paho re-sends it after every reconnect, forever. So a reply topic is
+checked before use (`topics.reply_topic_problem`: MQTT's topic rules and `[mqtt] reply_prefixes`),
+a reply larger than the broker's Maximum Packet Size (MQTT 5 CONNACK) is not sent (a final is
+replaced by a short `internal` error), QoS is capped at the broker's Maximum QoS, and a publish
+the broker refuses with a PUBACK reason code is logged and dropped (paho does not retry those).
 """
 
 from __future__ import annotations
@@ -21,33 +28,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
-import ssl
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_llm import protocol
+from edge_llm import mqtt_common, protocol
 from edge_llm.board import MqttConfig
 from edge_llm.errors import ConfigError, TransportError
+from edge_llm.topics import reply_topic_problem
 from edge_llm.transports.base import Dispatcher
 
 log = logging.getLogger(__name__)
-
-# CONNACK refusals that retrying will not fix: fail `start()` at once instead of looping.
-_FATAL_CONNACK = {
-    "Bad user name or password",
-    "Not authorized",
-    "Client identifier not valid",
-    "Unsupported protocol version",
-    "Banned",
-    "Bad authentication method",
-}
 
 
 class Topics:
@@ -64,61 +60,38 @@ class Topics:
 
 
 def make_client(cfg: MqttConfig, client_id: str, *, clean: bool = False) -> mqtt.Client:
-    """A paho client set up from the config: protocol, auth, TLS, backoff. Not connected."""
-    v5 = cfg.protocol == "5"
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        clean_session=None if v5 else clean,
-    )
+    """A paho client set up from the `[mqtt]` config (see `mqtt_common.new_client`). Not connected."""
     password = cfg.password
     if cfg.password_file:
         try:
             password = Path(cfg.password_file).expanduser().read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"mqtt.password_file: {exc}") from None
-    if cfg.username:
-        client.username_pw_set(cfg.username, password or None)
-    if cfg.tls.enabled:
-        try:
-            client.tls_set(
-                ca_certs=cfg.tls.ca or None,
-                certfile=cfg.tls.cert or None,
-                keyfile=cfg.tls.key or None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"mqtt.tls: {exc}") from None
-    client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
+    client = mqtt_common.new_client(
+        client_id,
+        v5=cfg.protocol == "5",
+        clean=clean,
+        username=cfg.username,
+        password=password,
+        tls=cfg.tls.enabled,
+        ca=cfg.tls.ca,
+        cert=cfg.tls.cert,
+        key=cfg.tls.key,
+        reconnect_min_s=cfg.reconnect_min_s,
+        reconnect_max_s=cfg.reconnect_max_s,
+    )
     client.max_inflight_messages_set(64)
     # While the broker is away, replies wait in memory; bound that on a small board (a client
     # whose reply was dropped gets the stored final when it retries).
     client.max_queued_messages_set(10_000)
-    no_delay(client)
     return client
 
 
-def no_delay(client: mqtt.Client) -> None:
-    """Send each MQTT packet at once (TCP_NODELAY) on every socket the client opens.
-
-    Streamed replies are many small QoS 1 packets: with Nagle's algorithm a packet waits for the
-    ACK of the previous one, which the peer delays up to 40 ms (measured here: QoS 1 round trips
-    to the local mosquitto with a 42 ms tail, 0.5 ms with TCP_NODELAY)."""
-
-    def on_open(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(AttributeError, OSError):  # a websocket wrapper has no such option
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    client.on_socket_open = on_open
-
-
-def connect_properties(cfg: MqttConfig) -> Properties | None:
-    if cfg.protocol != "5":
-        return None
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = cfg.session_expiry_s
-    return props
+def packet_bytes(topic: str, payload: bytes, correlation: bytes | None, v5: bool) -> int:
+    """An upper bound of a QoS 1 PUBLISH packet's size: fixed header (1 + up to 4 length bytes),
+    topic, packet id, properties (length, Correlation Data), payload."""
+    props = 4 + (3 + len(correlation) if correlation else 0) if v5 else 0
+    return 1 + 4 + 2 + len(topic.encode("utf-8")) + 2 + props + len(payload)
 
 
 class _Reply:
@@ -152,38 +125,44 @@ class MqttTransport:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self._first_connack = threading.Event()
+        self.client.on_publish = self._on_publish
+        self._first = mqtt_common.FirstAnswer()
         self._subscribed = threading.Event()
-        self._refused: str | None = None
         self.connected = threading.Event()
         self.connects = 0
+        # What the broker accepts (MQTT 5 CONNACK properties; 3.1.1 brokers do not say).
+        self.max_packet: int | None = None
+        self.max_qos = 1
+        self._pending: dict[int, str] = {}  # message id -> topic, to name a refused publish
+        self._pending_lock = threading.Lock()
+        self.stats: Counter[str] = Counter()
 
     # -- lifecycle --
 
     def start(self, wait_s: float = 10.0) -> None:
-        """Connect and start the network thread. A refused login or a TLS failure raises
-        TransportError; an unreachable broker is logged and retried in the background."""
+        """Connect and start the network thread. A refused login, a TLS/plain mismatch or a failed
+        certificate check raises TransportError naming the cause; an unreachable broker is logged
+        and retried in the background."""
         cfg = self.cfg
-        kwargs: dict[str, Any] = {"keepalive": cfg.keepalive, "properties": connect_properties(cfg)}
-        if self.v5:
-            kwargs["clean_start"] = False
-        try:
-            self.client.connect(cfg.host, cfg.port, **kwargs)
-        except ssl.SSLError as exc:
-            raise TransportError(f"TLS with {cfg.host}:{cfg.port} failed: {exc}") from None
-        except OSError as exc:
-            log.warning("broker %s:%d unreachable (%s); retrying in the background", cfg.host, cfg.port, exc)
+        tls = cfg.tls.enabled
+        kwargs = mqtt_common.connect_args(self.v5, cfg.keepalive, cfg.session_expiry_s)
+        unreachable = mqtt_common.connect(self.client, cfg.host, cfg.port, tls, **kwargs)
+        if unreachable is not None:
+            log.warning(
+                "broker %s:%d unreachable (%s); retrying in the background", cfg.host, cfg.port, unreachable
+            )
             self.client.connect_async(cfg.host, cfg.port, **kwargs)
             self.client.loop_start()
             return  # serve the other transports meanwhile; the subscriptions follow the connection
         self.client.loop_start()
-        if not self._first_connack.wait(wait_s):
+        if not self._first.event.wait(wait_s):
             log.warning("no answer from broker %s:%d yet; still trying", cfg.host, cfg.port)
             return
-        if self._refused is not None:
+        fatal = self._first.fatal(cfg.host, cfg.port, tls)
+        if fatal is not None:
             self.client.loop_stop()
             self.client.disconnect()
-            raise TransportError(f"broker {cfg.host}:{cfg.port} refused the connection: {self._refused}")
+            raise TransportError(fatal)
         # Return once the broker has our subscriptions, so a request sent right after is not missed.
         if not self._subscribed.wait(wait_s):
             log.warning("broker %s:%d has not confirmed our subscriptions yet", cfg.host, cfg.port)
@@ -201,39 +180,66 @@ class MqttTransport:
     # -- replies (any thread) --
 
     def publish_reply(self, topic: str, correlation: bytes | None, reply: dict[str, Any]) -> None:
+        """Queue one reply; never raises. A reply the broker could not take is not published
+        (it would cost the connection, and paho would send it again on every reconnect)."""
+        payload = protocol.encode(reply)
+        corr = correlation if self.v5 else None
+        size = packet_bytes(topic, payload, corr, self.v5)
+        if self.max_packet is not None and size > self.max_packet:
+            self.stats["oversize"] += 1
+            log.warning(
+                "reply to %s for %r is %d bytes, over the broker's maximum packet size %d; not sent",
+                topic, reply.get("id"), size, self.max_packet,
+            )  # fmt: skip
+            if reply.get("done") is not True or "error" in reply:
+                return  # a chunk: the final still carries the whole text
+            # The final itself: tell the client why instead of leaving it to time out.
+            message = f"the reply is {size} bytes; the broker takes at most {self.max_packet} per message"
+            payload = protocol.encode(protocol.error_reply(reply.get("id"), "internal", message))
+            if packet_bytes(topic, payload, corr, self.v5) > self.max_packet:
+                return
         props = None
-        if self.v5 and correlation is not None:
+        if corr is not None:
             props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation
+            props.CorrelationData = corr
+        # QoS 1 and paho's own queue: a reply made while the broker is away goes out on
+        # reconnect. Chunks may go at QoS 0 (`chunk_qos`): the final holds the whole text.
+        qos = min(self.cfg.chunk_qos if "seq" in reply else 1, self.max_qos)
         try:
-            # QoS 1 and paho's own queue: a reply made while the broker is away goes out on
-            # reconnect. Chunks may go at QoS 0 (`chunk_qos`): the final holds the whole text.
-            qos = self.cfg.chunk_qos if "seq" in reply else 1
-            self.client.publish(topic, protocol.encode(reply), qos=qos, properties=props)
-        except (ValueError, TypeError) as exc:  # e.g. a reply topic with wildcards
+            info = self.client.publish(topic, payload, qos=qos, properties=props)
+        except (ValueError, TypeError) as exc:  # resolve() checked the topic; this is the last guard
+            self.stats["publish_failed"] += 1
             log.warning("cannot publish a reply to %r: %s", topic, exc)
+            return
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.stats["publish_failed"] += 1
+            log.warning("reply to %s dropped: %d replies already wait for the broker", topic, 10_000)
+        elif qos > 0:
+            with self._pending_lock:
+                self._pending[info.mid] = topic
 
     # -- paho callbacks (network thread): thin --
 
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._first.connack(reason)
         if reason.is_failure:
-            name = str(reason)
-            log.warning("broker refused the connection: %s", name)
-            if name in _FATAL_CONNACK and not self._first_connack.is_set():
-                self._refused = name
-                self._first_connack.set()
+            log.warning("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
             return
         self.connects += 1
+        if props is not None:  # MQTT 5: the broker's limits, which a publish must respect
+            self.max_packet = getattr(props, "MaximumPacketSize", None)
+            self.max_qos = min(1, getattr(props, "MaximumQoS", 1))
         # Subscribe every time: a broker restarted without persistence has forgotten us.
         client.subscribe(self.topics.subscriptions())
-        client.publish(self.topics.status, json.dumps(self.status), qos=1, retain=True)
+        client.publish(self.topics.status, json.dumps(self.status), qos=self.max_qos, retain=True)
         self.connected.set()
-        self._first_connack.set()
         log.info(
-            "connected to %s:%d as %s (session present: %s)",
+            "%s to %s:%d as %s (connect #%d, session present: %s)",
+            "connected" if self.connects == 1 else "reconnected",
             self.cfg.host,
             self.cfg.port,
             self.client_id,
+            self.connects,
             getattr(flags, "session_present", None),
         )
 
@@ -243,10 +249,29 @@ class MqttTransport:
             log.error("broker refused subscriptions: %s", ", ".join(refused))
         self._subscribed.set()
 
+    def _on_publish(self, _client: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with self._pending_lock:
+            topic = self._pending.pop(mid, "?")
+        if getattr(reason, "is_failure", False):  # e.g. an ACL refusing the topic; paho will not resend
+            self.stats["publish_refused"] += 1
+            log.warning("broker refused the reply published to %s (%s); dropped", topic, reason)
+
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        self._first.closed()
+        was_connected = self.connected.is_set()
         self.connected.clear()
         if reason is not None and getattr(reason, "is_failure", False):
-            log.warning("disconnected from the broker (%s); reconnecting", reason)
+            if was_connected:
+                log.warning(
+                    "lost the connection to %s:%d (%s); reconnecting", self.cfg.host, self.cfg.port, reason
+                )
+            else:
+                log.warning(
+                    "broker %s:%d closed the connection before answering (%s); retrying",
+                    self.cfg.host, self.cfg.port, reason,
+                )  # fmt: skip
+        else:
+            log.info("disconnected from %s:%d", self.cfg.host, self.cfg.port)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = msg.properties
@@ -254,8 +279,14 @@ class MqttTransport:
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
 
         def resolve(reply_to: str | None) -> _Reply | None:
+            # The MQTT 5 Response Topic wins; only without one does the `reply_to` field count.
             topic = response_topic or reply_to
             if not topic:
+                return None
+            problem = reply_topic_problem(topic, self.cfg.topic_prefix, self.cfg.reply_prefixes)
+            if problem is not None:  # no address we may use: nobody to tell
+                self.stats["bad_reply_topic"] += 1
+                log.warning("message on %s: %s; not answered", msg.topic, problem)
                 return None
             return _Reply(self, topic, correlation if response_topic else None)
 
