@@ -29,10 +29,8 @@ from edge_llm.errors import ConfigError, TransportError
 # CONNACK refusals that retrying will not fix, with what they most likely mean.
 FATAL_REFUSALS = {
     "Bad user name or password": "bad user name or password (check the username and password)",
-    "Not authorized": (
-        "not authorised (the broker does not let this client connect: it may need a username and"
-        " password or a client certificate, or its ACL refuses this account)"
-    ),
+    # Mosquitto answers a wrong password with "Not authorized" too (MQTT 5).
+    "Not authorized": "not authorised (check the username and password, or the client certificate)",
     "Client identifier not valid": "the broker does not accept this client id",
     "Unsupported protocol version": "the broker does not speak this MQTT version (try protocol 3.1.1)",
     "Banned": "this client is banned by the broker",
@@ -121,11 +119,16 @@ class FirstAnswer:
             self.closed_early = True
             self.event.set()
 
-    def fatal(self, host: str, port: int, tls: bool) -> str | None:
+    def fatal(self, host: str, port: int, tls: bool, username: str | None) -> str | None:
         """The plain-words cause when retrying cannot help, else None. May probe the port (seconds):
         call it from the starting thread, never from a paho callback."""
         if self.refused in FATAL_REFUSALS:
-            return f"broker {host}:{port} refused the login: {FATAL_REFUSALS[self.refused]}"
+            cause = FATAL_REFUSALS[self.refused]
+            if not username and self.refused in ("Not authorized", "Bad user name or password"):
+                cause = (
+                    "not authorised: no username was given, and the broker does not accept anonymous clients"
+                )
+            return f"broker {host}:{port} refused the login: {cause}"
         if self.closed_early:
             return closed_before_answer(host, port, tls)
         return None

@@ -88,6 +88,7 @@ class Broker:
         certs: Certs | None = None,
         require_client_cert: bool = False,
         persistence: bool = True,
+        extra_config: str = "",  # more mosquitto.conf lines, e.g. "max_packet_size 2000"
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +99,7 @@ class Broker:
         self.certs = certs
         self.require_client_cert = require_client_cert
         self.persistence = persistence
+        self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.folder / "mosquitto.log"
         self.config = self._write_config()
@@ -138,6 +140,8 @@ class Broker:
             lines += [f"cafile {c.ca}", f"certfile {c.server_cert}", f"keyfile {c.server_key}"]
             if self.require_client_cert:
                 lines.append("require_certificate true")
+        if self.extra_config:
+            lines.append(self.extra_config)
         config = self.folder / "mosquitto.conf"
         config.write_text("\n".join(lines) + "\n")
         return config

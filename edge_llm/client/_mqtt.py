@@ -77,6 +77,7 @@ class MqttConnection:
         if problem is not None:
             raise ValueError(problem)
         self.device = device
+        self.username = username
         self.topic_prefix = topic_prefix
         target = "fleet" if fleet else device
         self.request_topic = f"{topic_prefix}/{target}/generate"
@@ -137,7 +138,7 @@ class MqttConnection:
         answered = self._first.event.wait(self.connect_timeout)
         if not answered or self._first.refused is not None or self._first.closed_early:
             self.close()
-            cause = self._first.fatal(self.host, self.port, self.tls) if answered else None
+            cause = self._first.fatal(self.host, self.port, self.tls, self.username) if answered else None
             reason = cause or f"refused the connection: {self._first.refused or 'no answer'}"
             raise TransportError(cause or f"broker {self.host}:{self.port} {reason}")
         if not self._subscribed.wait(self.connect_timeout) or self._sub_refused is not None:

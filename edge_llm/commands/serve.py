@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from typing import Any
 
@@ -94,6 +95,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from edge_llm.server import Server
 
     board = board_with_overrides(args)
+    # Each MQTT connect and reconnect is logged at INFO: show those without -v (they are what an
+    # operator looks for first when a device seems unreachable).
+    mqtt_log = logging.getLogger("edge_llm.transports.mqtt")
+    if mqtt_log.getEffectiveLevel() > logging.INFO:
+        mqtt_log.setLevel(logging.INFO)
     engine = load_engine(args)
     server = Server(engine, board, state_path=args.state)
     server.start()
@@ -133,6 +139,9 @@ def run_send(args: argparse.Namespace) -> int:
             cert=args.cert,
             key=args.key,
             timeout=args.timeout,
+            # Fail at once, naming the devices that are online, instead of waiting out --timeout
+            # for a device that is not there (its retained status says so).
+            require_online=True,
         )
     else:
         client = SocketClient(args.socket, tcp_port=args.tcp, timeout=args.timeout)

@@ -136,6 +136,8 @@ class MqttTransport:
         self._pending: dict[int, str] = {}  # message id -> topic, to name a refused publish
         self._pending_lock = threading.Lock()
         self.stats: Counter[str] = Counter()
+        self._closing = False  # we are closing the connection ourselves: nothing to warn about
+        self._starting = False  # start() is waiting for the first answer and will explain a failure
 
     # -- lifecycle --
 
@@ -154,12 +156,16 @@ class MqttTransport:
             self.client.connect_async(cfg.host, cfg.port, **kwargs)
             self.client.loop_start()
             return  # serve the other transports meanwhile; the subscriptions follow the connection
+        self._starting = True
         self.client.loop_start()
-        if not self._first.event.wait(wait_s):
+        answered = self._first.event.wait(wait_s)
+        self._starting = False
+        if not answered:
             log.warning("no answer from broker %s:%d yet; still trying", cfg.host, cfg.port)
             return
-        fatal = self._first.fatal(cfg.host, cfg.port, tls)
+        fatal = self._first.fatal(cfg.host, cfg.port, tls, cfg.username)
         if fatal is not None:
+            self._closing = True
             self.client.loop_stop()
             self.client.disconnect()
             raise TransportError(fatal)
@@ -169,6 +175,7 @@ class MqttTransport:
 
     def stop(self, wait_s: float = 3.0) -> None:
         """Publish `offline` (retained), disconnect cleanly, stop the network thread."""
+        self._closing = True
         if self.connected.is_set():
             offline = json.dumps({"state": "offline", "device": self.cfg.device})
             info = self.client.publish(self.topics.status, offline, qos=1, retain=True)
@@ -221,9 +228,11 @@ class MqttTransport:
     # -- paho callbacks (network thread): thin --
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        first = not self._first.event.is_set()
         self._first.connack(reason)
         if reason.is_failure:
-            log.warning("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
+            if not first or self._first.refused not in mqtt_common.FATAL_REFUSALS:  # else start() raises
+                log.warning("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
             return
         self.connects += 1
         if props is not None:  # MQTT 5: the broker's limits, which a publish must respect
@@ -231,7 +240,15 @@ class MqttTransport:
             self.max_qos = min(1, getattr(props, "MaximumQoS", 1))
         # Subscribe every time: a broker restarted without persistence has forgotten us.
         client.subscribe(self.topics.subscriptions())
-        client.publish(self.topics.status, json.dumps(self.status), qos=self.max_qos, retain=True)
+        status = json.dumps(self.status).encode()
+        if (
+            self.max_packet is not None
+            and packet_bytes(self.topics.status, status, None, True) > self.max_packet
+        ):
+            status = json.dumps(
+                {"state": "online", "device": self.cfg.device}
+            ).encode()  # the capabilities do not fit
+        client.publish(self.topics.status, status, qos=self.max_qos, retain=True)
         self.connected.set()
         log.info(
             "%s to %s:%d as %s (connect #%d, session present: %s)",
@@ -257,21 +274,24 @@ class MqttTransport:
             log.warning("broker refused the reply published to %s (%s); dropped", topic, reason)
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        explained = self._starting and not self._first.event.is_set()  # start() will say why
         self._first.closed()
         was_connected = self.connected.is_set()
         self.connected.clear()
-        if reason is not None and getattr(reason, "is_failure", False):
-            if was_connected:
-                log.warning(
-                    "lost the connection to %s:%d (%s); reconnecting", self.cfg.host, self.cfg.port, reason
-                )
-            else:
-                log.warning(
-                    "broker %s:%d closed the connection before answering (%s); retrying",
-                    self.cfg.host, self.cfg.port, reason,
-                )  # fmt: skip
-        else:
-            log.info("disconnected from %s:%d", self.cfg.host, self.cfg.port)
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        if self._closing or not getattr(reason, "is_failure", False):
+            log.info("disconnected from %s", where)
+        elif explained:
+            log.debug("broker %s closed the connection before answering (%s)", where, reason)
+        elif was_connected:
+            log.warning("lost the connection to %s (%s); reconnecting", where, reason)
+        else:  # paho only knows "Unspecified error" here; the usual causes:
+            log.warning(
+                "broker %s closed the connection before answering (%s; TLS on/off not matching the"
+                " port? a client certificate missing?); retrying",
+                where,
+                reason,
+            )
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = msg.properties

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -13,100 +12,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from edge_llm.board import BoardConfig, MqttConfig, ServerConfig, TlsConfig
-from edge_llm.client import MqttClient, Result
+from edge_llm.board import BoardConfig, MqttConfig, TlsConfig
+from edge_llm.client import Result, RetryPolicy
 from edge_llm.engine import Engine
 from edge_llm.errors import TransportError
 from edge_llm.server import Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
 from mosquitto import Broker, make_certs
+from mqtt_helpers import DEVICE, GENERATE, HELLO, Raw, broker, client, start_server, status
 
-DEVICE = "dev1"
-GENERATE = f"edge-llm/{DEVICE}/generate"
-HELLO = [{"role": "user", "content": "hello"}]
-
-
-def start_server(
-    bundle: Path,
-    folder: Path,
-    broker: Broker,
-    device: str = DEVICE,
-    server: dict[str, Any] | None = None,
-    **mqtt_kw: Any,
-) -> Server:
-    cfg = MqttConfig(
-        host=broker.host,
-        port=broker.port,
-        device=device,
-        reconnect_min_s=0.1,  # a test broker restarts in well under a second
-        reconnect_max_s=0.5,
-        keepalive=10,
-        **mqtt_kw,
-    )
-    board = BoardConfig(mqtt=cfg, server=ServerConfig(**{"max_payload": 4096, **(server or {})}))
-    s = Server(Engine.load(bundle), board, state_path=folder / f"{device}.sqlite")
-    s.start()
-    return s
-
-
-def client(broker: Broker, **kw: Any) -> Any:
-    kw.setdefault("device", DEVICE)
-    kw.setdefault("timeout", 60)
-    return MqttClient(broker.host, broker.port, reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)
-
-
-class Raw:
-    """A bare paho client: publish exactly these bytes, see exactly what comes back."""
-
-    def __init__(self, broker: Broker, v5: bool = True, **auth: str) -> None:
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311)
-        if auth:
-            self.c.username_pw_set(auth["username"], auth["password"])
-        self.c.on_message = lambda _c, _u, m: self.messages.put(m)
-        self.c.connect(broker.host, broker.port)
-        self.c.loop_start()
-
-    def subscribe(self, topic: str) -> None:
-        done = threading.Event()
-        self.c.on_subscribe = lambda *_a: done.set()
-        self.c.subscribe(topic, qos=1)
-        assert done.wait(10)
-
-    def publish(
-        self, topic: str, payload: bytes, response_topic: str | None = None, corr: bytes | None = None
-    ) -> None:
-        props = None
-        if response_topic is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = response_topic
-            if corr is not None:
-                props.CorrelationData = corr
-        self.c.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
-
-    def get(self, timeout: float = 30) -> tuple[dict[str, Any], mqtt.MQTTMessage]:
-        m = self.messages.get(timeout=timeout)
-        return json.loads(m.payload), m
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
+__all__ = ["broker"]  # a fixture, used by name
 
 
 @pytest.fixture
@@ -114,15 +33,6 @@ def server(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> Iterator[Server
     s = start_server(tiny_bundle, tmp_path, broker)
     yield s
     s.stop()
-
-
-def status(broker: Broker, device: str = DEVICE) -> dict[str, Any]:
-    raw = Raw(broker)
-    raw.subscribe(f"edge-llm/{device}/status")
-    payload, msg = raw.get(10)
-    raw.close()
-    assert msg.retain
-    return payload
 
 
 def test_round_trip_stream_and_status(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> None:
@@ -208,7 +118,12 @@ def test_mqtt_311_client_with_reply_to(tiny_bundle: Path, tmp_path: Path, broker
         assert reply["id"] == "v3" and reply["done"] is True and "text" in reply
         raw.close()
         with client(broker, protocol_version="3.1.1") as c:  # the SDK's 3.1.1 mode sets reply_to itself
-            assert c.generate(messages=HELLO, max_tokens=3).text is not None
+            same = c.generate(messages=HELLO, max_tokens=4)  # greedy, new id: generated again
+        assert (
+            same.text == reply["text"]
+            and same.usage["completion_tokens"] == reply["usage"]["completion_tokens"]
+        )
+        assert s.scheduler.stats["runs"] == 2
     finally:
         s.stop()
 
@@ -418,7 +333,12 @@ def test_runtime_killed_and_restarted_serves_what_was_sent_while_down(
         return proc
 
     proc = serve()
-    with client(broker) as c:
+    # No resend on silence: an answer to "while-down" can only come from the broker's copy of the
+    # request, queued in the runtime's persistent session while it was down.
+    patient = RetryPolicy(resend_after_s=600)
+    watcher = Raw(broker)
+    watcher.subscribe(GENERATE)
+    with client(broker, retry=patient) as c:
         before = c.generate(messages=HELLO, max_tokens=4, request_id="before")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -431,8 +351,11 @@ def test_runtime_killed_and_restarted_serves_what_was_sent_while_down(
             target=lambda: answer.append(c.generate(messages=HELLO, max_tokens=5, request_id="while-down"))
         )
         asker.start()
-        time.sleep(0.5)  # the request now waits on the broker, in the runtime's persistent session
-        assert not answer
+        ids: list[str] = []
+        while "while-down" not in ids:  # the request reached the broker while nobody serves the device
+            ids.append(watcher.get(10)[0].get("id"))
+        watcher.close()
+        assert not answer and asker.is_alive()
         proc = serve()
         try:
             asker.join(60)
@@ -473,7 +396,13 @@ def test_no_broker_at_start_is_retried_in_the_background(tiny_bundle: Path, tmp_
         broker.start()
         assert s.mqtt.connected.wait(20)
         with client(broker) as c:
-            assert c.generate(messages=HELLO, max_tokens=2).id
+            late = c.generate(messages=HELLO, max_tokens=2, request_id="late-1")
+        assert (
+            late.id == "late-1"
+            and late.usage["completion_tokens"] <= 2
+            and late.finish_reason in ("stop", "length")
+        )
+        assert s.scheduler.stats["runs"] == 1 and s.mqtt.connects == 1
     finally:
         s.stop()
         broker.stop()
