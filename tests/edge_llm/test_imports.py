@@ -29,3 +29,33 @@ def test_runtime_imports_no_heavy_packages() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_client_sdk_loads_no_onnxruntime_or_numpy() -> None:
+    """A sensor node that only sends prompts needs paho, not the runtime's inference stack."""
+    code = (
+        "import sys\n"
+        "import edge_llm.client\n"
+        "from edge_llm.client import MqttClient, AsyncMqttClient, SocketClient\n"
+        "import edge_llm.client._mqtt\n"
+        "conn = edge_llm.client._mqtt.MqttConnection(device='d')  # builds the paho client, no I/O\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'onnxruntime', 'tokenizers'))\n"
+        "print(bad); assert not bad, bad\n"
+        "assert 'paho.mqtt.client' in sys.modules  # the check would be empty if nothing had loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_one_error_tree() -> None:
+    """Every deliberate error derives from `EdgeLLMError` in `edge_llm.errors`; the old import
+    places still give the same classes."""
+    from edge_llm import client, errors, protocol
+
+    assert protocol.ProtocolError is errors.ProtocolError
+    assert client.RequestTimeout is errors.RequestTimeout and client.ServerError is errors.ServerError
+    assert issubclass(errors.ProtocolError, errors.RequestError)
+    assert issubclass(errors.RequestTimeout, errors.TransportError)
+    assert type(errors.error_from_reply({"code": "too_long", "message": "m"})) is errors.ContextLengthError
+    unknown = errors.error_from_reply({"code": "new_code", "message": "m"})
+    assert type(unknown) is errors.ServerError and unknown.code == "new_code"

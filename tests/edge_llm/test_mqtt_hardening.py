@@ -253,3 +253,20 @@ def test_send_to_a_missing_device_says_so_at_once(server: Server, broker: Broker
     proc = send(broker, DEVICE)
     assert proc.returncode == 2 and f"device '{DEVICE}' is offline" in proc.stderr, proc.stderr
     assert "no device is online" in proc.stderr
+
+
+def test_sdk_require_online_for_device_and_fleet(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> None:
+    s = start_server(tiny_bundle, tmp_path, broker)  # no fleet group
+    try:
+        with client(broker, require_online=True) as c:
+            assert c.generate(prompt="hi", max_tokens=2, request_id="on").id == "on"
+        with pytest.raises(TransportError, match=f"no fleet device is online .*devices online: {DEVICE}"):
+            client(broker, device=None, fleet=True, require_online=True)
+        fleet = start_server(tiny_bundle, tmp_path, broker, device="f1", fleet_group="g")
+        try:
+            with client(broker, device=None, fleet=True, require_online=True) as c:
+                assert c.generate(prompt="hi", max_tokens=2, request_id="fl").id == "fl"
+        finally:
+            fleet.stop()
+    finally:
+        s.stop()
