@@ -105,6 +105,10 @@ class MqttConfig:
     # `$` topics and device topics (`<topic_prefix>/…` other than `<topic_prefix>/reply/…`), which
     # are refused in any case. A request whose reply topic is refused is dropped and logged.
     reply_prefixes: tuple[str, ...] = ()
+    # Largest MQTT packet the device publishes; a bigger reply is not sent (a final becomes a short
+    # `internal` error). 0 = the limit the broker advertises (MQTT 5 only): set it for a 3.1.1
+    # broker with a `max_packet_size`, which closes the connection of a client that exceeds it.
+    max_packet_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.chunk_qos not in (0, 1):
@@ -121,6 +125,8 @@ class MqttConfig:
                 raise ValueError(problem or f"mqtt: reply_prefixes entry {prefix!r} is a $-topic")
         if self.host and not self.device:
             raise ValueError("mqtt: device is required when host is set")
+        if self.max_packet_bytes and self.max_packet_bytes < 256:
+            raise ValueError("mqtt: max_packet_bytes must be 0 (the broker's limit) or ≥ 256")
         if not 0 < self.port <= 65535 or self.keepalive < 5 or self.session_expiry_s < 0:
             raise ValueError("mqtt: port in 1..65535, keepalive ≥ 5, session_expiry_s ≥ 0")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:

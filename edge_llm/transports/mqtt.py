@@ -223,6 +223,8 @@ class MqttTransport:
             log.warning("reply to %s dropped: %d replies already wait for the broker", topic, 10_000)
         elif qos > 0:
             with self._pending_lock:
+                if len(self._pending) > 20_000:  # only names for the log: never let them pile up
+                    self._pending.clear()
                 self._pending[info.mid] = topic
 
     # -- paho callbacks (network thread): thin --
@@ -235,9 +237,12 @@ class MqttTransport:
                 log.warning("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
             return
         self.connects += 1
-        if props is not None:  # MQTT 5: the broker's limits, which a publish must respect
-            self.max_packet = getattr(props, "MaximumPacketSize", None)
-            self.max_qos = min(1, getattr(props, "MaximumQoS", 1))
+        # The broker's limits, which a publish must respect (MQTT 5 CONNACK; 3.1.1 brokers do not
+        # advertise theirs: `[mqtt] max_packet_bytes` stands in).
+        advertised = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        limits = [n for n in (advertised, self.cfg.max_packet_bytes) if n]
+        self.max_packet = min(limits) if limits else None
+        self.max_qos = min(1, getattr(props, "MaximumQoS", 1)) if props is not None else 1
         # Subscribe every time: a broker restarted without persistence has forgotten us.
         client.subscribe(self.topics.subscriptions())
         status = json.dumps(self.status).encode()

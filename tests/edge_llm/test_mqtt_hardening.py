@@ -123,6 +123,14 @@ def test_oversize_reply_is_not_sent_and_the_device_stays_connected(tiny_bundle: 
         reply, _ = raw.get()
         assert reply["id"] == "small" and "text" in reply
         assert s.mqtt.connects == 1 and s.mqtt.connected.is_set()
+        s.stop()
+        # MQTT 3.1.1: the broker does not advertise its limit; `max_packet_bytes` says it instead.
+        s = start_server(tiny_bundle, tmp_path, broker, protocol="3.1.1", max_packet_bytes=500)
+        raw.publish(GENERATE, request("big3", max_tokens=200, ignore_eos=True, reply_to="big/replies"))
+        reply, _ = raw.get()
+        assert reply["id"] == "big3" and reply["error"]["code"] == "internal", reply
+        raw.publish(GENERATE, request("small3", max_tokens=2, reply_to="big/replies"))
+        assert raw.get()[0]["id"] == "small3" and s.mqtt.connects == 1
     finally:
         raw.close()
         s.stop()
