@@ -6,6 +6,8 @@ send, collect chunks in seq order, return on the final. They retry with the SAME
 the server deduplicates and never generates twice) when the server says `busy` (exponential
 backoff with jitter), when the transport comes back after a loss, and when nothing has arrived for
 `resend_after_s` (a reply lost with a broker, say). A stored final is then simply sent again.
+That logic lives once, in `_Exchange` (no I/O); the two clients only wait, sleep and send for it.
+Error classes come from `edge_llm.errors` (`error_from_reply` maps a reply's code to its class).
 """
 
 from __future__ import annotations

@@ -257,3 +257,71 @@ def test_serve_command_runs_until_sigterm_and_cleans_up(tiny_bundle: Path, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class ScriptedConnection:
+    """A transport that answers the n-th send of a request with the n-th script entry (no I/O)."""
+
+    def __init__(self, script: list[list[Any]]) -> None:
+        self.script = script
+        self.sends = 0
+        self.routes: dict[str, Any] = {}
+
+    def connect(self) -> None:
+        pass
+
+    def register(self, request_id: str, put: Any) -> None:
+        self.routes[request_id] = put
+
+    def unregister(self, request_id: str) -> None:
+        self.routes.pop(request_id, None)
+
+    def send(self, request: Request) -> None:
+        items = self.script[min(self.sends, len(self.script) - 1)]
+        self.sends += 1
+        for item in items:
+            self.routes[request.id](item if isinstance(item, str) else {"id": request.id, **item})
+
+    def send_cancel(self, request_id: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+SCRIPT: list[list[Any]] = [
+    [{"done": True, "error": {"code": "busy", "message": "full"}}],  # retried after a backoff
+    ["reconnected"],  # the transport came back: sent again at once
+    [
+        {"seq": 0, "delta": "a"},
+        {"seq": 0, "delta": "a"},  # a repeat: ignored
+        {"seq": 2, "delta": "c"},  # a gap: streaming stops, the final gives the rest
+        {"done": True, "text": "abc", "finish_reason": "length", "usage": {"completion_tokens": 3}},
+    ],
+]
+
+
+def test_sync_and_async_clients_run_the_same_exchange() -> None:
+    """Both clients drive one `_Exchange`: same deltas, same result, same number of sends."""
+    from edge_llm.client import AsyncClient, Client
+
+    policy = RetryPolicy(backoff_s=0.001, backoff_max_s=0.002)
+    sync_conn = ScriptedConnection(SCRIPT)
+    stream = Client(sync_conn, retry=policy, timeout=10).stream(prompt="x", request_id="r")
+    sync_deltas = list(stream)
+
+    async def run() -> tuple[list[str], Any, int]:
+        conn = ScriptedConnection(SCRIPT)
+        astream = AsyncClient(conn, retry=policy, timeout=10).stream(prompt="x", request_id="r")
+        return [d async for d in astream], astream.result, conn.sends
+
+    async_deltas, async_result, async_sends = asyncio.run(run())
+    assert sync_deltas == async_deltas == ["a", "bc"]
+    assert stream.result == async_result and async_result.text == "abc"
+    assert sync_conn.sends == async_sends == 3
+
+    errors = [[{"done": True, "error": {"code": "too_long", "message": "m"}}]]
+    with pytest.raises(ContextLengthError):
+        Client(ScriptedConnection(errors), retry=policy).generate(prompt="x")
+    with pytest.raises(ContextLengthError):
+        asyncio.run(AsyncClient(ScriptedConnection(errors), retry=policy).generate(prompt="x"))
