@@ -138,9 +138,11 @@ class MqttConnection:
         answered = self._first.event.wait(self.connect_timeout)
         if not answered or self._first.refused is not None or self._first.closed_early:
             self.close()
-            cause = self._first.fatal(self.host, self.port, self.tls, self.username) if answered else None
-            reason = cause or f"refused the connection: {self._first.refused or 'no answer'}"
-            raise TransportError(cause or f"broker {self.host}:{self.port} {reason}")
+            where = f"broker {self.host}:{self.port}"
+            if not answered:
+                raise TransportError(f"{where} did not answer within {self.connect_timeout:g} s")
+            cause = self._first.fatal(self.host, self.port, self.tls, self.username)
+            raise TransportError(cause or f"{where} refused the connection: {self._first.refused}")
         if not self._subscribed.wait(self.connect_timeout) or self._sub_refused is not None:
             self.close()
             raise TransportError(
