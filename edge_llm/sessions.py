@@ -23,11 +23,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edge_llm.engine import Engine, Slot
 from edge_llm.errors import ConfigError, RequestError
-from edge_llm.protocol import Request
+from edge_llm.protocol import Event, Request, event_from_reply, reply
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +96,6 @@ class StateDB:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def delete_session(self, session: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM messages WHERE session = ?", (session,))
-
     def prune_sessions(self, older_than_s: float) -> int:
         """Delete sessions whose last message is older than `older_than_s`; return how many."""
         cutoff = time.time() - older_than_s
@@ -116,16 +111,17 @@ class StateDB:
 
     # -- finals (request-id deduplication) --
 
-    def get_final(self, request_id: str) -> dict[str, Any] | None:
+    def get_final(self, request_id: str) -> Event | None:
         with self._lock:
             row = self._db.execute("SELECT reply FROM finals WHERE id = ?", (request_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return event_from_reply(json.loads(row[0])) if row else None
 
-    def put_final(self, request_id: str, reply: dict[str, Any]) -> None:
+    def put_final(self, request_id: str, event: Event) -> None:
+        # Kept in its wire form: a documented format, so the file outlives changes to Event.
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO finals (id, reply, created) VALUES (?, ?, ?)",
-                (request_id, json.dumps(reply, ensure_ascii=False), time.time()),
+                (request_id, json.dumps(reply(event), ensure_ascii=False), time.time()),
             )
             # Bounded: keep the newest max_finals (rowid grows with every insert or replace).
             self._db.execute(
@@ -196,9 +192,6 @@ class Conversations:
         else:
             self._memory.setdefault(prepared.session, []).extend(turn)
         self._keep(prepared.session, prepared.slot)
-
-    def forget(self, session: str) -> None:
-        self._live.pop(session, None)
 
     def _fit(
         self, messages: list[dict[str, str]], keep_last: int, max_tokens: int

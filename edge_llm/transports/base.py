@@ -81,8 +81,8 @@ class Dispatcher:
         self.stats["request"] += 1
         send = address.send
 
-        def sink(event: Any) -> None:
-            send(event.to_reply())
+        def sink(event: protocol.Event) -> None:
+            send(protocol.reply(event))
 
         try:
             self.scheduler.submit(message, sink, client=address.client, reply_key=address.key)
