@@ -108,9 +108,11 @@ class Request:
 
 @dataclass(frozen=True)
 class Cancel:
-    """`{"cancel": "<id>"}`: stop request <id> (queued or running)."""
+    """`{"cancel": "<id>"}`: stop request <id> (queued or running). Over MQTT on the plain
+    cancel topic it names the request's reply topic too (`reply_to`): that is whose it is."""
 
     id: str
+    reply_to: str | None = None
 
 
 def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request | Cancel:
@@ -128,9 +130,14 @@ def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Reque
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object")
     if "cancel" in data:
-        if set(data) != {"cancel"} or not _is_id(data["cancel"]):
-            raise ProtocolError('a cancel message is {"cancel": "<request id>"} and nothing else')
-        return Cancel(data["cancel"])
+        reply_to = data.get("reply_to")
+        if (
+            set(data) - {"cancel", "reply_to"}
+            or not _is_id(data["cancel"])
+            or (reply_to is not None and (not _is_id(reply_to) or any(c in reply_to for c in "+#\0")))
+        ):
+            raise ProtocolError('a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to")')
+        return Cancel(data["cancel"], reply_to)
     return parse_request(data)
 
 

@@ -13,6 +13,10 @@ Semantics that do not depend on how the engine is driven:
   gets its stored final again without generating (`replayed=True`). Finals are kept in a bounded
   store (SQLite when the server gives one, so a restart still deduplicates); `busy` and
   `internal` errors are not stored, so a retry with the same id runs.
+- A request belongs to the `identity` that submitted it (a string the transport gives: the
+  socket peer's uid, the MQTT user or reply topic, an API key). Joining, replaying and
+  cancelling work only for that identity; the same id from another one is refused (RequestError,
+  "id in use"), so nobody receives or cancels someone else's request by guessing its id.
 - `cancel(id)` and `deadline_ms` stop a request queued or running: it ends with an error event
   (`cancelled` / `deadline`), streamed chunks notwithstanding.
 - Sinks are called on the worker thread (a replayed final: on the submitting thread), outside any
@@ -54,8 +58,10 @@ Sink = Callable[[Event], None]
 
 
 class FinalStore(Protocol):
-    def get_final(self, request_id: str) -> Event | None: ...
-    def put_final(self, request_id: str, event: Event) -> None: ...
+    """Finished requests by id: (the identity that owns it, its final or error event)."""
+
+    def get_final(self, request_id: str) -> tuple[str, Event] | None: ...
+    def put_final(self, request_id: str, owner: str, event: Event) -> None: ...
 
 
 class MemoryFinals:
@@ -63,16 +69,16 @@ class MemoryFinals:
 
     def __init__(self, max_finals: int = 1000) -> None:
         self.max_finals = max_finals
-        self._finals: OrderedDict[str, Event] = OrderedDict()
+        self._finals: OrderedDict[str, tuple[str, Event]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get_final(self, request_id: str) -> Event | None:
+    def get_final(self, request_id: str) -> tuple[str, Event] | None:
         with self._lock:
             return self._finals.get(request_id)
 
-    def put_final(self, request_id: str, event: Event) -> None:
+    def put_final(self, request_id: str, owner: str, event: Event) -> None:
         with self._lock:
-            self._finals[request_id] = event
+            self._finals[request_id] = (owner, event)
             self._finals.move_to_end(request_id)
             while len(self._finals) > self.max_finals:
                 self._finals.popitem(last=False)
@@ -81,8 +87,9 @@ class MemoryFinals:
 class Ticket:
     """A handle on a submitted request: wait for its final event, or cancel it."""
 
-    def __init__(self, request_id: str, scheduler: Scheduler | None = None) -> None:
+    def __init__(self, request_id: str, scheduler: Scheduler | None = None, identity: str = "") -> None:
         self.id = request_id
+        self.identity = identity
         self._scheduler = scheduler
         self._done = threading.Event()
         self._final: Event | None = None
@@ -101,7 +108,9 @@ class Ticket:
         return self._final
 
     def cancel(self) -> bool:
-        return self._scheduler.cancel(self.id) if self._scheduler is not None and not self.done else False
+        if self._scheduler is None or self.done:
+            return False
+        return self._scheduler.cancel(self.id, self.identity)
 
     def _resolve(self, event: Event) -> None:
         self._final = event
@@ -119,6 +128,7 @@ class _Job:
     request: Request
     params: SamplingParams
     client: str
+    identity: str
     listeners: list[_Listener]
     ticket: Ticket
     submitted: float
@@ -176,14 +186,23 @@ class Scheduler:
             self._thread = threading.Thread(target=self._worker, name="edge-llm-worker", daemon=True)
             self._thread.start()
 
-    def submit(self, request: Request, sink: Sink, client: str = "", reply_key: str | None = None) -> Ticket:
+    def submit(
+        self,
+        request: Request,
+        sink: Sink,
+        client: str = "",
+        reply_key: str | None = None,
+        identity: str = "",
+    ) -> Ticket:
         """Queue `request`; raise BusyError (queue full, client over its limit, closing) or
-        RequestError (bad sampling parameters). `client` groups requests for the in-flight
-        limit; `reply_key` names the reply address so a redelivery to it is not answered twice."""
+        RequestError (bad sampling parameters; its id in use by another identity). `client`
+        groups requests for the in-flight limit; `reply_key` names the reply address so a
+        redelivery to it is not answered twice; `identity` owns the request (see above)."""
         params = self._params(request)
         with self._cond:
             job = self._jobs.get(request.id)
             if job is not None:
+                self._check_owner(request.id, job.identity, identity)
                 if reply_key is None or all(lst.key != reply_key for lst in job.listeners):
                     job.listeners.append(_Listener(sink, reply_key))
                 self.stats["joined"] += 1
@@ -192,19 +211,24 @@ class Scheduler:
             # request id is always either in _jobs or in the store once it has run.
             stored = self.finals.get_final(request.id)
             if stored is None:
-                return self._enqueue_locked(request, params, sink, client, reply_key)
+                return self._enqueue_locked(request, params, sink, client, reply_key, identity)
+            self._check_owner(request.id, stored[0], identity)
             self.stats["replayed"] += 1
-        replay = dataclasses.replace(stored, replayed=True)
+        replay = dataclasses.replace(stored[1], replayed=True)
         ticket = Ticket(request.id)
         _call(sink, replay)
         ticket._resolve(replay)
         return ticket
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancel a queued or running request; False if it is not in flight."""
+    def cancel(self, request_id: str, identity: str = "") -> bool:
+        """Cancel a queued or running request of `identity`; False if it has none in flight
+        by that id (another identity's request is left alone)."""
         with self._cond:
             job = self._jobs.get(request_id)
             if job is None:
+                return False
+            if job.identity != identity:
+                self.stats["cancel_refused"] += 1
                 return False
             job.cancelled = True
             self._cond.notify_all()  # the worker ends a queued job at once, a running one next token
@@ -223,8 +247,19 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(grace_s + 5.0)
 
+    def _check_owner(self, request_id: str, owner: str, identity: str) -> None:
+        if owner != identity:
+            self.stats["id_in_use"] += 1
+            raise RequestError(f"id in use: request {request_id!r} belongs to another client; use a new id")
+
     def _enqueue_locked(
-        self, request: Request, params: SamplingParams, sink: Sink, client: str, reply_key: str | None
+        self,
+        request: Request,
+        params: SamplingParams,
+        sink: Sink,
+        client: str,
+        reply_key: str | None,
+        identity: str,
     ) -> Ticket:
         if self._closing:
             raise BusyError("the server is shutting down; retry later")
@@ -237,7 +272,8 @@ class Scheduler:
         now = time.monotonic()
         deadline = now + request.deadline_ms / 1000 if request.deadline_ms is not None else None
         listeners = [_Listener(sink, reply_key)]
-        job = _Job(request, params, client, listeners, Ticket(request.id, self), now, deadline)
+        ticket = Ticket(request.id, self, identity)
+        job = _Job(request, params, client, identity, listeners, ticket, now, deadline)
         self._jobs[request.id] = job
         self._per_client[client] += 1
         self._queue.append(job)
@@ -448,7 +484,7 @@ class Scheduler:
     def _finish(self, job: _Job, event: Event) -> None:
         if event.kind == "final" or event.code not in ("busy", "internal"):
             try:
-                self.finals.put_final(job.request.id, event)
+                self.finals.put_final(job.request.id, job.identity, event)
             except Exception:  # a full disk must not stop the reply from going out
                 log.exception("could not store the final reply of %s", job.request.id)
         self.stats[event.code or "completed"] += 1

@@ -147,3 +147,11 @@ def test_scheduler_events_map_to_replies_and_back() -> None:
     error = Event("error", "a", code="deadline", message="late")
     assert protocol.event_from_reply(protocol.reply(error)) == error
     assert protocol.reply(Event("chunk", "a", seq=2, delta="d")) == {"id": "a", "seq": 2, "delta": "d"}
+
+
+def test_a_cancel_may_name_its_reply_topic() -> None:
+    assert parse_message(b'{"cancel": "a"}') == Cancel("a")
+    assert parse_message(b'{"cancel": "a", "reply_to": "me/replies"}') == Cancel("a", "me/replies")
+    for bad in (b'{"cancel": "a", "reply_to": "me/#"}', b'{"cancel": "a", "prompt": "x"}'):
+        with pytest.raises(ProtocolError, match="cancel message"):
+            parse_message(bad)

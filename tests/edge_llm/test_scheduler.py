@@ -252,3 +252,31 @@ def test_continuous_batching_serves_concurrent_requests_like_solo_runs(tiny_fuse
         from edge_llm.sampling import SamplingParams
 
         assert engine.complete(engine.encode_request(prompt=p), SamplingParams(**k)).text == text
+
+
+def test_another_identity_can_neither_receive_nor_cancel_a_request(scheduler: Scheduler) -> None:
+    """Request ids are scoped to who sent them: the same id from someone else is refused."""
+    release = hold_worker(scheduler)
+    alice = Collector()
+    scheduler.submit(req("secret", max_tokens=6), alice, identity="uid:1000")
+    # While queued: mallory can neither join it nor cancel it.
+    with pytest.raises(RequestError, match="id in use"):
+        scheduler.submit(req("secret", max_tokens=6), Collector(), identity="uid:1001")
+    assert not scheduler.cancel("secret", identity="uid:1001")
+    release.set()
+    answer = alice.final()
+    assert answer.kind == "final" and not alice.events[:-1]  # not cancelled, nothing else sent
+    # Once finished: the stored final is replayed to alice only.
+    with pytest.raises(RequestError, match="id in use"):
+        scheduler.submit(req("secret", max_tokens=6), Collector(), identity="uid:1001")
+    again = Collector()
+    scheduler.submit(req("secret", max_tokens=6), again, identity="uid:1000")
+    assert again.final().replayed and again.final().text == answer.text
+    assert scheduler.stats["id_in_use"] == 2 and scheduler.stats["cancel_refused"] == 1
+    # And the owner's own cancel still works.
+    release = hold_worker(scheduler)
+    mine = Collector()
+    ticket = scheduler.submit(req("mine"), mine, identity="uid:1000")
+    assert not scheduler.cancel("mine", identity="") and ticket.cancel()
+    release.set()
+    assert mine.final().code == "cancelled"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 
@@ -58,16 +61,57 @@ def test_state_db_is_wal_and_persistent(tmp_path: Path) -> None:
     db.append("a", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     db.append("a", [{"role": "user", "content": "más 🙂"}])
     for i in range(5):
-        db.put_final(f"r{i}", Event("final", f"r{i}", text=str(i), finish_reason="stop", usage={}))
+        db.put_final(f"r{i}", "me", Event("final", f"r{i}", text=str(i), finish_reason="stop", usage={}))
     db.close()
     assert sqlite3.connect(tmp_path / "s.sqlite").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     again = StateDB(tmp_path / "s.sqlite", max_finals=3)
     assert [m["content"] for m in again.history("a")] == ["hi", "yo", "más 🙂"]
     assert again.history("nobody") == []
     assert again.get_final("r0") is None and again.get_final("r1") is None  # bounded: newest 3 kept
-    assert again.get_final("r4") == Event("final", "r4", text="4", finish_reason="stop", usage={})
+    assert again.get_final("r4") == ("me", Event("final", "r4", text="4", finish_reason="stop", usage={}))
     assert again.prune_sessions(older_than_s=3600) == 0 and again.prune_sessions(older_than_s=-1) == 1
     assert again.history("a") == []
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_state_files_are_private(tmp_path: Path) -> None:
+    """Another local user must not read stored answers: folder 0700, database + WAL + SHM 0600."""
+    old = os.umask(0o022)  # the usual umask, which would give 0755 / 0644
+    try:
+        db = StateDB(tmp_path / "state" / "s.sqlite")
+        db.put_final("r", "uid:1", Event("final", "r", text="PIN 4821", finish_reason="stop", usage={}))
+        files = [tmp_path / "state" / n for n in ("s.sqlite", "s.sqlite-wal", "s.sqlite-shm")]
+        assert mode(tmp_path / "state") == 0o700 and [mode(f) for f in files] == [0o600] * 3
+        db.close()
+        # A file left readable by an older version is tightened when opened again; so is the
+        # folder when it is the server's own state dir.
+        for path in (tmp_path / "state", *files[:1]):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        StateDB(files[0]).close()
+        assert mode(files[0]) == 0o600 and mode(tmp_path / "state") == 0o755  # not ours to change
+        StateDB(files[0], private_dir=True).close()
+        assert mode(tmp_path / "state") == 0o700
+    finally:
+        os.umask(old)
+
+
+def test_finals_of_an_older_database_belong_to_nobody(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE finals (id TEXT PRIMARY KEY, reply TEXT NOT NULL, created REAL NOT NULL)")
+    reply = {"id": "r", "done": True, "text": "t", "finish_reason": "stop"}
+    con.execute("INSERT INTO finals VALUES ('r', ?, 0)", (json.dumps(reply),))
+    con.commit()
+    con.close()
+    db = StateDB(path)
+    stored = db.get_final("r")
+    assert stored is not None and stored[0] == "" and stored[1].text == "t"
+    db.put_final("s", "uid:7", Event("error", "s", code="cancelled", message="m"))
+    assert db.get_final("s") == ("uid:7", Event("error", "s", code="cancelled", message="m"))
+    db.close()
 
 
 def test_second_turn_reuses_the_kv_cache_and_survives_a_restart(bundle: Path, tmp_path: Path) -> None:
