@@ -43,7 +43,7 @@ from typing import Protocol
 
 from edge_llm import protocol
 from edge_llm.engine import Chunk, Engine, Generation
-from edge_llm.errors import BusyError, EdgeLLMError, RequestError
+from edge_llm.errors import BusyError, ContextLengthError, EdgeLLMError, RequestError
 from edge_llm.protocol import Event, Request
 from edge_llm.runner import SharedCache
 from edge_llm.sampling import SamplingParams
@@ -419,12 +419,18 @@ class Scheduler:
     # -- per-request helpers --
 
     def _prepare(self, job: _Job) -> Prepared:
-        """Prompt ids and slot. Without an explicit max_tokens a request gets as many as fit in
-        the context, up to the default, rather than a too_long error for a long prompt."""
+        """Prompt ids and slot. Without an explicit max_tokens a request gets as many tokens as
+        fit in the context, up to the default (docs/protocol.md): a long prompt is refused only
+        when not even one token fits. A session first tries to keep room for the default (old
+        turns leave the prompt for it), then settles for what is left after this turn."""
         if job.request.max_tokens is not None:
             return self.conversations.prepare(job.request, job.params.max_tokens)
         context = self.engine.max_context
-        prepared = self.conversations.prepare(job.request, max(1, min(job.params.max_tokens, context // 2)))
+        hoped = max(1, min(job.params.max_tokens, context // 2))
+        try:
+            prepared = self.conversations.prepare(job.request, hoped)
+        except ContextLengthError:
+            prepared = self.conversations.prepare(job.request, 1)
         room = max(1, min(job.params.max_tokens, context - len(prepared.ids)))
         job.params = dataclasses.replace(job.params, max_tokens=room)
         return prepared

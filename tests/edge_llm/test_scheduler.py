@@ -196,6 +196,43 @@ def test_without_max_tokens_a_request_gets_what_fits(scheduler: Scheduler) -> No
     assert final.usage["prompt_tokens"] + final.usage["completion_tokens"] == scheduler.engine.max_context
 
 
+@pytest.mark.parametrize("kind", ["prompt", "messages"])
+def test_without_max_tokens_a_long_prompt_gets_the_room_left(scheduler: Scheduler, kind: str) -> None:
+    """The issue's case, scaled to the tiny model: a 1,801-token prompt on a 2,048 context ran
+    into prompt + 256 > 2048 and was refused; it must run with 2048 - 1801 = 247 tokens. Here the
+    context is 256 and the prompt longer than 256 - 128 (the room first tried for a session)."""
+    engine, context = scheduler.engine, scheduler.engine.max_context
+    words = "the capital of France is Paris and"
+    n = 1
+    while True:
+        text = " ".join([words] * n)
+        fields = {"prompt": text} if kind == "prompt" else {"messages": ({"role": "user", "content": text},)}
+        size = len(engine.encode_request(**fields))  # type: ignore[arg-type]
+        if size > context * 3 // 4:
+            break
+        n += 1
+    assert context // 2 < size < context
+    sink = Collector()
+    scheduler.submit(Request(id=f"long-{kind}", ignore_eos=True, **fields), sink)  # type: ignore[arg-type]
+    final = sink.final()
+    assert final.kind == "final" and final.usage is not None, final
+    assert final.usage["prompt_tokens"] == size and final.usage["completion_tokens"] == context - size
+    # Given explicitly, the same prompt with the default count is too long, as documented.
+    too_long = Collector()
+    scheduler.submit(Request(id=f"explicit-{kind}", max_tokens=256, **fields), too_long)  # type: ignore[arg-type]
+    assert too_long.final().code == "too_long"
+
+
+def test_without_max_tokens_a_prompt_that_fills_the_context_is_too_long(scheduler: Scheduler) -> None:
+    engine, context = scheduler.engine, scheduler.engine.max_context
+    text = "Paris"
+    while len(engine.encode_request(prompt=text)) < context:
+        text += " Paris"
+    sink = Collector()
+    scheduler.submit(Request(id="full", prompt=text), sink)
+    assert sink.final().code == "too_long"
+
+
 def test_a_failing_sink_does_not_stop_the_worker(scheduler: Scheduler) -> None:
     def broken(_event: Event) -> None:
         raise RuntimeError("transport gone")
