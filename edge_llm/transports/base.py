@@ -81,8 +81,10 @@ class Dispatcher:
             return
         if isinstance(message, Cancel):
             self.stats["cancel"] += 1
-            sender = resolve(message.reply_to) if identity is None else None
-            who = identity if identity is not None else sender.identity if sender is not None else None
+            who = identity
+            if who is None:  # the reply topic it names says whose request it may cancel
+                sender = resolve(message.reply_to)
+                who = sender.identity if sender is not None else None
             if who is None:
                 log.warning("cancel of %s names no reply topic, so nobody's request: ignored", message.id)
             elif not self.scheduler.cancel(message.id, identity=who):
