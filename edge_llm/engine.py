@@ -172,6 +172,11 @@ class Engine:
         cache = None if slot.cache is None else self.runner.fork(slot.cache)
         return Slot(cache, list(slot.ids))
 
+    @property
+    def can_batch(self) -> bool:
+        """Whether `batch_cache` works: sequences of different lengths share one forward."""
+        return self.runner.batches
+
     def batch_cache(self, rows: int) -> SharedCache:
         """A KV cache whose rows several sequences share, for `step` to advance together."""
         if not isinstance(self.runner, SharedRunner):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from edge_llm.chat import ROLES  # light: the client SDK imports this module
 from edge_llm.errors import EdgeLLMError, ProtocolError  # ProtocolError: importable from here too
@@ -100,9 +100,11 @@ class Request:
 
 @dataclass(frozen=True)
 class Cancel:
-    """`{"cancel": "<id>"}`: stop request <id> (queued or running)."""
+    """`{"cancel": "<id>"}`: stop request <id> (queued or running). Over MQTT on the plain
+    cancel topic it names the request's reply topic too (`reply_to`): that is whose it is."""
 
     id: str
+    reply_to: str | None = None
 
 
 def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request | Cancel:
@@ -120,9 +122,14 @@ def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Reque
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object")
     if "cancel" in data:
-        if set(data) != {"cancel"} or not _is_id(data["cancel"]):
-            raise ProtocolError('a cancel message is {"cancel": "<request id>"} and nothing else')
-        return Cancel(data["cancel"])
+        reply_to = data.get("reply_to")
+        if (
+            set(data) - {"cancel", "reply_to"}
+            or not _is_id(data["cancel"])
+            or (reply_to is not None and (not _is_id(reply_to) or any(c in reply_to for c in "+#\0")))
+        ):
+            raise ProtocolError('a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to")')
+        return Cancel(data["cancel"], reply_to)
     return parse_request(data)
 
 
@@ -275,3 +282,51 @@ def encode(reply: dict[str, Any]) -> bytes:
 
 def is_final(reply: dict[str, Any]) -> bool:
     return reply.get("done") is True
+
+
+@dataclass(frozen=True)
+class Event:
+    """One reply as a value: what the scheduler emits and the final store keeps. Transports turn
+    it into wire JSON with `reply(event)`; `event_from_reply` reads that JSON back (stored
+    finals are kept in their wire form, so a database outlives changes to this class)."""
+
+    kind: Literal["chunk", "final", "error"]
+    id: str
+    seq: int = 0
+    delta: str = ""
+    text: str = ""
+    finish_reason: str = ""
+    usage: dict[str, Any] | None = None
+    session: str | None = None
+    code: str = ""
+    message: str = ""
+    replayed: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.kind != "chunk"
+
+
+def reply(event: Event) -> dict[str, Any]:
+    """The protocol reply object for a scheduler event."""
+    if event.kind == "chunk":
+        return chunk_reply(event.id, event.seq, event.delta)
+    if event.kind == "final":
+        return final_reply(event.id, event.text, event.finish_reason, event.usage or {}, event.session)
+    return error_reply(event.id, event.code, event.message)
+
+
+def event_from_reply(data: dict[str, Any], replayed: bool = False) -> Event:
+    """The final or error event a stored reply object describes."""
+    if "error" in data:
+        err = data["error"]
+        return Event("error", data["id"], code=err["code"], message=err["message"], replayed=replayed)
+    return Event(
+        "final",
+        data["id"],
+        text=data["text"],
+        finish_reason=data["finish_reason"],
+        usage=data.get("usage"),
+        session=data.get("session"),
+        replayed=replayed,
+    )

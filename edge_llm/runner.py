@@ -89,6 +89,10 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
 class _SessionRunner:
     """What both layouts share: the ORT session, IO checks, KV tensor names."""
 
+    # Whether one forward can advance several sequences of different lengths (rows of one
+    # cache, `forward_rows`): the scheduler asks this instead of testing the runner's class.
+    batches = False
+
     def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
         self.bundle = bundle
         self.options = options
@@ -218,6 +222,8 @@ class SharedRunner(_SessionRunner):
     Each step binds row views of the preallocated buffers as both past and present input and
     output, so the graph appends new keys/values in place: no per-token allocation or copy.
     """
+
+    batches = True
 
     def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
         super().__init__(bundle, options)

@@ -2,7 +2,8 @@
 
 In: validated `Request`s from any thread, each with a `sink` (a callable the transport gives).
 Out: `Event`s passed to the sink — stream chunks (when the request asked to stream), then
-exactly one final (`final` with text and usage, or `error` with a protocol code).
+exactly one final (`final` with text and usage, or `error` with a protocol code). Events are
+values; `protocol.reply` turns them into wire JSON (the transports' job, never this module's).
 
 Semantics that do not depend on how the engine is driven:
 - `submit` never blocks: a full queue or a client over its in-flight limit raises BusyError at
@@ -12,15 +13,21 @@ Semantics that do not depend on how the engine is driven:
   gets its stored final again without generating (`replayed=True`). Finals are kept in a bounded
   store (SQLite when the server gives one, so a restart still deduplicates); `busy` and
   `internal` errors are not stored, so a retry with the same id runs.
+- A request belongs to the `identity` that submitted it (a string the transport gives: the
+  socket peer's uid, the MQTT user or reply topic, an API key). Joining, replaying and
+  cancelling work only for that identity; the same id from another one is refused (RequestError,
+  "id in use"), so nobody receives or cancels someone else's request by guessing its id.
 - `cancel(id)` and `deadline_ms` stop a request queued or running: it ends with an error event
   (`cancelled` / `deadline`), streamed chunks notwithstanding.
 - Sinks are called on the worker thread (a replayed final: on the submitting thread), outside any
   lock; a sink that raises is logged and ignored. Sinks must not block for long.
 
-Driving the engine: with a fused (shared-KV) bundle and `max_batch` > 1 the worker batches
-continuously — a request that arrives is prefilled into a free row of one batch KV cache and joins
-the running batch at the next decode step; one that finishes leaves it; every sequence keeps its
-own sampling parameters. Otherwise requests run one at a time (`_run_one`).
+Driving the engine: one loop (`_worker`) over up to `max_batch` rows. A request that arrives is
+prefilled into a free row and joins the running ones at the next decode step; one that finishes
+leaves. With an engine that can batch (a fused, shared-KV bundle) and `max_batch` > 1 the rows
+are rows of one batch KV cache and a step is one forward for all of them; otherwise there is one
+row, the request runs in its own slot (prompt-lookup speculation applies there), and the same
+loop is plain one-at-a-time generation.
 """
 
 from __future__ import annotations
@@ -32,72 +39,29 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 from edge_llm import protocol
 from edge_llm.engine import Chunk, Engine, Generation
-from edge_llm.errors import BusyError, EdgeLLMError, RequestError
-from edge_llm.protocol import Request
-from edge_llm.runner import SharedCache, SharedRunner
+from edge_llm.errors import BusyError, ContextLengthError, EdgeLLMError, RequestError
+from edge_llm.protocol import Event, Request
+from edge_llm.runner import SharedCache
 from edge_llm.sampling import SamplingParams
 from edge_llm.sessions import Conversations, Prepared
 
 log = logging.getLogger(__name__)
 
-# While a request runs, queued requests are checked for deadlines and cancellation this often.
+# While requests run, queued ones are checked for deadlines and cancellation this often.
 _SWEEP_S = 0.05
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: Literal["chunk", "final", "error"]
-    id: str
-    seq: int = 0
-    delta: str = ""
-    text: str = ""
-    finish_reason: str = ""
-    usage: dict[str, Any] | None = None
-    session: str | None = None
-    code: str = ""
-    message: str = ""
-    replayed: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.kind != "chunk"
-
-    def to_reply(self) -> dict[str, Any]:
-        """The protocol reply object for this event."""
-        if self.kind == "chunk":
-            return protocol.chunk_reply(self.id, self.seq, self.delta)
-        if self.kind == "final":
-            return protocol.final_reply(
-                self.id, self.text, self.finish_reason, self.usage or {}, self.session
-            )
-        return protocol.error_reply(self.id, self.code, self.message)
-
-    @classmethod
-    def from_reply(cls, reply: dict[str, Any], replayed: bool = False) -> Event:
-        if "error" in reply:
-            err = reply["error"]
-            return cls("error", reply["id"], code=err["code"], message=err["message"], replayed=replayed)
-        return cls(
-            "final",
-            reply["id"],
-            text=reply["text"],
-            finish_reason=reply["finish_reason"],
-            usage=reply.get("usage"),
-            session=reply.get("session"),
-            replayed=replayed,
-        )
-
 
 Sink = Callable[[Event], None]
 
 
 class FinalStore(Protocol):
-    def get_final(self, request_id: str) -> dict[str, Any] | None: ...
-    def put_final(self, request_id: str, reply: dict[str, Any]) -> None: ...
+    """Finished requests by id: (the identity that owns it, its final or error event)."""
+
+    def get_final(self, request_id: str) -> tuple[str, Event] | None: ...
+    def put_final(self, request_id: str, owner: str, event: Event) -> None: ...
 
 
 class MemoryFinals:
@@ -105,16 +69,16 @@ class MemoryFinals:
 
     def __init__(self, max_finals: int = 1000) -> None:
         self.max_finals = max_finals
-        self._finals: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._finals: OrderedDict[str, tuple[str, Event]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get_final(self, request_id: str) -> dict[str, Any] | None:
+    def get_final(self, request_id: str) -> tuple[str, Event] | None:
         with self._lock:
             return self._finals.get(request_id)
 
-    def put_final(self, request_id: str, reply: dict[str, Any]) -> None:
+    def put_final(self, request_id: str, owner: str, event: Event) -> None:
         with self._lock:
-            self._finals[request_id] = reply
+            self._finals[request_id] = (owner, event)
             self._finals.move_to_end(request_id)
             while len(self._finals) > self.max_finals:
                 self._finals.popitem(last=False)
@@ -123,8 +87,9 @@ class MemoryFinals:
 class Ticket:
     """A handle on a submitted request: wait for its final event, or cancel it."""
 
-    def __init__(self, request_id: str, scheduler: Scheduler | None = None) -> None:
+    def __init__(self, request_id: str, scheduler: Scheduler | None = None, identity: str = "") -> None:
         self.id = request_id
+        self.identity = identity
         self._scheduler = scheduler
         self._done = threading.Event()
         self._final: Event | None = None
@@ -143,7 +108,9 @@ class Ticket:
         return self._final
 
     def cancel(self) -> bool:
-        return self._scheduler.cancel(self.id) if self._scheduler is not None and not self.done else False
+        if self._scheduler is None or self.done:
+            return False
+        return self._scheduler.cancel(self.id, self.identity)
 
     def _resolve(self, event: Event) -> None:
         self._final = event
@@ -157,17 +124,11 @@ class _Listener:
 
 
 @dataclass(eq=False)
-class _Running:
-    job: _Job
-    prepared: Prepared
-    gen: Generation
-
-
-@dataclass(eq=False)
 class _Job:
     request: Request
     params: SamplingParams
     client: str
+    identity: str
     listeners: list[_Listener]
     ticket: Ticket
     submitted: float
@@ -175,6 +136,15 @@ class _Job:
     cancelled: bool = False
     started: float = 0.0
     seq: int = 0
+
+
+@dataclass(eq=False)
+class _Running:
+    """A request in a row: its job, its prompt and slot, and the engine's generation state."""
+
+    job: _Job
+    prepared: Prepared
+    gen: Generation
 
 
 class Scheduler:
@@ -196,7 +166,7 @@ class Scheduler:
         self.max_inflight_per_client = max_inflight_per_client
         self.default_max_tokens = default_max_tokens
         rows = engine.options.max_batch if max_batch is None else max_batch
-        self.max_batch = rows if rows > 1 and isinstance(engine.runner, SharedRunner) else 1
+        self.max_batch = max(1, rows) if engine.can_batch else 1  # rows of the one worker loop
         self.conversations = conversations or Conversations(engine)
         self.finals: FinalStore = finals if finals is not None else MemoryFinals()
         self.stats: Counter[str] = Counter()  # runs, replayed, joined, busy, cancelled, deadline, ...
@@ -205,7 +175,7 @@ class Scheduler:
         self._jobs: dict[str, _Job] = {}  # queued and running, by request id
         self._per_client: Counter[str] = Counter()
         self._closing = False
-        self._abort_at = float("inf")  # after close(): when the running request is interrupted
+        self._abort_at = float("inf")  # after close(): when running requests are interrupted
         self._last_sweep = 0.0
         self._thread: threading.Thread | None = None
 
@@ -216,15 +186,23 @@ class Scheduler:
             self._thread = threading.Thread(target=self._worker, name="edge-llm-worker", daemon=True)
             self._thread.start()
 
-    def submit(self, request: Request, sink: Sink, client: str = "", reply_key: str | None = None) -> Ticket:
+    def submit(
+        self,
+        request: Request,
+        sink: Sink,
+        client: str = "",
+        reply_key: str | None = None,
+        identity: str = "",
+    ) -> Ticket:
         """Queue `request`; raise BusyError (queue full, client over its limit, closing) or
-        RequestError (bad sampling parameters). `client` groups requests for the in-flight
-        limit; `reply_key` names the reply address so a redelivery to it is not answered twice."""
+        RequestError (bad sampling parameters; its id in use by another identity). `client`
+        groups requests for the in-flight limit; `reply_key` names the reply address so a
+        redelivery to it is not answered twice; `identity` owns the request (see above)."""
         params = self._params(request)
-        replay: Event | None = None
         with self._cond:
             job = self._jobs.get(request.id)
             if job is not None:
+                self._check_owner(request.id, job.identity, identity)
                 if reply_key is None or all(lst.key != reply_key for lst in job.listeners):
                     job.listeners.append(_Listener(sink, reply_key))
                 self.stats["joined"] += 1
@@ -232,58 +210,32 @@ class Scheduler:
             # Looked up under the lock: a job stores its final before leaving _jobs, so a
             # request id is always either in _jobs or in the store once it has run.
             stored = self.finals.get_final(request.id)
-            if stored is not None:
-                replay = Event.from_reply(stored, replayed=True)
-                self.stats["replayed"] += 1
-            else:
-                if self._closing:
-                    raise BusyError("the server is shutting down; retry later")
-                if len(self._queue) >= self.max_queue:
-                    self.stats["busy"] += 1
-                    raise BusyError(f"the queue is full ({self.max_queue} waiting); retry later")
-                if self._per_client[client] >= self.max_inflight_per_client:
-                    self.stats["busy"] += 1
-                    raise BusyError(
-                        f"this client already has {self.max_inflight_per_client} requests in flight"
-                    )
-                now = time.monotonic()
-                deadline = now + request.deadline_ms / 1000 if request.deadline_ms is not None else None
-                job = _Job(
-                    request,
-                    params,
-                    client,
-                    [_Listener(sink, reply_key)],
-                    Ticket(request.id, self),
-                    now,
-                    deadline,
-                )
-                self._jobs[request.id] = job
-                self._per_client[client] += 1
-                self._queue.append(job)
-                self.stats["submitted"] += 1
-                self._cond.notify_all()
-                return job.ticket
+            if stored is None:
+                return self._enqueue_locked(request, params, sink, client, reply_key, identity)
+            self._check_owner(request.id, stored[0], identity)
+            self.stats["replayed"] += 1
+        replay = dataclasses.replace(stored[1], replayed=True)
         ticket = Ticket(request.id)
         _call(sink, replay)
         ticket._resolve(replay)
         return ticket
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancel a queued or running request; False if it is not in flight."""
+    def cancel(self, request_id: str, identity: str = "") -> bool:
+        """Cancel a queued or running request of `identity`; False if it has none in flight
+        by that id (another identity's request is left alone)."""
         with self._cond:
             job = self._jobs.get(request_id)
             if job is None:
+                return False
+            if job.identity != identity:
+                self.stats["cancel_refused"] += 1
                 return False
             job.cancelled = True
             self._cond.notify_all()  # the worker ends a queued job at once, a running one next token
         return True
 
-    def queue_depth(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
     def close(self, grace_s: float = 5.0) -> None:
-        """Stop taking requests, answer queued ones `busy`, give the running one `grace_s`."""
+        """Stop taking requests, answer queued ones `busy`, give running ones `grace_s`."""
         with self._cond:
             self._closing = True
             self._abort_at = time.monotonic() + grace_s
@@ -291,95 +243,197 @@ class Scheduler:
             self._queue.clear()
             self._cond.notify_all()
         for job in queued:
-            self._finish(job, self._error(job, "busy", "the server is shutting down; retry later"))
+            self._finish(job, _error(job, "busy", "the server is shutting down; retry later"))
         if self._thread is not None:
             self._thread.join(grace_s + 5.0)
 
-    # -- worker thread --
+    def _check_owner(self, request_id: str, owner: str, identity: str) -> None:
+        if owner != identity:
+            self.stats["id_in_use"] += 1
+            raise RequestError(f"id in use: request {request_id!r} belongs to another client; use a new id")
+
+    def _enqueue_locked(
+        self,
+        request: Request,
+        params: SamplingParams,
+        sink: Sink,
+        client: str,
+        reply_key: str | None,
+        identity: str,
+    ) -> Ticket:
+        if self._closing:
+            raise BusyError("the server is shutting down; retry later")
+        if len(self._queue) >= self.max_queue:
+            self.stats["busy"] += 1
+            raise BusyError(f"the queue is full ({self.max_queue} waiting); retry later")
+        if self._per_client[client] >= self.max_inflight_per_client:
+            self.stats["busy"] += 1
+            raise BusyError(f"this client already has {self.max_inflight_per_client} requests in flight")
+        now = time.monotonic()
+        deadline = now + request.deadline_ms / 1000 if request.deadline_ms is not None else None
+        listeners = [_Listener(sink, reply_key)]
+        ticket = Ticket(request.id, self, identity)
+        job = _Job(request, params, client, identity, listeners, ticket, now, deadline)
+        self._jobs[request.id] = job
+        self._per_client[client] += 1
+        self._queue.append(job)
+        self.stats["submitted"] += 1
+        self._cond.notify_all()
+        return job.ticket
+
+    # -- the worker loop --
 
     def _worker(self) -> None:
-        if self.max_batch > 1:
-            self._worker_batched()
-            return
+        """Admit queued requests into free rows, advance every row one step, repeat."""
+        cache = self.engine.batch_cache(self.max_batch) if self.max_batch > 1 else None
+        rows: dict[int, _Running] = {}
         while True:
-            job = self._next_job()
-            if job is None:
-                return
-            self._execute(job)
+            self._admit(rows, cache)  # blocks for work only while no row is busy
+            if not rows:
+                if self._closing:
+                    return
+                continue
+            self._sweep_queue()
+            self._step(rows)
 
-    def _next_job(self, block: bool = True) -> _Job | None:
+    def _admit(self, rows: dict[int, _Running], cache: SharedCache | None) -> None:
+        """Fill free rows from the queue and prefill the newcomers (adjacent ones in one forward)."""
+        new: dict[int, _Running] = {}
+        for row in [r for r in range(self.max_batch) if r not in rows]:
+            job = self._next_job(block=not rows and not new)
+            if job is None:
+                break
+            try:
+                new[row] = self._begin(job, cache, row)
+            except Exception as exc:
+                self._fail([job], exc)
+        if not new:
+            return
+        try:
+            self.engine.start_all([r.gen for r in new.values()])
+        except Exception:  # a shared prefill failed: run each alone so only its culprit fails
+            log.warning("batched prefill failed; prefilling its requests one by one", exc_info=True)
+            for row, r in list(new.items()):
+                if r.gen.last >= 0 or r.gen.finished:
+                    continue
+                try:
+                    self.engine.start_all([r.gen])
+                except Exception as exc:
+                    self._fail([r.job], exc)
+                    del new[row]
+        for row, r in new.items():
+            if not self._advance(r):
+                rows[row] = r
+
+    def _begin(self, job: _Job, cache: SharedCache | None, row: int) -> _Running:
+        """Prompt ids and slot for `job`, placed in batch row `row` (or in its own slot)."""
+        prepared = self._prepare(job)
+        self.stats["runs"] += 1
+        slot = prepared.slot if cache is None else self.engine.attach(prepared.slot, cache, row)
+        return _Running(job, prepared, Generation(self.engine, prepared.ids, job.params, slot))
+
+    def _step(self, rows: dict[int, _Running]) -> None:
+        """One decode step for every row; emit what each produced; retire the finished."""
+        self.stats["batch_steps"] += 1
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
+        try:
+            self.engine.step([r.gen for r in rows.values()])
+        except Exception as exc:  # one failed forward fails every row in it, never the worker
+            self._fail([r.job for r in rows.values()], exc)
+            rows.clear()
+            return
+        for row in [row for row, r in rows.items() if self._advance(r)]:
+            del rows[row]
+
+    def _advance(self, r: _Running) -> bool:
+        """Emit what a sequence produced in the last step; finish it when done. True if done."""
+        if not r.gen.finished and self._expired(r.job) is not None:
+            r.gen.cancel()
+        self._chunk(r.job, r.gen.pop_delta())
+        if not r.gen.finished:
+            return False
+        event = self._final(r.job, r.gen.final())
+        if event.kind == "final":
+            try:
+                self._keep(r, event.text)
+            except Exception as exc:  # e.g. the database: the request fails, the worker goes on
+                self._fail([r.job], exc)
+                return True
+        self._finish(r.job, event)
+        return True
+
+    def _keep(self, r: _Running, answer: str) -> None:
+        """Store a finished turn; a session's KV leaves its batch row for the next turn to reuse."""
+        if r.gen.slot is not r.prepared.slot and r.prepared.session is not None:
+            self.engine.detach(r.gen.slot, r.prepared.slot)
+        self.conversations.commit(r.prepared, answer)
+
+    def _next_job(self, block: bool) -> _Job | None:
+        """The next queued job that is still wanted (None: nothing queued, or closing)."""
         while True:
             with self._cond:
-                # Queued jobs only wait while another one runs; `_should_stop` sweeps them then.
                 while block and not self._queue and not self._closing:
                     self._cond.wait()
-                if (self._closing or not block) and not self._queue:
-                    return None
                 ended = self._take_expired_locked()
-                job = None
-                if not ended and self._queue:
-                    job = self._queue.popleft()
+                job = self._queue.popleft() if self._queue and not ended else None
+                if job is not None:
                     job.started = time.monotonic()
             for j, event in ended:
                 self._finish(j, event)
-            if job is not None:
+            if job is not None or not ended:
                 return job
 
-    def _take_expired_locked(self) -> list[tuple[_Job, Event]]:
-        """Remove queued jobs that were cancelled or ran out of time; return their error events."""
+    def _sweep_queue(self) -> None:
+        """End queued jobs that were cancelled or ran out of time while others run."""
         now = time.monotonic()
-        ended: list[tuple[_Job, Event]] = []
-        kept: deque[_Job] = deque()
-        for j in self._queue:
-            if j.cancelled:
-                ended.append((j, self._error(j, "cancelled", "cancelled before it started")))
-            elif j.deadline is not None and now >= j.deadline:
-                ended.append((j, self._error(j, "deadline", "the deadline passed while queued")))
-            else:
-                kept.append(j)
-        self._queue = kept
+        if now - self._last_sweep < _SWEEP_S:
+            return
+        self._last_sweep = now
+        with self._cond:
+            ended = self._take_expired_locked()
+        for job, event in ended:
+            self._finish(job, event)
+
+    def _take_expired_locked(self) -> list[tuple[_Job, Event]]:
+        ended = [(j, e) for j in self._queue if (e := self._expired(j, queued=True)) is not None]
+        if ended:
+            gone = {id(j) for j, _ in ended}
+            self._queue = deque(j for j in self._queue if id(j) not in gone)
         return ended
 
-    def _execute(self, job: _Job) -> None:
-        try:
-            if job.cancelled:
-                event = self._error(job, "cancelled", "cancelled before it started")
-            elif job.deadline is not None and time.monotonic() >= job.deadline:
-                event = self._error(job, "deadline", "the deadline passed while queued")
-            else:
-                prepared = self._prepare(job)
-                self.stats["runs"] += 1
-                event = self._run_one(job, prepared)
-                if event.kind == "final":
-                    self.conversations.commit(prepared, event.text)
-        except EdgeLLMError as exc:
-            event = self._error(job, protocol.error_code(exc), str(exc))
-        except Exception as exc:  # never let one request kill the worker
-            log.exception("request %s failed", job.request.id)
-            event = self._error(job, "internal", f"{type(exc).__name__}: {exc}")
-        self._finish(job, event)
+    def _expired(self, job: _Job, queued: bool = False) -> Event | None:
+        """The error that ends `job` now — cancelled, past its deadline, or (running) past the
+        shutdown grace — or None while it may go on. The one place these rules live."""
+        now = time.monotonic()
+        if job.cancelled:
+            when = "before it started" if queued else "by the client"
+            return _error(job, "cancelled", f"cancelled {when}")
+        if job.deadline is not None and now >= job.deadline:
+            if queued:
+                return _error(job, "deadline", "the deadline passed while queued")
+            return _error(job, "deadline", f"the deadline ({job.request.deadline_ms} ms) passed")
+        if not queued and self._closing and now >= self._abort_at:
+            return _error(job, "busy", "the server is shutting down; retry later")
+        return None
+
+    # -- per-request helpers --
 
     def _prepare(self, job: _Job) -> Prepared:
-        """Prompt ids and slot. Without an explicit max_tokens a request gets as many as fit in
-        the context, up to the default, rather than a too_long error for a long prompt."""
+        """Prompt ids and slot. Without an explicit max_tokens a request gets as many tokens as
+        fit in the context, up to the default (docs/protocol.md): a long prompt is refused only
+        when not even one token fits. A session first tries to keep room for the default (old
+        turns leave the prompt for it), then settles for what is left after this turn."""
         if job.request.max_tokens is not None:
             return self.conversations.prepare(job.request, job.params.max_tokens)
         context = self.engine.max_context
-        prepared = self.conversations.prepare(job.request, max(1, min(job.params.max_tokens, context // 2)))
+        hoped = max(1, min(job.params.max_tokens, context // 2))
+        try:
+            prepared = self.conversations.prepare(job.request, hoped)
+        except ContextLengthError:
+            prepared = self.conversations.prepare(job.request, 1)
         room = max(1, min(job.params.max_tokens, context - len(prepared.ids)))
         job.params = dataclasses.replace(job.params, max_tokens=room)
         return prepared
-
-    def _run_one(self, job: _Job, prepared: Prepared) -> Event:
-        """Drive the engine for one request; emit chunks; return its final or error event."""
-        for chunk in self.engine.generate(
-            prepared.ids, job.params, slot=prepared.slot, should_stop=lambda: self._should_stop(job)
-        ):
-            if not chunk.done:
-                self._chunk(job, chunk.delta)
-                continue
-            return self._final(job, chunk)
-        raise RuntimeError("the engine ended without a final chunk")
 
     def _chunk(self, job: _Job, delta: str) -> None:
         if job.request.stream and delta:
@@ -387,8 +441,8 @@ class Scheduler:
             job.seq += 1
 
     def _final(self, job: _Job, chunk: Chunk) -> Event:
-        if chunk.finish_reason == "cancelled":
-            return self._stopped(job)
+        if chunk.finish_reason == "cancelled":  # only _advance cancels, for an expiry reason
+            return self._expired(job) or _error(job, "cancelled", "cancelled by the client")
         usage = chunk.usage.as_dict() if chunk.usage is not None else {}
         usage["queue_s"] = round(job.started - job.submitted, 6)
         return Event(
@@ -400,125 +454,15 @@ class Scheduler:
             session=job.request.session,
         )
 
-    # -- continuous batching --
-
-    def _worker_batched(self) -> None:
-        cache = self.engine.batch_cache(self.max_batch)
-        active: dict[int, _Running] = {}
-        while True:
-            free = sorted(set(range(self.max_batch)) - set(active))
-            taken: list[tuple[int, _Job]] = []
-            while len(taken) < len(free):  # admit: block for work only when idle
-                job = self._next_job(block=not active and not taken)
-                if job is None:
-                    break
-                taken.append((free[len(taken)], job))
-            if taken:
-                active.update(self._admit(taken, cache))
-            if not active:
-                if self._closing:
-                    return
-                continue
-            self.stats["batch_steps"] += 1
-            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(active))
-            try:
-                self.engine.step([r.gen for r in active.values()])
-            except Exception as exc:  # one failed forward fails the whole batch, not the worker
-                log.exception("batched decode step failed")
-                for row in list(active):
-                    r = active.pop(row)
-                    self._finish(r.job, self._error(r.job, "internal", f"{type(exc).__name__}: {exc}"))
-                continue
-            for row in list(active):
-                if self._advance(active[row]):
-                    del active[row]
-
-    def _admit(self, taken: list[tuple[int, _Job]], cache: SharedCache) -> dict[int, _Running]:
-        """Prefill requests into their batch rows (adjacent ones in one forward); returns those
-        still running (the rest ended at once: error, cancelled, a single token)."""
-        ready: dict[int, tuple[_Job, Prepared, Generation]] = {}
-        for row, job in taken:
-            if job.cancelled or (job.deadline is not None and time.monotonic() >= job.deadline):
-                self._finish(job, self._stopped(job))
-                continue
-
-            def begin(job: _Job = job, row: int = row) -> tuple[_Job, Prepared, Generation]:
-                prepared = self._prepare(job)
-                self.stats["runs"] += 1
-                slot = self.engine.attach(prepared.slot, cache, row)
-                return job, prepared, Generation(self.engine, prepared.ids, job.params, slot)
-
-            if (got := self._guarded(job, begin)) is not None:
-                ready[row] = got
-        try:
-            self.engine.start_all([gen for _, _, gen in ready.values()])
-        except Exception:  # a shared prefill failed: run each alone so only its culprit fails
-            log.warning("batched prefill failed; prefilling its requests one by one", exc_info=True)
-            for row, (job, _, gen) in list(ready.items()):
-                if gen.last >= 0 or gen.finished:
-                    continue
-
-                def alone(gen: Generation = gen) -> Generation:
-                    self.engine.start_all([gen])
-                    return gen
-
-                if self._guarded(job, alone) is None:
-                    del ready[row]
-        out: dict[int, _Running] = {}
-        for row, (job, prepared, gen) in ready.items():
-            running = _Running(job, prepared, gen)
-            if not self._advance(running):
-                out[row] = running
-        return out
-
-    def _guarded(self, job: _Job, fn: Callable[[], Any]) -> Any:
-        """fn() or, when it raises, None after finishing `job` with the matching error event."""
-        try:
-            return fn()
-        except EdgeLLMError as exc:
-            self._finish(job, self._error(job, protocol.error_code(exc), str(exc)))
-        except Exception as exc:
-            log.exception("request %s failed", job.request.id)
-            self._finish(job, self._error(job, "internal", f"{type(exc).__name__}: {exc}"))
-        return None
-
-    def _advance(self, r: _Running) -> bool:
-        """Emit what a sequence produced in the last step; finish it when done. True if done."""
-        if not r.gen.finished and self._should_stop(r.job):
-            r.gen.cancel()
-        self._chunk(r.job, r.gen.pop_delta())
-        if not r.gen.finished:
-            return False
-        event = self._final(r.job, r.gen.final())
-        if event.kind == "final":
-            if r.prepared.session is not None:
-                self.engine.detach(r.gen.slot, r.prepared.slot)
-            self.conversations.commit(r.prepared, event.text)
-        self._finish(r.job, event)
-        return True
-
-    def _should_stop(self, job: _Job) -> bool:
-        now = time.monotonic()
-        if now - self._last_sweep >= _SWEEP_S:  # queued requests expire even while one runs
-            self._last_sweep = now
-            with self._cond:
-                ended = self._take_expired_locked()
-            for j, event in ended:
-                self._finish(j, event)
-        return (
-            job.cancelled
-            or (job.deadline is not None and now >= job.deadline)
-            or (self._closing and now >= self._abort_at)
-        )
-
-    def _stopped(self, job: _Job) -> Event:
-        if job.cancelled:
-            return self._error(job, "cancelled", "cancelled by the client")
-        if job.deadline is not None and time.monotonic() >= job.deadline:
-            return self._error(job, "deadline", f"the deadline ({job.request.deadline_ms} ms) passed")
-        return self._error(job, "busy", "the server is shutting down; retry later")
-
-    # -- helpers --
+    def _fail(self, jobs: list[_Job], exc: Exception) -> None:
+        """Finish `jobs` with the error for `exc`: its own protocol code, else internal."""
+        if isinstance(exc, EdgeLLMError):
+            code, message = protocol.error_code(exc), str(exc)
+        else:
+            log.error("request(s) %s failed", ", ".join(j.request.id for j in jobs), exc_info=exc)
+            code, message = "internal", f"{type(exc).__name__}: {exc}"
+        for job in jobs:
+            self._finish(job, _error(job, code, message))
 
     def _params(self, request: Request) -> SamplingParams:
         try:
@@ -537,9 +481,6 @@ class Scheduler:
         except (TypeError, ValueError) as exc:
             raise RequestError(str(exc)) from None
 
-    def _error(self, job: _Job, code: str, message: str) -> Event:
-        return Event("error", job.request.id, code=code, message=message)
-
     def _emit(self, job: _Job, event: Event) -> None:
         with self._cond:
             listeners = list(job.listeners)
@@ -549,7 +490,7 @@ class Scheduler:
     def _finish(self, job: _Job, event: Event) -> None:
         if event.kind == "final" or event.code not in ("busy", "internal"):
             try:
-                self.finals.put_final(job.request.id, event.to_reply())
+                self.finals.put_final(job.request.id, job.identity, event)
             except Exception:  # a full disk must not stop the reply from going out
                 log.exception("could not store the final reply of %s", job.request.id)
         self.stats[event.code or "completed"] += 1
@@ -562,6 +503,10 @@ class Scheduler:
         for listener in listeners:
             _call(listener.sink, event)
         job.ticket._resolve(event)
+
+
+def _error(job: _Job, code: str, message: str) -> Event:
+    return Event("error", job.request.id, code=code, message=message)
 
 
 def _call(sink: Sink, event: Event) -> None:

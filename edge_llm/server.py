@@ -32,10 +32,10 @@ class Server:
         self.engine = engine
         self.board = board
         srv = board.server
-        path = (
-            Path(state_path) if state_path is not None else Path(srv.state_dir).expanduser() / "state.sqlite"
-        )
-        self.db = StateDB(path, max_finals=srv.max_finals)
+        # The state dir is ours (0700); a file named with --state may sit in a shared folder.
+        own = state_path is None
+        path = Path(srv.state_dir).expanduser() / "state.sqlite" if own else Path(state_path)
+        self.db = StateDB(path, max_finals=srv.max_finals, private_dir=own)
         pruned = self.db.prune_sessions(board.sessions.ttl_days * 86400)
         if pruned:
             log.info("deleted %d sessions idle for more than %g days", pruned, board.sessions.ttl_days)

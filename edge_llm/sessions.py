@@ -15,19 +15,20 @@ thread. `StateDB` is safe from any thread (one connection behind a lock).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edge_llm.engine import Engine, Slot
 from edge_llm.errors import ConfigError, RequestError
-from edge_llm.protocol import Request
+from edge_llm.protocol import Event, Request, event_from_reply, reply
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,26 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS finals (
     id TEXT PRIMARY KEY,
     reply TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 """
 
 
 class StateDB:
-    """Session history and recent final replies in one SQLite file."""
+    """Session history and recent final replies in one SQLite file, readable by its owner only.
 
-    def __init__(self, path: str | Path, max_finals: int = 1000) -> None:
+    The folder is created 0700 and the file 0600 before SQLite opens it: SQLite gives the WAL
+    and SHM files the database file's mode, so they are 0600 as well. An existing file (and its
+    WAL/SHM) is tightened to 0600; `private_dir` tightens an existing folder to 0700 too (the
+    server's own state_dir — never a folder the user merely put the file in, such as /tmp).
+    """
+
+    def __init__(self, path: str | Path, max_finals: int = 1000, private_dir: bool = False) -> None:
         self.path = Path(path).expanduser()
         self.max_finals = max_finals
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(self.path, private_dir)
             # Autocommit mode: every statement is its own transaction unless we open one; the
             # lock (not sqlite's thread check) serialises the transport and worker threads.
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -63,6 +71,9 @@ class StateDB:
             # FULL: a turn acknowledged to the client survives a power cut, at one fsync per turn.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(finals)")}
+            if "owner" not in columns:  # a file from before finals had owners: theirs is '' (nobody's)
+                self._db.execute("ALTER TABLE finals ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"{self.path}: cannot open the state database: {exc}") from None
         self._lock = threading.Lock()
@@ -97,10 +108,6 @@ class StateDB:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def delete_session(self, session: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM messages WHERE session = ?", (session,))
-
     def prune_sessions(self, older_than_s: float) -> int:
         """Delete sessions whose last message is older than `older_than_s`; return how many."""
         cutoff = time.time() - older_than_s
@@ -116,21 +123,38 @@ class StateDB:
 
     # -- finals (request-id deduplication) --
 
-    def get_final(self, request_id: str) -> dict[str, Any] | None:
+    def get_final(self, request_id: str) -> tuple[str, Event] | None:
+        """(owner identity, event) of a finished request."""
         with self._lock:
-            row = self._db.execute("SELECT reply FROM finals WHERE id = ?", (request_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+            row = self._db.execute("SELECT owner, reply FROM finals WHERE id = ?", (request_id,)).fetchone()
+        return (row[0], event_from_reply(json.loads(row[1]))) if row else None
 
-    def put_final(self, request_id: str, reply: dict[str, Any]) -> None:
+    def put_final(self, request_id: str, owner: str, event: Event) -> None:
+        # Kept in its wire form: a documented format, so the file outlives changes to Event.
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO finals (id, reply, created) VALUES (?, ?, ?)",
-                (request_id, json.dumps(reply, ensure_ascii=False), time.time()),
+                "INSERT OR REPLACE INTO finals (id, reply, created, owner) VALUES (?, ?, ?, ?)",
+                (request_id, json.dumps(reply(event), ensure_ascii=False), time.time(), owner),
             )
             # Bounded: keep the newest max_finals (rowid grows with every insert or replace).
             self._db.execute(
                 "DELETE FROM finals WHERE rowid <= (SELECT MAX(rowid) FROM finals) - ?", (self.max_finals,)
             )
+
+
+def _make_private(path: Path, private_dir: bool) -> None:
+    """The database's folder 0700 (when we create it, or when it is ours) and file 0600."""
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+    elif private_dir:
+        os.chmod(folder, 0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # created 0600 whatever the umask
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
 
 
 @dataclass
@@ -196,9 +220,6 @@ class Conversations:
         else:
             self._memory.setdefault(prepared.session, []).extend(turn)
         self._keep(prepared.session, prepared.slot)
-
-    def forget(self, session: str) -> None:
-        self._live.pop(session, None)
 
     def _fit(
         self, messages: list[dict[str, str]], keep_last: int, max_tokens: int

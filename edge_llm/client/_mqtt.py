@@ -231,7 +231,9 @@ class MqttConnection:
         self.client.publish(self.request_topic, protocol.encode(request.to_dict()), qos=1, properties=props)
 
     def send_cancel(self, request_id: str) -> None:
-        self.client.publish(self.cancel_topic, protocol.encode({"cancel": request_id}), qos=1)
+        # The reply topic names whose request it is (the device ignores a cancel from others).
+        message = {"cancel": request_id, "reply_to": self.reply_topic}
+        self.client.publish(self.cancel_topic, protocol.encode(message), qos=1)
 
     def close(self) -> None:
         self.client.disconnect()

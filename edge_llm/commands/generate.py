@@ -43,8 +43,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) -> None:
+    """`max_tokens` None: the flag is left out of the request unless given (`send`: the server
+    then gives as many tokens as fit, up to its default)."""
+    more = " (default: as many as fit, up to the server's default)" if max_tokens is None else ""
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most{more}")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

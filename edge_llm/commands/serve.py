@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     send.add_argument("--ca", help="CA certificate: connect to the broker with TLS")
     send.add_argument("--cert", help="client certificate (TLS)")
     send.add_argument("--key", help="client key (TLS)")
-    add_sampling_args(send)
+    add_sampling_args(send, max_tokens=None)
     send.add_argument("prompt", help="the prompt (sent as a user message unless --raw)")
     send.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
     send.add_argument("--system", help="system message (not with --session after its first turn)")

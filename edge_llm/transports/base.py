@@ -25,6 +25,7 @@ class Address(Protocol):
 
     key: str  # equal keys = same destination: a redelivered request to it is not answered twice
     client: str  # groups requests for the per-client in-flight limit
+    identity: str  # who is asking, when the reply address is what names them (MQTT plain topic)
 
     def send(self, reply: dict[str, Any]) -> None:
         """Queue one reply object for sending; never blocks, never raises."""
@@ -37,9 +38,11 @@ Resolve = Callable[[str | None], Address | None]
 class Submitter(Protocol):
     """What a transport needs from the scheduler."""
 
-    def submit(self, request: Request, sink: Any, client: str = "", reply_key: str | None = None) -> Any: ...
+    def submit(
+        self, request: Request, sink: Any, client: str = "", reply_key: str | None = None, identity: str = ""
+    ) -> Any: ...
 
-    def cancel(self, request_id: str) -> bool: ...
+    def cancel(self, request_id: str, identity: str = "") -> bool: ...
 
 
 class Dispatcher:
@@ -48,9 +51,18 @@ class Dispatcher:
         self.max_payload = max_payload
         self.stats: Counter[str] = Counter()
 
-    def handle(self, payload: bytes, resolve: Resolve, accept: Literal["any", "cancel"] = "any") -> None:
+    def handle(
+        self,
+        payload: bytes,
+        resolve: Resolve,
+        accept: Literal["any", "cancel"] = "any",
+        identity: str | None = None,
+    ) -> None:
         """Handle one inbound message. `resolve(reply_to)` gives the reply address (the request's
-        `reply_to` field is passed for transports that route by it) or None if there is none."""
+        `reply_to` field is passed for transports that route by it) or None if there is none.
+        `identity`: who sent it, when the transport knows (the socket peer's uid, the MQTT user
+        of a per-user topic); None: the reply address's identity. A request belongs to its
+        identity: only that identity joins, replays or cancels it."""
         try:
             message = protocol.parse_message(payload, self.max_payload)
             if accept == "cancel" and not isinstance(message, Cancel):
@@ -69,7 +81,14 @@ class Dispatcher:
             return
         if isinstance(message, Cancel):
             self.stats["cancel"] += 1
-            self.scheduler.cancel(message.id)
+            who = identity
+            if who is None:  # the reply topic it names says whose request it may cancel
+                sender = resolve(message.reply_to)
+                who = sender.identity if sender is not None else None
+            if who is None:
+                log.warning("cancel of %s names no reply topic, so nobody's request: ignored", message.id)
+            elif not self.scheduler.cancel(message.id, identity=who):
+                log.info("cancel of %s: no request of this client by that id in flight", message.id)
             return
         address = resolve(message.reply_to)
         if address is None:
@@ -81,10 +100,11 @@ class Dispatcher:
         self.stats["request"] += 1
         send = address.send
 
-        def sink(event: Any) -> None:
-            send(event.to_reply())
+        def sink(event: protocol.Event) -> None:
+            send(protocol.reply(event))
 
         try:
-            self.scheduler.submit(message, sink, client=address.client, reply_key=address.key)
+            who = identity if identity is not None else address.identity
+            self.scheduler.submit(message, sink, client=address.client, reply_key=address.key, identity=who)
         except EdgeLLMError as exc:
             send(protocol.error_reply(message.id, protocol.error_code(exc), str(exc)))

@@ -3,7 +3,12 @@
 Topics (prefix "edge-llm", device D):
 - `edge-llm/D/generate` (QoS 1): requests. With `fleet_group` G, also the shared subscription
   `$share/G/edge-llm/fleet/generate`, so the broker spreads fleet requests over the devices.
-- `edge-llm/D/cancel` (and `edge-llm/fleet/cancel`): `{"cancel": "<id>"}`.
+- `edge-llm/D/cancel` (and `edge-llm/fleet/cancel`): `{"cancel": "<id>", "reply_to": "<topic>"}`.
+- `edge-llm/D/generate/<user>` and `edge-llm/D/cancel/<user>`: the same, owned by <user>. A
+  subscriber cannot see who published, so request ownership comes from the topic: with the
+  broker ACL `pattern write edge-llm/+/generate/%u` (and `.../cancel/%u`) only the logged-in
+  user <user> can publish there. On the plain topics the owner is the reply topic: a stored final
+  is replayed only to the same reply topic, and a cancel must name it (docs/protocol.md).
 - `edge-llm/D/status`: retained `online` JSON (model, capabilities) at connect; `offline` on a
   clean stop and, as the Last Will, when the connection dies.
 Replies (QoS 1): MQTT 5 to the request's Response Topic, echoing its Correlation Data; MQTT 3.1.1
@@ -50,12 +55,15 @@ class Topics:
     def __init__(self, prefix: str, device: str, fleet_group: str = "") -> None:
         self.generate = f"{prefix}/{device}/generate"
         self.cancel = f"{prefix}/{device}/cancel"
+        self.generate_user = f"{self.generate}/+"  # the last level names the owner (ACL %u)
+        self.cancel_user = f"{self.cancel}/+"
         self.status = f"{prefix}/{device}/status"
         self.fleet_generate = f"$share/{fleet_group}/{prefix}/fleet/generate" if fleet_group else None
         self.fleet_cancel = f"{prefix}/fleet/cancel" if fleet_group else None
 
     def subscriptions(self) -> list[tuple[str, int]]:
-        topics = [self.generate, self.cancel, self.fleet_generate, self.fleet_cancel]
+        topics = [self.generate, self.cancel, self.generate_user, self.cancel_user]
+        topics += [self.fleet_generate, self.fleet_cancel]
         return [(t, 1) for t in topics if t is not None]
 
 
@@ -102,6 +110,7 @@ class _Reply:
         self.topic = topic
         self.correlation = correlation
         self.client = topic
+        self.identity = f"mqtt-reply:{topic}"  # on the plain topics the reply topic is the owner
         self.key = f"{topic}\0{correlation.hex() if correlation else ''}"
 
     def send(self, reply: dict[str, Any]) -> None:
@@ -315,8 +324,13 @@ class MqttTransport:
                 return None
             return _Reply(self, topic, correlation if response_topic else None)
 
-        cancel_only = msg.topic in (self.topics.cancel, self.topics.fleet_cancel)
+        base, _, user = msg.topic.rpartition("/")
+        if base not in (self.topics.generate, self.topics.cancel) or not user:
+            base, user = msg.topic, ""
+        cancel_only = base in (self.topics.cancel, self.topics.fleet_cancel)
+        identity = f"mqtt-user:{user}" if user else None  # None: the reply topic owns the request
         try:
-            self.dispatcher.handle(bytes(msg.payload), resolve, accept="cancel" if cancel_only else "any")
+            accept = "cancel" if cancel_only else "any"
+            self.dispatcher.handle(bytes(msg.payload), resolve, accept=accept, identity=identity)
         except Exception:  # an exception escaping a paho callback would kill the network thread
             log.exception("failed to handle a message on %s", msg.topic)

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -44,6 +45,7 @@ class _Connection:
         self.loop = loop
         self.writer = writer
         self.key = self.client = f"socket:{n}"
+        self.identity = peer_identity(writer.get_extra_info("socket"))
         self.max_buffer = max_buffer
         self.closed = False
 
@@ -199,7 +201,7 @@ class SocketTransport:
                         skipping = False
                         continue
                     if line.strip():
-                        self.dispatcher.handle(line, resolve)
+                        self.dispatcher.handle(line, resolve, identity=conn.identity)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -215,6 +217,24 @@ class SocketTransport:
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
         self._inode = None
+
+
+def peer_identity(sock: Any) -> str:
+    """Who is at the other end of a connection, as the request-ownership identity.
+
+    A Unix socket peer is its user: `uid:N` from SO_PEERCRED (Linux), which the kernel fills in
+    at connect time, so a client cannot claim another user's uid. TCP (127.0.0.1 only) carries no
+    user: all TCP clients share the identity `tcp` — keep users apart with the Unix socket.
+    """
+    family = getattr(sock, "family", None)
+    if family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return "unix"
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return f"uid:{uid}"
+    return "unix" if family == socket.AF_UNIX else "tcp"
 
 
 def _bind_private_unix(path: Path) -> socket.socket:

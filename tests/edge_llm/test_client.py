@@ -227,7 +227,15 @@ def test_send_command_over_socket_and_mqtt(tiny_bundle: Path, tmp_path: Path) ->
             again = edge_llm(
                 "send", "--socket", sock, "hello", "--max-tokens", "5", "--id", "cli-1", "--no-stream"
             )
-            assert again.stdout == mqtt.stdout  # same id: the stored answer, over the other transport
+            # Same id from another identity (this uid, not that MQTT reply topic): refused, and
+            # nothing of the stored answer is printed.
+            assert again.returncode != 0 and again.stdout == "" and "id in use" in again.stderr
+            # Without --max-tokens the server decides: as many as fit (the tiny context is 256,
+            # the default 256, so sending 256 would have been refused as too long).
+            fit = edge_llm("send", "--socket", sock, "hello", "--ignore-eos", "--stats", "--no-stream")
+            assert fit.returncode == 0, fit.stderr
+            usage = json.loads(fit.stderr.strip().splitlines()[-1])
+            assert usage["prompt_tokens"] + usage["completion_tokens"] == 256
             too_long = edge_llm("send", "--socket", sock, "hello", "--max-tokens", "9999")
             assert too_long.returncode == 2 and "context window" in too_long.stderr
         finally:

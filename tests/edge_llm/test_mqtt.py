@@ -18,7 +18,8 @@ import pytest
 from edge_llm.board import BoardConfig, MqttConfig, TlsConfig
 from edge_llm.client import Result, RetryPolicy
 from edge_llm.engine import Engine
-from edge_llm.errors import TransportError
+from edge_llm.errors import CancelledError, RequestError, TransportError
+from edge_llm.protocol import Request
 from edge_llm.server import Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
@@ -237,11 +238,131 @@ def test_twenty_concurrent_clients_all_answered(server: Server, broker: Broker) 
 
 
 def test_same_request_id_twice_is_generated_once(server: Server, broker: Broker) -> None:
-    with client(broker) as a, client(broker) as b:
+    with client(broker, client_id="app-1") as a:
         first = a.generate(messages=HELLO, max_tokens=8, request_id="same-id")
-        second = b.generate(messages=HELLO, max_tokens=8, request_id="same-id")
+    with client(broker, client_id="app-1") as again:  # same reply topic: same owner
+        second = again.generate(messages=HELLO, max_tokens=8, request_id="same-id")
     assert second == first
     assert server.scheduler.stats["runs"] == 1 and server.scheduler.stats["replayed"] == 1
+    # Another client (another reply topic) sending that id gets no one else's answer.
+    with client(broker) as other, pytest.raises(RequestError, match="id in use"):
+        other.generate(messages=HELLO, max_tokens=8, request_id="same-id")
+
+
+def wait_for(predicate: Any, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def hold(server: Server) -> threading.Event:
+    """Keep the scheduler's worker busy (its sink blocks) until the returned event is set."""
+    release, held = threading.Event(), threading.Event()
+
+    def sink(_e: Any) -> None:
+        held.set()
+        release.wait(30)
+
+    server.scheduler.submit(Request(id=f"hold-{time.monotonic()}", prompt="x", max_tokens=1), sink)
+    assert held.wait(30)
+    return release
+
+
+def test_plain_topic_cancel_must_name_the_reply_topic(server: Server, broker: Broker) -> None:
+    raw = Raw(broker)
+    raw.subscribe("mine/replies")
+    try:
+        release = hold(server)
+        ask = {"id": "c1", "messages": HELLO, "max_tokens": 8, "ignore_eos": True, "reply_to": "mine/replies"}
+        raw.publish(GENERATE, json.dumps(ask).encode())
+        wait_for(lambda: server.dispatcher.stats["request"] == 1)
+        cancel = f"edge-llm/{DEVICE}/cancel"
+        raw.publish(cancel, json.dumps({"cancel": "c1"}).encode())  # names nobody: ignored
+        raw.publish(cancel, json.dumps({"cancel": "c1", "reply_to": "other/replies"}).encode())
+        wait_for(lambda: server.scheduler.stats["cancel_refused"] == 1)
+        release.set()
+        reply, _ = raw.get()
+        assert reply["id"] == "c1" and reply["finish_reason"] == "length"
+        release = hold(server)
+        raw.publish(GENERATE, json.dumps({**ask, "id": "c2"}).encode())
+        wait_for(lambda: server.dispatcher.stats["request"] == 2)
+        raw.publish(cancel, json.dumps({"cancel": "c2", "reply_to": "mine/replies"}).encode())
+        wait_for(lambda: server.dispatcher.stats["cancel"] == 3)
+        release.set()
+        reply, _ = raw.get()
+        assert reply["id"] == "c2" and reply["error"]["code"] == "cancelled"
+    finally:
+        raw.close()
+    # The SDK names its reply topic in its cancels.
+    with client(broker) as c:
+        stream = c.stream(messages=HELLO, max_tokens=200, ignore_eos=True)
+        with pytest.raises(CancelledError):
+            for _ in stream:
+                stream.cancel()
+
+
+def test_per_user_topics_keep_requests_to_their_user(tiny_bundle: Path, tmp_path: Path) -> None:
+    """With the `%u` ACL patterns only alice can publish to generate/alice, so the device knows a
+    request there is alice's: bob can neither read her answer by its id nor cancel her request."""
+    acl = (
+        "user board\ntopic read edge-llm/+/generate\ntopic read edge-llm/+/generate/+\n"
+        "topic read edge-llm/+/cancel\ntopic read edge-llm/+/cancel/+\n"
+        "topic write edge-llm/+/status\ntopic write edge-llm/reply/#\n"
+        "pattern write edge-llm/+/generate/%u\npattern write edge-llm/+/cancel/%u\n"
+        "pattern read edge-llm/reply/%u/#\n"
+    )
+    users = {"board": "b-pw", "alice": "a-pw", "bob": "m-pw"}
+    broker = Broker(tmp_path / "acl", users=users, acl=acl).start()
+    s = start_server(tiny_bundle, tmp_path, broker, username="board", password="b-pw")
+    alice = Raw(broker, username="alice", password="a-pw")
+    bob = Raw(broker, username="bob", password="m-pw")
+    try:
+        alice.subscribe("edge-llm/reply/alice/#")
+        bob.subscribe("edge-llm/reply/bob/#")
+        ask = {"id": "pin", "messages": HELLO, "max_tokens": 8}
+        alice.publish(f"{GENERATE}/alice", json.dumps(ask).encode(), "edge-llm/reply/alice/1", b"a")
+        answer, _ = alice.get()
+        assert answer["id"] == "pin" and "text" in answer
+        # Bob sends her id on his own topic: refused, and nothing of hers reaches him.
+        bob.publish(f"{GENERATE}/bob", json.dumps(ask).encode(), "edge-llm/reply/bob/1", b"b")
+        refused, _ = bob.get()
+        assert refused["error"]["code"] == "bad_request" and "id in use" in refused["error"]["message"]
+        # Bob cannot publish as alice: the broker drops it before the device sees it.
+        before = s.dispatcher.stats["request"]
+        bob.publish(f"{GENERATE}/alice", json.dumps(ask).encode(), "edge-llm/reply/bob/2", b"c")
+        with pytest.raises(queue.Empty):
+            bob.get(timeout=1.0)
+        assert s.dispatcher.stats["request"] == before
+        # Alice herself gets her stored final again.
+        alice.publish(f"{GENERATE}/alice", json.dumps(ask).encode(), "edge-llm/reply/alice/1", b"a")
+        again, _ = alice.get()
+        assert again == answer
+        # Bob's cancel of alice's running request (on his own cancel topic) is ignored.
+        release = hold(s)
+        slow = {"id": "slow", "messages": HELLO, "max_tokens": 8, "ignore_eos": True}
+        alice.publish(f"{GENERATE}/alice", json.dumps(slow).encode(), "edge-llm/reply/alice/1", b"a")
+        wait_for(lambda: s.dispatcher.stats["request"] == before + 2)
+        bob.publish(f"edge-llm/{DEVICE}/cancel/bob", json.dumps({"cancel": "slow"}).encode())
+        wait_for(lambda: s.scheduler.stats["cancel_refused"] == 1)
+        release.set()
+        done, _ = alice.get()
+        assert done["id"] == "slow" and done["finish_reason"] == "length"
+        # Her own cancel works.
+        release = hold(s)
+        slow2 = json.dumps({**slow, "id": "slow2"}).encode()
+        alice.publish(f"{GENERATE}/alice", slow2, "edge-llm/reply/alice/1")
+        wait_for(lambda: s.dispatcher.stats["request"] == before + 3)
+        alice.publish(f"edge-llm/{DEVICE}/cancel/alice", json.dumps({"cancel": "slow2"}).encode())
+        wait_for(lambda: s.dispatcher.stats["cancel"] == 2)
+        release.set()
+        cancelled, _ = alice.get()
+        assert cancelled["id"] == "slow2" and cancelled["error"]["code"] == "cancelled"
+    finally:
+        alice.close()
+        bob.close()
+        s.stop()
+        broker.stop()
 
 
 def test_credentials_acl_and_wrong_password(tiny_bundle: Path, tmp_path: Path) -> None:

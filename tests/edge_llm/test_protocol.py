@@ -8,8 +8,7 @@ import pytest
 
 from edge_llm import protocol
 from edge_llm.errors import BusyError, ContextLengthError, EdgeLLMError
-from edge_llm.protocol import Cancel, ProtocolError, Request, parse_message
-from edge_llm.scheduler import Event
+from edge_llm.protocol import Cancel, Event, ProtocolError, Request, parse_message
 
 
 def msg(**fields: object) -> bytes:
@@ -143,8 +142,16 @@ def test_error_codes_come_from_the_error_tree() -> None:
 
 def test_scheduler_events_map_to_replies_and_back() -> None:
     final = Event("final", "a", text="t", finish_reason="length", usage={"x": 1}, session="s")
-    assert final.to_reply() == protocol.final_reply("a", "t", "length", {"x": 1}, "s")
-    assert Event.from_reply(final.to_reply()) == final
+    assert protocol.reply(final) == protocol.final_reply("a", "t", "length", {"x": 1}, "s")
+    assert protocol.event_from_reply(protocol.reply(final)) == final
     error = Event("error", "a", code="deadline", message="late")
-    assert Event.from_reply(error.to_reply()) == error
-    assert Event("chunk", "a", seq=2, delta="d").to_reply() == {"id": "a", "seq": 2, "delta": "d"}
+    assert protocol.event_from_reply(protocol.reply(error)) == error
+    assert protocol.reply(Event("chunk", "a", seq=2, delta="d")) == {"id": "a", "seq": 2, "delta": "d"}
+
+
+def test_a_cancel_may_name_its_reply_topic() -> None:
+    assert parse_message(b'{"cancel": "a"}') == Cancel("a")
+    assert parse_message(b'{"cancel": "a", "reply_to": "me/replies"}') == Cancel("a", "me/replies")
+    for bad in (b'{"cancel": "a", "reply_to": "me/#"}', b'{"cancel": "a", "prompt": "x"}'):
+        with pytest.raises(ProtocolError, match="cancel message"):
+            parse_message(bad)

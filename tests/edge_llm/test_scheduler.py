@@ -196,6 +196,43 @@ def test_without_max_tokens_a_request_gets_what_fits(scheduler: Scheduler) -> No
     assert final.usage["prompt_tokens"] + final.usage["completion_tokens"] == scheduler.engine.max_context
 
 
+@pytest.mark.parametrize("kind", ["prompt", "messages"])
+def test_without_max_tokens_a_long_prompt_gets_the_room_left(scheduler: Scheduler, kind: str) -> None:
+    """The issue's case, scaled to the tiny model: a 1,801-token prompt on a 2,048 context ran
+    into prompt + 256 > 2048 and was refused; it must run with 2048 - 1801 = 247 tokens. Here the
+    context is 256 and the prompt longer than 256 - 128 (the room first tried for a session)."""
+    engine, context = scheduler.engine, scheduler.engine.max_context
+    words = "the capital of France is Paris and"
+    n = 1
+    while True:
+        text = " ".join([words] * n)
+        fields = {"prompt": text} if kind == "prompt" else {"messages": ({"role": "user", "content": text},)}
+        size = len(engine.encode_request(**fields))  # type: ignore[arg-type]
+        if size > context * 3 // 4:
+            break
+        n += 1
+    assert context // 2 < size < context
+    sink = Collector()
+    scheduler.submit(Request(id=f"long-{kind}", ignore_eos=True, **fields), sink)  # type: ignore[arg-type]
+    final = sink.final()
+    assert final.kind == "final" and final.usage is not None, final
+    assert final.usage["prompt_tokens"] == size and final.usage["completion_tokens"] == context - size
+    # Given explicitly, the same prompt with the default count is too long, as documented.
+    too_long = Collector()
+    scheduler.submit(Request(id=f"explicit-{kind}", max_tokens=256, **fields), too_long)  # type: ignore[arg-type]
+    assert too_long.final().code == "too_long"
+
+
+def test_without_max_tokens_a_prompt_that_fills_the_context_is_too_long(scheduler: Scheduler) -> None:
+    engine, context = scheduler.engine, scheduler.engine.max_context
+    text = "Paris"
+    while len(engine.encode_request(prompt=text)) < context:
+        text += " Paris"
+    sink = Collector()
+    scheduler.submit(Request(id="full", prompt=text), sink)
+    assert sink.final().code == "too_long"
+
+
 def test_a_failing_sink_does_not_stop_the_worker(scheduler: Scheduler) -> None:
     def broken(_event: Event) -> None:
         raise RuntimeError("transport gone")
@@ -252,3 +289,31 @@ def test_continuous_batching_serves_concurrent_requests_like_solo_runs(tiny_fuse
         from edge_llm.sampling import SamplingParams
 
         assert engine.complete(engine.encode_request(prompt=p), SamplingParams(**k)).text == text
+
+
+def test_another_identity_can_neither_receive_nor_cancel_a_request(scheduler: Scheduler) -> None:
+    """Request ids are scoped to who sent them: the same id from someone else is refused."""
+    release = hold_worker(scheduler)
+    alice = Collector()
+    scheduler.submit(req("secret", max_tokens=6), alice, identity="uid:1000")
+    # While queued: mallory can neither join it nor cancel it.
+    with pytest.raises(RequestError, match="id in use"):
+        scheduler.submit(req("secret", max_tokens=6), Collector(), identity="uid:1001")
+    assert not scheduler.cancel("secret", identity="uid:1001")
+    release.set()
+    answer = alice.final()
+    assert answer.kind == "final" and not alice.events[:-1]  # not cancelled, nothing else sent
+    # Once finished: the stored final is replayed to alice only.
+    with pytest.raises(RequestError, match="id in use"):
+        scheduler.submit(req("secret", max_tokens=6), Collector(), identity="uid:1001")
+    again = Collector()
+    scheduler.submit(req("secret", max_tokens=6), again, identity="uid:1000")
+    assert again.final().replayed and again.final().text == answer.text
+    assert scheduler.stats["id_in_use"] == 2 and scheduler.stats["cancel_refused"] == 1
+    # And the owner's own cancel still works.
+    release = hold_worker(scheduler)
+    mine = Collector()
+    ticket = scheduler.submit(req("mine"), mine, identity="uid:1000")
+    assert not scheduler.cancel("mine", identity="") and ticket.cancel()
+    release.set()
+    assert mine.final().code == "cancelled"

@@ -22,6 +22,7 @@ from edge_llm.errors import ConfigError, TransportError
 from edge_llm.protocol import Request
 from edge_llm.scheduler import Event, Scheduler
 from edge_llm.server import Server
+from edge_llm.transports.socket import peer_identity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
 from mosquitto import free_port
@@ -263,3 +264,40 @@ def test_nothing_to_serve_is_a_config_error(tiny_bundle: Path, tmp_path: Path) -
     board = replace(BoardConfig(), socket=SocketConfig())
     with pytest.raises(ConfigError, match="nothing to serve"):
         Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "s.sqlite").start()
+
+
+def test_peer_identity_is_the_unix_peer_uid() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert peer_identity(a) == peer_identity(b) == f"uid:{os.getuid()}"
+    with socket.socket() as tcp:
+        assert peer_identity(tcp) == "tcp"  # TCP names no user: one shared identity
+
+
+def test_a_request_id_is_refused_to_another_identity(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The Unix client (its uid) and a TCP client (the shared `tcp` identity) are two identities:
+    neither receives nor cancels the other's request by sending its id."""
+    s = start_server(tiny_bundle, tmp_path, tcp=True)
+    try:
+        unix, tcp = Line(str(s.socket.path)), Line(s.socket.tcp_port)
+        _, first = unix.exchange(ask("pin", max_tokens=12))
+        assert "text" in first
+        _, stolen = tcp.exchange(ask("pin", max_tokens=12))
+        assert stolen["id"] == "pin" and stolen["error"]["code"] == "bad_request"
+        assert "id in use" in stolen["error"]["message"] and "text" not in stolen
+        _, again = unix.exchange(ask("pin", max_tokens=12))
+        assert again == first  # the owner still gets its stored final
+        # A cancel from the other identity leaves a running request alone.
+        release = hold_worker(s.scheduler)
+        unix.send(ask("run", max_tokens=8, ignore_eos=True))
+        tcp.send({"cancel": "run"})
+        tcp.send(ask("probe", max_tokens=1))  # handled after the cancel (same connection, in order)
+        release.set()
+        assert tcp.recv()["id"] == "probe"
+        final = unix.recv()
+        assert final["id"] == "run" and final["finish_reason"] == "length"
+        assert s.scheduler.stats["cancel_refused"] == 1 and s.scheduler.stats["id_in_use"] == 1
+        unix.close()
+        tcp.close()
+    finally:
+        s.stop()
