@@ -244,23 +244,35 @@ def _parse_int(digits: str) -> int:
     return -(10**40) if digits.startswith("-") else 10**40
 
 
-# A JSON string literal (escapes included), so brackets inside strings are not counted as nesting.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_BRACKET = re.compile(r"[\[\]{}]")
+# The characters that matter for nesting: brackets, and quotes/backslashes to skip strings.
+_SPECIAL = re.compile(r'[\[\]{}"\\]')
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_depth(text: str) -> None:
-    """Refuse nesting deeper than MAX_DEPTH without recursing (json.loads would)."""
+    """Refuse nesting deeper than MAX_DEPTH without recursing (json.loads would).
+
+    One pass over the special characters only, so linear even on hostile input (a regex for
+    whole string literals backtracks quadratically on an unterminated one full of escapes)."""
     if text.count("[") + text.count("{") <= MAX_DEPTH:
         return  # cannot be deeper: the common case costs two counts
-    depth = 0
-    for match in _BRACKET.finditer(_STRING.sub("", text)):
-        if match.group() in "[{":
+    depth, in_string, escaped = 0, False, -1
+    for match in _SPECIAL.finditer(text):
+        at, ch = match.start(), match.group()
+        if at == escaped:
+            continue  # the character after a backslash inside a string
+        if in_string:
+            if ch == "\\":
+                escaped = at + 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
             depth += 1
             if depth > MAX_DEPTH:
                 raise ProtocolError(f"message is nested deeper than {MAX_DEPTH} levels")
-        else:
+        elif ch in "]}":
             depth -= 1
 
 

@@ -32,6 +32,9 @@ HOSTILE: list[tuple[bytes, str | None, str]] = [
     (b"[" * 1000 + b"]" * 1000, None, "nested deeper than 32"),
     (b'{"id":"d","x":' + b"[" * 5000 + b"]" * 5000 + b"}", None, "nested deeper"),
     (b"{" * 3000, None, "nested deeper"),  # unbalanced and deep
+    # An unterminated string full of escaped quotes: a string-literal regex took 78 s on this.
+    (b"[" * 40 + b'"' + b'\\"' * 30000, None, "nested deeper"),
+    (b'"' + b'\\"' * 30000 + b"[" * 40, None, "not JSON"),
     (req(',"temperature":' + BIG), "r", "temperature must be in [0, 100]"),
     (req(',"top_p":' + BIG), "r", "top_p must be in (0, 1]"),
     (req(',"repetition_penalty":-' + BIG), "r", "repetition_penalty must be in (0, 10]"),
