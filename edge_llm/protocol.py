@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +23,31 @@ from edge_llm.topics import topic_problem
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
 DEFAULT_MAX_PAYLOAD = 64 * 1024
+# Deepest nesting of arrays/objects a message may have. A request needs 3 (object > messages >
+# message); the limit exists because json.loads recurses and would hit RecursionError (and
+# take the connection with it) near the interpreter's recursion limit.
+MAX_DEPTH = 32
+# Integers above this are refused: the largest that every JSON implementation (doubles) holds
+# exactly, and small enough that `deadline_ms / 1000` or a seed never overflows downstream.
+MAX_INT = 2**53 - 1
+# The documented range of each number field: (low, high, low itself allowed). SamplingParams
+# checks the same table, so a request the parser accepts is one the sampler takes.
+NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 100.0, True),
+    "top_p": (0.0, 1.0, False),
+    "repetition_penalty": (0.0, 10.0, False),
+}
+
+
+def in_range(name: str, value: float) -> bool:
+    """Whether `value` is inside NUMBER_RANGES[name] (False for NaN)."""
+    low, high, low_ok = NUMBER_RANGES[name]
+    return (low <= value if low_ok else low < value) and value <= high
+
+
+def range_text(name: str) -> str:
+    low, high, low_ok = NUMBER_RANGES[name]
+    return f"{name} must be in {'[' if low_ok else '('}{low:g}, {high:g}]"
 
 # The fixed set of error codes a reply may carry. Anything else the runtime raises is reported
 # as "internal" so clients can switch on a closed set.
@@ -108,17 +134,34 @@ class Cancel:
 
 
 def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request | Cancel:
-    """Decode and validate one message; raise ProtocolError (code bad_request) on any fault."""
+    """Decode and validate one message; raise ProtocolError (code bad_request) on any fault.
+
+    Every input ends in one of those two outcomes: a fault this module did not foresee is still
+    reported as a ProtocolError (id unknown), because a transport must answer each message once.
+    """
+    try:
+        return _parse(payload, max_bytes)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # the promise above: never another exception type
+        raise ProtocolError(f"message could not be parsed ({type(exc).__name__})") from None
+
+
+def _parse(payload: bytes, max_bytes: int) -> Request | Cancel:
     if len(payload) > max_bytes:
         raise ProtocolError(f"message is {len(payload)} bytes; the limit is {max_bytes}")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"message is not valid UTF-8 (byte {exc.start})") from None
+    _check_depth(text)
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
+        # NaN/Infinity literals (not JSON, but Python's json reads them) become float nan/inf
+        # and huge integers a stand-in, so the field they sit in is refused with the id known.
+        data = json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as exc:
         raise ProtocolError(f"message is not JSON: {exc}") from None
+    _check_strings(data)
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object")
     if "cancel" in data:
@@ -126,9 +169,14 @@ def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Reque
         if (
             set(data) - {"cancel", "reply_to"}
             or not _is_id(data["cancel"])
-            or (reply_to is not None and (not _is_id(reply_to) or any(c in reply_to for c in "+#\0")))
+            or (reply_to is not None and (not _is_id(reply_to) or topic_problem(reply_to, "reply_to")))
         ):
-            raise ProtocolError('a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to")')
+            rid = data.get("id")
+            raise ProtocolError(
+                'a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to") and nothing else',
+                rid if _is_id(rid) else None,
+                reply_to if isinstance(reply_to, str) else None,
+            )
         return Cancel(data["cancel"], reply_to)
     return parse_request(data)
 
@@ -188,8 +236,81 @@ def parse_request(data: dict[str, Any]) -> Request:
     return request
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
+def _parse_int(digits: str) -> int:
+    """An integer literal; one longer than any field allows becomes ±10**40 (still out of every
+    field's range) instead of costing a quadratic conversion or int()'s 4300-digit ValueError."""
+    if len(digits) <= 40:
+        return int(digits)
+    return -(10**40) if digits.startswith("-") else 10**40
+
+
+# The characters that matter for nesting: brackets, and quotes/backslashes to skip strings.
+_SPECIAL = re.compile(r'[\[\]{}"\\]')
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH without recursing (json.loads would).
+
+    One pass over the special characters only, so linear even on hostile input (a regex for
+    whole string literals backtracks quadratically on an unterminated one full of escapes)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return  # cannot be deeper: the common case costs two counts
+    depth, in_string, escaped = 0, False, -1
+    for match in _SPECIAL.finditer(text):
+        at, ch = match.start(), match.group()
+        if at == escaped:
+            continue  # the character after a backslash inside a string
+        if in_string:
+            if ch == "\\":
+                escaped = at + 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ProtocolError(f"message is nested deeper than {MAX_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
+def _check_strings(data: Any) -> None:
+    """Refuse lone UTF-16 surrogates (a "\\ud800" escape) in any string or field name.
+
+    json.loads accepts them, but they are not Unicode text: the tokenizer, SQLite and the reply
+    encoder would all fail on them later, far from the message that brought them in.
+    """
+    stack = [(data, "")]
+    while stack:  # iterative (depth is already bounded, but this needs no recursion at all)
+        value, where = stack.pop()
+        if isinstance(value, str):
+            bad = _SURROGATE.search(value) is not None
+        elif isinstance(value, dict):
+            bad = any(_SURROGATE.search(k) for k in value)
+            stack.extend((v, where or (k if k in _FIELDS else "a field")) for k, v in value.items())
+        elif isinstance(value, list):
+            bad = False
+            stack.extend((v, where) for v in value)
+        else:
+            continue
+        if bad:
+            request_id = reply_to = None
+            if isinstance(data, dict):
+                request_id, reply_to = (_clean_str(data.get(k)) for k in ("id", "reply_to"))
+                request_id = request_id if _is_id(request_id) else None
+            raise ProtocolError(
+                f"{where or 'a field name'} contains a lone UTF-16 surrogate (\\ud800-\\udfff),"
+                " which is not Unicode text",
+                request_id,
+                reply_to,
+            )
+
+
+def _clean_str(value: Any) -> str | None:
+    """`value` if it is a string free of surrogates (safe to echo in a reply), else None."""
+    return value if isinstance(value, str) and not _SURROGATE.search(value) else None
 
 
 def _is_id(value: Any) -> bool:
@@ -222,6 +343,8 @@ def _int(data: dict[str, Any], name: str, low: int, default: int | None, fail: A
         raise fail(f"{name} must be an integer")
     if value < low:
         raise fail(f"{name} must be ≥ {low}")
+    if value > MAX_INT:
+        raise fail(f"{name} must be ≤ 2^53 - 1 ({MAX_INT})")
     return value
 
 
@@ -229,9 +352,17 @@ def _number(data: dict[str, Any], name: str, default: float, fail: Any) -> float
     value = data.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise fail(f"{name} must be a number")
-    return float(value)
+    try:
+        number = float(value)  # an int beyond ~1.8e308 has no float (parse_request is public)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):  # NaN, Infinity, 1e400
+        raise fail(f"{name} must be a finite number, not {json.dumps(number)}")  # NaN, Infinity
+    if not in_range(name, number):
+        raise fail(range_text(name))
+    return number
 
 
 def _bool(data: dict[str, Any], name: str, fail: Any) -> bool:

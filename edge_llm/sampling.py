@@ -7,17 +7,22 @@ so far. Out: a token id. Greedy when temperature is 0; otherwise temperature, to
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge_llm.errors import RequestError
+from edge_llm.protocol import in_range, range_text
 
 # Nucleus sampling looks at this many best candidates first; a full sort only when their mass
 # is short of top_p (rare with a trained model), because argsort over 49k logits per token costs
 # more than the whole sampling step otherwise.
 _NUCLEUS_WINDOW = 256
+# Below this temperature sampling is greedy. Scaling float32 logits by 1/T overflows for tiny T
+# (1e-40 is subnormal in float32, 1e-300 rounds to 0): inf - inf then made NaN probabilities.
+# It is also exact: any two distinct float32 logits of a model differ by far more than
+# 1e-30 * 100, so every token but the best gets probability exp(-1e23) == 0 anyway.
+_GREEDY_BELOW = 1e-30
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be ≥ 1"),
-            (
-                0.0 <= self.temperature <= 100.0 and not math.isnan(self.temperature),
-                "temperature must be in [0, 100]",
-            ),
+            (in_range("temperature", self.temperature), range_text("temperature")),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be ≥ 0"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (in_range("top_p", self.top_p), range_text("top_p")),
+            (in_range("repetition_penalty", self.repetition_penalty), range_text("repetition_penalty")),
             (
                 self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
                 "seed must be a non-negative integer",
@@ -58,7 +60,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < _GREEDY_BELOW
 
 
 def make_rng(params: SamplingParams) -> np.random.Generator:
@@ -71,7 +73,11 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
         return logits
     logits = logits.copy()
     picked = logits[seen]
-    logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    with np.errstate(all="ignore"):  # a penalty near 0 may overflow (or be 0 in float32): clipped below
+        penalised = np.where(picked > 0, picked / penalty, picked * penalty)
+    # Keep logits finite: +inf from a tiny penalty would make `inf - inf` NaN when sampling.
+    limit = np.finfo(np.float32).max
+    logits[seen] = np.clip(penalised, -limit, limit)
     return logits
 
 
@@ -86,7 +92,11 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float32, copy=False) / np.float32(params.temperature)
+    logits = logits.astype(np.float32, copy=False)
+    # Shift the best logit to 0 before dividing, so scaling only ever pushes the others down
+    # (towards -inf, whose exp is 0) and never overflows to +inf.
+    with np.errstate(over="ignore"):
+        scaled = (logits - logits.max()) / np.float32(params.temperature)
     candidates = _candidates(scaled, params)
     chosen = candidates[_draw(scaled[candidates], params.top_p, rng)]
     return int(chosen)

@@ -108,3 +108,6 @@ class Dispatcher:
             self.scheduler.submit(message, sink, client=address.client, reply_key=address.key, identity=who)
         except EdgeLLMError as exc:
             send(protocol.error_reply(message.id, protocol.error_code(exc), str(exc)))
+        except Exception as exc:  # a bug, not bad input: answer it rather than lose the connection
+            log.exception("submitting request %s failed", message.id)
+            send(protocol.error_reply(message.id, "internal", f"{type(exc).__name__} while queueing"))

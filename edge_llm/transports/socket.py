@@ -201,13 +201,21 @@ class SocketTransport:
                         skipping = False
                         continue
                     if line.strip():
-                        self.dispatcher.handle(line, resolve, identity=conn.identity)
+                        self._handle(line, resolve, conn.identity)
         except (ConnectionError, OSError):
             pass
         finally:
             conn.closed = True
             self._conns.discard(conn)
             writer.close()
+
+    def _handle(self, line: bytes, resolve: Any, identity: str) -> None:
+        """One line to the dispatcher. It answers every message itself; should anything still
+        escape (a bug), log it and keep the connection: other requests on it are in flight."""
+        try:
+            self.dispatcher.handle(line, resolve, identity=identity)
+        except Exception:
+            log.exception("failed to handle a message on a socket connection")
 
     def _remove_socket_file(self) -> None:
         """Remove our socket file (not one another server has since put at the same path)."""

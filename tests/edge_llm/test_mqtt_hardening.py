@@ -61,7 +61,9 @@ def test_bad_reply_to_never_takes_the_device_offline(server: Server, broker: Bro
         reply, _ = raw.get()
         assert reply["id"] == "next" and reply["done"] is True and "text" in reply, reply
         # Nothing went to a bad topic, nothing was generated for it, the connection never dropped.
-        assert server.mqtt.stats["bad_reply_topic"] == len(BAD_REPLY_TOPICS)
+        # The lone surrogate is refused by the parser first, which never echoes such a string:
+        # its bad_request names no address at all, so the transport never sees that topic.
+        assert server.mqtt.stats["bad_reply_topic"] == len(BAD_REPLY_TOPICS) - 1
         assert server.scheduler.stats["runs"] == 1
         assert server.mqtt.connects == 1 and server.mqtt.connected.is_set()
         assert "Malformed" not in broker.log_text()

@@ -301,3 +301,42 @@ def test_a_request_id_is_refused_to_another_identity(tiny_bundle: Path, tmp_path
         tcp.close()
     finally:
         s.stop()
+
+
+def test_hostile_messages_never_close_the_connection(server: Server) -> None:
+    """Issue 11's repros: each gets one bad_request, a request already streaming on the same
+    connection is untouched, and a valid request sent after each is answered."""
+    big = "9" * 400
+    hostile = [
+        (b"[" * 1000 + b"]" * 1000, None),
+        (b'{"id":"h1","prompt":"x","temperature":' + big.encode() + b"}", "h1"),
+        (b'{"id":"h2","prompt":"x","top_p":' + big.encode() + b"}", "h2"),
+        (b'{"id":"h3","prompt":"x","deadline_ms":1' + b"0" * 312 + b"}", "h3"),
+        (b'{"id":"\\ud800","prompt":"x"}', None),
+        (b'{"id":"h4","prompt":"x","\\ud800":1}', "h4"),
+        (b'{"id":"h5","prompt":"x\\udfff"}', "h5"),
+        (b'{"id":"h6","messages":[{"role":"user","content":"\\ud800"}]}', "h6"),
+        (b'{"id":"h7","messages":[{"role":"user","content":"a"}],"session":"\\ud800"}', "h7"),
+        (b'{"id":"h8","prompt":"x","temperature":NaN}', "h8"),
+    ]
+    c = Line(str(server.socket.path))
+    c.send(ask("long-running", stream=True, max_tokens=40, ignore_eos=True))
+    finals: dict[str, dict[str, Any]] = {}
+    for i, (payload, rid) in enumerate(hostile):
+        c.send(payload)
+        c.send(ask(f"ok-{i}", temperature=1e-40))  # tiny temperature: greedy, not "internal"
+        want = {rid, f"ok-{i}"}
+        while not want <= finals.keys():  # chunks of long-running interleave; collect finals
+            reply = c.recv()
+            if reply.get("done"):
+                assert reply["id"] not in finals, f"two finals for {reply['id']}"
+                finals[reply["id"]] = reply
+        assert finals[rid]["error"]["code"] == "bad_request", finals[rid]
+        assert "text" in finals[f"ok-{i}"], finals[f"ok-{i}"]
+        finals.pop(rid)  # the next null-id error must be seen afresh
+    while "long-running" not in finals:
+        reply = c.recv()
+        if reply.get("done"):
+            finals[reply["id"]] = reply
+    assert finals["long-running"]["finish_reason"] == "length"
+    c.close()
