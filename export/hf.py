@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 # What a stage that writes a new HF folder (prune, distill) copies from its input unchanged.
 TOKENIZER_FILES = (
@@ -74,7 +75,7 @@ def special_ids(hf_dir: Path) -> tuple[int | None, list[int], int | None]:
     return bos, eos, pad if isinstance(pad, int) else None
 
 
-def hf_tokenizer(hf_dir: Path, **kwargs: object) -> object:
+def hf_tokenizer(hf_dir: Path, **kwargs: Any) -> Any:
     """transformers' tokenizer for `hf_dir` (or a GGUF's folder with gguf_file=...).
 
     legacy=True is what transformers uses when the argument is absent (SentencePiece-style

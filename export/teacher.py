@@ -55,7 +55,7 @@ def chats(
     (at most `max_answer` tokens, sampled with `seed`): (ids, prompt length) each."""
     import torch
 
-    hf_tok: Any = hf_tokenizer(teacher_dir)
+    hf_tok = hf_tokenizer(teacher_dir)
     if not hf_tok.chat_template:
         raise ExportError(f"chat_tokens: {teacher_dir} has no chat template")
     # The ids the runtime stops on (end of turn first), as the bundle records them.
