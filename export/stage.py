@@ -77,6 +77,9 @@ class StageLog:
     def add(self, stage: str, seconds: float, cached: bool, **facts: Any) -> None:
         self.stages.append({"stage": stage, "seconds": round(seconds, 2), "cached": cached, **facts})
         log.info("stage %s: %s in %.1fs %s", stage, "cached" if cached else "done", seconds, facts)
+        self.say(stage, seconds, cached)
+
+    def say(self, stage: str, seconds: float, cached: bool) -> None:
         if self.echo:
             print(f"export: {stage:<16} {'cached' if cached else 'ran':<6} {seconds:7.1f} s", file=sys.stderr)
 
