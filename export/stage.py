@@ -10,6 +10,11 @@ and the recipe lists it once (`recipe.STAGES`). `run` is the one wrapper: it key
 the stage's config and its input's key, builds it only when the cache has no complete copy
 (`cache.cached_stage`), and logs one line per stage. So `result` must rebuild the artifact from
 the folder alone: a cached stage never ran `build` in this process.
+
+Three steps sit outside this shape on purpose: load makes the first artifact (its key needs the
+source's identity, found by downloading it), and bundle and report write the output folder the
+user named, which is not a cache entry. Evaluations are stages (`chained=False`: they describe
+an artifact without changing the keys after them), so an unchanged recipe re-uses them too.
 """
 
 from __future__ import annotations

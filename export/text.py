@@ -71,9 +71,10 @@ def first_tokens(text: str, encode: Callable[[str], list[int]], count: int) -> l
     """The first `count` token ids of `text`, tokenizing only as much of it as that takes.
 
     A prefix is encoded, four times longer each round, until it yields `count` tokens plus a
-    margin: byte-level BPE merges never reach back more than a few tokens across the cut, so the
-    ids kept are the ones encoding the whole text would give. A 1,024-token evaluation of a whole
-    file then tokenizes ~10 KB, not the file."""
+    margin of 64. Tokenizers split text into words before merging, so cutting the text changes
+    only the last word or two: the ids kept are the ones encoding the whole text gives (tested,
+    and the default bundle's perplexity is unchanged). A 1,024-token evaluation of a whole file
+    then tokenizes ~10 KB, not the file."""
     margin, chars = 64, max(4096, 8 * count)
     while True:
         ids = encode(text[:chars])
