@@ -395,19 +395,6 @@ def _skipped(system: str, reason: str, settings: dict[str, Any]) -> Result:
     return {"system": system, "skipped": reason, "settings": settings}
 
 
-def run_all(
-    systems: Sequence[str] = SYSTEMS,
-    settings: dict[str, Any] | None = None,
-    prompts_ids: Prompts | None = None,
-) -> list[Result]:
-    """Prepare prompts (from the HF folder's tokenizer.json) and run every system in turn."""
-    s = {**DEFAULT_SETTINGS, **(settings or {})}
-    cache = Path(s["cache"]) if s.get("cache") else cache_root()
-    if prompts_ids is None:
-        prompts_ids = default_prompts(prepare_hf(cache) / "tokenizer.json")
-    return [run_peer(system, prompts_ids, s) for system in systems]
-
-
 def markdown_table(results: Sequence[Result]) -> str:
     """Results as a Markdown table (one row per system)."""
     rows = [

@@ -77,7 +77,7 @@ def measure(name: str, ratios: tuple[float, ...], hf_dir: Path, ids, refit: bool
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--text", default=str(evaluate.DEFAULT_TEXT))
+    ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
     ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (held-out span 0..0.1)")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=8192)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +58,6 @@ class GraphSpec:
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
-    kv_dtype: str = "float32"
     prefill_file: str = ""  # static only
     prefill_length: int = 0
     past_length: int = 0
@@ -244,16 +243,19 @@ def check_graph_io(bundle: Bundle, input_names: list[str], output_names: list[st
         raise BundleError(f"{bundle.graph_path}: graph IO does not match {MANIFEST}: " + "; ".join(problems))
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
-    """Hash every file in `root` (but the manifest) into `manifest['files']` and write it.
+def write_manifest(bundle: Bundle) -> Path:
+    """Write `bundle.path/bundle.json` from the `Bundle`: every field but `path` (the folder) and
+    `files`, which is filled here with the size and sha256 of every file in the folder.
 
-    `manifest` holds every other section (see `Bundle`); the export pipeline calls this last.
-    """
+    The dataclasses above are the one description of the format: the exporter builds a `Bundle`
+    and this writes its fields as they are, so a new field needs no change here."""
+    root = bundle.path
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(root).as_posix()
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    data = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+    data = {f.name: getattr(bundle, f.name) for f in fields(bundle) if f.name != "path"}
+    data["files"] = files
     out = root / MANIFEST
     out.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")
     return out

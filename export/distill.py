@@ -32,27 +32,30 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export.evaluate import DEFAULT_TEXT, check_span, overlaps, read_span
-from export.prune import TOKENIZER_FILES
+from export import evaluate
+from export.hf import TOKENIZER_FILES
+from export.stage import Artifact, Stage
+from export.teacher import chats as teacher_chats
+from export.teacher import load_model, model_logits
+from export.text import check_span, overlaps, read_span
 
 log = logging.getLogger(__name__)
 REPORT = "distill.json"
 CHECKPOINT = "checkpoint.pt"
 CHATS = "chats.json"  # the teacher-written conversations trained on (token ids)
 TEACHER_TEXT = "teacher_text.json"  # the teacher's text continuations trained on (token ids)
-CHAT_ROWS = 32  # conversations generated together (CPU generate: wider batches are nearly free)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    text: Path = DEFAULT_TEXT  # relative paths resolve against the repo root
+    text: Path | None = None  # required; relative: cwd, then the checkout root (export/text.py)
     span: tuple[float, float] = (0.1, 1.0)  # fraction of the file trained on (eval text held out)
     teacher_tokens: int = 0  # extra training text sampled from the teacher (0: none)
     chat_tokens: int = 0  # chat turns (question + answer) the teacher writes itself (0: none)
@@ -136,7 +139,7 @@ def load_tokenizer(teacher_dir: Path) -> Any:
 def training_ids(
     config: DistillConfig,
     tok: Any,
-    teacher: Any,
+    model: Any,
     device: str,
     teacher_dir: Path | None = None,
     keep_dir: Path | None = None,
@@ -146,11 +149,11 @@ def training_ids(
     What the teacher writes (text continuations, chats) is kept in `keep_dir` when given and read
     back from there: a resumed run trains on the same data, in the same order, without spending
     the minutes to sample it again (sampling would not repeat across processes)."""
-    text, where = read_span(config.text, config.span)
+    text, where = read_span(config.text, config.span, "distill.text")
     ids = tok.encode(text, add_special_tokens=False).ids
     where["text_tokens"] = len(ids)
     if config.teacher_tokens:
-        generated = _kept(keep_dir, TEACHER_TEXT, lambda: teacher_text(teacher, ids, config, device))
+        generated = _kept(keep_dir, TEACHER_TEXT, lambda: teacher_text(model, ids, config, device))
         where["teacher_tokens"] = len(generated)
         ids = ids + generated
     if config.chat_tokens:
@@ -162,7 +165,7 @@ def training_ids(
             lambda: [
                 c
                 for c, _ in teacher_chats(
-                    teacher, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
+                    model, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
                 )
             ],
         )
@@ -209,92 +212,27 @@ def teacher_text(teacher: Any, ids: list[int], config: DistillConfig, device: st
     return out[: config.teacher_tokens]
 
 
-def teacher_chats(
-    teacher: Any, teacher_dir: Path, tokens: int, max_answer: int, seed: int, device: str
-) -> list[tuple[list[int], int]]:
-    """Conversations of about `tokens` tokens in all, each the templated user question the
-    teacher wrote (prompted with its template up to an empty user turn) and its own answer
-    (at most `max_answer` tokens, sampled with `seed`): (ids, prompt length) each."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from export.bundle import tokenizer_section
-
-    hf_tok = AutoTokenizer.from_pretrained(str(teacher_dir))
-    if not hf_tok.chat_template:
-        raise ExportError(f"distill.chat_tokens: {teacher_dir} has no chat template")
-    # The ids the runtime stops on (end of turn first), as the bundle records them.
-    stop = list(tokenizer_section(Path(teacher_dir))["eos_ids"])
-    mark = "\u2063QUESTION\u2063"
-    rendered = hf_tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
-    prefix = hf_tok(rendered[: rendered.index(mark)], add_special_tokens=False)["input_ids"]
-    torch.manual_seed(seed)  # generate() samples from torch's global generator
-    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else stop[0]
-    sample = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "eos_token_id": stop, "pad_token_id": pad}
-    chats: list[tuple[list[int], int]] = []
-    total = empty_rounds = 0
-    while total < tokens:
-        start = torch.tensor([prefix] * CHAT_ROWS, device=device)
-        with torch.inference_mode():
-            asked = teacher.generate(
-                start, attention_mask=torch.ones_like(start), max_new_tokens=48, **sample
-            )[:, len(prefix) :].tolist()
-        questions = [hf_tok.decode(_until(q, stop), skip_special_tokens=True).strip() for q in asked]
-        prompts = [
-            hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-            for q in questions
-            if q
-        ]
-        if not prompts:
-            empty_rounds += 1
-            if empty_rounds == 10:
-                raise ExportError("distill.chat_tokens: the teacher wrote no user question in 10 tries")
-            continue
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        with torch.inference_mode():
-            out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **sample)[
-                :, width:
-            ].tolist()
-        for p, answer in zip(prompts, out, strict=True):
-            kept = _until(answer, stop)
-            chat = p + kept + ([stop[0]] if len(kept) < len(answer) else [])  # with its end of turn
-            chats.append((chat, len(p)))
-            total += len(chat)
-    return chats
-
-
-def _until(ids: list[int], stop: list[int]) -> list[int]:
-    """`ids` up to (not including) the first stop token."""
-    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-    return ids[:cut]
-
-
 def held_out_ids(config: DistillConfig, tok: Any) -> np.ndarray | None:
     """Token ids of the held-out span the learning curve is measured on (None: no curve)."""
     if not config.eval_every:
         return None
-    from export.evaluate import EvaluateConfig, tokenize_span
-
-    ecfg = EvaluateConfig(
+    ecfg = evaluate.EvaluateConfig(
         text=config.text,
         span=config.eval_span,
         max_tokens=config.eval_tokens,
         context=config.eval_context,
         stride=config.eval_context,
     )
-    return tokenize_span(ecfg, lambda text: tok.encode(text, add_special_tokens=False).ids)[0]
+    return evaluate.tokenize_span(ecfg, lambda text: tok.encode(text, add_special_tokens=False).ids)[0]
 
 
 def curve_point(student: Any, ids: np.ndarray, config: DistillConfig, device: str, tokens: int) -> dict:
     """The student's held-out perplexity now (one point of the learning curve)."""
-    from export.evaluate import model_logits, score
-
     t = time.perf_counter()
     was_training = student.training
     student.eval()
-    ppl = score(ids, model_logits(student, device), config.eval_context, config.eval_context)["perplexity"]
+    logits = model_logits(student, device)
+    ppl = evaluate.score(ids, logits, config.eval_context, config.eval_context)["perplexity"]
     student.train(was_training)
     return {"tokens": tokens, "perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t, 1)}
 
@@ -349,7 +287,7 @@ def run(
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).to(device).eval()
+    teacher = load_model(teacher_dir, device)
     student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).to(device)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ExportError("distill: teacher and student vocabularies differ")
@@ -470,3 +408,27 @@ def _bar(config: DistillConfig, done: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=config.steps, initial=done, desc="distill", unit="step", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- as a recipe stage
+
+
+def build(config: DistillConfig, art: Artifact, out: Path, progress: bool) -> None:
+    run(config, art.teacher, art.hf_dir, out, progress=progress)
+
+
+def result(config: DistillConfig, art: Artifact, folder: Path) -> Artifact:
+    rep = json.loads((folder / REPORT).read_text())
+    facts = {
+        "tokens": rep["tokens_trained"],
+        "steps": rep["steps"],
+        "train_seconds": rep["seconds"],
+        "text": rep["text"],
+        "first_loss": rep["first_loss"],
+        "last_loss": rep["last_loss"],
+        "held_out_curve": [(c["tokens"], c["perplexity"]) for c in rep.get("curve", [])],
+    }
+    return replace(art, hf_dir=folder, facts=facts)
+
+
+STAGE = Stage("distill", build, result)

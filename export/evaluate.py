@@ -9,7 +9,7 @@ What it measures (`EvaluateConfig`):
 - against a teacher (the unpruned fp32 HF model, run with torch): mean KL(teacher ‖ model) per
   token and top-1 agreement (argmax equal), on the same windows; and the teacher's perplexity.
 - chat (`chat_tokens`, with a teacher): the same KL / top-1 agreement on the answers of chat
-  turns the teacher writes itself (`distill.teacher_chats`, seeded with `chat_seed`, which the
+  turns the teacher writes itself (`teacher.chats`, seeded with `chat_seed`, which the
   recipe keeps apart from distillation's), and the model's perplexity on those answers. Text
   perplexity alone missed a pruned student that had stopped answering chat prompts.
 - size on disk, parameter count.
@@ -28,25 +28,28 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_llm.errors import ExportError
+from export import hf, teacher
+from export.cache import stable_key
+from export.stage import Artifact, Stage
+from export.teacher import Logits, torch_logits
+from export.text import check_span, first_tokens, read_span
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = Path("../shared/data/wikitext-2/valid.txt")
-
-Logits = Callable[[np.ndarray], np.ndarray]  # ids [S] -> logits [S, V] (float32)
+# Rows of a window's logits turned into log-probabilities at a time: float64 copies of a whole
+# 512 x 49,152 window were ~200 MB each, four of them alive at once.
+ROWS = 64
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    text: Path = DEFAULT_TEXT  # relative paths resolve against the repo root
+    text: Path | None = None  # required; relative: cwd, then the checkout root (export/text.py)
     span: tuple[float, float] = (0.0, 0.1)  # fraction of the file's characters evaluated
     max_tokens: int = 8192  # the first max_tokens tokens of the span
     context: int = 512
@@ -71,33 +74,6 @@ class EvaluateConfig:
             raise ValueError("evaluate.max_tokens must be >= 2")
         if self.speed_prompt < 1 or self.speed_tokens < 2 or self.speed_runs < 1:
             raise ValueError("evaluate: speed_prompt >= 1, speed_tokens >= 2, speed_runs >= 1")
-
-
-def check_span(span: tuple[float, ...], where: str) -> None:
-    if len(span) != 2 or not 0.0 <= span[0] < span[1] <= 1.0:
-        raise ValueError(f"{where} must be [start, end] fractions with 0 <= start < end <= 1, not {span}")
-
-
-def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether two [begin, end) spans of a file share any part."""
-    return a[0] < b[1] and b[0] < a[1]
-
-
-def resolve_text(path: Path) -> Path:
-    """A text path as given, or relative to the repository root; it must exist."""
-    path = Path(path).expanduser()
-    full = path if path.is_absolute() else (REPO_ROOT / path).resolve()
-    if not full.is_file():
-        raise ExportError(f"text file {path} not found (looked at {full})")
-    return full
-
-
-def read_span(path: Path, span: tuple[float, float]) -> tuple[str, dict[str, Any]]:
-    """The characters [start, end) of the file given as fractions, and a record of what was read."""
-    full = resolve_text(path)
-    text = full.read_text(encoding="utf-8")
-    a, b = round(span[0] * len(text)), round(span[1] * len(text))
-    return text[a:b], {"file": str(full), "span": list(span), "chars": [a, b]}
 
 
 def windows(n: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -125,14 +101,21 @@ def _sums(
     """Over the targets window[start:] (each predicted by the position before it): the model's
     NLL and, with a teacher, the teacher's NLL, KL(teacher ‖ model) and argmax agreements."""
     targets = window[start:]
-    rows = np.arange(len(targets))
-    lp = log_softmax(model(window))[start - 1 : -1]
-    nll = -float(lp[rows, targets].sum())
-    if teacher is None:
-        return nll, 0.0, 0.0, 0
-    tp = log_softmax(teacher(window))[start - 1 : -1]
-    kl = float((np.exp(tp) * (tp - lp)).sum())
-    return nll, -float(tp[rows, targets].sum()), kl, int((tp.argmax(-1) == lp.argmax(-1)).sum())
+    logits = model(window)[start - 1 : -1]
+    t_logits = None if teacher is None else teacher(window)[start - 1 : -1]
+    nll = t_nll = kl = 0.0
+    agree = 0
+    for a in range(0, len(targets), ROWS):  # float64 log-probabilities ROWS positions at a time
+        rows, want = np.arange(min(ROWS, len(targets) - a)), targets[a : a + ROWS]
+        lp = log_softmax(logits[a : a + ROWS])
+        nll -= float(lp[rows, want].sum())
+        if t_logits is None:
+            continue
+        tp = log_softmax(t_logits[a : a + ROWS])
+        t_nll -= float(tp[rows, want].sum())
+        kl += float((np.exp(tp) * (tp - lp)).sum())
+        agree += int((tp.argmax(-1) == lp.argmax(-1)).sum())
+    return nll, t_nll, kl, agree
 
 
 def score(
@@ -142,12 +125,14 @@ def score(
     stride: int,
     teacher: Logits | None = None,
     progress: bool = False,
+    label: str = "evaluate",
 ) -> dict[str, Any]:
-    """Perplexity of `model` on token ids (and KL / agreement / perplexity of `teacher`)."""
+    """Perplexity of `model` on token ids (and KL / agreement / perplexity of `teacher`);
+    `label` names the progress bar."""
     nll = t_nll = kl = 0.0
     agree = count = 0
     spans = list(windows(len(ids), context, stride))
-    bar = _bar(len(spans), "evaluate", progress)
+    bar = _bar(len(spans), label, progress)
     for begin, end, first in spans:
         sums = _sums(ids[begin:end], first - begin, model, teacher)
         nll, t_nll, kl, agree = nll + sums[0], t_nll + sums[1], kl + sums[2], agree + sums[3]
@@ -202,29 +187,6 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="win", dynamic_ncols=True)
 
 
-def torch_logits(hf_dir: Path, threads: int = 0) -> tuple[Logits, Any]:
-    """A logits function running the HF model in `hf_dir` with torch (fp32, CPU), and the model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    return model_logits(model), model
-
-
-def model_logits(model: Any, device: str = "cpu") -> Logits:
-    """A logits function over an in-memory HF causal LM (put it in eval mode first)."""
-    import torch
-
-    def run(ids: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = model(torch.from_numpy(ids[None].astype(np.int64)).to(device), use_cache=False)
-        return out.logits[0].float().cpu().numpy()
-
-    return run
-
-
 def bundle_logits(engine: Any) -> Logits:
     return engine.score
 
@@ -233,15 +195,9 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def hf_parameters(hf_dir: Path) -> int:
-    from export.bundle import _parameters
-
-    return _parameters(hf_dir)
-
-
 def tokenize_span(config: EvaluateConfig, encode: Callable[[str], list[int]]) -> tuple[np.ndarray, dict]:
-    text, where = read_span(config.text, config.span)
-    ids = np.asarray(encode(text)[: config.max_tokens], dtype=np.int64)
+    text, where = read_span(config.text, config.span, "evaluate.text")
+    ids = np.asarray(first_tokens(text, encode, config.max_tokens), dtype=np.int64)
     if len(ids) < 2:
         raise ExportError(f"{where['file']}: span {config.span} has fewer than 2 tokens")
     return ids, {**where, "tokens": len(ids), "context": config.context, "stride": config.stride}
@@ -270,17 +226,18 @@ def run(
     model_dir: Path,
     teacher_hf_dir: Path | None = None,
     progress: bool = True,
+    label: str = "",
 ) -> dict[str, Any]:
-    """Evaluate a bundle folder (bundle.json) or an HF folder (config.json) and return the facts."""
+    """Evaluate a bundle folder (bundle.json) or an HF folder (config.json) and return the facts.
+    `label` names the progress bar (default: the folder's name)."""
     model_dir = Path(model_dir)
+    label = label or f"evaluate {model_dir.name}"
     t0 = time.perf_counter()
-    teacher = chats = None
+    t_logits = chats = None
     if config.teacher and teacher_hf_dir is not None:
-        teacher, teacher_model = torch_logits(teacher_hf_dir, config.threads)
+        t_logits, teacher_model = torch_logits(teacher_hf_dir, config.threads)
         if config.chat_tokens:
-            from export.distill import teacher_chats
-
-            chats = teacher_chats(
+            chats = teacher.chats(
                 teacher_model,
                 teacher_hf_dir,
                 config.chat_tokens,
@@ -302,9 +259,9 @@ def run(
             "quantization": engine.bundle.quantization.get("mode", engine.bundle.quantization.get("method")),
         }
         result["text"] = where
-        result |= score(ids, bundle_logits(engine), config.context, config.stride, teacher, progress)
+        result |= score(ids, bundle_logits(engine), config.context, config.stride, t_logits, progress, label)
         if chats:
-            result |= score_chats(chats, bundle_logits(engine), teacher, engine.max_context)
+            result |= score_chats(chats, bundle_logits(engine), t_logits, engine.max_context)
         if config.speed:
             result |= measure_speed(engine, ids, config)
     elif (model_dir / "config.json").is_file():
@@ -315,13 +272,13 @@ def run(
         logits, _ = torch_logits(model_dir, config.threads)
         result |= {
             "kind": "hf",
-            "parameters": hf_parameters(model_dir),
-            "size_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
+            "parameters": hf.parameters(model_dir),
+            "size_bytes": hf.weights_bytes(model_dir),
         }
         result["text"] = where
-        result |= score(ids, logits, config.context, config.stride, teacher, progress)
+        result |= score(ids, logits, config.context, config.stride, t_logits, progress, label)
         if chats:
-            result |= score_chats(chats, logits, teacher)
+            result |= score_chats(chats, logits, t_logits)
     else:
         raise ExportError(f"{model_dir}: neither a bundle (bundle.json) nor an HF folder (config.json)")
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -358,3 +315,45 @@ def headline(result: dict[str, Any]) -> str:
     if "decode_tok_s" in result:
         parts.append(f"decode {result['decode_tok_s']:.1f} tok/s, TTFT {1000 * result['ttft_s']:.0f} ms")
     return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- as a recipe stage
+
+RESULT = "result.json"
+BRIEF = ("perplexity", "kl_to_teacher", "top1_agreement", "parameters", "size_bytes")
+BRIEF += ("decode_tok_s", "ttft_s")
+
+
+@dataclass(frozen=True)
+class EvaluateTask:
+    """Evaluate the artifact's newest model (its bundle once written, else its HF folder)."""
+
+    config: EvaluateConfig
+    teacher: Path | None = None  # compared against (None: no KL / top-1)
+
+
+def key(task: EvaluateTask, art: Artifact) -> str:
+    return stable_key(art.key, task.config, str(task.teacher))
+
+
+def label(art: Artifact) -> str:
+    """The progress bar's name: which model is being scored."""
+    if art.last == "load":
+        return "evaluate teacher (fp32, as loaded)"
+    return "evaluate bundle" if art.bundle is not None else f"evaluate after {art.last}"
+
+
+def build(task: EvaluateTask, art: Artifact, out: Path, progress: bool) -> None:
+    model = art.bundle if art.bundle is not None else art.hf_dir
+    save(run(task.config, model, task.teacher, progress=progress, label=label(art)), out / RESULT)
+
+
+def result(task: EvaluateTask, art: Artifact, folder: Path) -> Artifact:
+    res = json.loads((folder / RESULT).read_text())
+    if art.bundle is not None:  # a cached result may come from a run that wrote another folder
+        res["model"] = str(art.bundle)
+    facts = {k: res[k] for k in BRIEF if k in res}
+    return replace(art, evaluations={**art.evaluations, art.last: res}, facts=facts)
+
+
+STAGE = Stage("evaluate", build, result, key=key, chained=False)

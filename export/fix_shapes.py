@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edge_llm.errors import ExportError
+from export.stage import Artifact, Stage
 
 REPORT = "fix_shapes.json"
 DATA = "model.onnx.data"
@@ -138,3 +139,32 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------- as a recipe stage
+
+
+def build(config: FixShapesConfig, art: Artifact, out: Path, progress: bool) -> None:
+    if art.graph is None:
+        raise ExportError("static: no graph to fix (to_onnx and quantize must come first)")
+    run(config, art.graph, out)
+
+
+def result(config: FixShapesConfig, art: Artifact, folder: Path) -> Artifact:
+    return replace(
+        art,
+        graph=folder / "model.onnx",
+        extra_graphs={**art.extra_graphs, "prefill.onnx": folder / "prefill.onnx"},
+        layout={
+            **art.layout,
+            "kv_layout": "static",
+            "prefill_file": "prefill.onnx",
+            "prefill_length": config.prefill_length,
+            "past_length": config.past_length,
+            "context_length": config.past_length,
+        },
+        facts=asdict(config),
+    )
+
+
+STAGE = Stage("fix_shapes", build, result)

@@ -7,12 +7,12 @@ Out: `out_dir/model.onnx` + `out_dir/model.onnx.data` (external weights) and a `
 describing it. The graph uses ONNX Runtime contrib ops (com.microsoft), one block per layer:
 
     SimplifiedLayerNormalization | SkipSimplifiedLayerNormalization  (residual add fused in)
-    MatMulNBits qkv (packed)  -> GroupQueryAttention (rotary inside, shared KV buffer)
-    MatMulNBits o -> SkipSimplifiedLayerNormalization
-    MatMulNBits gate|up (packed) -> Split -> QuickGelu(alpha=1) = SiLU -> Mul -> MatMulNBits down
+    MatMul qkv (packed)  -> GroupQueryAttention (rotary inside, shared KV buffer)
+    MatMul o -> SkipSimplifiedLayerNormalization
+    MatMul gate|up (packed) -> Split -> QuickGelu(alpha=1) = SiLU -> Mul -> MatMul down
 
-With `bits=0` every MatMulNBits is a plain fp32 MatMul (reference numerics). Weights are
-quantized here with numpy (block-wise along K, uint8, one scale and zero point per block).
+Weights stay fp32 here: the quantize stage (`export/quantize.py`, `export/nbits.py`) is the one
+quantizer, for this graph and optimum's alike, and rewrites these MatMuls as MatMulNBits.
 
 IO contract (see docs/fused-graph.md for how to drive prefill / decode / ragged batches):
     input_ids                 int64 [B, S]
@@ -60,10 +60,6 @@ class FuseConfig:
     max_context: rows of the rotary cos/sin table, i.e. the largest KV buffer (positions
         must stay below it). The buffer dimension itself is symbolic, so an engine may
         allocate less.
-    bits: 8 = MatMulNBits int8 weights; 0 = fp32 MatMul (reference numerics, ~4x the size).
-    block_size / accuracy_level: MatMulNBits attributes (4 = int8 activations, VNNI path).
-    symmetric: zero point fixed at 128 (no zero_points input) instead of per-block min/max.
-    quantize_embedding: with bits=8, store the token table as GatherBlockQuantized uint8.
     logits: "last" = one row per sequence (generation), "all" = every position (perplexity),
         "tail" = the last `logits_to_keep` real tokens of each row, a runtime int64 scalar
         input (1 for prefill/decode, k+1 to verify k speculative drafts, in one graph).
@@ -73,11 +69,6 @@ class FuseConfig:
     """
 
     max_context: int = 2048
-    bits: Literal[0, 8] = 8
-    block_size: int = 32
-    accuracy_level: int = 4
-    symmetric: bool = False
-    quantize_embedding: bool = True
     logits: Literal["last", "all", "tail"] = "last"
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
@@ -86,10 +77,6 @@ class FuseConfig:
     data_file: str = "model.onnx.data"
 
     def __post_init__(self) -> None:
-        if self.bits not in (0, 8):
-            raise ValueError(f"bits must be 0 (fp32) or 8, not {self.bits}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, not {self.block_size}")
         if self.logits not in ("last", "all", "tail"):
             raise ValueError(f"logits must be 'last', 'all' or 'tail', not {self.logits!r}")
         if self.max_context < 1:
@@ -114,10 +101,6 @@ class FuseResult:
     weight_bytes: int = 0
     seconds: float = 0.0
     kv_layout: str = "shared"  # past and present are one [B, kv, C, d] buffer (edge_llm GraphSpec)
-
-    @property
-    def num_nodes(self) -> int:
-        return sum(self.op_counts.values())
 
 
 # --------------------------------------------------------------------------- weights
@@ -169,40 +152,6 @@ def rope_tables(cfg: dict[str, Any], rows: int, rotary_dim: int) -> tuple[np.nda
     cos = (freqs.cos() * attention_scaling).numpy().astype(np.float32)
     sin = (freqs.sin() * attention_scaling).numpy().astype(np.float32)
     return cos, sin
-
-
-def quantize_blocks(
-    w: np.ndarray, block: int, symmetric: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Block-wise uint8 quantization of w [N, K] along K, MatMulNBits layout.
-
-    Returns packed [N, K/block, block] uint8, scales [N, K/block] float32, zero points
-    [N, K/block] uint8 (None when symmetric: the kernel's default zero point is 128).
-    dequant = (q - zp) * scale. K is zero-padded to a whole block.
-    """
-    n, k = w.shape
-    blocks = -(-k // block)
-    wb = np.pad(w.astype(np.float32), ((0, 0), (0, blocks * block - k))).reshape(n, blocks, block)
-    if symmetric:
-        scale = np.abs(wb).max(axis=2) / 127.0
-        scale[scale == 0] = 1.0
-        q = np.clip(np.rint(wb / scale[..., None]) + 128, 0, 255).astype(np.uint8)
-        return q, scale.astype(np.float32), None
-    # Keep 0 inside [lo, hi] so that zero weights (and padding) dequantize to exactly 0.
-    lo = np.minimum(wb.min(axis=2), 0.0)
-    hi = np.maximum(wb.max(axis=2), 0.0)
-    scale = (hi - lo) / 255.0
-    scale[scale == 0] = 1.0
-    zp = np.clip(np.rint(-lo / scale), 0, 255)
-    q = np.clip(np.rint(wb / scale[..., None]) + zp[..., None], 0, 255).astype(np.uint8)
-    return q, scale.astype(np.float32), zp.astype(np.uint8)
-
-
-def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, k: int) -> np.ndarray:
-    """Inverse of quantize_blocks, [N, K] float32 (used to measure quantization error)."""
-    z = np.full(scale.shape, 128.0, np.float32) if zp is None else zp.astype(np.float32)
-    w = (q.astype(np.float32) - z[..., None]) * scale[..., None]
-    return w.reshape(q.shape[0], -1)[:, :k]
 
 
 # --------------------------------------------------------------------------- graph builder
@@ -283,37 +232,12 @@ class _Builder:
         self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, out: str | None = None
     ) -> str:
         """x @ weight.T (+ bias); weight is HF layout [N, K]. `out` names the result."""
-        g, cfg = self.g, self.cfg
-        n, k = weight.shape
+        g = self.g
         outs = [out] if out else None
-        if cfg.bits == 0:
-            if bias is None:
-                return g.op("MatMul", [x, g.const(f"{name}.weight_t", weight.T)], name=name, outputs=outs)[0]
-            y = g.op("MatMul", [x, g.const(f"{name}.weight_t", weight.T)], name=name)[0]
-            return g.op("Add", [y, g.const(f"{name}.bias", bias)], name=f"{name}/bias", outputs=outs)[0]
-        q, scale, zp = quantize_blocks(weight, cfg.block_size, cfg.symmetric)
-        ins = [
-            x,
-            g.const(f"{name}.qweight", q),
-            g.const(f"{name}.scales", scale),
-            g.const(f"{name}.zero_points", zp) if zp is not None else "",
-            "",
-            g.const(f"{name}.bias", bias) if bias is not None else "",
-        ]
-        while ins[-1] == "":
-            ins.pop()
-        return g.op(
-            "MatMulNBits",
-            ins,
-            domain=MS,
-            name=name,
-            outputs=outs,
-            K=k,
-            N=n,
-            bits=cfg.bits,
-            block_size=cfg.block_size,
-            accuracy_level=cfg.accuracy_level,
-        )[0]
+        if bias is None:
+            return g.op("MatMul", [x, g.const(f"{name}.weight_t", weight.T)], name=name, outputs=outs)[0]
+        y = g.op("MatMul", [x, g.const(f"{name}.weight_t", weight.T)], name=name)[0]
+        return g.op("Add", [y, g.const(f"{name}.bias", bias)], name=f"{name}/bias", outputs=outs)[0]
 
     def weight(self, key: str) -> np.ndarray:
         return self.w[key]
@@ -324,29 +248,8 @@ class _Builder:
     # -- graph pieces -----------------------------------------------------------------------
 
     def embed(self, ids: str) -> str:
-        g, cfg = self.g, self.cfg
-        table = self.w["model.embed_tokens.weight"]
-        # GatherBlockQuantized needs whole blocks per row: use the largest power of two that
-        # divides hidden_size, up to block_size (576 -> 64 when block_size is 128).
-        block = cfg.block_size
-        while block > 16 and table.shape[1] % block:
-            block //= 2
-        if cfg.bits == 8 and cfg.quantize_embedding and table.shape[1] % block == 0:
-            q, scale, zp = quantize_blocks(table, block, cfg.symmetric)
-            ins = [g.const("embed.qweight", q.reshape(table.shape)), ids, g.const("embed.scales", scale)]
-            if zp is not None:
-                ins.append(g.const("embed.zero_points", zp))
-            return g.op(
-                "GatherBlockQuantized",
-                ins,
-                domain=MS,
-                name="embed",
-                bits=8,
-                block_size=block,
-                gather_axis=0,
-                quantize_axis=1,
-            )[0]
-        self.embed_name = g.const("embed.weight", table)
+        g = self.g
+        self.embed_name = g.const("embed.weight", self.w["model.embed_tokens.weight"])
         return g.op("Gather", [self.embed_name, ids], name="embed")[0]
 
     def attention(self, i: int, h: str, seqlens_k: str, total: str, qlens: str, cos: str, sin: str) -> str:
@@ -532,7 +435,7 @@ class _Builder:
         g = self.g
         tied = "lm_head.weight" not in self.w
         head = self.w["model.embed_tokens.weight"] if tied else self.w["lm_head.weight"]
-        if self.cfg.bits == 0 and tied:
+        if tied:
             # Gemm(transB=1) reads the embedding table as is: one copy of the tied matrix.
             shape = g.op("Shape", [h], name="lm_head/in_shape")[0]
             flat = g.op(

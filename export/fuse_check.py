@@ -1,10 +1,11 @@
-"""Drive and measure a graph written by `export.fuse`: a reference decode-loop driver, timings,
-and numeric checks against transformers.
+"""Measure a fused bundle (`export.fuse` graph) as the runtime drives it: timings per forward and
+numeric checks against transformers.
 
-In: a fused `model.onnx` (and for the checks the Hugging Face folder it came from).
-Out: `FusedRunner`, the minimal correct way to feed the graph (shared KV buffers bound with IO
-binding, attention_mask built from per-row lengths); `bench_*` timings in ms per forward;
-`greedy_match` / `top1_agreement` numeric checks. CLI: `python -m export.fuse_check --help`.
+In: bundle folders with a fused graph (and for the checks the Hugging Face folder it came from).
+Every forward goes through the runtime's own `edge_llm.runner.SharedRunner` (shared KV buffers
+bound with IO binding, attention_mask from per-row lengths), so what is measured is what serves;
+optimum graphs (concat KV cache) are timed on a plain session. `bench_*` give ms per forward;
+`greedy_match` / `top1_agreement` compare with transformers. CLI: `python -m export.fuse_check --help`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from edge_llm.bundle import load_bundle
+from edge_llm.runner import RunnerOptions, SharedRunner
+
+
+def shared_runner(bundle_dir: Path, threads: int = 2, spin: bool = True) -> SharedRunner:
+    """The runtime's runner for a fused (shared-KV) bundle."""
+    bundle = load_bundle(bundle_dir)
+    if bundle.graph.kv_layout != "shared":
+        raise ValueError(f"{bundle_dir}: kv_layout {bundle.graph.kv_layout!r}; a fused bundle is 'shared'")
+    return SharedRunner(bundle, RunnerOptions(threads=threads, spin=spin))
 
 
 def make_session(
@@ -47,94 +59,6 @@ def make_session(
     return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
 
 
-def graph_facts(session: ort.InferenceSession) -> dict[str, Any]:
-    """Layers, KV heads, head dim, vocab and logits mode, read back from the graph IO."""
-    ins = {i.name: i for i in session.get_inputs()}
-    outs = {o.name: o for o in session.get_outputs()}
-    kv = ins["past_key_values.0.key"].shape
-    logits = outs["logits"].shape
-    return {
-        "layers": sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key")),
-        "kv_heads": int(kv[1]),
-        "head_dim": int(kv[3]),
-        "vocab": int(logits[2]),
-        "logits": "last" if logits[1] == 1 else "tail" if "logits_to_keep" in ins else "all",
-        "query_seqlens": "query_seqlens" in ins,
-    }
-
-
-class FusedRunner:
-    """Feeds a fused graph: one preallocated [B, kv_heads, capacity, head_dim] buffer per layer
-    and K/V, bound as both past and present, so GQA writes new rows in place (no copy).
-
-    `lengths[b]` is how many positions row b holds. `step` appends each row's new tokens
-    (right padded to S) and returns the logits; `truncate` drops tokens (rejected drafts) by
-    lowering the length: stale rows beyond it are simply overwritten later.
-    """
-
-    def __init__(self, session: ort.InferenceSession, batch: int, capacity: int) -> None:
-        self.session = session
-        self.facts = graph_facts(session)
-        self.batch, self.capacity = batch, capacity
-        shape = (batch, self.facts["kv_heads"], capacity, self.facts["head_dim"])
-        self.kv = {
-            f"{i}.{kind}": np.zeros(shape, np.float32)
-            for i in range(self.facts["layers"])
-            for kind in ("key", "value")
-        }
-        self.lengths = np.zeros(batch, np.int64)
-
-    def _bind_kv(self, io: ort.IOBinding, rows: slice) -> None:
-        for name, buf in self.kv.items():
-            view = buf[rows]  # a run of whole rows of a C-contiguous buffer is contiguous
-            ptr, shape = view.ctypes.data, list(view.shape)
-            io.bind_input(f"past_key_values.{name}", "cpu", 0, np.float32, shape, ptr)
-            io.bind_output(f"present.{name}", "cpu", 0, np.float32, shape, ptr)
-
-    def step(
-        self,
-        ids: np.ndarray,
-        new_lens: Sequence[int] | None = None,
-        rows: slice | None = None,
-        keep: int = 1,
-    ) -> np.ndarray:
-        """Run ids [b, S] for `rows` (default: all) of the batch; returns logits [b, 1|S|keep, V].
-
-        new_lens[b] = real tokens in row b (the rest is right padding); default S for all.
-        Rows with new_lens 0 are idle (their cache is untouched; needs query_seqlens input).
-        keep: with a logits="tail" graph, how many of each row's last real tokens get logits.
-        """
-        rows = rows or slice(0, self.batch)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        b, s = ids.shape
-        new = np.full(b, s, np.int64) if new_lens is None else np.asarray(new_lens, np.int64)
-        total = self.lengths[rows] + new
-        if (self.lengths[rows] + s).max() > self.capacity:  # GQA: past + padded chunk must fit
-            raise ValueError(f"pasts {self.lengths[rows].tolist()} + {s} exceed capacity {self.capacity}")
-        width = int(max(total.max(), s))
-        mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)  # ones, then zeros
-        io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
-        if self.facts["query_seqlens"]:
-            io.bind_cpu_input("query_seqlens", new.astype(np.int32))
-        elif not np.all((new == s) | (self.lengths[rows] == 0)):
-            raise ValueError("rows with fewer than S new tokens over a past need query_seqlens")
-        mode = self.facts["logits"]
-        if mode == "tail":
-            io.bind_cpu_input("logits_to_keep", np.array(keep, np.int64))
-        rows_out = {"last": 1, "all": s, "tail": keep}[mode]
-        logits = np.empty((b, rows_out, self.facts["vocab"]), np.float32)
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        self._bind_kv(io, rows)
-        self.session.run_with_iobinding(io)
-        self.lengths[rows] = total
-        return logits
-
-    def truncate(self, row: int, length: int) -> None:
-        self.lengths[row] = min(int(self.lengths[row]), length)
-
-
 # --------------------------------------------------------------------------- timing
 
 
@@ -150,16 +74,14 @@ def time_ms(fn: Callable[[], Any], runs: int, warmup: int = 3) -> tuple[float, f
     return statistics.median(times), min(times)
 
 
-def bench_fused(
-    session: ort.InferenceSession, batch: int, seq: int, past: int, capacity: int, runs: int
-) -> tuple[float, float]:
+def bench_fused(runner: SharedRunner, batch: int, seq: int, past: int, runs: int) -> tuple[float, float]:
     """One forward of `seq` tokens per row on top of `past` cached ones, repeated in place."""
-    runner = FusedRunner(session, batch, capacity)
-    ids = np.random.default_rng(0).integers(0, runner.facts["vocab"], (batch, seq))
+    cache = runner.empty(batch, past + seq + 1)
+    ids = np.random.default_rng(0).integers(0, runner.vocab, (batch, seq))
 
     def once() -> None:
-        runner.lengths[:] = past
-        runner.step(ids)
+        cache.lengths[:] = past
+        runner.forward(ids, cache)
 
     return time_ms(once, runs)
 
@@ -191,9 +113,9 @@ def bench_optimum(
 # --------------------------------------------------------------------------- numeric checks
 
 
-def greedy_match(hf_dir: Path, model: Path, prompt: str, steps: int) -> tuple[list[int], list[int]]:
-    """Greedy continuation by transformers and by the fused graph (prefill, then 1-token
-    decode steps); returns (reference ids, graph ids), prompt excluded."""
+def greedy_match(hf_dir: Path, bundle: Path, prompt: str, steps: int) -> tuple[list[int], list[int]]:
+    """Greedy continuation by transformers and by the fused bundle (prefill, then 1-token
+    decode steps); returns (reference ids, bundle ids), prompt excluded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -202,20 +124,21 @@ def greedy_match(hf_dir: Path, model: Path, prompt: str, steps: int) -> tuple[li
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False)
-    runner = FusedRunner(make_session(model), 1, len(ids) + steps + 1)
+    runner = shared_runner(bundle)
+    cache = runner.empty(1, len(ids) + steps + 1)
     got: list[int] = []
-    logits = runner.step(np.array([ids]))
+    logits = runner.forward(np.array([ids]), cache)
     for _ in range(steps):
-        got.append(int(logits[0, -1].argmax()))
-        logits = runner.step(np.array([[got[-1]]]))
+        got.append(int(logits[0].argmax()))
+        logits = runner.forward(np.array([[got[-1]]]), cache)
     return ref[0, len(ids) :].tolist(), got
 
 
 def top1_agreement(
     hf_dir: Path, models: dict[str, Path], text: str, window: int = 512, windows: int = 4
 ) -> dict[str, dict[str, float]]:
-    """Teacher-forced windows of `text`: per graph (logits="all"), the share of positions whose
-    argmax equals transformers', the max |logit diff|, and perplexity (transformers too)."""
+    """Teacher-forced windows of `text`: per bundle (logits "all" or "tail"), the share of
+    positions whose argmax equals transformers', the max |logit diff|, and perplexity."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,8 +152,8 @@ def top1_agreement(
             refs.append(hf(torch.tensor([chunk])).logits[0].numpy())
     out = {"transformers": {"ppl": _ppl(refs, chunks)}}
     for name, path in models.items():
-        session = make_session(path)
-        got = [FusedRunner(session, 1, window).step(np.array([c]))[0] for c in chunks]
+        runner = shared_runner(path)
+        got = [runner.forward(np.array([c]), runner.empty(1, window), all_logits=True)[0] for c in chunks]
         agree = np.concatenate([g.argmax(-1) == r.argmax(-1) for g, r in zip(got, refs, strict=True)])
         err = max(float(np.abs(g - r).max()) for g, r in zip(got, refs, strict=True))
         out[name] = {"top1": float(agree.mean()), "max_abs_diff": err, "ppl": _ppl(got, chunks)}
@@ -261,16 +184,22 @@ def bench_table(
     """ms per forward for each model and (batch, seq) case. Models run interleaved, `rounds`
     times, and each cell keeps the best round's median: on a shared machine that filters out
     rounds disturbed by other processes. Names starting with "optimum" use the concat-cache
-    driver."""
-    sessions = {name: make_session(path, **(session_kw or {})) for name, path in models.items()}
+    driver on that graph file; the others are fused bundle folders."""
+    kw = session_kw or {}
+    sessions: dict[str, Any] = {
+        name: make_session(path, **kw)
+        if name.startswith("optimum")
+        else shared_runner(path, kw.get("threads", 2), kw.get("spin", True))
+        for name, path in models.items()
+    }
     table: dict[str, dict[str, float]] = {name: {} for name in models}
     for _ in range(rounds):
         for batch, seq in cases:
-            for name, session in sessions.items():
+            for name, runner in sessions.items():
                 if name.startswith("optimum"):
-                    med, _ = bench_optimum(session, batch, seq, past, runs)
+                    med, _ = bench_optimum(runner, batch, seq, past, runs)
                 else:
-                    med, _ = bench_fused(session, batch, seq, past, past + seq + 1, runs)
+                    med, _ = bench_fused(runner, batch, seq, past, runs)
                 key = f"B{batch}xS{seq}"
                 table[name][key] = min(table[name].get(key, float("inf")), med)
     return table
@@ -280,18 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m export.fuse_check")
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="ms per forward, fused graphs (and optimum) interleaved")
-    b.add_argument("models", nargs="+", help="NAME=PATH; a NAME starting 'optimum' = concat cache")
+    b.add_argument("models", nargs="+", help="NAME=BUNDLE ('optimum*' NAME: a graph file)")
     b.add_argument("--cases", default="1x1,1x4,1x16,2x1,4x1,8x1", help="BATCHxSEQ list")
     b.add_argument("--past", type=int, default=128)
     b.add_argument("--runs", type=int, default=20)
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--no-spin", action="store_true")
-    b.add_argument("--level", default="all", choices=["disable", "basic", "extended", "all"])
     c = sub.add_parser("check", help="greedy match and WikiText top-1 against transformers")
     c.add_argument("--hf", type=Path, required=True)
-    c.add_argument("--last", nargs="+", default=[], help="NAME=PATH of logits='last' graphs")
-    c.add_argument("--all", nargs="+", default=[], help="NAME=PATH of logits='all' graphs")
+    c.add_argument("--last", nargs="+", default=[], help="NAME=BUNDLE: greedy decode check")
+    c.add_argument("--all", nargs="+", default=[], help="NAME=BUNDLE (logits all/tail): top-1 check")
     c.add_argument("--prompt", default="The capital of France is")
     c.add_argument("--steps", type=int, default=20)
     c.add_argument("--text", type=Path)
@@ -304,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.cmd == "bench":
         cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
-        kw = {"threads": args.threads, "spin": not args.no_spin, "level": args.level}
+        kw = {"threads": args.threads, "spin": not args.no_spin}
         table = bench_table(pairs(args.models), cases, args.past, args.runs, args.rounds, kw)  # type: ignore[arg-type]
         keys = [f"B{b}xS{s}" for b, s in cases]
         print(f"{'ms/forward (tok/s)':24s}" + "".join(f"{k:>18s}" for k in keys))

@@ -110,7 +110,9 @@ def run(config: LoadConfig) -> LoadResult:
 
 def _load_transformers(source: dict[str, Any], config: LoadConfig) -> tuple[Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from export.hf import hf_tokenizer
 
     dtype = getattr(torch, config.dtype)
     try:
@@ -121,7 +123,7 @@ def _load_transformers(source: dict[str, Any], config: LoadConfig) -> tuple[Any,
         else:
             kwargs = {"revision": source.get("revision")} if source["kind"] == "hub" else {}
             where = source["path"] if source["kind"] == "folder" else source["name"]
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = hf_tokenizer(Path(where), **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load {source.get('path') or source['name']}: {exc}") from None

@@ -25,26 +25,19 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export.evaluate import DEFAULT_TEXT, check_span, read_span
+from export.hf import TOKENIZER_FILES
+from export.stage import Artifact, Stage
+from export.text import check_span, read_span
 
 log = logging.getLogger(__name__)
 REPORT = "prune.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
-    "edge_llm_source.json",
-)
 
 
 @dataclass(frozen=True)
@@ -61,7 +54,7 @@ class PruneConfig:
     # ridge term relative to the mean input energy.
     reconstruct: bool = True
     damp: float = 0.01
-    text: Path = DEFAULT_TEXT  # calibration text; relative paths resolve against the repo root
+    text: Path | None = None  # calibration text, required when pruning (export/text.py: resolution)
     span: tuple[float, float] = (0.1, 1.0)  # fraction of the file used (keep eval text out)
     calib_tokens: int = 8192
     seq_len: int = 512
@@ -372,7 +365,7 @@ def calibration(config: PruneConfig, hf_dir: Path) -> tuple[list[Any], dict[str,
     import torch
     from tokenizers import Tokenizer
 
-    text, where = read_span(config.text, config.span)
+    text, where = read_span(config.text, config.span, "prune.text")
     tok = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
     ids = tok.encode(text[: config.calib_tokens * 12], add_special_tokens=False).ids[: config.calib_tokens]
     if len(ids) < 2:
@@ -424,3 +417,20 @@ def _slice_layer(
             out[f"{name}.bias"] = sub[f"{name}.bias"][rows].clone()
     out["self_attn.o_proj.weight"] = sub["self_attn.o_proj.weight"][:, qr].clone()
     return out
+
+
+# --------------------------------------------------------------------------- as a recipe stage
+
+
+def build(config: PruneConfig, art: Artifact, out: Path, progress: bool) -> None:
+    run(config, art.hf_dir, out, progress)
+
+
+def result(config: PruneConfig, art: Artifact, folder: Path) -> Artifact:
+    rep = json.loads((folder / REPORT).read_text())
+    facts = {k: rep[k] for k in ("dropped_layers", "plan")}
+    facts = {"parameters": rep["parameters_after"], **facts}
+    return replace(art, hf_dir=folder, facts=facts)
+
+
+STAGE = Stage("prune", build, result)

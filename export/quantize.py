@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ import numpy as np
 
 from edge_llm.errors import ExportError
 from export import nbits
+from export.stage import Artifact, Stage
 
 log = logging.getLogger(__name__)
 MODES = ("none", "int8", "grid", "dynamic", "qdq")
@@ -57,7 +58,7 @@ class QuantizeConfig:
     # 249 -> 170 MB, ppl 19.870 -> 19.887 (fp32 19.752), same decode speed and peak RSS (ORT maps
     # the table's pages in as rows are read, so the fp32 table was mostly not resident anyway).
     embeddings: Literal["auto", "fp32", "int8"] = "auto"
-    # qdq calibration text (None: the evaluate default file); span kept apart from evaluation's.
+    # qdq calibration text (required with mode "qdq"); span kept apart from evaluation's.
     calib_text: Path | None = None
     calib_span: tuple[float, float] = (0.1, 1.0)
     calib_tokens: int = 1024
@@ -309,10 +310,10 @@ def _calibration_reader(config: QuantizeConfig, model_path: Path, hf_dir: Path) 
     from onnxruntime.quantization import CalibrationDataReader
     from tokenizers import Tokenizer
 
-    from export.evaluate import DEFAULT_TEXT, read_span
+    from export.text import read_span
     from export.to_onnx import graph_io
 
-    text, _ = read_span(config.calib_text or DEFAULT_TEXT, config.calib_span)
+    text, _ = read_span(config.calib_text, config.calib_span, "quantize.calib_text")
     tok = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
     ids = tok.encode(text[: config.calib_tokens * 12], add_special_tokens=False).ids[: config.calib_tokens]
     hf_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
@@ -350,16 +351,21 @@ def read_report(out_dir: Path) -> dict[str, Any]:
 
 
 def summary(errors: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Mean and worst relative RMS error over the quantized weights."""
+    """Mean and worst relative RMS error over the quantized weights: the worst weight (by relative
+    RMS, as report.md's table ranks them) with its own max-abs error, and separately the largest
+    max-abs error of any weight (large-valued tensors such as embeddings have the largest)."""
     if not errors:
         return {}
     worst = max(errors, key=lambda n: errors[n]["rel_rms"])
+    largest = max(errors, key=lambda n: errors[n]["max_abs"])
     return {
         "weights": len(errors),
         "mean_rel_rms": sum(e["rel_rms"] for e in errors.values()) / len(errors),
         "worst_weight": worst,
         "worst_rel_rms": errors[worst]["rel_rms"],
-        "worst_max_abs": max(e["max_abs"] for e in errors.values()),
+        "worst_max_abs": errors[worst]["max_abs"],
+        "max_abs_weight": largest,
+        "max_abs": errors[largest]["max_abs"],
     }
 
 
@@ -379,3 +385,28 @@ def save(model: Any, out: Path) -> None:
         location=data.name,
         size_threshold=1024,
     )
+
+
+# --------------------------------------------------------------------------- as a recipe stage
+
+
+def build(config: QuantizeConfig, art: Artifact, out: Path, progress: bool) -> None:
+    if art.graph is None:
+        raise ExportError("quantize: no graph to quantize (to_onnx must come first)")
+    run(config, art.graph, out, hf_dir=art.hf_dir)
+
+
+def result(config: QuantizeConfig, art: Artifact, folder: Path) -> Artifact:
+    rep = read_report(folder)
+    # The summary is recomputed from the per-tensor errors, so outputs cached before a change
+    # to `summary` report the same figures as new ones.
+    method = {**rep["method"], **summary(rep["errors"])}
+    return replace(
+        art,
+        graph=folder / "model.onnx",
+        quantization={"method": method, "errors": rep["errors"]},
+        facts=summary(rep["errors"]),
+    )
+
+
+STAGE = Stage("quantize", build, result)

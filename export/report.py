@@ -57,8 +57,9 @@ def markdown(data: dict[str, Any], config: ReportConfig) -> str:
         ]
         for stage, r in evals.items():
             ttft = r.get("ttft_s")
+            who = "load: the teacher" if stage == "load" else stage  # the model all others are compared to
             lines.append(
-                f"| {stage} ({r.get('kind')}) | {r['parameters'] / 1e6:.2f}M | {r['size_bytes'] / 2**20:.1f} "
+                f"| {who} ({r.get('kind')}) | {r['parameters'] / 1e6:.2f}M | {r['size_bytes'] / 2**20:.1f} "
                 f"| {r['perplexity']:.3f} | {_fmt(r.get('kl_to_teacher'), '.4f')} "
                 f"| {_fmt(r.get('top1_agreement'), '.3f')} | {_fmt(r.get('chat_kl_to_teacher'), '.4f')} "
                 f"| {_fmt(r.get('chat_top1_agreement'), '.3f')} | {_fmt(r.get('decode_tok_s'), '.1f')} "
@@ -82,6 +83,8 @@ def markdown(data: dict[str, Any], config: ReportConfig) -> str:
         lines += ["", "## Quantization", "", f"Method: `{json.dumps(m)}`", ""]
         lines += ["| worst tensors | bits | rel RMS | max abs |", "|---|---:|---:|---:|"]
         lines += [f"| {n} | {e.get('bits')} | {e['rel_rms']:.5f} | {e['max_abs']:.5f} |" for n, e in worst]
+        if "max_abs_weight" in m:  # ranked by relative error; the largest absolute one may differ
+            lines += ["", f"Largest max-abs error: `{m['max_abs_weight']}` {m['max_abs']:.5f}."]
     return "\n".join(lines) + "\n"
 
 

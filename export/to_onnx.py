@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from edge_llm.errors import ExportError
+from export.cache import stable_key
+from export.stage import Artifact, Stage
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +83,8 @@ def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
     if graph == "fused":
         from export import fuse
 
-        fused = fuse.run(
-            fuse.FuseConfig(
-                max_context=config.max_context, bits=0, logits=config.logits, quantize_embedding=False
-            ),
-            hf_dir,
-            out_dir,
-        )
+        fcfg = fuse.FuseConfig(max_context=config.max_context, logits=config.logits)
+        fused = fuse.run(fcfg, hf_dir, out_dir)
         layout = {
             "graph": "fused",
             "kv_layout": "shared",
@@ -117,3 +114,30 @@ def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
     layout = {"graph": "optimum", "kv_layout": "concat", "logits": "all", "context_length": 0}
     (out_dir / LAYOUT).write_text(json.dumps(layout) + "\n")
     return OnnxResult(model_path, inputs, outputs)
+
+
+# --------------------------------------------------------------------------- as a recipe stage
+
+
+def key(config: ToOnnxConfig, art: Artifact) -> str:
+    # Flattened into the input's key parts: straight after load that is (load config, source),
+    # the key unpruned exports have always had, so their cached graphs stay valid.
+    return stable_key(*art.key_parts, config, STAGE_VERSION)
+
+
+def build(config: ToOnnxConfig, art: Artifact, out: Path, progress: bool) -> None:
+    run(config, art.hf_dir, out)
+
+
+def result(config: ToOnnxConfig, art: Artifact, folder: Path) -> Artifact:
+    layout = read_layout(folder)
+    spec = {"kv_layout": layout["kv_layout"], "logits": layout["logits"]}
+    return replace(
+        art,
+        graph=folder / "model.onnx",
+        layout={**spec, "context_length": layout["context_length"]},
+        facts={"graph": layout["graph"], **spec},
+    )
+
+
+STAGE = Stage("to_onnx", build, result, key=key)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+from edge_llm.errors import ConfigError
 
 QUANT_MODES = ("int8", "grid", "dynamic", "qdq", "none")
 
@@ -27,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PAST,PREFILL",
         help="also fix the shapes for NPUs: a decode and a PREFILL-token graph over PAST positions "
         "(optimum graph; quant qdq, dynamic or none), e.g. 512,64",
+    )
+    p.add_argument(
+        "--calib-text",
+        metavar="FILE",
+        help="calibration text for --quant qdq (relative paths: cwd, then the repo root)",
     )
     p.set_defaults(handler=run)
 
@@ -51,46 +60,55 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from export import recipe as recipe_mod
-    except ImportError as exc:
+    import export
+
+    # Before anything is downloaded or written: a runtime-only install would otherwise fetch the
+    # model and fail on `import torch` minutes later, leaving .partial folders behind.
+    absent = export.missing()
+    if absent:
         print(
-            f"edge-llm: export needs the export extra (pip install 'edge-llm[export]'): {exc}",
+            f"edge-llm: export needs the export extra (missing: {', '.join(absent)}): {export.INSTALL_HINT}",
             file=sys.stderr,
         )
         return 2
-    from dataclasses import replace
-
-    from export.load import LoadConfig
-    from export.quantize import QuantizeConfig
+    from export import recipe as recipe_mod
 
     recipe = recipe_mod.load_recipe(args.recipe) if args.recipe else recipe_mod.Recipe(name="smollm2-int8")
-    if args.model:
-        name = args.name or Path(args.model).stem.replace("/", "-")
-        recipe = replace(recipe, load=LoadConfig(model=args.model), name=name)
-    if args.quant:
-        recipe = replace(recipe, quantize=QuantizeConfig(**{**recipe.quantize.__dict__, "mode": args.quant}))
-        if not args.name and not args.recipe:
-            recipe = replace(recipe, name=f"{recipe.name.removesuffix('-int8')}-{args.quant}")
-    if args.name:
-        recipe = replace(recipe, name=args.name)
-    if args.graph:
-        recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph=args.graph))
-    if args.static:
-        from edge_llm.errors import ConfigError
-        from export.fix_shapes import FixShapesConfig
-
-        try:
-            past, prefill = (int(x) for x in args.static.split(","))
-        except ValueError:
-            raise ConfigError(f"export --static {args.static!r}: give PAST,PREFILL, e.g. 512,64") from None
-        try:
-            recipe = replace(recipe, static=FixShapesConfig(past_length=past, prefill_length=prefill))
-        except ValueError as exc:
-            raise ConfigError(f"export --static: {exc}") from None
+    try:  # the Recipe checks its sections as they are replaced; say which flag was wrong
+        recipe = _with_flags(recipe, args)
+    except ValueError as exc:
+        raise ConfigError(f"export: {exc}") from None
     out = recipe_mod.run(recipe, Path(args.out), progress=True)
     print(f"bundle written: {out}")
     return 0
+
+
+def _with_flags(recipe: Any, args: argparse.Namespace) -> Any:
+    """`recipe` with the command line's --model / --quant / --calib-text / --name / --graph /
+    --static applied, in one replace: the Recipe checks its sections against each other."""
+    from export.fix_shapes import FixShapesConfig
+    from export.load import LoadConfig
+
+    load, name, static = recipe.load, recipe.name, recipe.static
+    if args.model:
+        load, name = LoadConfig(model=args.model), Path(args.model).stem.replace("/", "-")
+    quant = recipe.quantize
+    if args.calib_text:
+        quant = replace(quant, calib_text=Path(args.calib_text))
+    if args.quant:
+        quant = replace(quant, mode=args.quant)
+        if not args.recipe:
+            name = f"{name.removesuffix('-int8')}-{args.quant}"
+    if args.static:
+        try:
+            past, prefill = (int(x) for x in args.static.split(","))
+        except ValueError:
+            raise ValueError(f"--static {args.static!r}: give PAST,PREFILL, e.g. 512,64") from None
+        static = FixShapesConfig(past_length=past, prefill_length=prefill)
+    to_onnx = replace(recipe.to_onnx, graph=args.graph) if args.graph else recipe.to_onnx
+    return replace(
+        recipe, load=load, name=args.name or name, quantize=quant, static=static, to_onnx=to_onnx
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -99,7 +117,6 @@ def run_eval(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"edge-llm: eval needs the export extra: {exc}", file=sys.stderr)
         return 2
-    from edge_llm.errors import ConfigError
 
     text = Path(args.text).expanduser()
     if not text.is_absolute() and text.is_file():

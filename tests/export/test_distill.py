@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from export import distill, evaluate, prune
+from export.text import read_span
 from tests.conftest import TRAIN_TEXT, build_tiny_hf
 
 
@@ -200,7 +201,7 @@ def test_learning_curve_on_held_out_text(pair: tuple[Path, Path], text_file: Pat
     assert [c["tokens"] for c in curve] == [0, 640, 1280, 1920, 2560, 3072]
     assert curve[-1]["perplexity"] < curve[0]["perplexity"]
     tok = Tokenizer.from_file(str(teacher / "tokenizer.json"))
-    text, _ = evaluate.read_span(text_file, (0.0, 0.3))
+    text, _ = read_span(text_file, (0.0, 0.3))
     ids = np.asarray(tok.encode(text, add_special_tokens=False).ids[:256])
     logits, _ = evaluate.torch_logits(student)
     assert curve[0]["perplexity"] == pytest.approx(

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from edge_llm.cli import main
-from export import evaluate
+from edge_llm.errors import ExportError
+from export import evaluate, text
 from tests.conftest import TRAIN_TEXT
 
 
@@ -136,7 +137,30 @@ def test_eval_command_chat_needs_a_teacher(
     assert "chat answers: KL" in capsys.readouterr().out
 
 
-def test_relative_text_resolves_against_repo_root() -> None:
-    assert evaluate.resolve_text(Path("pyproject.toml")) == evaluate.REPO_ROOT / "pyproject.toml"
-    with pytest.raises(Exception, match="not found"):
-        evaluate.resolve_text(Path("no/such/file.txt"))
+def test_relative_text_resolves_against_cwd_then_repo_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert text.resolve_text(Path("pyproject.toml")) == text.REPO_ROOT / "pyproject.toml"
+    (tmp_path / "pyproject.toml").write_text("mine")
+    assert text.resolve_text(Path("pyproject.toml")) == tmp_path / "pyproject.toml"
+    with pytest.raises(ExportError, match=r"evaluate\.text: text file no/such/file\.txt not found \(looked"):
+        text.resolve_text(Path("no/such/file.txt"), "evaluate.text")
+    with pytest.raises(ExportError, match="no text file given"):
+        text.resolve_text(None, "evaluate.text")
+
+
+def test_first_tokens_match_encoding_the_whole_text(tiny_hf: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_hf / "tokenizer.json"))
+    whole = "\n".join(TRAIN_TEXT * 40)
+
+    def encode(s: str) -> list[int]:
+        return tok.encode(s, add_special_tokens=False).ids
+
+    seen: list[int] = []
+    for count in (1, 100, 1000, 5000):
+        got = text.first_tokens(whole, lambda s: seen.append(len(s)) or encode(s), count)
+        assert got == encode(whole)[:count]
+    assert max(seen) < len(whole)  # the short counts did not tokenize the whole text

@@ -1,45 +1,64 @@
-"""export.fuse against transformers on a tiny random Llama: every way the engine drives the graph.
+"""export.fuse against transformers on a tiny random Llama, driven by the runtime's own runner.
 
-(a) prefill from an empty cache, (b) 1-token decode, (c) multi-token step over a past
-(chat continuation, speculative verify + rollback), (d) batches whose rows hold different
-past lengths (right-padded prefill, decode, uniform and ragged chunks, per-row prefill into a
-slice of the batch buffer). fp32 must match to 1e-4; int8 to INT8_ATOL plus equal top-1.
+Every bundle here is written by the recipe (fuse -> the one quantizer -> bundle) and run through
+`edge_llm.runner.SharedRunner`, the code that serves: (a) prefill from an empty cache, (b)
+1-token decode, (c) a multi-token step over a past (chat continuation, speculative verify +
+rollback), (d) batches whose rows hold different past lengths (ragged first prompts, decode,
+uniform chunks, idle rows, per-row prefill into a slice of the batch buffer). fp32 must match to
+1e-4; int8 with fp32 activations must match the same int8 weights dequantized to 1e-4; the
+shipping int8 (int8 activations) to INT8_ATOL plus equal top-1.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from export import fuse  # noqa: E402
-from export.fuse import FuseConfig  # noqa: E402
-from export.fuse_check import FusedRunner, make_session  # noqa: E402
+from edge_llm.errors import ContextLengthError  # noqa: E402
+from edge_llm.runner import SharedRunner  # noqa: E402
+from export import fuse, nbits  # noqa: E402
+from export import recipe as recipe_mod  # noqa: E402
+from export.fuse_check import shared_runner  # noqa: E402
+from export.hf import TOKENIZER_FILES  # noqa: E402
+from export.load import LoadConfig  # noqa: E402
+from export.quantize import QuantizeConfig  # noqa: E402
+from export.to_onnx import ToOnnxConfig  # noqa: E402
 
-VOCAB, CAPACITY = 256, 64
+VOCAB, CAPACITY, BLOCK = 384, 64, 16
 FP32_ATOL = 1e-4
 # accuracy_level 4 also quantizes activations to int8 inside MatMulNBits. On this model (logits
 # within about ±3) that costs up to ~0.07 against the fp32 model; 0.15 = 5% of the logit range
 # leaves margin, while a wrong position, row or cache slot shows up as O(1) errors.
 INT8_ATOL = 0.15
+MODES = ("all", "last", "tail")
+
+
+def _save(model: torch.nn.Module, out: Path, tokenizer_from: Path) -> Path:
+    """The model as an HF folder with the shared tiny tokenizer (the bundle stage needs one)."""
+    model.eval().save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).is_file():
+            shutil.copy2(tokenizer_from / name, out / name)
+    return out
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hf_dir(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CAPACITY,
         rope_theta=10000.0, tie_word_embeddings=True, initializer_range=0.1,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    return path
+    return _save(transformers.LlamaForCausalLM(cfg), tmp_path_factory.mktemp("tiny_llama"), tiny_hf)
 
 
 @pytest.fixture(scope="module")
@@ -47,40 +66,65 @@ def hf_model(hf_dir: Path) -> torch.nn.Module:
     return transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def hf_dequant(hf_dir: Path) -> torch.nn.Module:
-    """The same model with every matrix replaced by its int8 round trip: what the int8 graph
-    must compute exactly when activations stay fp32 (accuracy_level 1)."""
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+def int8_roundtrip(model: torch.nn.Module, block: int = BLOCK) -> torch.nn.Module:
+    """`model` with every matrix replaced by the quantize stage's int8 encoding, decoded: what an
+    int8 graph must compute exactly when its activations stay fp32 (accuracy_level 1). Weights are
+    blocked along the input dimension (MatMul K; the tied table's hidden size) as nbits does."""
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 2:
-                q, scale, zp = fuse.quantize_blocks(param.numpy(), 32, symmetric=False)
-                param.copy_(torch.from_numpy(fuse.dequantize_blocks(q, scale, zp, param.shape[1])))
+                w = param.numpy().T  # [K, N] as the graph's MatMul holds it
+                param.copy_(torch.from_numpy(nbits.encode_int8(w, block).dequantize().T.copy()))
     return model
 
 
-# name -> (FuseConfig overrides, reference model fixture, tolerance)
+@pytest.fixture(scope="module")
+def hf_dequant(hf_dir: Path) -> torch.nn.Module:
+    return int8_roundtrip(
+        transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    )
+
+
+# name -> (quantize config, reference model fixture, tolerance)
 VARIANTS = {
-    "fp32": ({"bits": 0}, "hf_model", FP32_ATOL),
-    "int8-exact": ({"bits": 8, "accuracy_level": 1}, "hf_dequant", FP32_ATOL),
-    "int8": ({"bits": 8, "accuracy_level": 4}, "hf_model", INT8_ATOL),
+    "fp32": (QuantizeConfig(mode="none"), "hf_model", FP32_ATOL),
+    "int8-exact": (
+        QuantizeConfig(mode="int8", block_size=BLOCK, accuracy_level=1, embeddings="int8"),
+        "hf_dequant",
+        FP32_ATOL,
+    ),
+    "int8": (QuantizeConfig(mode="int8", block_size=BLOCK), "hf_model", INT8_ATOL),
 }
 
 
-@pytest.fixture(params=list(VARIANTS))
-def variant(request: pytest.FixtureRequest) -> tuple[dict, torch.nn.Module, float]:
-    kw, ref, atol = VARIANTS[request.param]
-    return kw, request.getfixturevalue(ref), atol
+def export(hf: Path, out: Path, quant: QuantizeConfig, logits: str = "tail") -> Path:
+    recipe = recipe_mod.Recipe(
+        name="tiny-fused",
+        load=LoadConfig(model=str(hf)),
+        to_onnx=ToOnnxConfig(graph="fused", max_context=CAPACITY, logits=logits),  # type: ignore[arg-type]
+        quantize=quant,
+    )
+    return recipe_mod.run(recipe, out)
 
 
 @pytest.fixture(scope="module")
 def build(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    def _build(**kw: object) -> fuse.FuseResult:
-        cfg = fuse.FuseConfig(max_context=CAPACITY, **kw)  # type: ignore[arg-type]
-        return fuse.run(cfg, hf_dir, tmp_path_factory.mktemp("fused"))
+    """A runner factory: (quantize config, logits mode) -> the runtime's runner on that bundle."""
+    bundles: dict[tuple[str, str], Path] = {}
+
+    def _build(quant: QuantizeConfig = VARIANTS["fp32"][0], logits: str = "tail") -> SharedRunner:
+        key = (repr(quant), logits)
+        if key not in bundles:
+            bundles[key] = export(hf_dir, tmp_path_factory.mktemp("fused") / "b", quant, logits)
+        return shared_runner(bundles[key])
 
     return _build
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> tuple[QuantizeConfig, torch.nn.Module, float]:
+    quant, ref, atol = VARIANTS[request.param]
+    return quant, request.getfixturevalue(ref), atol
 
 
 def ref_logits(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
@@ -94,157 +138,136 @@ def seqs(n: int, length: int, seed: int = 1) -> list[list[int]]:
     return [rng.integers(0, VOCAB, length).tolist() for _ in range(n)]
 
 
-def runner(result: fuse.FuseResult, batch: int = 1) -> FusedRunner:
-    return FusedRunner(make_session(result.model_path), batch, CAPACITY)
-
-
 def close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
     err = float(np.abs(got - want).max())
     assert err <= atol, f"max |diff| {err:.2e} > {atol:.0e}"
 
 
-MODES = ("all", "last", "tail")
-
-
-def check_row(out_row: np.ndarray, ref_new: np.ndarray, mode: str, keep: int, atol: float) -> None:
-    """out_row: one row of the graph's logits; ref_new: reference logits of that row's n
-    real new tokens. "all" returns S rows (real ones first), "last" the last real token,
-    "tail" the last `keep` real tokens."""
-    n = len(ref_new)
-    if mode == "all":
-        close(out_row[:n], ref_new, atol)
-    elif mode == "last":
-        close(out_row, ref_new[-1:], atol)
-    else:
-        close(out_row[-min(keep, n) :], ref_new[-keep:], atol)
+def step(r: SharedRunner, cache: Any, ids: list[list[int]], ref_new: list[np.ndarray], atol: float) -> None:
+    """Run one step of equal-length chunks for every row and check each row against its reference
+    logits for those tokens: every position where the graph returns them, else the last."""
+    every = r.logits_kind != "last"
+    out = r.forward(np.array(ids), cache, all_logits=every)
+    for b, want in enumerate(ref_new):
+        close(out[b] if every else out[b][None], want if every else want[-1:], atol)
 
 
 # --------------------------------------------------------------------------- graph shape
 
 
-def test_graph_io_and_ops(build) -> None:
-    res = build(bits=8)
+def test_fused_graph_is_fp32_and_the_quantizer_writes_nbits(build, hf_dir: Path, tmp_path: Path) -> None:
+    res = fuse.run(fuse.FuseConfig(max_context=CAPACITY), hf_dir, tmp_path / "f")
     assert res.inputs[:2] == ("input_ids", "attention_mask")
     assert res.inputs[2:4] == ("past_key_values.0.key", "past_key_values.0.value")
     assert res.outputs[:3] == ("logits", "present.0.key", "present.0.value")
     assert res.op_counts["GroupQueryAttention"] == 2
-    assert res.op_counts["MatMulNBits"] == 2 * 4 + 1  # qkv, o, gate_up, down per layer + head
+    assert res.op_counts["MatMul"] == 2 * 4 and res.op_counts["Gemm"] == 1  # tied head reads the table
     assert res.op_counts["SkipSimplifiedLayerNormalization"] == 4
-    assert "MatMul" not in res.op_counts
-    sess = make_session(res.model_path)
-    kv = next(i for i in sess.get_inputs() if i.name == "past_key_values.0.key")
-    assert kv.shape[1:] == [2, "max_context", 16]
+    assert "MatMulNBits" not in res.op_counts and "GatherBlockQuantized" not in res.op_counts
     assert res.data_path.stat().st_size > res.weight_bytes * 0.9  # weights are external
-
-
-def test_quantize_roundtrip() -> None:
-    w = np.random.default_rng(0).standard_normal((8, 70)).astype(np.float32)
-    for symmetric in (False, True):
-        q, scale, zp = fuse.quantize_blocks(w, 32, symmetric)
-        assert q.shape == (8, 3, 32) and scale.shape == (8, 3)
-        back = fuse.dequantize_blocks(q, scale, zp, 70)
-        assert np.abs(back - w).max() <= scale.max() * 0.5 + 1e-6  # half a step
+    r = build(VARIANTS["int8"][0])
+    graph = onnx.load(str(r.bundle.graph_path), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
+    kv = next(i for i in r.session.get_inputs() if i.name == "past_key_values.0.key")
+    assert kv.shape[1:] == [2, "max_context", 16]
 
 
 # --------------------------------------------------------------------------- (a) (b) (c)
 
 
 def test_prefill_decode_continue(build, variant) -> None:
-    kw, model, atol = variant
+    quant, model, atol = variant
     ids = seqs(1, 16)[0]
     ref = ref_logits(model, ids)
     for mode in MODES:
-        r = runner(build(logits=mode, **kw))
-        # (a) prefill 7 tokens from an empty cache (tail: logits of the last 2)
-        check_row(r.step(np.array([ids[:7]]), keep=2)[0], ref[:7], mode, 2, atol)
-        # (b) one-token decode
-        check_row(r.step(np.array([ids[7:8]]))[0], ref[7:8], mode, 1, atol)
-        # (c) a 4-token chunk over the past: chat next turn / speculative verification
-        check_row(r.step(np.array([ids[8:12]]), keep=4)[0], ref[8:12], mode, 4, atol)
+        r = build(quant, mode)
+        cache = r.empty(1)
+        step(r, cache, [ids[:7]], [ref[:7]], atol)  # (a) prefill 7 tokens from an empty cache
+        step(r, cache, [ids[7:8]], [ref[7:8]], atol)  # (b) one-token decode
+        step(r, cache, [ids[8:12]], [ref[8:12]], atol)  # (c) a 4-token chunk over the past
         # rollback: reject 2 of the 4 drafts, continue from position 10 with other tokens
-        r.truncate(0, 10)
+        r.truncate(cache, 10)
         alt = [*ids[:10], 5, 6, 7]
-        out = r.step(np.array([alt[10:13]]), keep=3)
-        check_row(out[0], ref_logits(model, alt)[10:13], mode, 3, atol)
+        step(r, cache, [alt[10:13]], [ref_logits(model, alt)[10:13]], atol)
+        assert int(cache.lengths[0]) == 13
 
 
 def test_int8_close_to_fp32(build) -> None:
-    """Quantization error on its own: same inputs through the fp32 and int8 graphs."""
+    """Quantization error on its own: same inputs through the fp32 and int8 bundles."""
     ids = np.array(seqs(4, 16, seed=3))
-    fp = runner(build(bits=0, logits="all"), 4).step(ids)
-    for symmetric in (False, True):
-        q = runner(build(bits=8, logits="all", symmetric=symmetric), 4).step(ids)
-        close(q, fp, INT8_ATOL)
-        assert (q.argmax(-1) == fp.argmax(-1)).mean() >= 0.9
+    fp32, int8 = build(VARIANTS["fp32"][0], "all"), build(VARIANTS["int8"][0], "all")
+    fp = fp32.forward(ids, fp32.empty(4), all_logits=True)
+    q = int8.forward(ids, int8.empty(4), all_logits=True)
+    close(q, fp, INT8_ATOL)
+    assert (q.argmax(-1) == fp.argmax(-1)).mean() >= 0.9
 
 
 def test_greedy_matches_transformers(build, hf_model) -> None:
     prompt = seqs(1, 5, seed=7)[0]
     with torch.no_grad():
         want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
-    r = runner(build(bits=0))
-    got, logits = list(prompt), r.step(np.array([prompt]))
+    r = build()
+    cache = r.empty(1)
+    got, logits = list(prompt), r.forward(np.array([prompt]), cache)
     for _ in range(12):
-        got.append(int(logits[0, -1].argmax()))
-        logits = r.step(np.array([[got[-1]]]))
+        got.append(int(logits[0].argmax()))
+        logits = r.forward(np.array([[got[-1]]]), cache)
     assert got == want[0].tolist()
+
+
+def test_context_full_is_refused(build) -> None:
+    r = build()
+    cache = r.empty(1, 8)
+    r.forward(np.array([seqs(1, 6)[0]]), cache)
+    with pytest.raises(ContextLengthError, match="context full"):
+        r.forward(np.array([seqs(1, 3)[0]]), cache)
 
 
 # --------------------------------------------------------------------------- (d) batches
 
 
 def test_batch_rows_with_different_past(build, variant) -> None:
-    kw, model, atol = variant
+    quant, model, atol = variant
     data = seqs(3, 20, seed=11)
     refs = [ref_logits(model, s) for s in data]
     lens = [3, 9, 5]
     for mode in MODES:
-        r = runner(build(logits=mode, **kw), 3)
-        # right-padded prefill from empty: row b holds lens[b] real tokens
+        r = build(quant, mode)
+        cache = r.empty(3)
+        # ragged first prompts, right padded: row b holds lens[b] real tokens; last-token logits
         ids = np.zeros((3, max(lens)), np.int64)
         for b, n in enumerate(lens):
             ids[b, :n] = data[b][:n]
-        out = r.step(ids, new_lens=lens, keep=2)
+        out = r.forward_rows(ids, cache, 0, counts=np.array(lens))
         for b, n in enumerate(lens):
-            check_row(out[b], refs[b][:n], mode, 2, atol)
+            close(out[b], refs[b][n - 1], atol)
+        assert cache.lengths.tolist() == lens
         # continuous-batching decode: one token per row, pasts 3 / 9 / 5
-        out = r.step(np.array([[data[b][n]] for b, n in enumerate(lens)]))
-        for b, n in enumerate(lens):
-            check_row(out[b], refs[b][n : n + 1], mode, 1, atol)
+        decode = [[data[b][n]] for b, n in enumerate(lens)]
+        step(r, cache, decode, [refs[b][n : n + 1] for b, n in enumerate(lens)], atol)
         # the same 3-token chunk length for every row over different pasts (4 / 10 / 6)
-        out = r.step(np.array([data[b][n + 1 : n + 4] for b, n in enumerate(lens)]), keep=3)
-        for b, n in enumerate(lens):
-            check_row(out[b], refs[b][n + 1 : n + 4], mode, 3, atol)
+        chunks = [data[b][n + 1 : n + 4] for b, n in enumerate(lens)]
+        step(r, cache, chunks, [refs[b][n + 1 : n + 4] for b, n in enumerate(lens)], atol)
 
 
-def test_batch_ragged_chunks_need_query_seqlens(build, hf_model) -> None:
-    """Rows adding different numbers of tokens over a past (one decodes while another
-    prefills a new turn) need the explicit query_seqlens input; idle rows (0) stay intact."""
+def test_idle_rows_and_ragged_steps_over_a_past(build, hf_model) -> None:
+    """An idle row (advance False) keeps its cache while the others decode; ragged counts over a
+    past are refused (the graph reads them only for empty rows)."""
     data = seqs(3, 20, seed=5)
     refs = [ref_logits(hf_model, s) for s in data]
-    for mode in MODES:
-        r = runner(build(bits=0, logits=mode, query_seqlens_input=True), 3)
-        past = [4, 7, 2]
-        ids = np.zeros((3, 7), np.int64)
-        for b, n in enumerate(past):
-            ids[b, :n] = data[b][:n]
-        r.step(ids, new_lens=past)
-        new = [1, 4, 0]  # decode, 4-token turn, idle
-        ids = np.zeros((3, 4), np.int64)
-        for b, (p, n) in enumerate(zip(past, new, strict=True)):
-            ids[b, :n] = data[b][p : p + n]
-        out = r.step(ids, new_lens=new, keep=1)
-        for b, (p, n) in enumerate(zip(past, new, strict=True)):
-            if n:
-                check_row(out[b], refs[b][p : p + n], mode, 1, FP32_ATOL)
-        # the idle row resumes where it stopped
-        out = r.step(np.array([[data[0][5]], [data[1][11]], [data[2][2]]]), new_lens=[1, 1, 1])
-        for b, p in enumerate((5, 11, 2)):
-            check_row(out[b], refs[b][p : p + 1], mode, 1, FP32_ATOL)
-    plain = runner(build(bits=0), 2)
-    plain.step(np.array(seqs(2, 3)))
-    with pytest.raises(ValueError, match="query_seqlens"):
-        plain.step(np.array([[1, 2], [3, 0]]), new_lens=[2, 1])
+    r = build()
+    cache = r.empty(3)
+    r.forward(np.array([s[:4] for s in data]), cache)
+    idle = np.array([True, False, True])
+    out = r.forward_rows(np.array([[data[0][4]], [0], [data[2][4]]]), cache, 0, advance=idle)
+    close(out[0], refs[0][4], FP32_ATOL)
+    close(out[2], refs[2][4], FP32_ATOL)
+    assert cache.lengths.tolist() == [5, 4, 5]
+    out = r.forward_rows(np.array([[data[1][4]]]), cache, 1)  # the idle row resumes where it stopped
+    close(out[0], refs[1][4], FP32_ATOL)
+    with pytest.raises(ValueError, match="ragged rows"):
+        r.forward_rows(np.array([[1, 2], [3, 0], [4, 5]]), cache, 0, counts=np.array([2, 1, 2]))
 
 
 def test_prefill_each_row_into_batch_buffer(build, hf_model) -> None:
@@ -252,20 +275,21 @@ def test_prefill_each_row_into_batch_buffer(build, hf_model) -> None:
     buffer (binding a pointer offset), then decode all rows together."""
     data = seqs(2, 16, seed=9)
     refs = [ref_logits(hf_model, s) for s in data]
-    r = runner(build(bits=0), 2)
-    r.step(np.array([data[0][:6]]), rows=slice(0, 1))
-    r.step(np.array([data[1][:11]]), rows=slice(1, 2))
+    r = build()
+    cache = r.empty(2)
+    r.forward_rows(np.array([data[0][:6]]), cache, 0)
+    r.forward_rows(np.array([data[1][:11]]), cache, 1)
     for k in range(3):
-        out = r.step(np.array([[data[0][6 + k]], [data[1][11 + k]]]))
-        close(out[0], refs[0][6 + k : 7 + k], FP32_ATOL)
-        close(out[1], refs[1][11 + k : 12 + k], FP32_ATOL)
+        out = r.forward(np.array([[data[0][6 + k]], [data[1][11 + k]]]), cache)
+        close(out[0], refs[0][6 + k], FP32_ATOL)
+        close(out[1], refs[1][11 + k], FP32_ATOL)
 
 
 # --------------------------------------------------------------------------- other checkpoints
 
 
 @pytest.mark.parametrize("kind", ["qwen2-bias", "llama-untied-llama3-rope"])
-def test_other_llama_family_checkpoints(kind: str, tmp_path: Path) -> None:
+def test_other_llama_family_checkpoints(kind: str, tiny_hf: Path, tmp_path: Path) -> None:
     """q/k/v biases (Qwen2), an untied LM head and llama3 rope scaling take other code paths."""
     torch.manual_seed(1)
     common = {
@@ -284,14 +308,61 @@ def test_other_llama_family_checkpoints(kind: str, tmp_path: Path) -> None:
                 "original_max_position_embeddings": 16}  # fmt: skip
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_scaling=rope)
         model = transformers.LlamaForCausalLM(cfg)
-    model.eval().save_pretrained(tmp_path / "hf")
+    hf = _save(model, tmp_path / "hf", tiny_hf)
     ids = seqs(1, 24, seed=2)[0]
     ref = ref_logits(model, ids)
-    for bits, atol in ((0, FP32_ATOL), (8, INT8_ATOL)):
-        res = fuse.run(
-            FuseConfig(max_context=CAPACITY, bits=bits, logits="all"), tmp_path / "hf", tmp_path / f"o{bits}"
-        )
-        r = runner(res)
-        check_row(r.step(np.array([ids[:20]]))[0], ref[:20], "all", 1, atol)
-        check_row(r.step(np.array([ids[20:21]]))[0], ref[20:21], "all", 1, atol)
-        check_row(r.step(np.array([ids[21:24]]))[0], ref[21:24], "all", 1, atol)
+    for name, atol in (("fp32", FP32_ATOL), ("int8", INT8_ATOL)):
+        r = shared_runner(export(hf, tmp_path / name, VARIANTS[name][0], "all"))
+        cache = r.empty(1)
+        step(r, cache, [ids[:20]], [ref[:20]], atol)
+        step(r, cache, [ids[20:21]], [ref[20:21]], atol)
+        step(r, cache, [ids[21:24]], [ref[21:24]], atol)
+
+
+# --------------------------------------------------------------------------- the grid quantizer
+
+
+def on_q4_1_grid(w: np.ndarray, block: int = 32) -> np.ndarray:
+    """A [K, N] matrix of GGUF Q4_1 values near `w`: per block of 32 along K, d * q + m with q in
+    0..15 (what a Q4_1 GGUF dequantizes to), using every code so the grid is recognisable."""
+    k, n = w.shape
+    b = w.T.reshape(n, k // block, block)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)  # GGUF stores fp16 scales
+    m = lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint((b - m) / d), 0, 15)
+    q[..., 0], q[..., 1] = 0, 15  # both ends present: the block's range is the grid's
+    return (d * q + m).reshape(n, k).T.astype(np.float32)
+
+
+def test_grid4_encodes_a_q4_1_grid_losslessly_and_falls_back_off_grid() -> None:
+    w = np.random.default_rng(0).standard_normal((64, 24)).astype(np.float32)
+    grid = on_q4_1_grid(w)
+    enc = nbits.encode_grid4(grid, 32)
+    assert enc is not None and enc.bits == 4 and enc.block_min is not None
+    assert enc.packed.shape == (24, 2, 16)  # two 4-bit codes per byte
+    np.testing.assert_allclose(enc.dequantize(), grid, rtol=0, atol=1e-6)
+    assert nbits.weight_error(grid, enc)["max_abs"] < 1e-6
+    assert nbits.encode_grid4(w, 32) is None  # off the grid: not 4-bit
+    assert nbits.encode_auto(w, 32).bits == 8 and nbits.encode_auto(grid, 32).bits == 4
+
+
+def test_grid_mode_keeps_q4_1_weights_exactly(hf_dir: Path, tmp_path: Path) -> None:
+    """A model whose matrices sit on a Q4_1 grid (a GGUF Q4_1 source): mode "grid" writes them as
+    4-bit codes + block offsets and, with fp32 activations, computes what the fp32 bundle does."""
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.copy_(torch.from_numpy(on_q4_1_grid(param.numpy().T).T.copy()))
+    hf = _save(model, tmp_path / "hf", hf_dir)
+    grid_cfg = QuantizeConfig(mode="grid", block_size=32, accuracy_level=1, embeddings="fp32")
+    grid = export(hf, tmp_path / "grid", grid_cfg, "all")
+    fp32 = shared_runner(export(hf, tmp_path / "fp32", QuantizeConfig(mode="none"), "all"))
+    q4 = shared_runner(grid)
+    method = q4.bundle.quantization
+    assert method["mode"] == "grid" and method["bits"] == [4] and method["worst_max_abs"] < 1e-5
+    ids = np.array(seqs(2, 20, seed=4))
+    want = fp32.forward(ids, fp32.empty(2), all_logits=True)
+    close(q4.forward(ids, q4.empty(2), all_logits=True), want, 1e-3)
+    close(want[0], ref_logits(model, ids[0].tolist()), FP32_ATOL)

@@ -21,6 +21,9 @@ def _write(tmp_path: Path, body: str) -> Path:
     return path
 
 
+T = "text = 't.txt'\n"  # a text path for the sections that read text (never opened: they fail first)
+
+
 @pytest.mark.parametrize(
     ("body", "match"),
     [
@@ -29,10 +32,13 @@ def _write(tmp_path: Path, body: str) -> Path:
         ("[quantize]\nmode = 'int4'\n", "quantize.mode"),
         ("[prune]\nlayer_ratio = 1.2\n", "prune.layer_ratio must be in"),
         ("[distill]\ntokens = 0\n", "distill: tokens"),
-        ("[prune]\nspan = [0.0, 0.5]\n[evaluate]\nspan = [0.0, 0.1]\n", "held-out"),
-        ("[distill]\n[evaluate]\nspan = [0.05, 0.2]\n", "overlaps distill.span"),
+        (f"[prune]\nspan = [0.0, 0.5]\n{T}[evaluate]\nspan = [0.0, 0.1]\n{T}", "held-out"),
+        (f"[distill]\n{T}[evaluate]\nspan = [0.05, 0.2]\n{T}", "overlaps distill.span"),
         ("[load]\nmodel = 3\n", "load.model: expected str"),
-        ("[distill]\nchat_tokens = 10\n[evaluate]\nchat_tokens = 10\nchat_seed = 0\n", "chat_seed 0 equals"),
+        (f"[distill]\nchat_tokens = 10\n{T}[evaluate]\nchat_tokens = 10\nchat_seed = 0\n{T}", "chat_seed 0"),
+        ("[evaluate]\nspan = [0.0, 0.1]\n", "evaluate.text: give the text file"),
+        ("[prune]\nlayer_ratio = 0.5\n", "prune.text: give the text file"),
+        ("[quantize]\nmode = 'qdq'\n[to_onnx]\ngraph = 'optimum'\n", "quantize.calib_text"),
     ],
 )
 def test_bad_recipe_fails_with_a_clear_message(tmp_path: Path, body: str, match: str) -> None:
@@ -59,7 +65,7 @@ def test_ratio_the_model_cannot_take_fails_before_pruning(
         raise AssertionError("prune ran")
 
     monkeypatch.setattr(prune, "run", never)
-    body = f"[load]\nmodel = '{tiny_hf}'\n[prune]\nkv_ratio = 0.9\n"
+    body = f"[load]\nmodel = '{tiny_hf}'\n[prune]\nkv_ratio = 0.9\ntext = 'unread.txt'\n"
     with pytest.raises(ExportError, match="leave no attention head"):
         recipe_mod.run(recipe_mod.load_recipe(_write(tmp_path, body)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -72,7 +78,9 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_pruned_recipe_writes_bundle_with_report_and_caches_stages(tmp_path: Path, text_file: Path) -> None:
+def test_pruned_recipe_writes_bundle_with_report_and_caches_stages(
+    tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hf = build_tiny_hf(tmp_path / "hf", layers=4)
     body = f"""
 name = "tiny-pruned"
@@ -117,7 +125,10 @@ chat_max_answer = 8
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     names = [s["stage"] for s in report["stages"]]
-    assert names == ["load", "prune", "distill", "to_onnx", "quantize", "bundle", "evaluate", "report"]
+    assert names == [
+        "load", "evaluate_load", "prune", "evaluate_prune", "distill", "evaluate_distill",
+        "to_onnx", "quantize", "bundle", "evaluate_bundle", "report",
+    ]  # fmt: skip
     assert set(report["evaluations"]) == {"load", "prune", "distill", "bundle"}
     final = report["evaluations"]["bundle"]
     assert final["text"]["span"] == [0.0, 0.3] and final["text"]["stride"] == 32
@@ -131,12 +142,31 @@ chat_max_answer = 8
     assert "chat turns the teacher wrote (seed 1)" in md
     manifest = json.loads((out / "bundle.json").read_text())
     assert "report.json" in manifest["files"]
+    # One truth for the graph: the copied recipe holds no layout of its own.
+    assert manifest["graph"]["kv_layout"] == "shared" and manifest["graph"]["logits"] == "tail"
+    assert set(manifest["recipe"]["bundle"]) == {"name", "context_length"}
+    # report.md's quantization facts agree with its table: the worst tensor's own max-abs.
+    quant = manifest["quantization"]
+    errors = report["quantization"]["errors"]
+    assert quant["worst_max_abs"] == errors[quant["worst_weight"]]["max_abs"]
+    assert quant["max_abs"] == max(e["max_abs"] for e in errors.values())
+    assert f"| {quant['worst_weight']} |" in md
+
+    # The same recipe again: every stage comes from the cache, the bundle's evaluation too.
+    rerun = recipe_mod.run(recipe, tmp_path / "b1", progress=True)
+    stages = {s["stage"]: s for s in json.loads((rerun / "report.json").read_text())["stages"]}
+    assert all(s["cached"] for n, s in stages.items() if n not in ("bundle", "report")), stages
+    assert stages["evaluate_bundle"]["perplexity"] == final["perplexity"]
+    assert json.loads((rerun / "report.json").read_text())["evaluations"]["bundle"]["model"] == str(rerun)
+    lines = capsys.readouterr().err
+    assert "export: evaluate_bundle" in lines and "export: quantize" in lines and "cached" in lines
 
     # A changed later stage reuses every earlier one.
     again = recipe_mod.run(replace(recipe, quantize=replace(recipe.quantize, mode="none")), tmp_path / "b2")
     stages = {s["stage"]: s for s in json.loads((again / "report.json").read_text())["stages"]}
     assert stages["load"]["cached"] and stages["prune"]["cached"] and stages["distill"]["cached"]
     assert stages["to_onnx"]["cached"] and not stages["quantize"]["cached"]
+    assert stages["evaluate_distill"]["cached"] and not stages["evaluate_bundle"]["cached"]
 
 
 def test_recipe_interrupted_mid_distillation_resumes(

@@ -1,0 +1,106 @@
+"""The teacher: the unpruned fp32 Hugging Face model that distillation learns from and evaluation
+compares against (torch on CPU or CUDA). Its logits over token windows, and chat turns it writes
+itself the Magpie way: the teacher gets its chat template up to an empty user turn, writes the
+question, then answers it — chat data without a dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_llm.errors import ExportError
+from export.hf import hf_tokenizer, special_ids
+
+Logits = Callable[[np.ndarray], np.ndarray]  # ids [S] -> logits [S, V] (float32)
+CHAT_ROWS = 32  # conversations generated together (CPU generate: wider batches are nearly free)
+
+
+def load_model(hf_dir: Path, device: str = "cpu", threads: int = 0) -> Any:
+    """The HF causal LM in `hf_dir`, fp32, in eval mode on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).to(device).eval()
+
+
+def model_logits(model: Any, device: str = "cpu") -> Logits:
+    """A logits function over an in-memory HF causal LM (put it in eval mode first)."""
+    import torch
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(ids[None].astype(np.int64)).to(device), use_cache=False)
+        return out.logits[0].float().cpu().numpy()
+
+    return run
+
+
+def torch_logits(hf_dir: Path, threads: int = 0) -> tuple[Logits, Any]:
+    """A logits function running the HF model in `hf_dir` with torch (fp32, CPU), and the model."""
+    model = load_model(hf_dir, "cpu", threads)
+    return model_logits(model), model
+
+
+def chats(
+    teacher: Any, teacher_dir: Path, tokens: int, max_answer: int, seed: int, device: str
+) -> list[tuple[list[int], int]]:
+    """Conversations of about `tokens` tokens in all, each the templated user question the
+    teacher wrote (prompted with its template up to an empty user turn) and its own answer
+    (at most `max_answer` tokens, sampled with `seed`): (ids, prompt length) each."""
+    import torch
+
+    hf_tok = hf_tokenizer(teacher_dir)
+    if not hf_tok.chat_template:
+        raise ExportError(f"chat_tokens: {teacher_dir} has no chat template")
+    # The ids the runtime stops on (end of turn first), as the bundle records them.
+    stop = special_ids(Path(teacher_dir))[1]
+    mark = "\u2063QUESTION\u2063"
+    rendered = hf_tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False)
+    prefix = hf_tok(rendered[: rendered.index(mark)], add_special_tokens=False)["input_ids"]
+    torch.manual_seed(seed)  # generate() samples from torch's global generator
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else stop[0]
+    sample = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "eos_token_id": stop, "pad_token_id": pad}
+    out_chats: list[tuple[list[int], int]] = []
+    total = empty_rounds = 0
+    while total < tokens:
+        start = torch.tensor([prefix] * CHAT_ROWS, device=device)
+        with torch.inference_mode():
+            asked = teacher.generate(
+                start, attention_mask=torch.ones_like(start), max_new_tokens=48, **sample
+            )[:, len(prefix) :].tolist()
+        questions = [hf_tok.decode(until(q, stop), skip_special_tokens=True).strip() for q in asked]
+        prompts = [
+            hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            for q in questions
+            if q
+        ]
+        if not prompts:
+            empty_rounds += 1
+            if empty_rounds == 10:
+                raise ExportError("chat_tokens: the teacher wrote no user question in 10 tries")
+            continue
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.inference_mode():
+            out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **sample)[
+                :, width:
+            ].tolist()
+        for p, answer in zip(prompts, out, strict=True):
+            kept = until(answer, stop)
+            chat = p + kept + ([stop[0]] if len(kept) < len(answer) else [])  # with its end of turn
+            out_chats.append((chat, len(p)))
+            total += len(chat)
+    return out_chats
+
+
+def until(ids: list[int], stop: list[int]) -> list[int]:
+    """`ids` up to (not including) the first stop token."""
+    cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
+    return ids[:cut]
