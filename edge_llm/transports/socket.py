@@ -255,6 +255,9 @@ def _bind_private_unix(path: Path) -> socket.socket:
     try:
         sock.bind(str(tmp))
         os.chmod(tmp, 0o600)
+        # Listen before the path appears: a client that sees the file must not be refused in
+        # the gap before asyncio's start_unix_server would call listen() (seen in serve_load).
+        sock.listen(128)
         os.rename(tmp, path)  # atomic; clients connect by path, so the rename is invisible to them
     except OSError as exc:
         sock.close()
