@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
+from typing import Any
 
 QUANT_MODES = ("int8", "grid", "dynamic", "qdq", "none")
 
@@ -14,7 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="hub id, local HF folder, .gguf file, or 'smollm2' (default)")
     src.add_argument("--recipe", help="recipe TOML (configs/recipes/NAME.toml)")
-    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--out",
+        help="bundle folder to write (default: $EDGE_LLM_CACHE/bundles/NAME-HASH, reused when it exists, "
+        "and linked as the default bundle that other commands use without --bundle)",
+    )
     p.add_argument("--quant", choices=QUANT_MODES, help="quantization (default int8)")
     p.add_argument("--name", help="bundle name (default: from the recipe or the model)")
     p.add_argument(
@@ -31,13 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
     e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
-    e.add_argument("--bundle", required=True, help="bundle folder (or a Hugging Face model folder)")
+    e.add_argument("--bundle", help="bundle or Hugging Face model folder (default: the default bundle)")
     e.add_argument("--text", required=True, help="text file (relative paths: cwd, then the repo root)")
     e.add_argument("--json", help="also write the full result as JSON to this file")
-    e.add_argument("--span", default="0,1", help="fraction of the file's characters: START,END (0,1)")
-    e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (8192)")
-    e.add_argument("--context", type=int, default=512, help="window length in tokens (512)")
-    e.add_argument("--stride", type=int, default=512, help="window step in tokens (512: no overlap)")
+    e.add_argument("--span", default="0,1", help="fraction of the file's characters: START,END")
+    e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens")
+    e.add_argument("--context", type=int, default=512, help="window length in tokens")
+    e.add_argument("--stride", type=int, default=512, help="window step in tokens (= --context: no overlap)")
     e.add_argument("--teacher", help="HF folder of a teacher: adds KL and top-1 agreement")
     e.add_argument(
         "--chat-tokens",
@@ -88,9 +94,40 @@ def run(args: argparse.Namespace) -> int:
             recipe = replace(recipe, static=FixShapesConfig(past_length=past, prefill_length=prefill))
         except ValueError as exc:
             raise ConfigError(f"export --static: {exc}") from None
-    out = recipe_mod.run(recipe, Path(args.out), progress=True)
-    print(f"bundle written: {out}")
+    if args.out:
+        out = recipe_mod.run(recipe, Path(args.out), progress=True)
+        print(f"bundle written: {out}")
+        return 0
+    return export_default(args, recipe, recipe_mod.run)
+
+
+def export_default(args: argparse.Namespace, recipe: Any, run_recipe: Any) -> int:
+    """`edge-llm export` without --out: the bundle goes under the cache, in a folder named by the
+    recipe's content (so an unchanged recipe is not rebuilt and two recipes never overwrite each
+    other), and becomes the default bundle."""
+    from edge_llm.bundle import load_bundle
+    from edge_llm.errors import BundleError
+    from edge_llm.paths import bundles_dir, link_default
+
+    out = bundles_dir() / f"{recipe.name}-{_recipe_key(args, recipe)}"
+    try:
+        load_bundle(out, verify=False)
+        print(f"bundle up to date: {out} (same recipe; delete it, or pass --out, to build it again)")
+    except BundleError:  # absent, or left unfinished: build it
+        out = run_recipe(recipe, out, progress=True)
+        print(f"bundle written: {out}")
+    print(f"default bundle: {link_default(out)} -> {out.name} (used when --bundle is omitted)")
     return 0
+
+
+def _recipe_key(args: argparse.Namespace, recipe: Any) -> str:
+    if args.recipe and not any((args.model, args.quant, args.name, args.graph, args.static)):
+        # An unmodified recipe file: its bytes' hash, the name scripts/demo.sh always gave its bundle,
+        # so a bundle built before the default link existed is found instead of rebuilt.
+        return hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:12]
+    from export.cache import stable_key
+
+    return stable_key(recipe)[:12]
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -100,6 +137,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"edge-llm: eval needs the export extra: {exc}", file=sys.stderr)
         return 2
     from edge_llm.errors import ConfigError
+    from edge_llm.paths import resolve_bundle
 
     text = Path(args.text).expanduser()
     if not text.is_absolute() and text.is_file():
@@ -122,7 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.chat_tokens and not args.teacher:
         raise ConfigError("eval: --chat-tokens needs --teacher (the teacher writes and scores the chats)")
     teacher = Path(args.teacher) if args.teacher else None
-    result = evaluate.run(config, Path(args.bundle), teacher, progress=sys.stderr.isatty())
+    result = evaluate.run(config, resolve_bundle(args.bundle), teacher, progress=sys.stderr.isatty())
     print(evaluate.headline(result))
     if args.json:
         evaluate.save(result, Path(args.json))
