@@ -19,7 +19,7 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="list or prune the export pipeline's cached stage outputs")
+    p = sub.add_parser("cache", help="list the cache (bundles, models, stage outputs); prune stage outputs")
     act = p.add_mutually_exclusive_group()
     act.add_argument("--max-gb", type=float, help="remove least recently used outputs until they fit N GB")
     act.add_argument("--clear", action="store_true", help="remove every complete stage output")
