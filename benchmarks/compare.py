@@ -40,11 +40,11 @@ def main() -> None:
     engines = [Engine.load(b, RunnerOptions(threads=args.threads, max_batch=1)) for b in args.bundles]
     ids = bench.prompts(engines[0])["short"]
     for e in engines:  # warm-up: first-run allocations, page faults
-        bench._timed_generation(e, ids, args.new_tokens)
+        bench.timed_generation(e, ids, args.new_tokens)
     speeds: list[list[float]] = [[] for _ in engines]
     for _ in range(args.rounds):
         for i, e in enumerate(engines):
-            ttft, total, _ = bench._timed_generation(e, ids, args.new_tokens)
+            ttft, total, _ = bench.timed_generation(e, ids, args.new_tokens)
             speeds[i].append((args.new_tokens - 1) / (total - ttft))
     rows = []
     for b, s in zip(args.bundles, speeds, strict=True):

@@ -8,7 +8,7 @@ Starts `edge-llm serve` as its own process (a Unix socket, and MQTT under a fres
 then for each transport and each N runs `--rounds` rounds of N client threads that each stream
 one greedy request (the bench's 21-token chat prompt, `--new-tokens` tokens, EOS ignored) at the
 same moment. Then, in this process, the same N requests go straight to a `Scheduler` (no
-transport: `edge_llm.bench._concurrent`) for the transport's share.
+transport: `edge_llm.bench.concurrent_throughput`) for the transport's share.
 Out: per transport and N, aggregate tok/s (median round), time to first chunk and request
 latency (p50 / p95 over all requests, client side), and the ratio to the scheduler alone;
 printed and written to `benchmarks/results/serve_load.{json,md}`.
@@ -180,8 +180,8 @@ def scheduler_alone(bundle: str, sizes: list[int], rounds: int, n_new: int, thre
     ids = engine.tokenizer.encode(bench.SHORT_PROMPT)
     out = {}
     for n in sizes:
-        bench._concurrent(engine, ids, n, n_new, f"warm{n}")
-        runs = [bench._concurrent(engine, ids, n, n_new, f"s{n}-{r}") for r in range(rounds)]
+        bench.concurrent_throughput(engine, ids, n, n_new, f"warm{n}")
+        runs = [bench.concurrent_throughput(engine, ids, n, n_new, f"s{n}-{r}") for r in range(rounds)]
         out[n] = statistics.median(runs)
     return out
 

@@ -6,6 +6,10 @@ token at each prompt length, bundle load to first token, peak RSS, and aggregate
 1/2/4/8 concurrent requests through the scheduler (continuous batching on fused bundles) — each
 a median of `runs`, with the settings and versions used. Definitions match
 `benchmarks/peers.py` so ratios against llama.cpp / onnxruntime-genai / transformers are fair.
+
+Public, for the scripts in benchmarks/ (compare.py, serve_load.py): `prompts`, `measure`,
+`timed_generation` (one greedy request: TTFT and total time) and `concurrent_throughput` (N
+requests at once through a fresh scheduler).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed_generation(engine: Any, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
+def timed_generation(engine: Any, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
     """(ttft_s, total_s, generated ids) for one greedy request through the engine loop."""
     from edge_llm.sampling import SamplingParams
 
@@ -78,7 +82,7 @@ def _timed_generation(engine: Any, ids: list[int], n_new: int) -> tuple[float, f
     return ttft, time.perf_counter() - t0, gen.generated
 
 
-def _concurrent(engine: Any, ids: list[int], clients: int, n_new: int, tag: str) -> float:
+def concurrent_throughput(engine: Any, ids: list[int], clients: int, n_new: int, tag: str) -> float:
     """Aggregate tok/s of `clients` requests submitted at once to a fresh scheduler."""
     from edge_llm.protocol import Request
     from edge_llm.scheduler import Scheduler
@@ -117,29 +121,30 @@ def measure(
     lookup = int(s["prompt_lookup"])
     engine = Engine(b, RunnerOptions(threads=int(s["threads"]), max_batch=max(sizes), prompt_lookup=lookup))
     ids = prompt_ids or prompts(engine)
-    ttft0, _, _ = _timed_generation(engine, ids["short"], 1)
+    ttft0, _, _ = timed_generation(engine, ids["short"], 1)
     load_to_first = time.perf_counter() - t0
     for _ in range(int(s["warmup"])):
-        _timed_generation(engine, ids["short"], n_new)
-        _timed_generation(engine, ids["long"], 1)
+        timed_generation(engine, ids["short"], n_new)
+        timed_generation(engine, ids["long"], 1)
     ttft_short, decode, e2e = [], [], []
     first_ids: list[int] = []
     for _ in range(runs):
-        ttft, total, toks = _timed_generation(engine, ids["short"], n_new)
+        ttft, total, toks = timed_generation(engine, ids["short"], n_new)
         ttft_short.append(ttft * 1e3)
         decode.append((n_new - 1) / (total - ttft))
         e2e.append(n_new / total)
         first_ids = toks[:16]
-    ttft_long = [_timed_generation(engine, ids["long"], 1)[0] * 1e3 for _ in range(runs)]
+    ttft_long = [timed_generation(engine, ids["long"], 1)[0] * 1e3 for _ in range(runs)]
     peak = _peak_rss_mib()
     for size in sizes:
-        _concurrent(engine, ids["short"], size, n_new, f"warm{size}")
+        concurrent_throughput(engine, ids["short"], size, n_new, f"warm{size}")
     # Rounds interleave the sizes so that a shared host's slow drift (+-10% between minutes
     # here) hits every size alike; the 8-vs-1 speedup is the median of each round's own ratio.
     batch_runs: dict[str, list[float]] = {str(size): [] for size in sizes}
     for r in range(runs):
         for size in sizes:
-            batch_runs[str(size)].append(_concurrent(engine, ids["short"], size, n_new, f"b{size}-{r}"))
+            tok_s = concurrent_throughput(engine, ids["short"], size, n_new, f"b{size}-{r}")
+            batch_runs[str(size)].append(tok_s)
     batch = {k: statistics.median(v) for k, v in batch_runs.items()}
     speedup = (
         statistics.median(a / b for a, b in zip(batch_runs["8"], batch_runs["1"], strict=True))

@@ -23,6 +23,9 @@ from edge_llm.errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
+# Documentation the export writes beside the model. A board may delete these to save flash, so
+# loading skips them when absent; when present they are still checked like every other file.
+OPTIONAL_FILES = frozenset({"report.json", "report.md", "report.png"})
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,14 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     for needed in (bundle.graph.file, bundle.graph.prefill_file, bundle.tokenizer.file):
         if needed and needed not in bundle.files:
             raise BundleError(f"{manifest}: {needed} is not listed under 'files'")
-    stamp = _stamp(root, bundle.files)
+    present = {
+        name: meta
+        for name, meta in bundle.files.items()
+        if name not in OPTIONAL_FILES or (root / name).is_file()
+    }
+    stamp = _stamp(root, present)
     already = verify and stamp is not None and _verified_before(root, stamp)
-    for name, meta in bundle.files.items():
+    for name, meta in present.items():
         _check_file(root, name, meta, verify and not already)
     if verify and not already and stamp is not None:
         _remember_verified(root, stamp)

@@ -9,8 +9,10 @@ fi
 stamp=.venv/.edge-llm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
+  # torch first, pinned, and the CPU build: PyPI's Linux wheel pulls ~20 CUDA packages (GBs).
+  # install_torch.py checks with a dry run and switches to PyTorch's CPU index when needed;
+  # EDGE_LLM_TORCH_INDEX=URL (a CUDA index) or =default chooses otherwise.
+  .venv/bin/python scripts/install_torch.py "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[export,test]"
   touch "$stamp"
 fi

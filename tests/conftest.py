@@ -1,19 +1,30 @@
 """Shared fixtures: a tiny random Llama (built in seconds) and bundles exported from it.
 
 The whole session uses its own cache folder (EDGE_LLM_CACHE), so tests never touch the user's
-cache and every stage runs for real on the tiny model.
+cache and every stage runs for real on the tiny model. It replaces any EDGE_LLM_CACHE the user
+has set (a `setdefault` here once let 38 test stage folders into a user's real cache) and is
+removed when the session ends. EDGE_LLM_TEST_CACHE names a folder to use (and keep) instead,
+e.g. to reuse the real model's download across `-m slow` runs.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-_CACHE = Path(tempfile.mkdtemp(prefix="edge-llm-test-cache-"))
-os.environ.setdefault("EDGE_LLM_CACHE", str(_CACHE))
+_KEEP = os.environ.get("EDGE_LLM_TEST_CACHE")
+_CACHE = Path(_KEEP) if _KEEP else Path(tempfile.mkdtemp(prefix="edge-llm-test-cache-"))
+os.environ["EDGE_LLM_CACHE"] = str(_CACHE)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove this session's temporary cache (subprocesses the tests started are done by now)."""
+    if not _KEEP:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"

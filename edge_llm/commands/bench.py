@@ -1,31 +1,49 @@
-"""`edge-llm bench`: this runtime's speed and memory on a bundle, optionally beside the peers
-(llama.cpp, onnxruntime-genai, transformers via `benchmarks/peers.py` in a source checkout),
-on the same prompt token ids in the same run; writes JSON, Markdown and a PNG chart."""
+"""`edge-llm bench`: this runtime's speed and memory on a bundle; writes JSON, Markdown and a PNG.
+
+The peers (llama.cpp, onnxruntime-genai, transformers) are not part of the runtime: the source
+checkout's `benchmarks/bench.py --peers` passes its `peers.run_peer` to `run`, which measures
+them on the same prompt token ids in the same run.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+# (system, prompt ids, settings) -> one result dict, as `benchmarks/peers.py`'s run_peer
+PeerRunner = Callable[[str, dict[str, list[int]], dict[str, Any]], dict[str, Any]]
+PEER_SYSTEMS = ("llamacpp", "ortgenai", "transformers")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure decode tok/s, TTFT, RSS and batch throughput")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--peers", action="store_true", help="also run llama.cpp, onnxruntime-genai, transformers")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def add_arguments(p: argparse.ArgumentParser, outputs: bool = True) -> None:
+    """The options shared by `edge-llm bench` and `benchmarks/bench.py` (which adds --peers and
+    names the output files itself: `outputs=False`)."""
+    from edge_llm.commands.generate import BUNDLE_HELP
+
+    p.add_argument("--bundle", help=BUNDLE_HELP)
     p.add_argument("--runs", type=int, default=5, help="each figure is the median of this many runs")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,2,4,8", help="concurrent requests to measure, comma-separated")
-    p.add_argument("--text", type=Path, default=WIKITEXT, help="text for the long prompt")
+    wikitext = os.environ.get("EDGE_LLM_WIKITEXT")
+    p.add_argument(
+        "--text",
+        type=Path,
+        default=Path(wikitext) if wikitext else None,
+        help="text for the long prompt (default: $EDGE_LLM_WIKITEXT, else a repeated paragraph)",
+    )
     p.add_argument("--long-tokens", type=int, default=500, help="length of the long prompt (TTFT)")
     p.add_argument(
         "--prompt-lookup",
@@ -34,10 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="also measure with prompt-lookup speculation of K tokens (greedy output unchanged)",
     )
-    p.add_argument("--json", type=Path, help="write results as JSON")
-    p.add_argument("--markdown", type=Path, help="write the table as Markdown")
-    p.add_argument("--png", type=Path, help="write a chart (needs matplotlib)")
-    p.set_defaults(handler=run)
+    if outputs:
+        p.add_argument("--json", type=Path, help="write results as JSON")
+        p.add_argument("--markdown", type=Path, help="write the table as Markdown")
+        p.add_argument("--png", type=Path, help="write a chart (needs matplotlib)")
 
 
 def _isolated(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -50,52 +68,34 @@ def _isolated(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return pool.apply(fn, args, kwargs)
 
 
-def load_peers() -> ModuleType | None:
-    path = REPO / "benchmarks" / "peers.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("edge_llm_bench_peers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
     from edge_llm import bench
     from edge_llm.engine import Engine
+    from edge_llm.paths import resolve_bundle
 
+    bundle = str(resolve_bundle(args.bundle))
     sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-    ids = bench.prompts(Engine.load(args.bundle, verify=False), args.long_tokens, args.text)
+    ids = bench.prompts(Engine.load(bundle, verify=False), args.long_tokens, args.text)
+    common = {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads}
+    # Each system takes from seconds to minutes: one line as it starts and one as it ends, so a
+    # silent terminal never has to be guessed at.
+    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("edge-llm", lambda: _isolated(bench.measure, bundle, ids, batch_sizes=sizes, **common))
+    ]
+    if args.prompt_lookup:
+        lookup = {"batch_sizes": [1], "prompt_lookup": args.prompt_lookup, **common}
+        name = f"edge-llm+lookup{args.prompt_lookup}"
+        jobs.append((name, lambda: _isolated(bench.measure, bundle, ids, **lookup)))
+    if peers is not None:
+        settings = {**common, "batch_size": 4}
+        jobs += [(s, lambda s=s: peers(s, ids, settings)) for s in PEER_SYSTEMS]
     print(
-        f"edge-llm bench: prompts {len(ids['short'])} / {len(ids['long'])} tokens, "
+        f"edge-llm bench: {len(jobs)} system(s), prompts {len(ids['short'])} / {len(ids['long'])} tokens, "
         f"{args.new_tokens} new, {args.runs} runs, {args.threads} threads",
         file=sys.stderr,
+        flush=True,
     )
-    common = {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads}
-    results = [_isolated(bench.measure, args.bundle, ids, batch_sizes=sizes, **common)]
-    if args.prompt_lookup:
-        results.append(
-            _isolated(
-                bench.measure, args.bundle, ids, batch_sizes=[1], prompt_lookup=args.prompt_lookup, **common
-            )
-        )
-    if args.peers:
-        peers = load_peers()
-        settings = {
-            "runs": args.runs,
-            "new_tokens": args.new_tokens,
-            "threads": args.threads,
-            "batch_size": 4,
-        }
-        for system in ("llamacpp", "ortgenai", "transformers"):
-            if peers is None:
-                results.append(
-                    {"system": system, "skipped": "benchmarks/peers.py not found (not a source checkout)"}
-                )
-                continue
-            print(f"edge-llm bench: running {system}", file=sys.stderr)
-            results.append(peers.run_peer(system, ids, settings))
+    results = [_timed(i, len(jobs), name, job) for i, (name, job) in enumerate(jobs, 1)]
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "results": results, "ratios": ratios(results)}
     table = markdown(results)
     print(table)
@@ -106,6 +106,20 @@ def run(args: argparse.Namespace) -> int:
     if args.png:
         chart(results, args.png)
     return 0
+
+
+def _timed(i: int, n: int, name: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    print(f"edge-llm bench: [{i}/{n}] {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    result = job()
+    took = f"{time.perf_counter() - t0:.0f} s"
+    outcome = (
+        f"skipped ({str(result['skipped'])[:100]})"
+        if result.get("skipped")
+        else f"decode {result['decode_tok_s']:.1f} tok/s"
+    )
+    print(f"edge-llm bench: [{i}/{n}] {name} done in {took}: {outcome}", file=sys.stderr, flush=True)
+    return result
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:

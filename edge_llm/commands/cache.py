@@ -5,7 +5,8 @@ first. `--max-gb N` removes least recently used complete outputs until the stage
 every recipe run does at its end with EDGE_LLM_CACHE_MAX_GB); `--clear` removes them all, and with
 `--partial` also the unfinished ones (an interrupted distillation's checkpoint among them).
 Neither touches what an export running now has used since it started.
-Bundles, downloaded models and the peers' venv are not touched.
+It also lists the bundles (`bundles/`, the default one marked) and the downloaded models
+(`models/`), which it never removes: they are not rebuilt for free.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="list or prune the export pipeline's cached stage outputs")
+    p = sub.add_parser("cache", help="list the cache (bundles, models, stage outputs); prune stage outputs")
     act = p.add_mutually_exclusive_group()
     act.add_argument("--max-gb", type=float, help="remove least recently used outputs until they fit N GB")
     act.add_argument("--clear", action="store_true", help="remove every complete stage output")
@@ -43,11 +45,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{runs} export run(s) in progress: what they use was kept")
     entries = cache.stage_entries()
     limit = cache.max_bytes()
+    kept = {name: _folder_rows(cache.cache_root() / name) for name in ("bundles", "models")}
     if args.json:
         print(
             json.dumps(
                 {
                     "root": str(cache.cache_root()),
+                    **kept,
                     "stages": [_row(e) for e in entries],
                     "removed": [_row(e) for e in removed],
                     "total_bytes": sum(e.bytes for e in entries),
@@ -66,7 +70,35 @@ def run(args: argparse.Namespace) -> int:
     total = sum(e.bytes for e in entries) / 2**30
     bound = "no bound" if limit is None else f"bound {limit / 2**30:.1f} GB (EDGE_LLM_CACHE_MAX_GB)"
     print(f"  {len(entries)} outputs, {total:.2f} GB; {bound}")
+    for name, rows in kept.items():
+        print(f"{cache.cache_root() / name}:  (never pruned)")
+        for row in rows:
+            shown = f"{row['name']} -> {row['link']}" if row.get("link") else row["name"]
+            print(f"  {row['bytes'] / 2**20:8.0f} MiB  {shown}")
+        if not rows:
+            print("  (none)")
     return 0
+
+
+def _folder_rows(root: Path) -> list[dict[str, Any]]:
+    """Each entry of `root` with its size; a link (bundles/default) with its target instead, so
+    the default bundle is not counted twice."""
+    rows: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return rows
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_symlink():
+            rows.append({"name": path.name, "bytes": 0, "link": str(path.readlink())})
+            continue
+        size = path.stat().st_size if path.is_file() else _tree_bytes(path)
+        rows.append({"name": path.name, "bytes": size})
+    return rows
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _row(e: Any) -> dict[str, Any]:

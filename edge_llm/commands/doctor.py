@@ -1,4 +1,5 @@
-"""`edge-llm doctor`: what this board offers — CPU features, memory, onnxruntime and providers."""
+"""`edge-llm doctor`: what this board offers — CPU features, memory, onnxruntime and providers —
+and what is installed: edge-llm's version, its cache folder and which extras are present."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,14 @@ def facts() -> dict[str, Any]:
     import onnxruntime as ort
     import tokenizers
 
+    from edge_llm import __version__
+    from edge_llm.paths import cache_dir
+
     cpu = _cpuinfo()
     return {
+        "edge_llm": __version__,
+        "cache": str(cache_dir()),
+        "extras": installed_extras(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -77,6 +85,29 @@ def _meminfo(key: str) -> int | None:
     return None
 
 
+def installed_extras() -> dict[str, str]:
+    """Each extra of the installed edge-llm: "yes", or which of its packages are missing (read
+    from the package's own metadata, so the list never drifts from pyproject.toml)."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.distribution("edge-llm").requires or []
+    except metadata.PackageNotFoundError:
+        return {"?": "edge-llm is not pip-installed (a source checkout on PYTHONPATH)"}
+    missing: dict[str, list[str]] = {}
+    for req in requires:
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+        name = re.match(r"[A-Za-z0-9._-]+", req)
+        if not extra or not name:
+            continue  # a hard dependency
+        gone = missing.setdefault(extra.group(1), [])
+        try:
+            metadata.version(name.group(0))
+        except metadata.PackageNotFoundError:
+            gone.append(name.group(0))
+    return {extra: "missing " + ", ".join(gone) if gone else "yes" for extra, gone in missing.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     info = facts()
     if args.json:
@@ -84,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     width = max(len(k) for k in info)
     for key, value in info.items():
+        if isinstance(value, dict):
+            value = [f"{k}: {v}" for k, v in value.items()]
         shown = ", ".join(value) if isinstance(value, list) else value
         print(f"{key:<{width}}  {shown}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="hub id, local HF folder, .gguf file, or 'smollm2' (default)")
     src.add_argument("--recipe", help="recipe TOML (configs/recipes/NAME.toml)")
-    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument(
+        "--out",
+        help="bundle folder to write (default: $EDGE_LLM_CACHE/bundles/NAME-HASH, reused when it exists, "
+        "and linked as the default bundle that other commands use without --bundle)",
+    )
     p.add_argument("--quant", choices=QUANT_MODES, help="quantization (default int8)")
     p.add_argument("--name", help="bundle name (default: from the recipe or the model)")
     p.add_argument(
@@ -40,13 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
     e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
-    e.add_argument("--bundle", required=True, help="bundle folder (or a Hugging Face model folder)")
+    e.add_argument("--bundle", help="bundle or Hugging Face model folder (default: the default bundle)")
     e.add_argument("--text", required=True, help="text file (relative paths: cwd, then the repo root)")
     e.add_argument("--json", help="also write the full result as JSON to this file")
-    e.add_argument("--span", default="0,1", help="fraction of the file's characters: START,END (0,1)")
-    e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (8192)")
-    e.add_argument("--context", type=int, default=512, help="window length in tokens (512)")
-    e.add_argument("--stride", type=int, default=512, help="window step in tokens (512: no overlap)")
+    e.add_argument("--span", default="0,1", help="fraction of the file's characters: START,END")
+    e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens")
+    e.add_argument("--context", type=int, default=512, help="window length in tokens")
+    e.add_argument("--stride", type=int, default=512, help="window step in tokens (= --context: no overlap)")
     e.add_argument("--teacher", help="HF folder of a teacher: adds KL and top-1 agreement")
     e.add_argument(
         "--chat-tokens",
@@ -78,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
         recipe = _with_flags(recipe, args)
     except ValueError as exc:
         raise ConfigError(f"export: {exc}") from None
-    out = recipe_mod.run(recipe, Path(args.out), progress=True)
-    print(f"bundle written: {out}")
-    return 0
+    if args.out:
+        out = recipe_mod.run(recipe, Path(args.out), progress=True)
+        print(f"bundle written: {out}")
+        return 0
+    return export_default(args, recipe, recipe_mod.run)
 
 
 def _with_flags(recipe: Any, args: argparse.Namespace) -> Any:
@@ -111,12 +118,42 @@ def _with_flags(recipe: Any, args: argparse.Namespace) -> Any:
     )
 
 
+def export_default(args: argparse.Namespace, recipe: Any, run_recipe: Any) -> int:
+    """`edge-llm export` without --out: the bundle goes under the cache, in a folder named by the
+    recipe's content (so an unchanged recipe is not rebuilt and two recipes never overwrite each
+    other), and becomes the default bundle."""
+    from edge_llm.bundle import load_bundle
+    from edge_llm.errors import BundleError
+    from edge_llm.paths import bundles_dir, link_default
+
+    out = bundles_dir() / f"{recipe.name}-{_recipe_key(args, recipe)}"
+    try:
+        load_bundle(out, verify=False)
+        print(f"bundle up to date: {out} (same recipe; delete it, or pass --out, to build it again)")
+    except BundleError:  # absent, or left unfinished: build it
+        out = run_recipe(recipe, out, progress=True)
+        print(f"bundle written: {out}")
+    print(f"default bundle: {link_default(out)} -> {out.name} (used when --bundle is omitted)")
+    return 0
+
+
+def _recipe_key(args: argparse.Namespace, recipe: Any) -> str:
+    if args.recipe and not any((args.model, args.quant, args.name, args.graph, args.static, args.calib_text)):
+        # An unmodified recipe file: its bytes' hash, the name scripts/demo.sh always gave its bundle,
+        # so a bundle built before the default link existed is found instead of rebuilt.
+        return hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:12]
+    from export.cache import stable_key
+
+    return stable_key(recipe)[:12]
+
+
 def run_eval(args: argparse.Namespace) -> int:
     try:
         from export import evaluate
     except ImportError as exc:
         print(f"edge-llm: eval needs the export extra: {exc}", file=sys.stderr)
         return 2
+    from edge_llm.paths import resolve_bundle
 
     text = Path(args.text).expanduser()
     if not text.is_absolute() and text.is_file():
@@ -139,7 +176,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.chat_tokens and not args.teacher:
         raise ConfigError("eval: --chat-tokens needs --teacher (the teacher writes and scores the chats)")
     teacher = Path(args.teacher) if args.teacher else None
-    result = evaluate.run(config, Path(args.bundle), teacher, progress=sys.stderr.isatty())
+    result = evaluate.run(config, resolve_bundle(args.bundle), teacher, progress=sys.stderr.isatty())
     print(evaluate.headline(result))
     if args.json:
         evaluate.save(result, Path(args.json))

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 from typing import Any
 
 from edge_llm.board import load_board
 from edge_llm.engine import Engine, Slot
+from edge_llm.errors import RequestError
+from edge_llm.paths import resolve_bundle
 from edge_llm.sampling import SamplingParams
+
+BUNDLE_HELP = (
+    "bundle folder written by `edge-llm export` (default: the default bundle, "
+    "$EDGE_LLM_CACHE/bundles/default, which `edge-llm export` without --out links)"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="bundle folder written by `edge-llm export`")
+    p.add_argument("--bundle", help=BUNDLE_HELP)
     p.add_argument("--config", help="board profile TOML (configs/boards/NAME.toml)")
     p.add_argument("--threads", type=int, help="intra-op threads (overrides the board profile)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files")
@@ -53,7 +61,13 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) 
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        type=unescape,
+        help=r'stop string (repeatable); C escapes \n \t \r \\ \" \xHH \uXXXX are decoded: --stop "\n\n"',
+    )
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens tokens")
 
 
@@ -63,7 +77,41 @@ def load_engine(args: argparse.Namespace) -> Engine:
         options = replace(options, threads=args.threads)
     if args.prompt_lookup is not None:
         options = replace(options, prompt_lookup=args.prompt_lookup)
-    return Engine.load(args.bundle, options, verify=not args.no_verify)
+    return Engine.load(resolve_bundle(args.bundle), options, verify=not args.no_verify)
+
+
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|.?)", re.DOTALL)
+_SIMPLE = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
+
+
+def unescape(value: str) -> str:
+    r"""`--stop "\n\n"` means two newlines: the shell passes the backslashes through, and a stop
+    string is almost always a newline or a tab. An unknown escape is an error rather than a guess
+    (a literal backslash is written `\\`)."""
+
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code in _SIMPLE:
+            return _SIMPLE[code]
+        if code[:1] in ("x", "u") and len(code) > 1:
+            return chr(int(code[1:], 16))
+        shown = f"\\{code}" if code else "\\ at the end"
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: unknown escape {shown} (known: \\n \\t \\r \\0 \\\\ \\\" \\' \\xHH \\uXXXX)"
+        )
+
+    out = _ESCAPE.sub(one, value)
+    if not out:
+        raise argparse.ArgumentTypeError("a stop string cannot be empty")
+    return out
+
+
+def prompt_text(prompt: str) -> str:
+    """The prompt, refused when empty or blank: raw and chat prompts alike (an empty chat turn
+    used to be sent while an empty raw prompt was refused)."""
+    if not prompt.strip():
+        raise RequestError("the prompt is empty")
+    return prompt
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -85,6 +133,7 @@ def messages_for(prompt: str, system: str | None) -> list[dict[str, Any]]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    prompt_text(args.prompt)
     params = sampling_params(args)
     engine = load_engine(args)
     if args.raw:

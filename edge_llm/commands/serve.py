@@ -9,7 +9,13 @@ import logging
 import sys
 from typing import Any
 
-from edge_llm.commands.generate import add_engine_args, add_sampling_args, load_engine, messages_for
+from edge_llm.commands.generate import (
+    add_engine_args,
+    add_sampling_args,
+    load_engine,
+    messages_for,
+    prompt_text,
+)
 from edge_llm.errors import ConfigError
 
 
@@ -119,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_send(args: argparse.Namespace) -> int:
     from edge_llm.client import MqttClient, SocketClient
 
+    prompt_text(args.prompt)
     if args.mqtt:
         if not args.fleet and not args.device:
             raise ConfigError("--mqtt needs --device ID or --fleet")

@@ -47,3 +47,40 @@ def test_bench_writes_json_markdown_png(kind: str, request: pytest.FixtureReques
     assert ours["cpu"]["cores"] >= 1 and "isa" in ours["cpu"]  # which int8 kernels ran
     assert "edge-llm" in (out / "bench.md").read_text() and "edge-llm" in proc.stdout
     assert (out / "bench.png").stat().st_size > 1000
+    # a progress line as each system starts and ends (the run used to be silent for minutes)
+    assert "edge-llm bench: [1/1] edge-llm ..." in proc.stderr
+    assert "edge-llm bench: [1/1] edge-llm done in" in proc.stderr
+
+
+def test_peers_come_from_the_caller(tiny_fused: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`edge-llm bench` has no --peers: benchmarks/bench.py hands its peer runner to `run`, which
+    measures every peer on the very prompt ids it measured this runtime on."""
+    from edge_llm.cli import build_parser
+    from edge_llm.commands import bench
+
+    seen: list[tuple[str, dict]] = []
+
+    def fake_peer(system: str, ids: dict, settings: dict) -> dict:
+        seen.append((system, ids))
+        return {"system": system, "skipped": f"{system} is a stub", "settings": settings}
+
+    parser = build_parser()
+    argv = ["bench", "--bundle", str(tiny_fused), "--runs", "1", "--new-tokens", "4", "--batch-sizes", "1"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--peers"])
+    args = parser.parse_args([*argv, "--long-tokens", "50", "--json", str(tmp_path / "b.json")])
+    assert bench.run(args, peers=fake_peer) == 0
+    assert [system for system, _ in seen] == list(bench.PEER_SYSTEMS)
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert results[0]["prompt_tokens"] == {"short": len(seen[0][1]["short"]), "long": 50}
+    assert [r["system"] for r in results[1:]] == list(bench.PEER_SYSTEMS)
+    err = capsys.readouterr().err
+    assert "[4/4] transformers done in" in err and "skipped (transformers is a stub)" in err
+
+
+def test_runtime_finds_nothing_by_its_own_path() -> None:
+    """The runtime reaches nothing outside its package (it once ran ../benchmarks/peers.py)."""
+    package = Path(__file__).resolve().parents[2] / "edge_llm"
+    for path in package.rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        assert "__file__" not in source and "spec_from_file_location" not in source, path

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_llm.bundle import FORMAT_VERSION, load_bundle
+from edge_llm.bundle import FORMAT_VERSION, load_bundle, write_manifest
 from edge_llm.engine import Engine
 from edge_llm.errors import BundleError
 
@@ -41,6 +41,24 @@ def test_good_bundle_describes_itself(tiny_bundle: Path) -> None:
 def test_missing_file(bundle_copy: Path) -> None:
     (bundle_copy / "tokenizer.json").unlink()
     with pytest.raises(BundleError, match=r"tokenizer\.json: listed in bundle\.json but missing"):
+        load_bundle(bundle_copy)
+
+
+def test_report_files_are_optional_but_checked_when_present(bundle_copy: Path) -> None:
+    """A board may drop the documentation (report.*) to save space; a model file it may not."""
+    (bundle_copy / "report.md").write_text("# report\n")
+    (bundle_copy / "report.json").write_text("{}\n")
+    manifest = json.loads((bundle_copy / "bundle.json").read_text())
+    write_manifest(bundle_copy, {k: v for k, v in manifest.items() if k not in ("files", "format_version")})
+    assert {"report.md", "report.json"} <= set(load_bundle(bundle_copy).files)
+    (bundle_copy / "report.md").write_text("# edited by hand\n")
+    with pytest.raises(BundleError, match=r"report\.md: size"):
+        load_bundle(bundle_copy)
+    (bundle_copy / "report.md").unlink()
+    (bundle_copy / "report.json").unlink()
+    assert load_bundle(bundle_copy).name == manifest["name"]
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"model\.onnx: listed in bundle\.json but missing"):
         load_bundle(bundle_copy)
 
 
