@@ -93,8 +93,7 @@ def board_with_overrides(args: argparse.Namespace) -> Any:
 def run_serve(args: argparse.Namespace) -> int:
     from edge_llm.server import Server
 
-    board = board_with_overrides(args)
-    engine = load_engine(args)
+    engine, board = load_engine(args, board_with_overrides(args))
     server = Server(engine, board, state_path=args.state)
     server.start()
     where = []
