@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_llm.bundle import Bundle, load_bundle
 from edge_llm.errors import BundleError, ContextLengthError, RequestError
-from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, make_runner
+from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, StaticCache, make_runner
 from edge_llm.sampling import SamplingParams, make_rng, sample
 from edge_llm.tokenizer import StreamDecoder, Tokenizer
 
@@ -183,6 +183,17 @@ class Engine:
         """An independent copy of `slot` (a shared prefix such as a system prompt)."""
         cache = None if slot.cache is None else self.runner.fork(slot.cache)
         return Slot(cache, list(slot.ids))
+
+    def recycle(self, cache: KVCache | SharedCache | StaticCache | None, template: Slot | None) -> Slot:
+        """A new Slot (a copy of `template`, or empty) in the buffers of `cache`, which its owner
+        no longer needs: a single-row shared cache's committed pages are reused, not doubled."""
+        if not isinstance(cache, SharedCache) or cache.batch != 1 or cache.capacity < self.max_context:
+            return self.fork_slot(template) if template is not None else Slot()
+        if template is not None and isinstance(template.cache, SharedCache):
+            cache.copy_row(0, template.cache, 0)
+            return Slot(cache, list(template.ids))
+        cache.lengths[0] = 0
+        return Slot(cache, [])
 
     def batch_cache(self, rows: int) -> SharedCache:
         """A KV cache whose rows several sequences share, for `step` to advance together."""
