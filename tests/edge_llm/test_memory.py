@@ -230,3 +230,10 @@ def test_a_session_turn_reuses_the_evicted_sessions_buffers(tiny_fused: Path) ->
         assert chat_turn(fresh, "b1", "two", "B").text == b1.text
     finally:
         fresh.close(grace_s=1)
+
+
+def test_serve_refuses_a_budget_that_cannot_fit_before_serving(tiny_fused: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "edge.sock"
+    proc = run_cli("serve", "--bundle", str(tiny_fused), "--memory-mb", "20", "--socket", str(sock))
+    assert proc.returncode == 2 and "smallest budget that works is" in proc.stderr
+    assert not sock.exists()
