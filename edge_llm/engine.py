@@ -148,8 +148,8 @@ class Engine:
     def _feed(self, tokens: np.ndarray, slot: Slot) -> np.ndarray:
         """Last-position logits after feeding `tokens` [1, S], in pieces of `prefill_chunk` when
         set: ORT keeps (in its arena) the largest workspace any forward needed, and that grows
-        with tokens x context (measured on SmolLM2 INT8: +139 MB for one 2000-token forward,
-        +42 MB in 256-token pieces), so a memory budget bounds the piece."""
+        with tokens x context (measured on SmolLM2 INT8: +143 MB for one 2000-token forward,
+        +47 MB in 256-token pieces), so a memory budget bounds the piece."""
         chunk = self.options.prefill_chunk
         if not chunk or tokens.shape[1] <= chunk:
             return self._forward_slot(tokens, slot)

@@ -37,20 +37,21 @@ from edge_llm.errors import ConfigError
 MIB = 2**20
 
 # Measured by benchmarks/memory_costs.py (see the module docstring); MiB unless named otherwise.
-BASELINE_MB = 65.0  # imports: 57.0 (engine) + 5.4 (server, socket) + 2.0 (paho) = 64.4
-TOKENIZER_PER_FILE = 8.6  # RSS per byte of tokenizer.json: +28.7 MiB for 3.36 MiB
+# Two runs (2026-12-01) agreed within 1 MiB except the workspace; each constant bounds both.
+BASELINE_MB = 65.0  # imports: 57.1 (engine) + 5.2 (server, socket) + 1.9 (paho) = 64.2
+TOKENIZER_PER_FILE = 8.9  # RSS per byte of tokenizer.json: +28.7 / +29.5 MiB for 3.36 MiB
 WEIGHTS_PER_FILE = 1.02  # RSS per byte of graph files after session creation: 169.2 / 166.1 MiB
 LOAD_TRANSIENT = 0.17  # extra peak while ORT loads, per byte of graph files: 26.8 / 166.1 MiB
 # Workspace kept by ORT's arena after feeding C tokens over a context of T positions, an upper
-# bound of every measured point (C, T -> MiB: 16,16 -> 6.7; 256,256 -> 30.7; 256,2000 -> 41.6;
-# 512,512 -> 49.0; 512,2000 -> 58.8; 2000,2000 -> 138.8): a + b*C + c*C*T, with b scaled by the
-# hidden size and c by the attention heads of the measured model (576, 9).
-WORKSPACE_FIXED_MB = 5.2
-WORKSPACE_PER_TOKEN_MB = 0.0933 / 576  # per token fed, per unit of hidden size
-WORKSPACE_PER_TOKEN_POSITION_MB = 2.44e-5 / 9  # per token fed x context position, per head
+# bound of every measured point (C, T -> MiB, higher of two runs: 16,16 -> 6.7; 256,256 -> 31.1;
+# 256,2000 -> 47.3; 512,512 -> 50.8; 512,2000 -> 63.6; 2000,2000 -> 143.4): a + b*C + c*C*T,
+# with b scaled by the hidden size and c by the attention heads of the measured model (576, 9).
+WORKSPACE_FIXED_MB = 5.5
+WORKSPACE_PER_TOKEN_MB = 0.093 / 576  # per token fed, per unit of hidden size
+WORKSPACE_PER_TOKEN_POSITION_MB = 3.7e-5 / 9  # per token fed x context position, per head
 PAGE = 4096  # KV buffers commit whole pages of each (layer, K/V, head) region
 
-BUDGET_PREFILL_CHUNK = 256  # prompt piece under a budget: 42 MiB of workspace vs 139 whole (T=2000)
+BUDGET_PREFILL_CHUNK = 256  # prompt piece under a budget: 47 MiB of workspace vs 143 whole (T=2000)
 MIN_CONTEXT = 256  # a budget never plans a shorter context than this (or the bundle's, if shorter)
 HEADROOM_MIN_MB = 16.0
 HEADROOM_SHARE = 0.05
