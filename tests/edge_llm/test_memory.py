@@ -113,8 +113,9 @@ def test_the_planned_engine_allocates_no_more_kv_than_planned(tiny_fused: Path) 
     assert sum(b.nbytes for b in cache.buffers) <= plan.rows * plan.kv_row_mb * MIB
 
 
-def test_prefill_in_pieces_gives_the_same_tokens(tiny_fused: Path) -> None:
-    bundle = load_bundle(tiny_fused)
+@pytest.mark.parametrize("kind", ["tiny_fused", "tiny_bundle"])  # shared and concat KV layouts
+def test_prefill_in_pieces_gives_the_same_tokens(kind: str, request: pytest.FixtureRequest) -> None:
+    bundle = load_bundle(request.getfixturevalue(kind))
     whole = Engine(bundle, RunnerOptions(max_batch=1))
     pieces = Engine(bundle, RunnerOptions(max_batch=1, prefill_chunk=7))
     ids = whole.encode_request(prompt="The capital of France is Paris. The capital of Italy is Rome. " * 3)
