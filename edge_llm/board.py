@@ -1,7 +1,8 @@
 """Board profiles: one TOML file per kind of board, in `configs/boards/`.
 
 In: a TOML path. Out: a frozen `BoardConfig` — execution providers in order of preference with
-their options, runtime threads and limits — and from it the `RunnerOptions` the engine takes.
+their options, and the `[runtime]` table (`RunnerOptions`: threads, limits, memory budget) that
+the engine takes.
 Serving sections (`[server]`, `[sessions]`, `[socket]`, `[mqtt]`, `[mqtt.tls]`) configure
 `edge-llm serve`; every one is optional. Unknown keys and wrong types fail with the file and
 dotted key named.
@@ -9,29 +10,42 @@ dotted key named.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from edge_llm.config import load_toml
 from edge_llm.providers import ProviderSpec, parse_provider_list
-from edge_llm.runner import RunnerOptions
 from edge_llm.topics import REPLY_LEVEL, level_problem, topic_problem
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
-    threads: int = 0
-    spin: bool = True
-    max_context: int = 0
-    max_batch: int = 8
+class RunnerOptions:
+    """The `[runtime]` table of a board profile and what the engine and runner take: one
+    definition for both (the providers come from the profile's `[[providers]]` list, not from
+    `[runtime]`, so `load_toml` skips that field)."""
+
+    threads: int = 0  # intra-op threads; 0: one per core
+    spin: bool = True  # busy-wait between ops: lower latency per token on an idle board
+    max_context: int = 0  # 0: the bundle's context length (shared layout: buffer size)
+    max_batch: int = 8  # shared layout: rows of the batch KV cache (continuous batching)
     prompt_lookup: int = 0  # draft tokens for prompt-lookup speculative decoding (greedy only)
+    # Memory budget in MB (0: none). `edge_llm.memory.plan_memory` derives max_batch,
+    # max_context, prefill_chunk and [sessions] max_live from it (the configured values are upper
+    # limits) and refuses at start-up a budget the bundle cannot fit.
+    memory_mb: int = 0
+    # Feed prompts to the graph in pieces of at most this many tokens (0: whole). ORT's workspace
+    # for one forward grows with tokens x context; a budget sets this to bound it.
+    prefill_chunk: int = 0
+    providers: tuple[ProviderSpec, ...] = field(default=(ProviderSpec("cpu"),), metadata={"toml": False})
 
     def __post_init__(self) -> None:
         if self.threads < 0 or self.max_context < 0 or self.max_batch < 1:
             raise ValueError("runtime: threads and max_context must be ≥ 0, max_batch ≥ 1")
         if not 0 <= self.prompt_lookup <= 16:
             raise ValueError("runtime: prompt_lookup must be in 0..16")
+        if self.memory_mb < 0 or self.prefill_chunk < 0:
+            raise ValueError("runtime: memory_mb and prefill_chunk must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -137,7 +151,7 @@ class MqttConfig:
 class BoardConfig:
     name: str = "default"
     description: str = ""
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    runtime: RunnerOptions = field(default_factory=RunnerOptions)
     providers: tuple[dict[str, str | int | float | bool], ...] = ({"name": "cpu"},)
     server: ServerConfig = field(default_factory=ServerConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
@@ -148,15 +162,7 @@ class BoardConfig:
         return parse_provider_list(self.providers)
 
     def runner_options(self) -> RunnerOptions:
-        r = self.runtime
-        return RunnerOptions(
-            providers=self.provider_specs(),
-            threads=r.threads,
-            spin=r.spin,
-            max_context=r.max_context,
-            max_batch=r.max_batch,
-            prompt_lookup=r.prompt_lookup,
-        )
+        return replace(self.runtime, providers=self.provider_specs())
 
 
 def load_board(path: str | Path | None) -> BoardConfig:

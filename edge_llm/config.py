@@ -41,7 +41,12 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    # A field marked metadata={"toml": False} is set by code, never from the file.
+    fields = {
+        f.name: f
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.init and f.metadata.get("toml", True)
+    }
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(

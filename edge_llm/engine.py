@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_llm.bundle import Bundle, load_bundle
 from edge_llm.errors import BundleError, ContextLengthError, RequestError
-from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, make_runner
+from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, StaticCache, make_runner
 from edge_llm.sampling import SamplingParams, make_rng, sample
 from edge_llm.tokenizer import StreamDecoder, Tokenizer
 
@@ -141,9 +141,21 @@ class Engine:
             slot.cache = self.runner.empty(1)
         else:
             self.runner.truncate(slot.cache, reuse, slot.row or 0)
-        logits = self._forward_slot(np.array([ids[reuse:]], dtype=np.int64), slot)
+        logits = self._feed(np.array([ids[reuse:]], dtype=np.int64), slot)
         slot.ids = list(ids)
         return logits[0], reuse
+
+    def _feed(self, tokens: np.ndarray, slot: Slot) -> np.ndarray:
+        """Last-position logits after feeding `tokens` [1, S], in pieces of `prefill_chunk` when
+        set: ORT keeps (in its arena) the largest workspace any forward needed, and that grows
+        with tokens x context (measured on SmolLM2 INT8: +143 MB for one 2000-token forward,
+        +47 MB in 256-token pieces), so a memory budget bounds the piece."""
+        chunk = self.options.prefill_chunk
+        if not chunk or tokens.shape[1] <= chunk:
+            return self._forward_slot(tokens, slot)
+        for start in range(0, tokens.shape[1], chunk):
+            logits = self._forward_slot(tokens[:, start : start + chunk], slot)
+        return logits
 
     def decode_one_token(self, token: int, slot: Slot) -> np.ndarray:
         logits = self._forward_slot(np.array([[token]], dtype=np.int64), slot)
@@ -177,6 +189,17 @@ class Engine:
         """Whether `batch_cache` works: sequences of different lengths share one forward."""
         return self.runner.batches
 
+    def recycle(self, cache: KVCache | SharedCache | StaticCache | None, template: Slot | None) -> Slot:
+        """A new Slot (a copy of `template`, or empty) in the buffers of `cache`, which its owner
+        no longer needs: a single-row shared cache's committed pages are reused, not doubled."""
+        if not isinstance(cache, SharedCache) or cache.batch != 1 or cache.capacity < self.max_context:
+            return self.fork_slot(template) if template is not None else Slot()
+        if template is not None and isinstance(template.cache, SharedCache):
+            cache.copy_row(0, template.cache, 0)
+            return Slot(cache, list(template.ids))
+        cache.lengths[0] = 0
+        return Slot(cache, [])
+
     def batch_cache(self, rows: int) -> SharedCache:
         """A KV cache whose rows several sequences share, for `step` to advance together."""
         if not isinstance(self.runner, SharedRunner):
@@ -186,17 +209,22 @@ class Engine:
     def attach(self, slot: Slot, cache: SharedCache, row: int) -> Slot:
         """A Slot in row `row` of a batch cache, holding a copy of `slot`'s cached prefix."""
         if isinstance(slot.cache, SharedCache) and slot.ids:
-            cache.restore(row, slot.cache.park(0))
+            cache.copy_row(row, slot.cache, 0)
             return Slot(cache, list(slot.ids), row)
         cache.lengths[row] = 0
         return Slot(cache, [], row)
 
     def detach(self, batch_slot: Slot, into: Slot) -> None:
-        """Copy a batch row's KV back into a standalone Slot (a session's next turn reuses it)."""
+        """Copy a batch row's KV back into a standalone Slot (a session's next turn reuses it).
+
+        The session's own single-row cache is reused when it has one: its pages are already
+        committed, so a session costs one row of KV however many turns it takes."""
         if batch_slot.row is None or not isinstance(batch_slot.cache, SharedCache):
             raise ValueError("detach takes a Slot that lives in a batch cache row")
-        single = self.runner.empty(1)
-        single.restore(0, batch_slot.cache.park(batch_slot.row))
+        single = into.cache
+        if not isinstance(single, SharedCache) or into.row is not None or single.capacity < self.max_context:
+            single = self.runner.empty(1)
+        single.copy_row(0, batch_slot.cache, batch_slot.row)
         into.cache, into.ids, into.row = single, list(batch_slot.ids), None
 
     def start(self, ids: list[int], params: SamplingParams, slot: Slot | None = None) -> Generation:
@@ -229,8 +257,8 @@ class Engine:
                 q.take(logits[i])
 
     def _prefill_groups(self, seqs: list[Generation]) -> list[list[Generation]]:
-        """Runs of adjacent empty batch rows whose padding stays under a third of the work;
-        everything else alone."""
+        """Runs of adjacent empty batch rows whose padding stays under a third of the work (and
+        whose padded tokens fit one `prefill_chunk`, when set); everything else alone."""
         alone: list[list[Generation]] = []
         runs: list[list[Generation]] = []
         for q in sorted(seqs, key=lambda q: -1 if q.slot.row is None else q.slot.row):
@@ -241,7 +269,8 @@ class Engine:
             run = runs[-1] if runs else None
             if run and s.cache is run[-1].slot.cache and s.row == run[-1].slot.row + 1:
                 lens = [len(x.ids) for x in (*run, q)]
-                if max(lens) * len(lens) <= 1.5 * sum(lens):
+                padded, chunk = max(lens) * len(lens), self.options.prefill_chunk
+                if padded <= 1.5 * sum(lens) and (not chunk or padded <= chunk):
                     run.append(q)
                     continue
             runs.append([q])

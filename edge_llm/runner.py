@@ -26,21 +26,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_llm.board import RunnerOptions
 from edge_llm.bundle import Bundle, check_graph_io
 from edge_llm.errors import BundleError, ContextLengthError
-from edge_llm.providers import ProviderPlan, ProviderSpec, plan_providers
+from edge_llm.providers import ProviderPlan, plan_providers
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunnerOptions:
-    providers: tuple[ProviderSpec, ...] = (ProviderSpec("cpu"),)
-    threads: int = 0  # 0: one per core
-    spin: bool = True  # busy-wait between ops: lower latency per token on an idle board
-    max_context: int = 0  # 0: the bundle's context length (shared layout: buffer size)
-    max_batch: int = 8  # shared layout: rows preallocated in the KV buffer
-    prompt_lookup: int = 0  # speculative draft length for greedy requests (0: off)
 
 
 @dataclass
@@ -204,15 +195,14 @@ class SharedCache:
     def batch(self) -> int:
         return int(self.lengths.shape[0])
 
-    def park(self, row: int) -> list[np.ndarray]:
-        """Copy out row `row`'s live positions (to free the row and resume it later)."""
-        n = int(self.lengths[row])
-        return [buf[row, :, :n].copy() for buf in self.buffers]
-
-    def restore(self, row: int, parked: list[np.ndarray]) -> None:
-        n = parked[0].shape[1]
-        for buf, saved in zip(self.buffers, parked, strict=True):
-            buf[row, :, :n] = saved
+    def copy_row(self, row: int, source: SharedCache, source_row: int) -> None:
+        """Make row `row` hold `source`'s row `source_row`, copied buffer to buffer: no parked
+        copy in between, so moving a sequence between caches needs no transient memory."""
+        n = int(source.lengths[source_row])
+        if n > self.capacity:
+            raise ContextLengthError(f"context full: {n} cached tokens > {self.capacity}")
+        for buf, src in zip(self.buffers, source.buffers, strict=True):
+            buf[row, :, :n] = src[source_row, :, :n]
         self.lengths[row] = n
 
 
@@ -312,7 +302,7 @@ class SharedRunner(_SessionRunner):
     def fork(self, cache: SharedCache) -> SharedCache:
         """An independent single-row copy of row 0 (e.g. a shared system-prompt prefix)."""
         copy = self.empty(1, cache.capacity)
-        copy.restore(0, cache.park(0))
+        copy.copy_row(0, cache, 0)
         return copy
 
 

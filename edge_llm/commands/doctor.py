@@ -31,6 +31,10 @@ _FLAGS = (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="show CPU features, memory, onnxruntime version and providers")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    # The memory plan section (edge_llm.memory): needs a bundle; the profile and budget are optional.
+    p.add_argument("--bundle", help="also print the memory plan for this bundle")
+    p.add_argument("--config", help="board profile TOML for the memory plan")
+    p.add_argument("--memory-mb", type=int, metavar="MB", help="budget (default: [runtime] memory_mb)")
     p.set_defaults(handler=run)
 
 
@@ -110,7 +114,10 @@ def installed_extras() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     info = facts()
+    plan = _memory_plan(args)
     if args.json:
+        if plan is not None:
+            info["memory_plan"] = {**plan.__dict__, "total_mb": plan.total_mb}
         print(json.dumps(info, indent=2))
         return 0
     width = max(len(k) for k in info)
@@ -119,4 +126,17 @@ def run(args: argparse.Namespace) -> int:
             value = [f"{k}: {v}" for k, v in value.items()]
         shown = ", ".join(value) if isinstance(value, list) else value
         print(f"{key:<{width}}  {shown}")
+    if plan is not None:
+        print("\n".join(["", *plan.lines()]))
     return 0
+
+
+def _memory_plan(args: argparse.Namespace) -> Any:
+    """The plan `serve` would make for --bundle (a too-small budget raises its ConfigError)."""
+    if not getattr(args, "bundle", None):
+        return None
+    from edge_llm.board import load_board
+    from edge_llm.bundle import load_bundle
+    from edge_llm.memory import plan_memory
+
+    return plan_memory(load_bundle(args.bundle, verify=False), load_board(args.config), args.memory_mb)

@@ -9,9 +9,11 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from edge_llm.board import load_board
+from edge_llm.board import BoardConfig, load_board
+from edge_llm.bundle import load_bundle
 from edge_llm.engine import Engine, Slot
-from edge_llm.errors import RequestError
+from edge_llm.errors import ConfigError, RequestError
+from edge_llm.memory import plan_memory
 from edge_llm.paths import resolve_bundle
 from edge_llm.sampling import SamplingParams
 
@@ -44,6 +46,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads (overrides the board profile)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files")
     p.add_argument(
+        "--memory-mb",
+        type=int,
+        metavar="MB",
+        help="memory budget (MiB): rows, context and live sessions are sized to fit "
+        "(overrides [runtime] memory_mb; 0 = none)",
+    )
+    p.add_argument(
         "--prompt-lookup",
         type=int,
         metavar="K",
@@ -71,13 +80,27 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) 
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens tokens")
 
 
-def load_engine(args: argparse.Namespace) -> Engine:
-    options = load_board(args.config).runner_options()
+def load_engine(args: argparse.Namespace, board: BoardConfig | None = None) -> tuple[Engine, BoardConfig]:
+    """The engine for `--bundle`, and the board profile as planned: with a memory budget
+    (`--memory-mb` or `[runtime] memory_mb`) its rows, context and live sessions are the plan's,
+    and a budget the bundle cannot fit is refused before the graph is loaded."""
+    board = board if board is not None else load_board(args.config)
+    runtime = board.runtime
     if args.threads is not None:
-        options = replace(options, threads=args.threads)
+        runtime = replace(runtime, threads=args.threads)
     if args.prompt_lookup is not None:
-        options = replace(options, prompt_lookup=args.prompt_lookup)
-    return Engine.load(resolve_bundle(args.bundle), options, verify=not args.no_verify)
+        runtime = replace(runtime, prompt_lookup=args.prompt_lookup)
+    if args.memory_mb is not None:
+        if args.memory_mb < 0:
+            raise ConfigError(f"--memory-mb must be ≥ 0, got {args.memory_mb}")
+        runtime = replace(runtime, memory_mb=args.memory_mb)
+    board = replace(board, runtime=runtime)
+    bundle = load_bundle(resolve_bundle(args.bundle), verify=not args.no_verify)
+    if runtime.memory_mb:
+        plan = plan_memory(bundle, board)
+        board = plan.apply(board)
+        print(f"edge-llm: {plan.summary()}", file=sys.stderr, flush=True)
+    return Engine(bundle, board.runner_options()), board
 
 
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|.?)", re.DOTALL)
@@ -135,7 +158,7 @@ def messages_for(prompt: str, system: str | None) -> list[dict[str, Any]]:
 def run_generate(args: argparse.Namespace) -> int:
     prompt_text(args.prompt)
     params = sampling_params(args)
-    engine = load_engine(args)
+    engine, _ = load_engine(args)
     if args.raw:
         ids = engine.encode_request(prompt=args.prompt)
     else:
@@ -161,7 +184,7 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, slot: Slot
 
 def run_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
-    engine = load_engine(args)
+    engine, _ = load_engine(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     slot = Slot()  # one KV slot for the whole conversation: each turn prefills only what is new
     interactive = sys.stdin.isatty()

@@ -106,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     mqtt_log = logging.getLogger("edge_llm.transports.mqtt")
     if mqtt_log.getEffectiveLevel() > logging.INFO:
         mqtt_log.setLevel(logging.INFO)
-    engine = load_engine(args)
+    engine, board = load_engine(args, board)
     server = Server(engine, board, state_path=args.state)
     server.start()
     where = []
