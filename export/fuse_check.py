@@ -120,6 +120,10 @@ class FusedRunner:
             io.bind_cpu_input("query_seqlens", new.astype(np.int32))
         elif not np.all((new == s) | (self.lengths[rows] == 0)):
             raise ValueError("rows with fewer than S new tokens over a past need query_seqlens")
+        elif b > 1 and s > 1 and self.lengths[rows].any():
+            # GQA without its query_seqlens input refuses this itself ("batch_size must be 1 when
+            # sequence_length > 1 and past context is given"); say which graph option allows it.
+            raise ValueError("multi-token steps of several rows over a past need query_seqlens")
         mode = self.facts["logits"]
         if mode == "tail":
             io.bind_cpu_input("logits_to_keep", np.array(keep, np.int64))

@@ -198,8 +198,8 @@ def test_batch_rows_with_different_past(build, variant) -> None:
     data = seqs(3, 20, seed=11)
     refs = [ref_logits(model, s) for s in data]
     lens = [3, 9, 5]
-    for mode in MODES:
-        r = runner(build(logits=mode, **kw), 3)
+    for mode, qlens in [(m, False) for m in MODES] + [("tail", True)]:
+        r = runner(build(logits=mode, query_seqlens_input=qlens, **kw), 3)
         # right-padded prefill from empty: row b holds lens[b] real tokens
         ids = np.zeros((3, max(lens)), np.int64)
         for b, n in enumerate(lens):
@@ -211,7 +211,13 @@ def test_batch_rows_with_different_past(build, variant) -> None:
         out = r.step(np.array([[data[b][n]] for b, n in enumerate(lens)]))
         for b, n in enumerate(lens):
             check_row(out[b], refs[b][n : n + 1], mode, 1, atol)
-        # the same 3-token chunk length for every row over different pasts (4 / 10 / 6)
+        # the same 3-token chunk length for every row over different pasts (4 / 10 / 6): GQA
+        # takes it only with the query_seqlens input (onnxruntime >= 1.32)
+        chunk = np.array([data[b][n + 1 : n + 4] for b, n in enumerate(lens)])
+        if not qlens:
+            with pytest.raises(ValueError, match="query_seqlens"):
+                r.step(chunk, keep=3)
+            continue
         out = r.step(np.array([data[b][n + 1 : n + 4] for b, n in enumerate(lens)]), keep=3)
         for b, n in enumerate(lens):
             check_row(out[b], refs[b][n + 1 : n + 4], mode, 3, atol)
