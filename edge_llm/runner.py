@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_llm.bundle import Bundle, check_graph_io
+from edge_llm.bundle import Bundle, check_graph_io, check_requirements
 from edge_llm.errors import BundleError, ContextLengthError
 from edge_llm.providers import ProviderPlan, ProviderSpec, plan_providers
 
@@ -92,6 +92,7 @@ class _SessionRunner:
     def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
         self.bundle = bundle
         self.options = options
+        check_requirements(bundle, ort.__version__)  # a one-line refusal instead of INVALID_GRAPH
         self.plan: ProviderPlan = plan_providers(options.providers)
         self.session = self.open_session(bundle.graph_path, prefused=bundle.graph.kv_layout == "shared")
         arch = bundle.architecture

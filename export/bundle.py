@@ -17,6 +17,7 @@ from typing import Any
 from edge_llm import chat
 from edge_llm.bundle import FORMAT_VERSION, load_bundle, write_manifest
 from edge_llm.errors import ExportError
+from export import targets
 from export.to_onnx import graph_io
 
 # End-of-turn tokens that chat models emit besides their configured eos; stopping on them when
@@ -34,6 +35,7 @@ class BundleConfig:
     prefill_file: str = ""
     prefill_length: int = 0
     past_length: int = 0
+    target: str = "cpu"  # export/targets.py TARGETS; recorded in bundle.json requirements
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
         "quantization": inputs.quantization,
         "source": inputs.source,
         "recipe": inputs.recipe,
+        "requirements": targets.requirements(sorted(tmp.glob("*.onnx")), config.target),
     }
     write_manifest(tmp, manifest)
     tmp.rename(out_dir)

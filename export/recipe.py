@@ -30,6 +30,7 @@ from export import load as load_stage
 from export import prune as prune_stage
 from export import quantize as quantize_stage
 from export import report as report_stage
+from export import targets
 from export import to_onnx as to_onnx_stage
 from export.cache import cached_stage, stable_key
 
@@ -48,6 +49,7 @@ class Recipe:
     evaluate: evaluate_stage.EvaluateConfig | None = None
     report: report_stage.ReportConfig = field(default_factory=report_stage.ReportConfig)
     bundle: bundle_stage.BundleConfig = field(default_factory=bundle_stage.BundleConfig)
+    target: targets.TargetConfig = field(default_factory=targets.TargetConfig)
 
     def __post_init__(self) -> None:
         if self.static is not None and (
@@ -199,6 +201,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
         kv_layout=layout["kv_layout"],
         logits=layout["logits"],
         context_length=recipe.bundle.context_length or layout["context_length"],
+        target=recipe.target.name,
     )
     graph, graphs = q_dir / "model.onnx", {}
     if recipe.static is not None:
