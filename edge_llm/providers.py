@@ -107,6 +107,11 @@ class ProviderPlan:
         return self.providers[0]
 
 
+def short_name(ort_name: str) -> str | None:
+    """"cuda" for "CUDAExecutionProvider": the name board profiles and --provider use."""
+    return next((key for key, (name, _) in _PROVIDERS.items() if name == ort_name), None)
+
+
 def ort_options(spec: ProviderSpec) -> tuple[str, dict[str, str]]:
     """Translate one spec into (ORT provider name, ORT option strings); reject unknown options."""
     key = spec.name.lower()

@@ -87,3 +87,22 @@ def test_query_seqlens_graph_needs_ort_132(tmp_path: Path, tiny_hf: Path) -> Non
     assert req["onnxruntime"] == "1.32.0"
     plain = fuse.run(fuse.FuseConfig(max_context=64, bits=8, block_size=16), tiny_hf, tmp_path / "plain")
     assert targets.requirements([plain.model_path], "cpu", exporting_ort="1.32.0")["onnxruntime"] == PORTABLE_CPU_ORT
+
+
+def test_doctor_checks_bundle_profiles_and_smoke_runs(
+    tiny_fused_int8: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["doctor", "--json", "--bundle", str(tiny_fused_int8)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["onnxruntime"] == ort.__version__
+    assert info["bundle"]["requirements_met"] is True
+    assert info["bundle"]["needs_onnxruntime"] == PORTABLE_CPU_ORT
+    assert info["board_profiles"]["cpu-2core"] == "CPUExecutionProvider"
+    assert info["smoke"]["CPUExecutionProvider"].startswith("ok on CPUExecutionProvider")
+
+    newer = _copy_with(tiny_fused_int8, tmp_path / "b", lambda d: d["requirements"].update(onnxruntime="99.1"))
+    assert cli.main(["doctor", "--json", "--bundle", str(newer)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bundle"]["requirements_met"] is False
+    assert info["bundle"]["problem"].startswith("this bundle needs onnxruntime ≥ 99.1")
+    assert info["smoke"]["CPUExecutionProvider"].startswith("failed: ")
