@@ -374,7 +374,7 @@ class _Builder:
             "GroupQueryAttention",
             # GQA's 17th input (query_seqlens) exists only from onnxruntime 1.32 on; older builds
             # refuse a node with 17 inputs. Fed only when the graph takes it as an input.
-            [*qkv, *past, seqlens_k, total, cos, sin, *(["", "", "", "", "", "", "", qlens] if qlens else [])],
+            [*qkv, *past, seqlens_k, total, cos, sin, *([""] * 7 + [qlens] if qlens else [])],
             domain=MS,
             name=f"{name}.gqa",
             outputs=[f"{name}.gqa/out", *present],

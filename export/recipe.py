@@ -22,7 +22,7 @@ from typing import Any
 from edge_llm.config import load_toml
 from edge_llm.errors import ExportError
 from export import bundle as bundle_stage
-from export import cache
+from export import cache, targets
 from export import distill as distill_stage
 from export import evaluate as evaluate_stage
 from export import fix_shapes as fix_shapes_stage
@@ -30,7 +30,6 @@ from export import load as load_stage
 from export import prune as prune_stage
 from export import quantize as quantize_stage
 from export import report as report_stage
-from export import targets
 from export import to_onnx as to_onnx_stage
 from export.cache import cached_stage, stable_key
 

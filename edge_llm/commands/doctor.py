@@ -146,13 +146,16 @@ def smoke_section(args: argparse.Namespace) -> dict[str, Any] | None:
             continue
         t0 = time.perf_counter()
         try:
-            options = RunnerOptions(providers=(ProviderSpec(name),), threads=1, spin=False, max_context=64, max_batch=1)
+            options = RunnerOptions(
+                providers=(ProviderSpec(name),), threads=1, spin=False, max_context=64, max_batch=1
+            )
             engine = Engine.load(args.bundle, options, verify=False)
             ran = engine.runner.session.get_providers()[0]
             cache = engine.runner.empty(1)
             logits = engine.runner.forward(np.array([[engine.bundle.tokenizer.pad_id]], np.int64), cache)
             ok = bool(np.isfinite(logits).all())
-            out[provider] = f"{'ok' if ok else 'non-finite logits'} on {ran} ({time.perf_counter() - t0:.2f} s)"
+            seconds = time.perf_counter() - t0
+            out[provider] = f"{'ok' if ok else 'non-finite logits'} on {ran} ({seconds:.2f} s)"
         except (EdgeLLMError, RuntimeError, ValueError) as exc:
             out[provider] = f"failed: {str(exc).splitlines()[0][:200]}"
     return out

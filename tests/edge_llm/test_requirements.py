@@ -41,7 +41,8 @@ def test_bundle_needing_newer_ort_is_refused_in_one_line(
     tiny_fused_int8: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = _copy_with(tiny_fused_int8, tmp_path / "b", lambda d: d["requirements"].update(onnxruntime="99.1"))
-    want = f"this bundle needs onnxruntime ≥ 99.1; found {ort.__version__}: upgrade, or re-export with --target cpu"
+    want = f"this bundle needs onnxruntime ≥ 99.1; found {ort.__version__}: "
+    want += "upgrade, or re-export with --target cpu"
     with pytest.raises(BundleError, match=want):
         Engine.load(root)
     assert cli.main(["generate", "--bundle", str(root), "--max-tokens", "2", "hi"]) == 2
@@ -71,7 +72,12 @@ def test_older_than_every_target_says_upgrade_only(tiny_fused_int8: Path) -> Non
 
 @pytest.mark.parametrize(
     ("text", "want"),
-    [("1.23.2", (1, 23, 2)), ("1.24.1+openvino", (1, 24, 1)), ("1.33.0.dev20261201", (1, 33, 0)), ("2", (2,))],
+    [
+        ("1.23.2", (1, 23, 2)),
+        ("1.24.1+openvino", (1, 24, 1)),
+        ("1.33.0.dev20261201", (1, 33, 0)),
+        ("2", (2,)),
+    ],
 )
 def test_version_tuple(text: str, want: tuple[int, ...]) -> None:
     assert version_tuple(text) == want
@@ -82,11 +88,16 @@ def test_query_seqlens_graph_needs_ort_132(tmp_path: Path, tiny_hf: Path) -> Non
     pytest.importorskip("torch")
     from export import fuse, targets
 
-    res = fuse.run(fuse.FuseConfig(max_context=64, bits=8, block_size=16, query_seqlens_input=True), tiny_hf, tmp_path)
+    res = fuse.run(
+        fuse.FuseConfig(max_context=64, bits=8, block_size=16, query_seqlens_input=True), tiny_hf, tmp_path
+    )
     req = targets.requirements([res.model_path], "cpu", exporting_ort="1.32.0")
     assert req["onnxruntime"] == "1.32.0"
     plain = fuse.run(fuse.FuseConfig(max_context=64, bits=8, block_size=16), tiny_hf, tmp_path / "plain")
-    assert targets.requirements([plain.model_path], "cpu", exporting_ort="1.32.0")["onnxruntime"] == PORTABLE_CPU_ORT
+    assert (
+        targets.requirements([plain.model_path], "cpu", exporting_ort="1.32.0")["onnxruntime"]
+        == PORTABLE_CPU_ORT
+    )
 
 
 def test_doctor_checks_bundle_profiles_and_smoke_runs(
@@ -100,7 +111,9 @@ def test_doctor_checks_bundle_profiles_and_smoke_runs(
     assert info["board_profiles"]["cpu-2core"] == "CPUExecutionProvider"
     assert info["smoke"]["CPUExecutionProvider"].startswith("ok on CPUExecutionProvider")
 
-    newer = _copy_with(tiny_fused_int8, tmp_path / "b", lambda d: d["requirements"].update(onnxruntime="99.1"))
+    newer = _copy_with(
+        tiny_fused_int8, tmp_path / "b", lambda d: d["requirements"].update(onnxruntime="99.1")
+    )
     assert cli.main(["doctor", "--json", "--bundle", str(newer)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["bundle"]["requirements_met"] is False
