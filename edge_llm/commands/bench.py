@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=5, help="each figure is the median of this many runs")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--provider",
+        default="cpu",
+        help="execution provider(s), comma-separated: one row each, in the same run (e.g. cpu,openvino)",
+    )
     p.add_argument("--batch-sizes", default="1,2,4,8", help="concurrent requests to measure, comma-separated")
     p.add_argument("--text", type=Path, default=WIKITEXT, help="text for the long prompt")
     p.add_argument("--long-tokens", type=int, default=500, help="length of the long prompt (TTFT)")
@@ -72,8 +77,13 @@ def run(args: argparse.Namespace) -> int:
         f"{args.new_tokens} new, {args.runs} runs, {args.threads} threads",
         file=sys.stderr,
     )
+    from edge_llm.commands.generate import provider_specs
+
     common = {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads}
-    results = [_isolated(bench.measure, args.bundle, ids, batch_sizes=sizes, **common)]
+    results = [
+        _isolated(bench.measure, args.bundle, ids, batch_sizes=sizes, provider=spec.name, **common)
+        for spec in provider_specs(args.provider)
+    ]
     if args.prompt_lookup:
         results.append(
             _isolated(

@@ -10,6 +10,7 @@ from typing import Any
 
 from edge_llm.board import load_board
 from edge_llm.engine import Engine, Slot
+from edge_llm.providers import ProviderSpec, ort_options
 from edge_llm.sampling import SamplingParams
 
 
@@ -34,6 +35,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle folder written by `edge-llm export`")
     p.add_argument("--config", help="board profile TOML (configs/boards/NAME.toml)")
     p.add_argument("--threads", type=int, help="intra-op threads (overrides the board profile)")
+    p.add_argument(
+        "--provider",
+        metavar="NAME",
+        help="execution provider (cpu, cuda, openvino, qnn, ...): overrides the board profile's list",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files")
     p.add_argument(
         "--prompt-lookup",
@@ -60,7 +66,17 @@ def load_engine(args: argparse.Namespace) -> Engine:
         options = replace(options, threads=args.threads)
     if args.prompt_lookup is not None:
         options = replace(options, prompt_lookup=args.prompt_lookup)
+    if args.provider:
+        options = replace(options, providers=provider_specs(args.provider))
     return Engine.load(args.bundle, options, verify=not args.no_verify)
+
+
+def provider_specs(names: str) -> tuple[ProviderSpec, ...]:
+    """`--provider openvino` (or "qnn,cpu"): specs with default options, unknown names refused."""
+    specs = tuple(ProviderSpec(n.strip().lower()) for n in names.split(",") if n.strip())
+    for spec in specs:
+        ort_options(spec)  # ConfigError naming the known providers
+    return specs
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

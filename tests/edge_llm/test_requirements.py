@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -119,3 +120,45 @@ def test_doctor_checks_bundle_profiles_and_smoke_runs(
     assert info["bundle"]["requirements_met"] is False
     assert info["bundle"]["problem"].startswith("this bundle needs onnxruntime ≥ 99.1")
     assert info["smoke"]["CPUExecutionProvider"].startswith("failed: ")
+
+
+def test_provider_flag_and_usage_name_the_provider(
+    tiny_fused_int8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "generate",
+        "--bundle",
+        str(tiny_fused_int8),
+        "--max-tokens",
+        "3",
+        "--stats",
+        "--provider",
+        "cpu",
+        "hi",
+    ]
+    assert cli.main(args) == 0
+    stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert stats["provider"] == "CPUExecutionProvider" and stats["cpu_fallback_nodes"] == 0
+    assert cli.main([*args[:-3], "--provider", "nope", "hi"]) == 2
+    assert "unknown execution provider 'nope'" in capsys.readouterr().err
+
+
+def test_placement_counted_from_a_profile(tiny_fused_int8: Path, tmp_path: Path) -> None:
+    """The fallback count comes from onnxruntime's own profile of a run: on CPU every node of the
+    graph is a CPUExecutionProvider node."""
+    from edge_llm.providers import placement_from_profile
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(tmp_path / "p")
+    graph = tiny_fused_int8 / "model.onnx"
+    sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+    engine = Engine.load(tiny_fused_int8)
+    engine.runner.session = sess
+    engine.runner.forward(np.array([[1, 2, 3]], np.int64), engine.runner.empty(1))
+    counts = placement_from_profile(sess.end_profiling())
+    import onnx
+
+    nodes = len(onnx.load(str(graph), load_external_data=False).graph.node)
+    assert set(counts) == {"CPUExecutionProvider"}
+    assert 0 < counts["CPUExecutionProvider"] <= nodes
