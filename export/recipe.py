@@ -116,6 +116,7 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
 
 
 def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
+    recipe = targets.adapt(recipe)
     standard_ops = recipe.quantize.mode in ("dynamic", "qdq") or recipe.static is not None
     if recipe.to_onnx.graph == "auto" and standard_ops:
         # ORT's dynamic / QDQ quantizers, fixed shapes (and the NPUs both are for) need standard ops.

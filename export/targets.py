@@ -23,15 +23,17 @@ from edge_llm.bundle import PORTABLE_CPU_ORT, version_tuple
 
 TARGETS = ("cpu", "openvino", "qnn-htp", "cuda")
 
-# onnxruntime CPU builds the table was measured on (Python 3.11 wheels, this machine).
-VERIFIED_ORT = ("1.23.2", "1.31.1", "1.32.0")
+# onnxruntime CPU builds the table was measured on (Python 3.11 wheels, this machine). The int8
+# fused graph runs on the last three; 1.20.1, 1.21.1 and 1.22.1 refuse it at load
+# ("Unrecognized attribute: bits for operator GatherBlockQuantized").
+VERIFIED_ORT = ("1.20.1", "1.21.1", "1.22.1", "1.23.2", "1.31.1", "1.32.0")
 
 # "domain:op" -> lowest verified onnxruntime that runs it as export/fuse.py and export/nbits.py
 # write it. Standard ONNX ops (opset 21, IR 10) all ran on the oldest build tested.
 OP_MIN_ORT: dict[str, str] = {
     "com.microsoft:GroupQueryAttention": "1.23.2",  # 9 inputs: rotary inside, shared KV buffer
     "com.microsoft:MatMulNBits": "1.23.2",  # bits 8, accuracy_level 4
-    "com.microsoft:GatherBlockQuantized": "1.23.2",  # uint8 table, blocks along the hidden axis
+    "com.microsoft:GatherBlockQuantized": "1.23.2",  # with `bits`: 1.22.1 refuses the attribute
     "com.microsoft:SkipSimplifiedLayerNormalization": "1.23.2",
     "com.microsoft:QuickGelu": "1.23.2",
     ":SimplifiedLayerNormalization": "1.23.2",  # a contrib kernel registered in the ONNX domain
@@ -90,3 +92,36 @@ def requirements(paths: Iterable[Path], target: str, exporting_ort: str | None =
             if version_tuple(version) > version_tuple(need):
                 need = version
     return {"onnxruntime": need, "contrib_ops": sorted(contrib), "target": target}
+
+
+def adapt(recipe: Any) -> Any:
+    """The recipe with what its target needs filled in (a `Recipe`; refuses what cannot work).
+
+    cpu / cuda: the fused graph (GroupQueryAttention, MatMulNBits: both have CPU and CUDA kernels).
+    openvino: the optimum graph (standard attention ops) with fp32 embeddings: on
+        OpenVINOExecutionProvider 1.24.1 the fused graph's GroupQueryAttention and
+        GatherBlockQuantized fall back to CPU (measured: 31 CPU nodes for SmolLM2, one per layer
+        + the embedding, splitting the graph into 31 OpenVINO subgraphs); MatMulNBits runs on OV.
+    qnn-htp: fixed shapes ([static]) with QDQ quantization: what the HTP compiles.
+    """
+    from dataclasses import replace
+
+    from edge_llm.errors import ExportError
+
+    name = recipe.target.name
+    if name == "openvino":
+        if recipe.to_onnx.graph == "fused":
+            raise ExportError(
+                "target openvino: the fused graph's GroupQueryAttention and GatherBlockQuantized run on "
+                "CPU under OpenVINO; use to_onnx.graph 'optimum' or 'auto'"
+            )
+        quantize = recipe.quantize
+        if quantize.embeddings in ("auto", "int8"):
+            quantize = replace(quantize, embeddings="fp32")
+        return replace(recipe, to_onnx=replace(recipe.to_onnx, graph="optimum"), quantize=quantize)
+    if name == "qnn-htp" and (recipe.static is None or recipe.quantize.mode != "qdq"):
+        raise ExportError(
+            "target qnn-htp: the HTP runs fixed shapes of QDQ ops: add [static] (or --static PAST,PREFILL) "
+            "and quantize.mode 'qdq'"
+        )
+    return recipe

@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also fix the shapes for NPUs: a decode and a PREFILL-token graph over PAST positions "
         "(optimum graph; quant qdq, dynamic or none), e.g. 512,64",
     )
+    p.add_argument(
+        "--target",
+        choices=("cpu", "openvino", "qnn-htp", "cuda"),
+        help="onnxruntime build the bundle is for: picks the graph it runs well (default: the recipe's, cpu)",
+    )
     p.set_defaults(handler=run)
 
     e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
@@ -76,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         recipe = replace(recipe, name=args.name)
     if args.graph:
         recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph=args.graph))
+    if args.target:
+        from export.targets import TargetConfig
+
+        recipe = replace(recipe, target=TargetConfig(args.target))
+        if not args.graph:  # the target picks the graph, whatever the recipe's cpu default says
+            recipe = replace(recipe, to_onnx=replace(recipe.to_onnx, graph="auto"))
     if args.static:
         from edge_llm.errors import ConfigError
         from export.fix_shapes import FixShapesConfig
