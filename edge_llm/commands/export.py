@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--no-speed", action="store_true", help="skip the decode speed / TTFT measurement")
     e.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    e.add_argument("--provider", default="cpu", help="execution provider for a bundle (cpu, openvino, ...)")
     e.set_defaults(handler=run_eval)
 
 
@@ -127,6 +128,7 @@ def run_eval(args: argparse.Namespace) -> int:
             chat_tokens=args.chat_tokens,
             speed=not args.no_speed,
             threads=args.threads,
+            provider=args.provider,
         )
     except ValueError as exc:
         raise ConfigError(f"eval: {exc}") from None
