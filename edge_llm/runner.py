@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(buf, np.float32, count=count).reshape(shape)
 
 
+def _drop_profile(session: ort.InferenceSession) -> None:
+    name = session.end_profiling()  # "" when not profiling (any more)
+    if name:
+        Path(name).unlink(missing_ok=True)
+
+
 class _SessionRunner:
     """What both layouts share: the ORT session, IO checks, KV tensor names."""
 
@@ -111,6 +118,8 @@ class _SessionRunner:
         # Node placement: measured on the first run (onnxruntime profiling) when a provider other
         # than CPU leads; with CPU alone every node runs on CPU and nothing is measured.
         self.placement: dict[str, int] | None = None
+        # A profiling session that never runs would write its profile when destroyed: drop it.
+        weakref.finalize(self, _drop_profile, self.session)
         log.info("runner: %s (%s KV) on %s", bundle.graph_path.name, g.kv_layout, self.plan.chosen)
 
     @property
@@ -128,16 +137,16 @@ class _SessionRunner:
     def profiled(self) -> None:
         """After a run: read the first run's profile into `placement` (then profiling stops)."""
         if self.placement is None and self.plan.chosen != "CPUExecutionProvider":
-            path = Path(self.session.end_profiling())
-            try:
-                self.placement = placement_from_profile(path)
-            finally:
-                path.unlink(missing_ok=True)
+            name = self.session.end_profiling()  # "" when this session was not profiling
+            self.placement = placement_from_profile(name) if name else {}
+            if name:
+                Path(name).unlink(missing_ok=True)
 
-    def open_session(self, path: Path, prefused: bool = False) -> ort.InferenceSession:
-        """An ORT session on the planned providers for a graph whose IO the manifest describes."""
+    def open_session(self, path: Path, prefused: bool = False, profile: bool = True) -> ort.InferenceSession:
+        """An ORT session on the planned providers for a graph whose IO the manifest describes
+        (`profile`: profile its first run to count node placement, see `profiled`)."""
         so = session_options(self.options, prefused=prefused)
-        if self.plan.chosen != "CPUExecutionProvider":
+        if profile and self.plan.chosen != "CPUExecutionProvider":
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edge-llm-placement-{os.getpid()}")
         try:
@@ -370,7 +379,7 @@ class StaticRunner(_SessionRunner):
         self.chunk = g.prefill_length
         self.max_context = min(self.max_context, self.past_length)
         self.pad_id = bundle.tokenizer.pad_id
-        self.prefill = self.open_session(bundle.path / g.prefill_file)
+        self.prefill = self.open_session(bundle.path / g.prefill_file, profile=False)
 
     def empty(self, batch: int = 1) -> StaticCache:
         if batch != 1:
