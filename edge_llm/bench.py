@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": 2,
     "batch_sizes": [1, 2, 4, 8],
     "prompt_lookup": 0,
+    "provider": "cpu",
 }
 
 
@@ -119,7 +120,16 @@ def measure(
     t0 = time.perf_counter()
     b = load_bundle(bundle)
     lookup = int(s["prompt_lookup"])
-    engine = Engine(b, RunnerOptions(threads=int(s["threads"]), max_batch=max(sizes), prompt_lookup=lookup))
+    from edge_llm.providers import ProviderSpec
+
+    provider = str(s["provider"])
+    options = RunnerOptions(
+        providers=(ProviderSpec(provider),),
+        threads=int(s["threads"]),
+        max_batch=max(sizes),
+        prompt_lookup=lookup,
+    )
+    engine = Engine(b, options)
     ids = prompt_ids or prompts(engine)
     ttft0, _, _ = timed_generation(engine, ids["short"], 1)
     load_to_first = time.perf_counter() - t0
@@ -158,9 +168,13 @@ def measure(
     import onnxruntime
 
     return {
-        "system": "edge-llm" + (f"+lookup{lookup}" if lookup else ""),
+        "system": "edge-llm"
+        + (f"+lookup{lookup}" if lookup else "")
+        + (f"+{provider}" if provider != "cpu" else ""),
         "label": f"edge-llm ({b.graph.kv_layout} KV, {quant}"
+        + (f", {provider}" if provider != "cpu" else "")
         + (f", prompt lookup {lookup})" if lookup else ")"),
+        "provider": engine.runner.session.get_providers()[0],
         "skipped": None,
         "bundle": str(b.path),
         "bundle_bytes": b.size_bytes(),

@@ -26,6 +26,9 @@ MANIFEST = "bundle.json"
 # Documentation the export writes beside the model. A board may delete these to save flash, so
 # loading skips them when absent; when present they are still checked like every other file.
 OPTIONAL_FILES = frozenset({"report.json", "report.md", "report.png"})
+# What the cpu target's fused graph needs (export/targets.py derives it from the graph's ops;
+# tests/edge_llm/test_requirements.py checks the two agree). Also pyproject's onnxruntime floor.
+PORTABLE_CPU_ORT = "1.23.2"
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,21 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class Requirements:
+    """What the graph needs from the runtime (bundle.json `requirements`, written at export).
+
+    onnxruntime: the lowest onnxruntime version that runs every op of the graph as written
+        (derived at export from the ops actually present, `export/targets.py`).
+    contrib_ops: "domain:op" of every non-standard op in the graph(s).
+    target: the `--target` the bundle was built for (cpu, openvino, qnn-htp, cuda).
+    """
+
+    onnxruntime: str = ""
+    contrib_ops: tuple[str, ...] = ()
+    target: str = "cpu"
+
+
+@dataclass(frozen=True)
 class Bundle:
     path: Path
     format_version: int
@@ -91,6 +109,8 @@ class Bundle:
     source: dict[str, Any]
     recipe: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # None in bundles written before requirements were recorded: they load unchecked.
+    requirements: Requirements | None = None
 
     @property
     def graph_path(self) -> Path:
@@ -143,6 +163,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
             source=dict(raw.get("source", {})),
             recipe=dict(raw.get("recipe", {})),
             files=dict(raw["files"]),
+            requirements=_requirements(raw["requirements"]) if "requirements" in raw else None,
         )
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{manifest}: malformed manifest ({exc!s})") from None
@@ -209,6 +230,50 @@ def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
             f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"
         )
     return GraphSpec(**raw)
+
+
+def _requirements(raw: dict[str, Any]) -> Requirements:
+    raw = dict(raw)
+    raw["contrib_ops"] = tuple(str(op) for op in raw.get("contrib_ops", ()))
+    req = Requirements(**raw)
+    if req.onnxruntime:
+        version_tuple(req.onnxruntime)  # a malformed version fails the load, not a session
+    return req
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(1, 23, 2) from "1.23.2" (also "1.24.1+openvino", "1.33.0.dev2026"): numeric parts only."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+    if not parts:
+        raise TypeError(f"not a version: {version!r}")
+    return tuple(parts)
+
+
+def requirements_problem(bundle: Bundle, ort_version: str) -> str | None:
+    """Why this onnxruntime cannot run the bundle's graph (one line), or None if it can."""
+    req = bundle.requirements
+    if req is None or not req.onnxruntime:
+        return None
+    if version_tuple(ort_version) >= version_tuple(req.onnxruntime):
+        return None
+    # The cpu target writes the portable graph: re-exporting helps when this build runs that one.
+    if version_tuple(ort_version) >= version_tuple(PORTABLE_CPU_ORT):
+        hint = "upgrade, or re-export with --target cpu"
+    else:
+        hint = f"upgrade (no target runs on onnxruntime < {PORTABLE_CPU_ORT})"
+    return f"this bundle needs onnxruntime ≥ {req.onnxruntime}; found {ort_version}: {hint}"
+
+
+def check_requirements(bundle: Bundle, ort_version: str) -> None:
+    """Refuse, before any session is created, a bundle whose graph this onnxruntime cannot run."""
+    problem = requirements_problem(bundle, ort_version)
+    if problem is not None:
+        raise BundleError(f"{bundle.path}: {problem}")
 
 
 def _tokenizer_spec(raw: dict[str, Any]) -> TokenizerSpec:

@@ -38,6 +38,8 @@ class Usage:
     decode_tok_s: float  # tokens after the first / time after the first
     draft_tokens: int = 0  # prompt-lookup speculation: tokens proposed ...
     accepted_draft_tokens: int = 0  # ... and kept (identical to what greedy decoding gives)
+    provider: str = ""  # the execution provider that ran the graph ...
+    cpu_fallback_nodes: int | None = None  # ... and how many of its nodes fell back to CPU
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -381,6 +383,7 @@ class Generation:
 
     def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, slot: Slot) -> None:
         engine.check_length(len(ids), params.max_tokens)
+        self.engine = engine
         self.t0 = time.perf_counter()
         self.t_first = self.t0
         self.ids, self.params, self.slot = ids, params, slot
@@ -454,6 +457,8 @@ class Generation:
             decode_tok_s=(n - 1) / (t_end - self.t_first) if n > 1 and t_end > self.t_first else 0.0,
             draft_tokens=self.drafted,
             accepted_draft_tokens=self.accepted,
+            provider=self.engine.runner.provider,
+            cpu_fallback_nodes=self.engine.runner.cpu_fallback_nodes,
         )
         return Chunk(
             done=True,

@@ -9,9 +9,12 @@ for an NPU still runs on a laptop.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edge_llm.errors import ConfigError, ProviderError
@@ -105,6 +108,26 @@ class ProviderPlan:
     @property
     def chosen(self) -> str:
         return self.providers[0]
+
+
+def placement_from_profile(path: str | Path) -> dict[str, int]:
+    """Nodes per execution provider from an onnxruntime profile of one run: {provider: count}.
+
+    Every executed node (an EP's fused subgraph counts as one) has a "<node>_kernel_time" event
+    naming its provider, so the CPUExecutionProvider count is the nodes that fell back to CPU.
+    """
+    events = json.loads(Path(path).read_text(encoding="utf-8"))
+    nodes: dict[str, str] = {}
+    for event in events:
+        name = str(event.get("name", ""))
+        if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+            nodes[name.removesuffix("_kernel_time")] = str(event.get("args", {}).get("provider", "?"))
+    return dict(Counter(nodes.values()))
+
+
+def short_name(ort_name: str) -> str | None:
+    """"cuda" for "CUDAExecutionProvider": the name board profiles and --provider use."""
+    return next((key for key, (name, _) in _PROVIDERS.items() if name == ort_name), None)
 
 
 def ort_options(spec: ProviderSpec) -> tuple[str, dict[str, str]]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +29,9 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_llm.board import RunnerOptions
-from edge_llm.bundle import Bundle, check_graph_io
+from edge_llm.bundle import Bundle, check_graph_io, check_requirements
 from edge_llm.errors import BundleError, ContextLengthError
-from edge_llm.providers import ProviderPlan, plan_providers
+from edge_llm.providers import ProviderPlan, placement_from_profile, plan_providers
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,12 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(buf, np.float32, count=count).reshape(shape)
 
 
+def _drop_profile(session: ort.InferenceSession) -> None:
+    name = session.end_profiling()  # "" when not profiling (any more)
+    if name:
+        Path(name).unlink(missing_ok=True)
+
+
 class _SessionRunner:
     """What both layouts share: the ORT session, IO checks, KV tensor names."""
 
@@ -87,6 +95,7 @@ class _SessionRunner:
     def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
         self.bundle = bundle
         self.options = options
+        check_requirements(bundle, ort.__version__)  # a one-line refusal instead of INVALID_GRAPH
         self.plan: ProviderPlan = plan_providers(options.providers)
         self.session = self.open_session(bundle.graph_path, prefused=bundle.graph.kv_layout == "shared")
         arch = bundle.architecture
@@ -101,14 +110,44 @@ class _SessionRunner:
             n for i in range(self.layers) for n in (g.present_key.format(i=i), g.present_value.format(i=i))
         ]
         self.device = "cpu"
+        # Node placement: measured on the first run (onnxruntime profiling) when a provider other
+        # than CPU leads; with CPU alone every node runs on CPU and nothing is measured.
+        self.placement: dict[str, int] | None = None
+        # A profiling session that never runs would write its profile when destroyed: drop it.
+        weakref.finalize(self, _drop_profile, self.session)
         log.info("runner: %s (%s KV) on %s", bundle.graph_path.name, g.kv_layout, self.plan.chosen)
 
-    def open_session(self, path: Path, prefused: bool = False) -> ort.InferenceSession:
-        """An ORT session on the planned providers for a graph whose IO the manifest describes."""
+    @property
+    def provider(self) -> str:
+        """The execution provider the graph was given to first (the rest falls back to CPU)."""
+        return self.session.get_providers()[0]
+
+    @property
+    def cpu_fallback_nodes(self) -> int | None:
+        """Nodes that ran on CPU although another provider leads (None: not measured yet)."""
+        if self.plan.chosen == "CPUExecutionProvider":
+            return 0
+        return None if self.placement is None else self.placement.get("CPUExecutionProvider", 0)
+
+    def profiled(self) -> None:
+        """After a run: read the first run's profile into `placement` (then profiling stops)."""
+        if self.placement is None and self.plan.chosen != "CPUExecutionProvider":
+            name = self.session.end_profiling()  # "" when this session was not profiling
+            self.placement = placement_from_profile(name) if name else {}
+            if name:
+                Path(name).unlink(missing_ok=True)
+
+    def open_session(self, path: Path, prefused: bool = False, profile: bool = True) -> ort.InferenceSession:
+        """An ORT session on the planned providers for a graph whose IO the manifest describes
+        (`profile`: profile its first run to count node placement, see `profiled`)."""
+        so = session_options(self.options, prefused=prefused)
+        if profile and self.plan.chosen != "CPUExecutionProvider":
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edge-llm-placement-{os.getpid()}")
         try:
             session = ort.InferenceSession(
                 str(path),
-                sess_options=session_options(self.options, prefused=prefused),
+                sess_options=so,
                 providers=self.plan.providers,
                 provider_options=self.plan.provider_options,
             )
@@ -154,6 +193,7 @@ class ConcatRunner(_SessionRunner):
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
+        self.profiled()
         outs = binding.get_outputs()
         cache.past = list(outs[1:])
         cache.lengths = cache.lengths + steps
@@ -276,6 +316,7 @@ class SharedRunner(_SessionRunner):
         if self.logits_kind == "tail":
             binding.bind_cpu_input("logits_to_keep", np.array(steps if all_logits else 1, dtype=np.int64))
         self.session.run_with_iobinding(binding)
+        self.profiled()
         cache.lengths[first : first + rows] = total if advance is None else np.where(advance, total, lengths)
         if all_logits:
             return logits.copy()
@@ -334,7 +375,7 @@ class StaticRunner(_SessionRunner):
         self.chunk = g.prefill_length
         self.max_context = min(self.max_context, self.past_length)
         self.pad_id = bundle.tokenizer.pad_id
-        self.prefill = self.open_session(bundle.path / g.prefill_file)
+        self.prefill = self.open_session(bundle.path / g.prefill_file, profile=False)
 
     def empty(self, batch: int = 1) -> StaticCache:
         if batch != 1:
@@ -373,6 +414,8 @@ class StaticRunner(_SessionRunner):
         }
         feeds.update(zip(self.past_names, cache.buffers, strict=True))
         logits, *presents = session.run(["logits", *self.present_names], feeds)
+        if session is self.session:
+            self.profiled()
         for buf, new in zip(cache.buffers, presents, strict=True):
             buf[:, :, have : have + take] = new[:, :, :take]
         cache.lengths[0] = have + take

@@ -22,12 +22,13 @@ from edge_llm.bundle import (
     Architecture,
     Bundle,
     GraphSpec,
+    Requirements,
     TokenizerSpec,
     load_bundle,
     write_manifest,
 )
 from edge_llm.errors import ExportError
-from export import hf
+from export import hf, targets
 from export.to_onnx import graph_io
 
 
@@ -35,6 +36,7 @@ from export.to_onnx import graph_io
 class BundleConfig:
     name: str = "model"  # "model": the recipe's name
     context_length: int = 0  # 0: what the graph serves (to_onnx.max_context / the model's)
+    target: str = "cpu"  # export/targets.py TARGETS; recorded in bundle.json requirements
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
             quantization=inputs.quantization,
             source=inputs.source,
             recipe=inputs.recipe,
+            requirements=Requirements(**_requirements_fields(tmp, config.target)),
         )
     )
     tmp.rename(out_dir)
@@ -137,3 +140,9 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
 
 
 __all__ = ["FORMAT_VERSION", "BundleConfig", "BundleInputs", "run"]
+
+
+def _requirements_fields(folder: Path, target: str) -> dict[str, Any]:
+    """What the written graphs need (export/targets.py reads their ops), as Requirements fields."""
+    req = targets.requirements(sorted(folder.glob("*.onnx")), target)
+    return {**req, "contrib_ops": tuple(req["contrib_ops"])}

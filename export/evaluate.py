@@ -63,6 +63,7 @@ class EvaluateConfig:
     speed_tokens: int = 64
     speed_runs: int = 3
     threads: int = 0  # 0: one per core
+    provider: str = "cpu"  # execution provider of the bundle's session (edge_llm.providers names)
 
     def __post_init__(self) -> None:
         check_span(self.span, "evaluate.span")
@@ -248,12 +249,15 @@ def run(
     result: dict[str, Any] = {"model": str(model_dir), "config": jsonable(asdict(config))}
     if (model_dir / "bundle.json").is_file():
         from edge_llm.engine import Engine
+        from edge_llm.providers import ProviderSpec
         from edge_llm.runner import RunnerOptions
 
-        engine = Engine.load(model_dir, RunnerOptions(threads=config.threads))
+        options = RunnerOptions(providers=(ProviderSpec(config.provider),), threads=config.threads)
+        engine = Engine.load(model_dir, options)
         ids, where = tokenize_span(config, engine.tokenizer.encode)
         result |= {
             "kind": "bundle",
+            "provider": engine.runner.provider,
             "parameters": engine.bundle.architecture.parameters,
             "size_bytes": folder_size(model_dir),
             "quantization": engine.bundle.quantization.get("mode", engine.bundle.quantization.get("method")),

@@ -275,7 +275,9 @@ class _Builder:
         present = [f"present.{i}.key", f"present.{i}.value"]
         out = self.g.op(
             "GroupQueryAttention",
-            [*qkv, *past, seqlens_k, total, cos, sin, "", "", "", "", "", "", "", qlens],
+            # GQA's 17th input (query_seqlens) exists only from onnxruntime 1.32 on; older builds
+            # refuse a node with 17 inputs. Fed only when the graph takes it as an input.
+            [*qkv, *past, seqlens_k, total, cos, sin, *([""] * 7 + [qlens] if qlens else [])],
             domain=MS,
             name=f"{name}.gqa",
             outputs=[f"{name}.gqa/out", *present],
@@ -348,17 +350,18 @@ class _Builder:
             name="total_seq_len",
             to=i32,
         )[0]
-        # New tokens per row. Passing it explicitly (instead of leaving the input empty) puts
-        # GQA on its right-padded-chunk path, which also accepts batched multi-token steps over
-        # a non-empty past. Default: min(S, row total), exactly what GQA assumes without it.
+        # New tokens per row. With the `query_seqlens` input it goes to GQA (ragged chunks over a
+        # past, idle rows; onnxruntime >= 1.32). Without it GQA gets no 17th input and assumes
+        # min(S, row total) itself, which loads on every ORT from 1.23 on; the graph still needs
+        # the count to gather each row's last real token.
         ids_shape = g.op("Shape", ["input_ids"], name="ids_shape")[0]
         seq_len = g.op("Gather", [ids_shape, one], name="seq_len", axis=0)[0]
         if cfg.query_seqlens_input:
             qlens = "query_seqlens"
             qlens64 = g.op("Cast", [qlens], name="qlens_i64", to=i64)[0]
         else:
+            qlens = ""
             qlens64 = g.op("Min", [mask_sum, seq_len], name="qlens_i64")[0]
-            qlens = g.op("Cast", [qlens64], name="query_seqlens", to=i32)[0]
 
         cos, sin = rope_tables(
             self.hf, cfg.max_context, int(hd * float(self.hf.get("partial_rotary_factor", 1.0)))

@@ -26,7 +26,7 @@ from typing import Any
 from edge_llm.config import load_toml
 from edge_llm.errors import ExportError
 from export import bundle as bundle_stage
-from export import cache, stage
+from export import cache, stage, targets
 from export import distill as distill_stage
 from export import evaluate as evaluate_stage
 from export import fix_shapes as fix_shapes_stage
@@ -53,6 +53,7 @@ class Recipe:
     evaluate: evaluate_stage.EvaluateConfig | None = None
     report: report_stage.ReportConfig = field(default_factory=report_stage.ReportConfig)
     bundle: bundle_stage.BundleConfig = field(default_factory=bundle_stage.BundleConfig)
+    target: targets.TargetConfig = field(default_factory=targets.TargetConfig)
 
     def __post_init__(self) -> None:
         if self.static is not None and (
@@ -123,6 +124,7 @@ def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
 
 def resolve(recipe: Recipe) -> Recipe:
     """`recipe` with "auto" choices that depend only on the recipe made."""
+    recipe = targets.adapt(recipe)  # what the target needs (graph, quantization) filled in
     standard_ops = recipe.quantize.mode in ("dynamic", "qdq") or recipe.static is not None
     if recipe.to_onnx.graph == "auto" and standard_ops:
         # ORT's dynamic / QDQ quantizers, fixed shapes (and the NPUs both are for) need standard ops.
@@ -156,7 +158,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
     context = layout.pop("context_length", 0)
     if layout.get("kv_layout") != "static":  # a static graph serves exactly its past
         context = bcfg.context_length or context
-    bcfg = replace(bcfg, context_length=context)
+    bcfg = replace(bcfg, context_length=context, target=recipe.target.name)
 
     def write_bundle(extra: dict[str, Path]) -> Path:
         assert art.graph is not None  # to_onnx always runs

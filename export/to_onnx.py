@@ -43,7 +43,7 @@ class ToOnnxConfig:
 
 
 LAYOUT = "graph.json"  # written beside the graph: what the bundle stage records in bundle.json
-STAGE_VERSION = 2  # part of the cache key: outputs of older versions lack graph.json
+STAGE_VERSION = 3  # part of the cache key: 2 lacked graph.json; 3: fused GQA without a 17th input
 
 
 @dataclass(frozen=True)

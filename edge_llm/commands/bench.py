@@ -36,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     p.add_argument("--runs", type=int, default=5, help="each figure is the median of this many runs")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--provider",
+        default="cpu",
+        help="execution provider(s), comma-separated: one row each, in the same run (e.g. cpu,openvino)",
+    )
     p.add_argument("--batch-sizes", default="1,2,4,8", help="concurrent requests to measure, comma-separated")
     wikitext = os.environ.get("EDGE_LLM_WIKITEXT")
     p.add_argument(
@@ -79,8 +84,16 @@ def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
     common = {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads}
     # Each system takes from seconds to minutes: one line as it starts and one as it ends, so a
     # silent terminal never has to be guessed at.
+    from edge_llm.commands.generate import provider_specs
+
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("edge-llm", lambda: _isolated(bench.measure, bundle, ids, batch_sizes=sizes, **common))
+        (
+            f"edge-llm ({spec.name})",
+            lambda spec=spec: _isolated(
+                bench.measure, bundle, ids, batch_sizes=sizes, provider=spec.name, **common
+            ),
+        )
+        for spec in provider_specs(args.provider)  # one row per provider, in the same run
     ]
     if args.prompt_lookup:
         lookup = {"batch_sizes": [1], "prompt_lookup": args.prompt_lookup, **common}

@@ -8,8 +8,12 @@ import json
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _FLAGS = (
     "avx",
@@ -31,11 +35,20 @@ _FLAGS = (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="show CPU features, memory, onnxruntime version and providers")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    # The memory plan section (edge_llm.memory): needs a bundle; the profile and budget are optional.
-    p.add_argument("--bundle", help="also print the memory plan for this bundle")
+    p.add_argument(
+        "--bundle",
+        help="also check this bundle's requirements, run one token per provider and plan its memory",
+    )
+    p.add_argument(
+        "--boards", default=str(BOARDS), help="folder of board profiles to show the provider choice of"
+    )
+    # The memory plan section (edge_llm.memory): needs --bundle; the profile and budget are optional.
     p.add_argument("--config", help="board profile TOML for the memory plan")
     p.add_argument("--memory-mb", type=int, metavar="MB", help="budget (default: [runtime] memory_mb)")
     p.set_defaults(handler=run)
+
+
+BOARDS = Path(__file__).resolve().parents[2] / "configs" / "boards"
 
 
 def facts() -> dict[str, Any]:
@@ -112,8 +125,93 @@ def installed_extras() -> dict[str, str]:
     return {extra: "missing " + ", ".join(gone) if gone else "yes" for extra, gone in missing.items()}
 
 
+def bundle_section(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The bundle's recorded requirements and whether this onnxruntime meets them."""
+    if not args.bundle:
+        return None
+    import onnxruntime as ort
+
+    from edge_llm.bundle import load_bundle, requirements_problem
+
+    bundle = load_bundle(args.bundle)
+    req = bundle.requirements
+    problem = requirements_problem(bundle, ort.__version__)
+    return {
+        "path": str(bundle.path),
+        "name": bundle.name,
+        "needs_onnxruntime": req.onnxruntime if req else "not recorded (older bundle)",
+        "target": req.target if req else "not recorded",
+        "contrib_ops": list(req.contrib_ops) if req else [],
+        "requirements_met": problem is None,
+        **({"problem": problem} if problem else {}),
+    }
+
+
+def profiles_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The provider each board profile would run on with this onnxruntime build."""
+    from edge_llm.board import load_board
+    from edge_llm.errors import EdgeLLMError
+    from edge_llm.providers import plan_providers
+
+    out: dict[str, Any] = {}
+    for path in sorted(Path(args.boards).glob("*.toml")):
+        try:
+            plan = plan_providers(load_board(path).runner_options().providers)
+            out[path.stem] = plan.chosen
+        except EdgeLLMError as exc:
+            out[path.stem] = f"error: {exc}"
+    return out
+
+
+def smoke_section(args: argparse.Namespace) -> dict[str, Any] | None:
+    """One token through the bundle's graph on each provider this build offers (finite logits =
+    ok), naming the provider the session put first; nodes it cannot run still fall back to CPU."""
+    if not args.bundle:
+        return None
+    import onnxruntime as ort
+
+    from edge_llm.engine import Engine
+    from edge_llm.errors import EdgeLLMError
+    from edge_llm.providers import ProviderSpec, short_name
+    from edge_llm.runner import RunnerOptions
+
+    out: dict[str, Any] = {}
+    for provider in ort.get_available_providers():
+        name = short_name(provider)
+        if name is None:
+            out[provider] = "skipped: no edge-llm provider name"
+            continue
+        t0 = time.perf_counter()
+        try:
+            options = RunnerOptions(
+                providers=(ProviderSpec(name),), threads=1, spin=False, max_context=64, max_batch=1
+            )
+            engine = Engine.load(args.bundle, options, verify=False)
+            ran = engine.runner.session.get_providers()[0]
+            cache = engine.runner.empty(1)
+            logits = engine.runner.forward(np.array([[engine.bundle.tokenizer.pad_id]], np.int64), cache)
+            ok = bool(np.isfinite(logits).all())
+            seconds = time.perf_counter() - t0
+            out[provider] = f"{'ok' if ok else 'non-finite logits'} on {ran} ({seconds:.2f} s)"
+        except (EdgeLLMError, RuntimeError, ValueError) as exc:
+            out[provider] = f"failed: {str(exc).splitlines()[0][:200]}"
+    return out
+
+
+# Sections after the system facts; each returns a JSON-able value (None: not shown). Add yours.
+SECTIONS: list[tuple[str, Callable[[argparse.Namespace], Any]]] = [
+    ("bundle", bundle_section),
+    ("board_profiles", profiles_section),
+    ("smoke", smoke_section),
+]
+
+
 def run(args: argparse.Namespace) -> int:
-    info = facts()
+    info: dict[str, Any] = facts()
+    for key, section in SECTIONS:
+        value = section(args)
+        if value is not None:
+            info[key] = value
     plan = _memory_plan(args)
     if args.json:
         if plan is not None:
@@ -123,7 +221,11 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key, value in info.items():
         if isinstance(value, dict):
-            value = [f"{k}: {v}" for k, v in value.items()]
+            print(f"{key}:")
+            inner = max((len(k) for k in value), default=0)
+            for k, v in value.items():
+                print(f"  {k:<{inner}}  {', '.join(v) if isinstance(v, list) else v}")
+            continue
         shown = ", ".join(value) if isinstance(value, list) else value
         print(f"{key:<{width}}  {shown}")
     if plan is not None:

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="calibration text for --quant qdq (relative paths: cwd, then the repo root)",
     )
+    p.add_argument(
+        "--target",
+        choices=("cpu", "openvino", "qnn-htp", "cuda"),
+        help="onnxruntime build the bundle is for: picks the graph it runs well (default: the recipe's, cpu)",
+    )
     p.set_defaults(handler=run)
 
     e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
@@ -61,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--no-speed", action="store_true", help="skip the decode speed / TTFT measurement")
     e.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
+    e.add_argument("--provider", default="cpu", help="execution provider for a bundle (cpu, openvino, ...)")
     e.set_defaults(handler=run_eval)
 
 
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _with_flags(recipe: Any, args: argparse.Namespace) -> Any:
     """`recipe` with the command line's --model / --quant / --calib-text / --name / --graph /
-    --static applied, in one replace: the Recipe checks its sections against each other."""
+    --static / --target applied, in one replace: the Recipe checks its sections against each other."""
     from export.fix_shapes import FixShapesConfig
     from export.load import LoadConfig
 
@@ -113,8 +119,21 @@ def _with_flags(recipe: Any, args: argparse.Namespace) -> Any:
             raise ValueError(f"--static {args.static!r}: give PAST,PREFILL, e.g. 512,64") from None
         static = FixShapesConfig(past_length=past, prefill_length=prefill)
     to_onnx = replace(recipe.to_onnx, graph=args.graph) if args.graph else recipe.to_onnx
+    target = recipe.target
+    if args.target:
+        from export.targets import TargetConfig
+
+        target = TargetConfig(args.target)
+        if not args.graph:  # the target picks the graph, whatever the recipe's cpu default says
+            to_onnx = replace(to_onnx, graph="auto")
     return replace(
-        recipe, load=load, name=args.name or name, quantize=quant, static=static, to_onnx=to_onnx
+        recipe,
+        load=load,
+        name=args.name or name,
+        quantize=quant,
+        static=static,
+        to_onnx=to_onnx,
+        target=target,
     )
 
 
@@ -138,7 +157,8 @@ def export_default(args: argparse.Namespace, recipe: Any, run_recipe: Any) -> in
 
 
 def _recipe_key(args: argparse.Namespace, recipe: Any) -> str:
-    if args.recipe and not any((args.model, args.quant, args.name, args.graph, args.static, args.calib_text)):
+    flags = (args.model, args.quant, args.name, args.graph, args.static, args.calib_text, args.target)
+    if args.recipe and not any(flags):
         # An unmodified recipe file: its bytes' hash, the name scripts/demo.sh always gave its bundle,
         # so a bundle built before the default link existed is found instead of rebuilt.
         return hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:12]
@@ -170,6 +190,7 @@ def run_eval(args: argparse.Namespace) -> int:
             chat_tokens=args.chat_tokens,
             speed=not args.no_speed,
             threads=args.threads,
+            provider=args.provider,
         )
     except ValueError as exc:
         raise ConfigError(f"eval: {exc}") from None

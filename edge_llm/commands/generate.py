@@ -15,6 +15,7 @@ from edge_llm.engine import Engine, Slot
 from edge_llm.errors import ConfigError, RequestError
 from edge_llm.memory import plan_memory
 from edge_llm.paths import resolve_bundle
+from edge_llm.providers import ProviderSpec, ort_options
 from edge_llm.sampling import SamplingParams
 
 BUNDLE_HELP = (
@@ -44,6 +45,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help=BUNDLE_HELP)
     p.add_argument("--config", help="board profile TOML (configs/boards/NAME.toml)")
     p.add_argument("--threads", type=int, help="intra-op threads (overrides the board profile)")
+    p.add_argument(
+        "--provider",
+        metavar="NAME",
+        help="execution provider (cpu, cuda, openvino, qnn, ...): overrides the board profile's list",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files")
     p.add_argument(
         "--memory-mb",
@@ -100,7 +106,10 @@ def load_engine(args: argparse.Namespace, board: BoardConfig | None = None) -> t
         plan = plan_memory(bundle, board)
         board = plan.apply(board)
         print(f"edge-llm: {plan.summary()}", file=sys.stderr, flush=True)
-    return Engine(bundle, board.runner_options()), board
+    options = board.runner_options()
+    if args.provider:
+        options = replace(options, providers=provider_specs(args.provider))
+    return Engine(bundle, options), board
 
 
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|.?)", re.DOTALL)
@@ -135,6 +144,14 @@ def prompt_text(prompt: str) -> str:
     if not prompt.strip():
         raise RequestError("the prompt is empty")
     return prompt
+
+
+def provider_specs(names: str) -> tuple[ProviderSpec, ...]:
+    """`--provider openvino` (or "qnn,cpu"): specs with default options, unknown names refused."""
+    specs = tuple(ProviderSpec(n.strip().lower()) for n in names.split(",") if n.strip())
+    for spec in specs:
+        ort_options(spec)  # ConfigError naming the known providers
+    return specs
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -56,3 +56,28 @@ def test_toml_errors_name_the_file(tmp_path: Path) -> None:
         load_toml(p, Outer)
     with pytest.raises(ConfigError, match="config file not found"):
         load_toml(tmp_path / "none.toml", Outer)
+
+
+def test_python_310_reads_toml_with_tomli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Python 3.10 has no tomllib: edge_llm.config must take the tomli branch (a conditional
+    dependency in pyproject) and parse, and refuse bad TOML, the same way."""
+    import importlib
+    import sys
+
+    tomli = pytest.importorskip("tomli")
+    import edge_llm.config as config
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 13, "final", 0))
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # importing tomllib now fails, as on 3.10
+    try:
+        reloaded = importlib.reload(config)
+        assert reloaded.tomllib is tomli
+        path = tmp_path / "c.toml"
+        path.write_text('name = "x"\n[inner]\nratio = 0.5\n')
+        assert reloaded.load_toml(path, Outer) == Outer(name="x", inner=Inner(ratio=0.5))
+        path.write_text("name = \n")
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            reloaded.load_toml(path, Outer)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(config)

@@ -246,9 +246,12 @@ def test_batch_rows_with_different_past(build, variant) -> None:
         # continuous-batching decode: one token per row, pasts 3 / 9 / 5
         decode = [[data[b][n]] for b, n in enumerate(lens)]
         step(r, cache, decode, [refs[b][n : n + 1] for b, n in enumerate(lens)], atol)
-        # the same 3-token chunk length for every row over different pasts (4 / 10 / 6)
+        # The same 3-token chunk for every row over different pasts: GQA takes that only with its
+        # query_seqlens input (onnxruntime >= 1.32), which the portable graph leaves out. The
+        # runtime never makes this step (a new turn and speculative verification run one row).
         chunks = [data[b][n + 1 : n + 4] for b, n in enumerate(lens)]
-        step(r, cache, chunks, [refs[b][n + 1 : n + 4] for b, n in enumerate(lens)], atol)
+        with pytest.raises(Exception, match="batch_size must be 1"):
+            step(r, cache, chunks, [refs[b][n + 1 : n + 4] for b, n in enumerate(lens)], atol)
 
 
 def test_idle_rows_and_ragged_steps_over_a_past(build, hf_model) -> None:

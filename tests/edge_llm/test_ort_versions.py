@@ -1,0 +1,61 @@
+"""The tiny fused bundle under other onnxruntime builds: same logits, same answer.
+
+The suite's own venv has the newest onnxruntime. Older ones live in their own venvs (their
+wheels replace the `onnxruntime` module): `.venvs/ort-*/bin/python` under the repo root (what
+`.ci/run` creates, cached) and any interpreters listed in EDGE_LLM_ORT_PYTHONS (os.pathsep
+separated). Each needs only the runtime's hard dependencies; the repo comes in via PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = ROOT / "tests" / "ort_probe.py"
+sys.path.insert(0, str(PROBE.parent))
+from ort_probe import probe  # noqa: E402
+
+
+def _pythons() -> list[str]:
+    listed = [p for p in os.environ.get("EDGE_LLM_ORT_PYTHONS", "").split(os.pathsep) if p]
+    cached = sorted(str(p) for p in ROOT.glob(".venvs/ort-*/bin/python"))
+    return list(dict.fromkeys(listed + cached))
+
+
+def _run(python: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
+    return subprocess.run([python, *args], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+PYTHONS = _pythons()
+
+
+@pytest.mark.skipif(not PYTHONS, reason="no other onnxruntime venv (.ci/run makes .venvs/ort-1.23.2)")
+@pytest.mark.parametrize("python", PYTHONS)
+def test_fused_bundle_same_on_other_ort(python: str, tiny_fused_int8: Path, tmp_path: Path) -> None:
+    out = tmp_path / "probe.npz"
+    res = _run(python, str(PROBE), str(tiny_fused_int8), str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = np.load(out)
+    import onnxruntime as ort
+
+    assert str(theirs["ort"]) != ort.__version__, "the venv imports this suite's onnxruntime"
+    ours = probe(str(tiny_fused_int8))
+    for key in ("prefill", "decode", "turn"):
+        # Same graph, same kernels' math: differences are float summation order at most.
+        np.testing.assert_allclose(theirs[key], ours[key], atol=2e-3, err_msg=f"{key} on ORT {theirs['ort']}")
+        assert (theirs[key].argmax(-1) == ours[key].argmax(-1)).all()
+
+    # --config: the board profile goes through edge_llm.config (tomli on a Python 3.10 venv).
+    args = ["-m", "edge_llm.cli", "generate", "--bundle", str(tiny_fused_int8), "--raw", "--ignore-eos"]
+    args += ["--config", str(ROOT / "configs" / "boards" / "cpu-2core.toml")]
+    args += ["--max-tokens", "12", "The capital of France"]
+    old, new = _run(python, *args), _run(sys.executable, *args)
+    assert old.returncode == 0 and new.returncode == 0, old.stderr[-2000:] + new.stderr[-2000:]
+    assert old.stdout == new.stdout and old.stdout.strip()
