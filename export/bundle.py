@@ -36,7 +36,6 @@ from export.to_onnx import graph_io
 class BundleConfig:
     name: str = "model"  # "model": the recipe's name
     context_length: int = 0  # 0: what the graph serves (to_onnx.max_context / the model's)
-    target: str = "cpu"  # export/targets.py TARGETS; recorded in bundle.json requirements
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,7 @@ class BundleInputs:
     source: dict[str, Any]
     recipe: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, Path] = field(default_factory=dict)  # name in bundle -> file
+    target: str = "cpu"  # the recipe's [target] (export/targets.py): recorded in requirements
 
 
 def architecture(hf_config: dict[str, Any], parameters: int = 0, context_length: int = 0) -> Architecture:
@@ -131,7 +131,7 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
             quantization=inputs.quantization,
             source=inputs.source,
             recipe=inputs.recipe,
-            requirements=Requirements(**_requirements_fields(tmp, config.target)),
+            requirements=Requirements(**_requirements_fields(tmp, inputs.target)),
         )
     )
     tmp.rename(out_dir)

@@ -158,7 +158,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
     context = layout.pop("context_length", 0)
     if layout.get("kv_layout") != "static":  # a static graph serves exactly its past
         context = bcfg.context_length or context
-    bcfg = replace(bcfg, context_length=context, target=recipe.target.name)
+    bcfg = replace(bcfg, context_length=context)
 
     def write_bundle(extra: dict[str, Path]) -> Path:
         assert art.graph is not None  # to_onnx always runs
@@ -172,6 +172,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
                 source=art.source,
                 recipe={**evaluate_stage.jsonable(asdict(recipe)), "stages": stages.stages},
                 extra_files={**art.extra_graphs, **extra},
+                target=recipe.target.name,
             ),
             out_dir,
         )

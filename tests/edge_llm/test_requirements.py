@@ -89,12 +89,10 @@ def test_query_seqlens_graph_needs_ort_132(tmp_path: Path, tiny_hf: Path) -> Non
     pytest.importorskip("torch")
     from export import fuse, targets
 
-    res = fuse.run(
-        fuse.FuseConfig(max_context=64, bits=8, block_size=16, query_seqlens_input=True), tiny_hf, tmp_path
-    )
+    res = fuse.run(fuse.FuseConfig(max_context=64, query_seqlens_input=True), tiny_hf, tmp_path)
     req = targets.requirements([res.model_path], "cpu", exporting_ort="1.32.0")
     assert req["onnxruntime"] == "1.32.0"
-    plain = fuse.run(fuse.FuseConfig(max_context=64, bits=8, block_size=16), tiny_hf, tmp_path / "plain")
+    plain = fuse.run(fuse.FuseConfig(max_context=64), tiny_hf, tmp_path / "plain")
     assert (
         targets.requirements([plain.model_path], "cpu", exporting_ort="1.32.0")["onnxruntime"]
         == PORTABLE_CPU_ORT

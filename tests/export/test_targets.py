@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_qnn_htp_needs_static_qdq() -> None:
         targets.adapt(Recipe(target=TargetConfig("qnn-htp")))
     ok = Recipe(
         target=TargetConfig("qnn-htp"),
-        quantize=QuantizeConfig(mode="qdq"),
+        quantize=QuantizeConfig(mode="qdq", calib_text=Path("calib.txt")),
         static=FixShapesConfig(past_length=64, prefill_length=16),
     )
     assert targets.adapt(ok) == ok
