@@ -86,14 +86,15 @@ def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
     # silent terminal never has to be guessed at.
     from edge_llm.commands.generate import provider_specs
 
+    specs = provider_specs(args.provider)
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         (
-            f"edge-llm ({spec.name})",
+            "edge-llm" if len(specs) == 1 else f"edge-llm ({spec.name})",
             lambda spec=spec: _isolated(
                 bench.measure, bundle, ids, batch_sizes=sizes, provider=spec.name, **common
             ),
         )
-        for spec in provider_specs(args.provider)  # one row per provider, in the same run
+        for spec in specs  # one row per provider, in the same run
     ]
     if args.prompt_lookup:
         lookup = {"batch_sizes": [1], "prompt_lookup": args.prompt_lookup, **common}

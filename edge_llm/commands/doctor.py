@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also check this bundle's requirements, run one token per provider and plan its memory",
     )
     p.add_argument(
-        "--boards", default=str(BOARDS), help="folder of board profiles to show the provider choice of"
+        "--boards",
+        default="configs/boards",
+        help="folder of board profiles to show the provider choice of (skipped when absent)",
     )
     # The memory plan section (edge_llm.memory): needs --bundle; the profile and budget are optional.
     p.add_argument("--config", help="board profile TOML for the memory plan")
@@ -48,7 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-BOARDS = Path(__file__).resolve().parents[2] / "configs" / "boards"
 
 
 def facts() -> dict[str, Any]:
@@ -147,12 +148,15 @@ def bundle_section(args: argparse.Namespace) -> dict[str, Any] | None:
     }
 
 
-def profiles_section(args: argparse.Namespace) -> dict[str, Any]:
-    """The provider each board profile would run on with this onnxruntime build."""
+def profiles_section(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The provider each board profile would run on with this onnxruntime build (profiles from
+    --boards, by default a checkout's configs/boards; none found: no section)."""
     from edge_llm.board import load_board
     from edge_llm.errors import EdgeLLMError
     from edge_llm.providers import plan_providers
 
+    if not Path(args.boards).is_dir():
+        return None
     out: dict[str, Any] = {}
     for path in sorted(Path(args.boards).glob("*.toml")):
         try:
