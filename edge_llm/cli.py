@@ -14,7 +14,7 @@ import sys
 from edge_llm import __version__
 from edge_llm.errors import EdgeLLMError
 
-COMMAND_MODULES = ("export", "generate", "doctor", "serve", "bench", "cache")
+COMMAND_MODULES = ("export", "generate", "doctor", "serve", "keys", "bench", "cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

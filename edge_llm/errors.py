@@ -49,6 +49,22 @@ class BusyError(EdgeLLMError):
     code = "busy"
 
 
+class UnauthorizedError(EdgeLLMError):
+    """No API key, an unknown or revoked one, or a sender the keys file does not name."""
+
+    code = "unauthorized"
+
+
+class RateLimitedError(EdgeLLMError):
+    """The sender's identity is over one of its limits; `retry_after_s` says when it will fit."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class CancelledError(EdgeLLMError):
     """The request was cancelled by its client."""
 

@@ -278,6 +278,10 @@ class Scheduler:
             self._cond.notify_all()  # the worker ends a queued job at once, a running one next token
         return True
 
+    def accepting(self) -> bool:
+        """Ready for requests: the worker runs and close() has not begun (HTTP /readyz)."""
+        return self._thread is not None and self._thread.is_alive() and not self._closing
+
     def queue_depth(self) -> int:
         with self._cond:
             return len(self._queue)

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import tempfile
 import threading
 from concurrent.futures import Future
@@ -44,6 +45,7 @@ class _Connection:
         self.loop = loop
         self.writer = writer
         self.key = self.client = f"socket:{n}"
+        self.identity = peer_identity(writer.get_extra_info("socket"))
         self.max_buffer = max_buffer
         self.closed = False
 
@@ -199,7 +201,7 @@ class SocketTransport:
                         skipping = False
                         continue
                     if line.strip():
-                        self.dispatcher.handle(line, resolve)
+                        self.dispatcher.handle(line, resolve, identity=conn.identity)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -215,6 +217,17 @@ class SocketTransport:
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
         self._inode = None
+
+
+def peer_identity(sock: Any) -> str:
+    """`uid:N` for a Unix socket peer (SO_PEERCRED, filled in by the kernel at connect, so a
+    client cannot claim another uid); `tcp` for 127.0.0.1 clients, which carry no user."""
+    if getattr(sock, "family", None) == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+        with contextlib.suppress(OSError):
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return f"uid:{struct.unpack('3i', creds)[1]}"
+        return "unix"
+    return "tcp"
 
 
 def _bind_private_unix(path: Path) -> socket.socket:
