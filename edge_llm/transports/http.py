@@ -319,35 +319,53 @@ class _SseResponse(Response):
         self.chat, self.first, self.include_usage = chat, first, include_usage
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        t = self.transport
-        chat, rid = self.chat, self.rid
+        t, chat, rid = self.transport, self.chat, self.rid
 
-        def event(obj: dict[str, Any]) -> dict[str, Any]:
-            data = b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-            return {"type": "http.response.body", "body": data, "more_body": True}
+        def event(obj: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
-        def chunk(**kw: Any) -> dict[str, Any]:
+        def chunk(**kw: Any) -> bytes:
             return event(openai_api.chunk_object(chat, rid, t.model_id, t.created, **kw))
 
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        if chat:  # OpenAI's first chunk names the role
-            await send(chunk(text="", role=True))
-        reply: dict[str, Any] | None = self.first
-        while reply is not None:
+        def render(reply: dict[str, Any], out: bytearray) -> bool:
+            """Append the events for one protocol reply; True when it was the final."""
             if "seq" in reply:
-                await send(chunk(text=reply["delta"]))
-            elif "error" in reply:  # after the stream began: OpenAI's in-stream error event
-                await send(event(openai_api.from_error_reply(reply).body()))
-                break
-            else:
-                await send(chunk(finish_reason=reply["finish_reason"]))
-                if self.include_usage:
-                    await send(chunk(usage_of=reply.get("usage") or {}))
-                break
-            reply = await _next_or_disconnect(self.exchange, receive, lambda: t._cancel(rid))
-        if reply is None:
-            return  # the client left and its request is cancelled; nothing more to write
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+                out += chunk(text=reply["delta"])
+                return False
+            if "error" in reply:  # after the stream began: OpenAI's in-stream error event
+                out += event(openai_api.from_error_reply(reply).body())
+                return True
+            out += chunk(finish_reason=reply["finish_reason"])
+            if self.include_usage:
+                out += chunk(usage_of=reply.get("usage") or {})
+            out += b"data: [DONE]\n\n"
+            return True
+
+        queue = self.exchange.queue
+        # One watcher for the whole stream: a client that leaves cancels its request at once,
+        # not only when the next token fails to send.
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            out = bytearray(chunk(text="", role=True) if chat else b"")  # OpenAI's first chunk: the role
+            reply = self.first
+            while True:
+                final = render(reply, out)
+                while not final and not queue.empty():  # what has piled up goes in one write
+                    final = render(queue.get_nowait(), out)
+                await send({"type": "http.response.body", "body": bytes(out), "more_body": not final})
+                if final:
+                    return
+                out.clear()
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    t._cancel(rid)
+                    return
+                reply = get.result()
+        finally:
+            gone.cancel()
 
 
 async def _api_error(_req: HttpRequest, exc: Exception) -> Response:
