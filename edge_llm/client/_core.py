@@ -27,8 +27,10 @@ from edge_llm.errors import (
     ContextLengthError,
     DeadlineError,
     EdgeLLMError,
+    RateLimitedError,
     RequestError,
     TransportError,
+    UnauthorizedError,
 )
 from edge_llm.protocol import Request
 
@@ -55,11 +57,15 @@ _ERRORS: dict[str, type[EdgeLLMError]] = {
     "busy": BusyError,
     "cancelled": CancelledError,
     "deadline": DeadlineError,
+    "unauthorized": UnauthorizedError,
 }
 
 
 def error_for(error: dict[str, Any]) -> EdgeLLMError:
     code = str(error.get("code", "internal"))
+    if code == "rate_limited":
+        retry = error.get("retry_after_s")
+        return RateLimitedError(str(error.get("message", "")), float(retry) if retry else 1.0)
     exc = _ERRORS.get(code, ServerError)(str(error.get("message", "")))
     if type(exc) is ServerError and code != "internal":
         exc.code = code

@@ -192,3 +192,34 @@ def test_socket_every_request_gets_exactly_one_final(tiny_bundle: Path, tmp_path
     assert finals["wrong"][0]["error"]["code"] == "unauthorized"
     assert "text" in finals["mine"][0]
     json.dumps(finals)  # every reply is plain JSON
+
+
+def test_codes_key_field_and_base_install() -> None:
+    """The new codes are in the closed set (rate_limited with its retry-after); a request's key
+    is parsed but never printed; the runtime without the http extra imports none of it."""
+    import subprocess
+
+    from edge_llm import protocol
+    from edge_llm.config import tomllib  # tomli on Python 3.10
+
+    assert protocol.error_code(UnauthorizedError("x")) == "unauthorized"
+    reply = protocol.exception_reply("a", RateLimitedError("slow down", 2.5))
+    assert reply["error"] == {"code": "rate_limited", "message": "slow down", "retry_after_s": 2.5}
+    assert "rate_limited" in protocol.RETRYABLE_CODES and "unauthorized" not in protocol.RETRYABLE_CODES
+    request = protocol.parse_message(b'{"id": "a", "prompt": "p", "key": "ekl-secret"}')
+    assert request.key == "ekl-secret" and "ekl-secret" not in repr(request)
+    with pytest.raises(protocol.ProtocolError, match="key"):
+        protocol.parse_message(b'{"id": "a", "prompt": "p", "key": 5}')
+
+    root = Path(__file__).resolve().parents[2]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(d.split(">")[0] for d in deps) == ["numpy", "onnxruntime", "paho-mqtt", "tokenizers"]
+    code = (
+        "import sys, edge_llm.server, edge_llm.keys, edge_llm.transports.socket, edge_llm.cli as c\n"
+        "c.build_parser()\n"
+        "extra = ('uvicorn', 'starlette', 'anyio', 'h11')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in extra)\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
