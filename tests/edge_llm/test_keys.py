@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import stat
 import sys
 from contextlib import redirect_stdout
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_llm import keys as keys_mod
-from edge_llm.board import BoardConfig, KeysConfig, ServerConfig, SocketConfig, load_board
+from edge_llm.board import BoardConfig, KeysConfig, MqttConfig, ServerConfig, SocketConfig, load_board
 from edge_llm.cli import main
 from edge_llm.engine import Engine
 from edge_llm.errors import ConfigError, RateLimitedError, UnauthorizedError
@@ -223,3 +224,44 @@ def test_codes_key_field_and_base_install() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mqtt_requests_carry_their_key(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The same gate on MQTT: the request's key field, its limits, one final per request (raw
+    paho and the SDK, which raises the code's error)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mosquitto import Broker
+    from test_mqtt import DEVICE, GENERATE, Raw, client
+
+    keys_file = tmp_path / "keys.json"
+    key = add_key(keys_file, "app", Limits(requests_per_minute=2))
+    broker = Broker(tmp_path / "broker").start()
+    board = BoardConfig(
+        mqtt=MqttConfig(host=broker.host, port=broker.port, device=DEVICE),
+        keys=KeysConfig(file=str(keys_file)),
+    )
+    server = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
+    server.start()
+    raw = Raw(broker)
+    try:
+        raw.subscribe("keys/replies")
+        for i in range(4):
+            request = {"id": f"m{i}", "prompt": "Hello", "max_tokens": 2, "key": key}
+            raw.publish(GENERATE, json.dumps(request).encode(), "keys/replies")
+        raw.publish(GENERATE, json.dumps({"id": "nokey", "prompt": "Hi"}).encode(), "keys/replies")
+        finals: dict[str, list[dict]] = {}
+        for _ in range(5):
+            reply, _msg = raw.get()
+            finals.setdefault(reply["id"], []).append(reply)
+        with pytest.raises(queue.Empty):  # no sixth reply
+            raw.get(timeout=1.0)
+        codes = sorted(f[0].get("error", {}).get("code", "ok") for f in finals.values())
+        assert all(len(f) == 1 for f in finals.values()) and len(finals) == 5
+        assert codes == ["ok", "ok", "rate_limited", "rate_limited", "unauthorized"]
+        assert finals["nokey"][0]["error"]["code"] == "unauthorized"
+        with client(broker) as c, pytest.raises(UnauthorizedError):
+            c.generate(prompt="Hello", max_tokens=2, key="ekl-wrong")
+    finally:
+        raw.close()
+        server.stop()
+        broker.stop()
