@@ -283,3 +283,41 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_https_from_the_board_profile(tiny_bundle: Path, tmp_path: Path) -> None:
+    """[http.tls] cert/key serve HTTPS; with ca, a client without a certificate is turned away."""
+    import ssl
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from mosquitto import make_certs
+
+    from edge_llm.board import HttpTlsConfig
+
+    certs = make_certs(tmp_path / "certs")
+    tls = HttpTlsConfig(cert=str(certs.server_cert), key=str(certs.server_key), ca=str(certs.ca))
+    cfg = BoardConfig(http=HttpConfig(host="127.0.0.1", port=0, tls=tls))
+    server = Server(Engine.load(tiny_bundle), cfg, state_path=tmp_path / "state.sqlite")
+    server.start()
+    try:
+        assert server.http.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        ctx.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+        c = openai.OpenAI(
+            base_url=server.http.url + "/v1",
+            api_key="unused",
+            http_client=openai.DefaultHttpxClient(verify=ctx),
+        )
+        r = c.chat.completions.create(model=server.http.model_id, messages=QUESTION, max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        anonymous = ssl.create_default_context(cafile=str(certs.ca))  # trusts the server, no client cert
+        bare = openai.OpenAI(
+            base_url=server.http.url + "/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(verify=anonymous),
+        )
+        with pytest.raises(openai.APIConnectionError):
+            bare.models.list()
+    finally:
+        server.stop()
