@@ -100,7 +100,6 @@ class HttpTransport:
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def url(self) -> str:
@@ -128,6 +127,7 @@ class HttpTransport:
             ws="none",
             lifespan="off",
             access_log=False,
+            log_config=None,  # uvicorn's records go through the CLI's logging setup, not its own
             log_level="warning",
             server_header=False,
             ssl_certfile=tls.cert or None,
@@ -141,18 +141,11 @@ class HttpTransport:
         except (OSError, ssl.SSLError) as exc:
             sock.close()
             raise TransportError(f"http.tls: {exc}") from None
-        self._server = uvicorn.Server(config)
-        started = threading.Event()
+        self._server = server = uvicorn.Server(config)
 
         def run() -> None:
-            async def serve() -> None:
-                self._loop = asyncio.get_running_loop()
-                started.set()
-                assert self._server is not None
-                await self._server.serve(sockets=[sock])
-
             try:
-                asyncio.run(serve())
+                asyncio.run(server.serve(sockets=[sock]))
             except BaseException:  # SystemExit from uvicorn on a startup failure included
                 log.exception("the HTTP server stopped")
             finally:
@@ -160,11 +153,11 @@ class HttpTransport:
 
         self._thread = threading.Thread(target=run, name="edge-llm-http", daemon=True)
         self._thread.start()
-        started.wait(10)
         deadline = time.monotonic() + 10
-        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+        while not server.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
-        if not self._server.started:
+        if not server.started:
+            self.stop()
             raise TransportError(f"the HTTP server did not start on {self.host}:{self.port}")
         log.info("listening on %s", self.url)
 

@@ -321,3 +321,12 @@ def test_https_from_the_board_profile(tiny_bundle: Path, tmp_path: Path) -> None
             bare.models.list()
     finally:
         server.stop()
+
+
+def test_port_in_use_fails_start(server: Server) -> None:
+    from edge_llm.errors import TransportError
+    from edge_llm.transports.http import HttpTransport
+
+    taken = HttpConfig(host="127.0.0.1", port=server.http.port)
+    with pytest.raises(TransportError, match="cannot listen"):
+        HttpTransport(server.dispatcher, taken, "m").start()
