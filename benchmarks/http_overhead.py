@@ -11,7 +11,7 @@ difference is the server side's.
 
 Out: printed, and `benchmarks/results/http_overhead.{json,md}` (`--out` to change).
 
-    python benchmarks/http_overhead.py BUNDLE [--requests 30] [--max-tokens 16] [--tag NAME]
+    python benchmarks/http_overhead.py BUNDLE [--requests 30] [--max-tokens 16] [--config BOARD] [--tag NAME]
 
 On a 2-core machine shared with other work, the figures carry that machine's noise: compare
 the two columns of one run, not runs across days.
@@ -50,8 +50,10 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start(bundle: str, folder: Path, http_port: int | None) -> subprocess.Popen[bytes]:
+def start(bundle: str, folder: Path, http_port: int | None, config: str | None) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "edge_llm.cli", "serve", "--bundle", bundle, "--socket", str(folder / "s")]
+    if config:
+        cmd += ["--config", config]
     cmd += ["--state", str(folder / f"state-{uuid.uuid4().hex}.sqlite")]
     if http_port is not None:
         cmd += ["--http", f"127.0.0.1:{http_port}"]
@@ -123,6 +125,7 @@ def main() -> int:
     ap.add_argument("bundle")
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--config", help="board profile for both servers (e.g. threads, spin)")
     ap.add_argument(
         "--tag", default="", help="name of this run in the results (default: the bundle's folder)"
     )
@@ -131,8 +134,9 @@ def main() -> int:
     tag = args.tag or Path(args.bundle).name
     folder = Path(tempfile.mkdtemp(prefix="edge-llm-http-"))
     out: dict[str, Any] = {"bundle": tag, "requests": args.requests, "max_tokens": args.max_tokens}
+    out["config"] = args.config
 
-    proc = start(args.bundle, folder, None)
+    proc = start(args.bundle, folder, None, args.config)
     try:
         for _ in range(3):
             via_socket(folder / "s", args.max_tokens)
@@ -141,7 +145,7 @@ def main() -> int:
         proc.terminate()
         proc.wait(30)
     port = free_port()
-    proc = start(args.bundle, folder, port)
+    proc = start(args.bundle, folder, port, args.config)
     try:
         for _ in range(3):
             via_socket(folder / "s", args.max_tokens)

@@ -33,6 +33,7 @@ from typing import Any
 try:
     import uvicorn
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.requests import Request as HttpRequest
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -254,6 +255,8 @@ class HttpTransport:
                 raise ApiError(400, "the gzip body is truncated")
         except zlib.error as exc:
             raise ApiError(400, f"the body is not valid gzip: {exc}") from None
+        except ClientDisconnect:  # gone before its body arrived: nothing was queued
+            raise ApiError(499, "the client disconnected", "cancelled") from None
         try:
             return json.loads(bytes(data))
         except (UnicodeDecodeError, ValueError) as exc:

@@ -175,6 +175,7 @@ def wait_for(predicate: Any, timeout: float = 20.0) -> bool:
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_cancels_the_request(server: Server, stream: bool) -> None:
     before = server.scheduler.stats["cancelled"]
+    requests = server.dispatcher.stats["request"]
     body = json.dumps(
         {"messages": QUESTION, "max_tokens": 200, "ignore_eos": True, "stream": stream}
     ).encode()
@@ -183,6 +184,7 @@ def test_disconnect_cancels_the_request(server: Server, stream: bool) -> None:
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
+    assert wait_for(lambda: server.dispatcher.stats["request"] > requests)  # it reached the scheduler
     if stream:
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # the stream has begun
     sock.close()
