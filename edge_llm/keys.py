@@ -263,6 +263,14 @@ class KeyGate:
             state.in_flight += 1
         return Grant(self, name)
 
+    def owner(self, key: str) -> str | None:
+        """The name of the entry `key` belongs to (None: unknown), charging nothing: who may
+        cancel the requests made with it."""
+        self._maybe_reload()
+        with self._lock:
+            entry = self._by_hash.get(hash_key(key))
+            return entry.name if entry is not None else None
+
     # -- internals (lock held where noted) --
 
     def _name_for(self, identity: str, key: str | None) -> str:  # lock held

@@ -146,6 +146,8 @@ class Cancel:
 
     id: str
     reply_to: str | None = None
+    # The API key the request was made with, when it was: such a request belongs to the key.
+    key: str | None = field(default=None, repr=False)
 
 
 def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request | Cancel:
@@ -180,19 +182,21 @@ def _parse(payload: bytes, max_bytes: int) -> Request | Cancel:
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object")
     if "cancel" in data:
-        reply_to = data.get("reply_to")
+        reply_to, key = data.get("reply_to"), data.get("key")
         if (
-            set(data) - {"cancel", "reply_to"}
+            set(data) - {"cancel", "reply_to", "key"}
             or not _is_id(data["cancel"])
             or (reply_to is not None and (not _is_id(reply_to) or topic_problem(reply_to, "reply_to")))
+            or (key is not None and not _is_id(key))
         ):
             rid = data.get("id")
             raise ProtocolError(
-                'a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to") and nothing else',
+                'a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to"; with API keys: '
+                'and "key") and nothing else',
                 rid if _is_id(rid) else None,
                 reply_to if isinstance(reply_to, str) else None,
             )
-        return Cancel(data["cancel"], reply_to)
+        return Cancel(data["cancel"], reply_to, key)
     return parse_request(data)
 
 

@@ -94,6 +94,10 @@ class Dispatcher:
         if isinstance(message, Cancel):
             self.stats["cancel"] += 1
             who = identity
+            given = key if key is not None else message.key
+            owner = self.keys.owner(given) if self.keys is not None and given is not None else None
+            if owner is not None:  # a request made with a key belongs to that key (see below)
+                who = f"key:{owner}"
             if who is None:  # the reply topic it names says whose request it may cancel
                 sender = resolve(message.reply_to)
                 who = sender.identity if sender is not None else None

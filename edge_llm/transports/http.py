@@ -63,6 +63,7 @@ class _Exchange:
     def __init__(self, loop: asyncio.AbstractEventLoop, rid: str, client: str) -> None:
         self.loop = loop
         self.key = f"http:{rid}"
+        self.api_key: str | None = None
         self.client = client
         self.identity = "http"
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -205,6 +206,7 @@ class HttpTransport:
         loop = asyncio.get_running_loop()
         # The in-flight limit per client groups by the OpenAI `user` when given, else by host.
         exchange = _Exchange(loop, rid, f"http:{mapped.user or peer}")
+        exchange.api_key = key  # a disconnect's cancel must come from the request's owner (its key)
         payload = protocol.encode({"id": rid, **mapped.fields})
         self.dispatcher.handle(payload, lambda _reply_to: exchange, identity=exchange.identity, key=key)
         first = await self._next(req, exchange, rid)
@@ -264,11 +266,12 @@ class HttpTransport:
 
     async def _next(self, req: HttpRequest, exchange: _Exchange, rid: str) -> dict[str, Any] | None:
         """The next reply, or None (and the request cancelled) when the client disconnects."""
-        return await _next_or_disconnect(exchange, req.receive, lambda: self._cancel(rid))
+        return await _next_or_disconnect(exchange, req.receive, lambda: self._cancel(rid, exchange.api_key))
 
-    def _cancel(self, rid: str) -> None:
+    def _cancel(self, rid: str, key: str | None) -> None:
         log.info("HTTP client of %s disconnected: cancelling it", rid)
-        self.dispatcher.handle(protocol.encode({"cancel": rid}), lambda _r: None, identity="http")
+        cancel = protocol.encode({"cancel": rid})
+        self.dispatcher.handle(cancel, lambda _r: None, identity="http", key=key)
 
     def _model_object(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "edge-llm"}
@@ -357,7 +360,7 @@ class _SseResponse(Response):
                 await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
-                    t._cancel(rid)
+                    t._cancel(rid, self.exchange.api_key)
                     return
                 reply = get.result()
         finally:

@@ -214,7 +214,8 @@ def test_codes_key_field_and_base_install() -> None:
 
     root = Path(__file__).resolve().parents[2]
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert sorted(d.split(">")[0] for d in deps) == ["numpy", "onnxruntime", "paho-mqtt", "tokenizers"]
+    hard = sorted(d.split(">")[0] for d in deps if "python_version" not in d)  # tomli: 3.10 only
+    assert hard == ["numpy", "onnxruntime", "paho-mqtt", "tokenizers"]
     code = (
         "import sys, edge_llm.server, edge_llm.keys, edge_llm.transports.socket, edge_llm.cli as c\n"
         "c.build_parser()\n"
@@ -265,3 +266,41 @@ def test_mqtt_requests_carry_their_key(tiny_bundle: Path, tmp_path: Path) -> Non
         raw.close()
         server.stop()
         broker.stop()
+
+
+def test_a_key_owns_its_requests(tiny_bundle: Path, tmp_path: Path) -> None:
+    """With keys, a request belongs to its key: another key sending the same id is refused "id in
+    use" (nothing of the first is sent to it) and cannot cancel it; the same key cancels it."""
+    from test_socket import hold_worker
+
+    keys_file = tmp_path / "keys.json"
+    alice, bob = add_key(keys_file, "alice", Limits()), add_key(keys_file, "bob", Limits())
+    board = BoardConfig(
+        socket=SocketConfig(path=str(tmp_path / "edge.sock")), keys=KeysConfig(file=str(keys_file))
+    )
+    server = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
+    server.start()
+    line = Line(str(tmp_path / "edge.sock"))  # one connection, one uid: only the keys differ
+    try:
+        _, first = line.exchange({"id": "pin", "prompt": "Hello", "max_tokens": 4, "key": alice})
+        assert "text" in first
+        _, stolen = line.exchange({"id": "pin", "prompt": "Hello", "max_tokens": 4, "key": bob})
+        assert stolen["error"]["code"] == "bad_request" and "id in use" in stolen["error"]["message"]
+        release = hold_worker(server.scheduler)
+        line.send({"id": "run", "prompt": "Hello", "max_tokens": 6, "key": alice})
+        line.send({"cancel": "run", "key": bob})  # not bob's: ignored
+        line.send({"id": "probe", "prompt": "Hello", "max_tokens": 1, "key": bob})
+        release.set()
+        replies = {}
+        while len(replies) < 2:
+            reply = line.recv()
+            replies[reply["id"]] = reply
+        assert replies["run"]["finish_reason"] == "length"
+        release = hold_worker(server.scheduler)
+        line.send({"id": "run2", "prompt": "Hello", "max_tokens": 6, "key": alice})
+        line.send({"cancel": "run2", "key": alice})  # alice's own: cancelled
+        release.set()
+        assert line.recv()["error"]["code"] == "cancelled"
+    finally:
+        line.close()
+        server.stop()
