@@ -3,7 +3,8 @@
 In: a TOML path. Out: a frozen `BoardConfig` — execution providers in order of preference with
 their options, and the `[runtime]` table (`RunnerOptions`: threads, limits, memory budget) that
 the engine takes.
-Serving sections (`[server]`, `[sessions]`, `[socket]`, `[mqtt]`, `[mqtt.tls]`) configure
+Serving sections (`[server]`, `[sessions]`, `[socket]`, `[mqtt]`, `[mqtt.tls]`, `[http]`,
+`[http.tls]`, `[keys]`) configure
 `edge-llm serve`; every one is optional. Unknown keys and wrong types fail with the file and
 dotted key named.
 """
@@ -148,6 +149,47 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HttpTlsConfig:
+    cert: str = ""  # server certificate chain (PEM); set with key to serve HTTPS
+    key: str = ""
+    ca: str = ""  # when set, clients must present a certificate signed by this CA (mutual TLS)
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("http.tls: cert and key go together")
+        if self.ca and not self.cert:
+            raise ValueError("http.tls: ca (client certificates) needs cert and key")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP API (extra `http`)."""
+
+    host: str = ""  # "" = HTTP off; "127.0.0.1" local only, "0.0.0.0" every interface
+    port: int = 8080
+    model: str = ""  # the id /v1/models reports and requests may name; "" = the bundle's name
+    tls: HttpTlsConfig = field(default_factory=HttpTlsConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("http: port must be in 0..65535 (0 = any free port)")
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """API keys and per-key limits for every transport (edge_llm/keys.py)."""
+
+    file: str = ""  # keys file from `edge-llm keys add`; "" = no keys, every client served as before
+    uids: dict[str, str] = field(default_factory=dict)  # Unix socket peer uid -> key name
+
+    def __post_init__(self) -> None:
+        if self.uids and not self.file:
+            raise ValueError("keys: uids need a keys file")
+        if not all(uid.isdigit() for uid in self.uids):
+            raise ValueError("keys.uids: each key is a numeric uid")
+
+
+@dataclass(frozen=True)
 class BoardConfig:
     name: str = "default"
     description: str = ""
@@ -157,6 +199,8 @@ class BoardConfig:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
 
     def provider_specs(self) -> tuple[ProviderSpec, ...]:
         return parse_provider_list(self.providers)

@@ -18,7 +18,7 @@ from typing import Any
 from edge_llm import __version__
 from edge_llm.errors import EdgeLLMError
 
-COMMAND_MODULES = ("export", "generate", "doctor", "serve", "bench", "cache")
+COMMAND_MODULES = ("export", "generate", "doctor", "serve", "keys", "bench", "cache")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -59,6 +59,22 @@ class BusyError(EdgeLLMError):
     code = "busy"
 
 
+class UnauthorizedError(EdgeLLMError):
+    """No API key, an unknown or revoked one, or a sender the keys file does not name."""
+
+    code = "unauthorized"
+
+
+class RateLimitedError(EdgeLLMError):
+    """The sender's identity is over one of its limits; `retry_after_s` says when it will fit."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class CancelledError(EdgeLLMError):
     """The request was cancelled by its client."""
 
@@ -103,12 +119,16 @@ _REPLY_ERRORS: dict[str, type[EdgeLLMError]] = {
     "busy": BusyError,
     "cancelled": CancelledError,
     "deadline": DeadlineError,
+    "unauthorized": UnauthorizedError,
 }
 
 
 def error_from_reply(error: dict[str, object]) -> EdgeLLMError:
     """The exception for a reply's `error` object: its code's class, else `ServerError`."""
     code = str(error.get("code", "internal"))
+    if code == "rate_limited":  # carries when to retry
+        retry = error.get("retry_after_s")
+        return RateLimitedError(str(error.get("message", "")), float(retry) if retry else 1.0)  # type: ignore[arg-type]
     exc = _REPLY_ERRORS.get(code, ServerError)(str(error.get("message", "")))
     if type(exc) is ServerError and code != "internal":
         exc.code = code  # an unknown code stays visible to the caller

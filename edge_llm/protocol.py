@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from edge_llm.chat import ROLES  # light: the client SDK imports this module
@@ -51,9 +51,19 @@ def range_text(name: str) -> str:
 
 # The fixed set of error codes a reply may carry. Anything else the runtime raises is reported
 # as "internal" so clients can switch on a closed set.
-ERROR_CODES = ("bad_request", "too_long", "busy", "cancelled", "deadline", "internal")
+ERROR_CODES = (
+    "bad_request",
+    "too_long",
+    "busy",
+    "cancelled",
+    "deadline",
+    "internal",
+    "unauthorized",
+    "rate_limited",
+)
 # Codes a client may retry with the same request id (the server will not have stored a final).
-RETRYABLE_CODES = frozenset({"busy"})
+# rate_limited: after the reply's `retry_after_s`; unauthorized: never (fix the key).
+RETRYABLE_CODES = frozenset({"busy", "rate_limited"})
 
 
 _FIELDS = frozenset(
@@ -73,6 +83,7 @@ _FIELDS = frozenset(
         "reply_to",
         "repetition_penalty",
         "ignore_eos",
+        "key",
     }
 )
 
@@ -94,6 +105,9 @@ class Request:
     reply_to: str | None = None
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    # An API key (with `serve --keys-file`) where the transport carries none of its own (MQTT,
+    # socket); kept out of repr so it never reaches a log line.
+    key: str | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object for this request, without fields left at their defaults."""
@@ -115,6 +129,7 @@ class Request:
             "reply_to",
             "repetition_penalty",
             "ignore_eos",
+            "key",
         ):
             value = getattr(self, name)
             if value != getattr(defaults, name):
@@ -131,6 +146,8 @@ class Cancel:
 
     id: str
     reply_to: str | None = None
+    # The API key the request was made with, when it was: such a request belongs to the key.
+    key: str | None = field(default=None, repr=False)
 
 
 def parse_message(payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Request | Cancel:
@@ -165,19 +182,21 @@ def _parse(payload: bytes, max_bytes: int) -> Request | Cancel:
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object")
     if "cancel" in data:
-        reply_to = data.get("reply_to")
+        reply_to, key = data.get("reply_to"), data.get("key")
         if (
-            set(data) - {"cancel", "reply_to"}
+            set(data) - {"cancel", "reply_to", "key"}
             or not _is_id(data["cancel"])
             or (reply_to is not None and (not _is_id(reply_to) or topic_problem(reply_to, "reply_to")))
+            or (key is not None and not _is_id(key))
         ):
             rid = data.get("id")
             raise ProtocolError(
-                'a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to") and nothing else',
+                'a cancel message is {"cancel": "<request id>"} (MQTT: and "reply_to"; with API keys: '
+                'and "key") and nothing else',
                 rid if _is_id(rid) else None,
                 reply_to if isinstance(reply_to, str) else None,
             )
-        return Cancel(data["cancel"], reply_to)
+        return Cancel(data["cancel"], reply_to, key)
     return parse_request(data)
 
 
@@ -207,7 +226,7 @@ def parse_request(data: dict[str, Any]) -> Request:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 8 or not all(isinstance(s, str) and s for s in stop):
         raise fail("stop must be a non-empty string or a list of at most 8 of them")
-    for name in ("session", "reply_to"):
+    for name in ("session", "reply_to", "key"):
         value = data.get(name)
         if value is not None and not _is_id(value):
             raise fail(f"{name} must be a string of 1..{MAX_ID_CHARS} characters")
@@ -230,6 +249,7 @@ def parse_request(data: dict[str, Any]) -> Request:
         reply_to=reply_to,
         repetition_penalty=_number(data, "repetition_penalty", 1.0, fail),
         ignore_eos=_bool(data, "ignore_eos", fail),
+        key=data.get("key"),
     )
     if request.session is not None and request.prompt is not None:
         raise fail("a session turn takes messages (the new ones), not a raw prompt")
@@ -394,10 +414,20 @@ def final_reply(
     return out
 
 
-def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+def error_reply(
+    request_id: str | None, code: str, message: str, retry_after_s: float | None = None
+) -> dict[str, Any]:
     if code not in ERROR_CODES:
         code = "internal"
-    return {"id": request_id, "done": True, "error": {"code": code, "message": message}}
+    error: dict[str, Any] = {"code": code, "message": message}
+    if retry_after_s is not None:  # rate_limited: when the same request will fit
+        error["retry_after_s"] = round(retry_after_s, 3)
+    return {"id": request_id, "done": True, "error": error}
+
+
+def exception_reply(request_id: str | None, exc: BaseException) -> dict[str, Any]:
+    """The error reply for an exception (its code, message and, if it has one, retry-after)."""
+    return error_reply(request_id, error_code(exc), str(exc), getattr(exc, "retry_after_s", None))
 
 
 def error_code(exc: BaseException) -> str:

@@ -234,6 +234,10 @@ class Scheduler:
             self._cond.notify_all()  # the worker ends a queued job at once, a running one next token
         return True
 
+    def accepting(self) -> bool:
+        """Ready for requests: the worker runs and close() has not begun (HTTP /readyz)."""
+        return self._thread is not None and self._thread.is_alive() and not self._closing
+
     def close(self, grace_s: float = 5.0) -> None:
         """Stop taking requests, answer queued ones `busy`, give running ones `grace_s`."""
         with self._cond:

@@ -1,11 +1,11 @@
 """Wiring for `edge-llm serve`: board config + engine + scheduler + sessions + transports.
 
-In: a loaded `Engine` and a `BoardConfig` (its `[server]`, `[sessions]`, `[socket]`, `[mqtt]`
-sections, already merged with command-line overrides). Out: a running `Server` — one scheduler
-worker owning the engine, the SQLite state database, and whichever transports are configured —
-that `stop()` (or SIGINT/SIGTERM in `run_until_signal`) shuts down cleanly: the scheduler first
-(queued requests answered `busy`, the running one given a grace period), then the transports
-(MQTT status `offline`, socket file removed).
+In: a loaded `Engine` and a `BoardConfig` (its `[server]`, `[sessions]`, `[socket]`, `[mqtt]`,
+`[http]`, `[keys]` sections, already merged with command-line overrides). Out: a running
+`Server` — one scheduler worker owning the engine, the SQLite state database, and whichever
+transports are configured — that `stop()` (or SIGINT/SIGTERM in `run_until_signal`) shuts
+down cleanly: the scheduler first (queued requests answered `busy`, the running one given a
+grace period), then the transports (MQTT status `offline`, socket file removed).
 """
 
 from __future__ import annotations
@@ -50,9 +50,16 @@ class Server:
             finals=self.db,
             default_max_tokens=srv.default_max_tokens,
         )
-        self.dispatcher = Dispatcher(self.scheduler, max_payload=srv.max_payload)
+        keys = None
+        if board.keys.file:
+            from edge_llm.keys import KeyGate
+
+            keys = KeyGate(board.keys.file, board.keys.uids)
+            log.info("API keys from %s: %d key(s)", board.keys.file, len(keys.names()))
+        self.dispatcher = Dispatcher(self.scheduler, max_payload=srv.max_payload, keys=keys)
         self.socket: Any = None
         self.mqtt: Any = None
+        self.http: Any = None
         self._stopped = threading.Event()
 
     def status(self) -> dict[str, Any]:
@@ -68,14 +75,17 @@ class Server:
                 "max_context": self.engine.max_context,
                 "max_payload": self.board.server.max_payload,
                 "error_codes": list(protocol.ERROR_CODES),
+                "keys": self.dispatcher.keys is not None,
                 "fleet_group": self.board.mqtt.fleet_group or None,
             },
         }
 
     def start(self) -> None:
-        sock, mqtt_cfg = self.board.socket, self.board.mqtt
-        if not sock.path and not sock.tcp_port and not mqtt_cfg.host:
-            raise ConfigError("nothing to serve on: give a socket path, a TCP port or an MQTT broker")
+        sock, mqtt_cfg, http_cfg = self.board.socket, self.board.mqtt, self.board.http
+        if not sock.path and not sock.tcp_port and not mqtt_cfg.host and not http_cfg.host:
+            raise ConfigError(
+                "nothing to serve on: give a socket path, a TCP port, an MQTT broker or an HTTP address"
+            )
         self.scheduler.start()
         try:
             if sock.path or sock.tcp_port:
@@ -90,6 +100,13 @@ class Server:
 
                 self.mqtt = MqttTransport(self.dispatcher, mqtt_cfg, self.status())
                 self.mqtt.start()
+            if http_cfg.host:
+                from edge_llm.transports.http import HttpTransport  # extra "http": says so if missing
+
+                self.http = HttpTransport(
+                    self.dispatcher, http_cfg, self.engine.bundle.name, ready=self.scheduler.accepting
+                )
+                self.http.start()
         except BaseException:
             self.stop()
             raise
@@ -105,6 +122,8 @@ class Server:
             self.socket.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
+        if self.http is not None:
+            self.http.stop()
         self.db.close()
 
     def run_until_signal(self) -> None:

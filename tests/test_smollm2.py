@@ -31,3 +31,44 @@ def test_default_bundle_answers_paris(smollm2_bundle: Path) -> None:
     ids = engine.encode_request(messages=[{"role": "user", "content": "What is the capital of France?"}])
     final = engine.complete(ids, SamplingParams(max_tokens=48))
     assert "Paris" in final.text, final.text
+
+
+def test_openai_client_gets_paris_over_http_with_keys(smollm2_bundle: Path, tmp_path: Path) -> None:
+    """Issue 15's check: the official `openai` client, streaming and not, a wrong key, and a key
+    over its requests-per-minute (429 with Retry-After; every request one answer)."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from edge_llm.board import BoardConfig, HttpConfig, KeysConfig
+    from edge_llm.keys import Limits, add_key
+    from edge_llm.server import Server
+
+    keys = tmp_path / "keys.json"
+    key, slow = add_key(keys, "app", Limits()), add_key(keys, "slow", Limits(requests_per_minute=2))
+    board = BoardConfig(http=HttpConfig(host="127.0.0.1", port=0), keys=KeysConfig(file=str(keys)))
+    server = Server(Engine.load(smollm2_bundle), board, state_path=tmp_path / "state.sqlite")
+    server.start()
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    url = server.http.url + "/v1"
+    try:
+        c = openai.OpenAI(base_url=url, api_key=key)
+        model = c.models.list().data[0].id
+        r = c.chat.completions.create(model=model, messages=question, max_tokens=48)
+        assert "Paris" in r.choices[0].message.content
+        stream = c.chat.completions.create(model=model, messages=question, max_tokens=48, stream=True)
+        assert "Paris" in "".join(ch.choices[0].delta.content or "" for ch in stream)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="ekl-wrong").chat.completions.create(
+                model=model, messages=question
+            )
+        s = openai.OpenAI(base_url=url, api_key=slow, max_retries=0)
+        statuses = []
+        for _ in range(3):
+            try:
+                s.chat.completions.create(model=model, messages=question, max_tokens=4)
+                statuses.append(200)
+            except openai.RateLimitError as exc:
+                assert int(exc.response.headers["retry-after"]) >= 1
+                statuses.append(429)
+        assert statuses == [200, 200, 429]
+    finally:
+        server.stop()

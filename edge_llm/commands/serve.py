@@ -20,7 +20,9 @@ from edge_llm.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="serve prompts over a local socket and/or MQTT until SIGINT/SIGTERM")
+    serve = sub.add_parser(
+        "serve", help="serve prompts over a local socket, MQTT and/or HTTP until SIGINT/SIGTERM"
+    )
     add_engine_args(serve)
     serve.add_argument("--socket", metavar="PATH", help="Unix socket to listen on (created with mode 0600)")
     serve.add_argument("--tcp", type=int, metavar="PORT", help="also listen on 127.0.0.1:PORT")
@@ -28,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", help="device id: topics edge-llm/<device>/... (overrides [mqtt] device)")
     serve.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), help="MQTT version (default 5)")
     serve.add_argument("--fleet", metavar="GROUP", help="also serve $share/GROUP/edge-llm/fleet/generate")
+    serve.add_argument(
+        "--http", metavar="HOST:PORT", help="OpenAI-compatible HTTP API (extra 'http'; overrides [http])"
+    )
+    serve.add_argument(
+        "--keys-file",
+        metavar="FILE",
+        help="require API keys from FILE (edge-llm keys; overrides [keys])"
+    )
     serve.add_argument("--state", metavar="FILE", help="SQLite state file (default [server] state_dir)")
     serve.add_argument("--system-prompt", help="system prompt for new conversations (overrides [sessions])")
     serve.set_defaults(handler=run_serve)
@@ -58,12 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     send.set_defaults(handler=run_send)
 
 
-def _host_port(value: str, default_port: int = 1883) -> tuple[str, int]:
+def _host_port(value: str, default_port: int = 1883, option: str = "--mqtt") -> tuple[str, int]:
     host, _, port = value.rpartition(":") if ":" in value else (value, "", str(default_port))
     try:
-        return host or "127.0.0.1", int(port)
+        return host.strip("[]") or "127.0.0.1", int(port)
     except ValueError:
-        raise ConfigError(f"--mqtt: expected HOST:PORT, got {value!r}") from None
+        raise ConfigError(f"{option}: expected HOST:PORT, got {value!r}") from None
 
 
 def board_with_overrides(args: argparse.Namespace) -> Any:
@@ -90,9 +100,15 @@ def board_with_overrides(args: argparse.Namespace) -> Any:
     sessions = board.sessions
     if args.system_prompt is not None:
         sessions = dataclasses.replace(sessions, system_prompt=args.system_prompt)
+    http, keys = board.http, board.keys
     try:
+        if getattr(args, "http", None):
+            host, port = _host_port(args.http, 8080, "--http")
+            http = dataclasses.replace(http, host=host, port=port)
+        if getattr(args, "keys_file", None):
+            keys = dataclasses.replace(keys, file=args.keys_file)
         mqtt = dataclasses.replace(mqtt, **changes)
-        return dataclasses.replace(board, socket=sock, mqtt=mqtt, sessions=sessions)
+        return dataclasses.replace(board, socket=sock, mqtt=mqtt, sessions=sessions, http=http, keys=keys)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -117,6 +133,8 @@ def run_serve(args: argparse.Namespace) -> int:
             where.append(f"tcp:127.0.0.1:{server.socket.tcp_port}")
     if server.mqtt is not None:
         where.append(f"mqtt://{board.mqtt.host}:{board.mqtt.port} ({server.mqtt.topics.generate})")
+    if server.http is not None:
+        where.append(f"{server.http.url}/v1 (model {server.http.model_id})")
     print(f"edge-llm: serving {engine.bundle.name} on {', '.join(where)}", file=sys.stderr, flush=True)
     server.run_until_signal()
     return 0

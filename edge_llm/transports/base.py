@@ -2,8 +2,9 @@
 
 In: one message's bytes and a way to reach its sender (`resolve(reply_to) -> Address`). Out:
 `Scheduler.submit` / `cancel` calls, with a sink that turns scheduler events into protocol replies
-for that address; or an immediate error reply (bad input, busy). Nothing here blocks: parsing is
-bounded by `max_payload` and `submit` never waits, so a transport callback stays thin.
+for that address; or an immediate error reply (bad input, busy, and with a `KeyGate`:
+unauthorized, rate_limited). Nothing here blocks: parsing is bounded by `max_payload`, the gate
+is a dictionary lookup and `submit` never waits, so a transport callback stays thin.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 from edge_llm import protocol
 from edge_llm.errors import EdgeLLMError
+from edge_llm.keys import KeyGate, usage_tokens  # stdlib only: cheap for every transport
 from edge_llm.protocol import Cancel, ProtocolError, Request
 
 log = logging.getLogger(__name__)
@@ -46,9 +48,16 @@ class Submitter(Protocol):
 
 
 class Dispatcher:
-    def __init__(self, scheduler: Submitter, max_payload: int = protocol.DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        scheduler: Submitter,
+        max_payload: int = protocol.DEFAULT_MAX_PAYLOAD,
+        keys: KeyGate | None = None,
+    ) -> None:
+        """`keys`: when given, every request must map to a key entry and is held to its limits."""
         self.scheduler = scheduler
         self.max_payload = max_payload
+        self.keys = keys
         self.stats: Counter[str] = Counter()
 
     def handle(
@@ -57,12 +66,15 @@ class Dispatcher:
         resolve: Resolve,
         accept: Literal["any", "cancel"] = "any",
         identity: str | None = None,
+        key: str | None = None,
     ) -> None:
         """Handle one inbound message. `resolve(reply_to)` gives the reply address (the request's
         `reply_to` field is passed for transports that route by it) or None if there is none.
-        `identity`: who sent it, when the transport knows (the socket peer's uid, the MQTT user
-        of a per-user topic); None: the reply address's identity. A request belongs to its
-        identity: only that identity joins, replays or cancels it."""
+        `identity`: who sent it, when the transport knows (`uid:N` for a socket peer,
+        `mqtt-user:NAME` for an MQTT per-user topic); None: the reply address's identity. A
+        request belongs to its identity — the API key's name when a key was given — and only that
+        identity joins, replays or cancels it. `key`: an API key the transport carried (HTTP
+        bearer); else the request's `key` field."""
         try:
             message = protocol.parse_message(payload, self.max_payload)
             if accept == "cancel" and not isinstance(message, Cancel):
@@ -82,6 +94,10 @@ class Dispatcher:
         if isinstance(message, Cancel):
             self.stats["cancel"] += 1
             who = identity
+            given = key if key is not None else message.key
+            owner = self.keys.owner(given) if self.keys is not None and given is not None else None
+            if owner is not None:  # a request made with a key belongs to that key (see below)
+                who = f"key:{owner}"
             if who is None:  # the reply topic it names says whose request it may cancel
                 sender = resolve(message.reply_to)
                 who = sender.identity if sender is not None else None
@@ -99,15 +115,32 @@ class Dispatcher:
             return
         self.stats["request"] += 1
         send = address.send
+        who = identity if identity is not None else address.identity
+        grant = None
+        if self.keys is not None:
+            given = key if key is not None else message.key
+            try:
+                grant = self.keys.admit(identity or "", given)
+            except EdgeLLMError as exc:  # refused before queueing: this is its one final reply
+                self.stats[protocol.error_code(exc)] += 1
+                send(protocol.exception_reply(message.id, exc))
+                return
+            if given is not None:  # a key names its holder better than the connection does
+                who = f"key:{grant.name}"
 
         def sink(event: protocol.Event) -> None:
+            if grant is not None and event.done:  # one final per submit: the slot frees exactly once
+                grant.release(0 if event.replayed else usage_tokens(event.usage))
             send(protocol.reply(event))
 
         try:
-            who = identity if identity is not None else address.identity
             self.scheduler.submit(message, sink, client=address.client, reply_key=address.key, identity=who)
         except EdgeLLMError as exc:
-            send(protocol.error_reply(message.id, protocol.error_code(exc), str(exc)))
+            if grant is not None:
+                grant.release()
+            send(protocol.exception_reply(message.id, exc))
         except Exception as exc:  # a bug, not bad input: answer it rather than lose the connection
+            if grant is not None:
+                grant.release()
             log.exception("submitting request %s failed", message.id)
             send(protocol.error_reply(message.id, "internal", f"{type(exc).__name__} while queueing"))
