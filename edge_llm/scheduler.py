@@ -178,6 +178,21 @@ class Scheduler:
         self._abort_at = float("inf")  # after close(): when running requests are interrupted
         self._last_sweep = 0.0
         self._thread: threading.Thread | None = None
+        # Read by metrics from other threads (plain reads of values the worker replaces whole).
+        self.active_rows = 0
+        self.batch_cache: SharedCache | None = None
+        # Called on the worker with the number of rows of each decode step (metrics: batch
+        # occupancy). The scheduler's one observation hook: it stays free of metrics code.
+        self.on_step: Callable[[int], None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or running."""
+        return len(self._jobs)
 
     # -- public API (any thread) --
 
@@ -286,9 +301,12 @@ class Scheduler:
     def _worker(self) -> None:
         """Admit queued requests into free rows, advance every row one step, repeat."""
         cache = self.engine.batch_cache(self.max_batch) if self.max_batch > 1 else None
+        self.batch_cache = cache
         rows: dict[int, _Running] = {}
         while True:
+            self.active_rows = len(rows)
             self._admit(rows, cache)  # blocks for work only while no row is busy
+            self.active_rows = len(rows)
             if not rows:
                 if self._closing:
                     return
@@ -336,6 +354,11 @@ class Scheduler:
         """One decode step for every row; emit what each produced; retire the finished."""
         self.stats["batch_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
+        if self.on_step is not None:
+            try:
+                self.on_step(len(rows))
+            except Exception:  # an observer's bug must not stop generation
+                log.exception("the step observer failed")
         try:
             self.engine.step([r.gen for r in rows.values()])
         except Exception as exc:  # one failed forward fails every row in it, never the worker

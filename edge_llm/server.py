@@ -2,7 +2,8 @@
 
 In: a loaded `Engine` and a `BoardConfig` (its `[server]`, `[sessions]`, `[socket]`, `[mqtt]`
 sections, already merged with command-line overrides). Out: a running `Server` — one scheduler
-worker owning the engine, the SQLite state database, and whichever transports are configured —
+worker owning the engine, the SQLite state database, whichever transports are configured (socket,
+MQTT, gRPC), and its metrics (`self.metrics`: Prometheus text on `[metrics] listen`) —
 that `stop()` (or SIGINT/SIGTERM in `run_until_signal`) shuts down cleanly: the scheduler first
 (queued requests answered `busy`, the running one given a grace period), then the transports
 (MQTT status `offline`, socket file removed).
@@ -10,6 +11,7 @@ that `stop()` (or SIGINT/SIGTERM in `run_until_signal`) shuts down cleanly: the 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import threading
@@ -17,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm import __version__, protocol
-from edge_llm.board import BoardConfig
+from edge_llm.board import BoardConfig, parse_listen
 from edge_llm.engine import Engine
 from edge_llm.errors import ConfigError
+from edge_llm.metrics import Metrics, MetricsServer
 from edge_llm.scheduler import Scheduler
 from edge_llm.sessions import Conversations, StateDB
 from edge_llm.transports.base import Dispatcher
@@ -51,8 +54,15 @@ class Server:
             default_max_tokens=srv.default_max_tokens,
         )
         self.dispatcher = Dispatcher(self.scheduler, max_payload=srv.max_payload)
+        # A Prometheus registry when it is served here or the library is there for another
+        # transport to mount `metrics.render()` (HTTP's /metrics); the plain tallies always.
+        prometheus = bool(board.metrics.listen) or _importable("prometheus_client")
+        self.metrics = Metrics(self.scheduler, engine, prometheus=prometheus)
+        self.dispatcher.observer = self.metrics.finished
         self.socket: Any = None
         self.mqtt: Any = None
+        self.grpc: Any = None
+        self.metrics_server: Any = None
         self._stopped = threading.Event()
 
     def status(self) -> dict[str, Any]:
@@ -73,11 +83,16 @@ class Server:
         }
 
     def start(self) -> None:
-        sock, mqtt_cfg = self.board.socket, self.board.mqtt
-        if not sock.path and not sock.tcp_port and not mqtt_cfg.host:
-            raise ConfigError("nothing to serve on: give a socket path, a TCP port or an MQTT broker")
+        sock, mqtt_cfg, grpc_cfg = self.board.socket, self.board.mqtt, self.board.grpc
+        if not sock.path and not sock.tcp_port and not mqtt_cfg.host and not grpc_cfg.listen:
+            raise ConfigError(
+                "nothing to serve on: give a socket path, a TCP port, an MQTT broker or a gRPC address"
+            )
         self.scheduler.start()
         try:
+            if self.board.metrics.listen:
+                where = parse_listen(self.board.metrics.listen, "metrics")
+                self.metrics_server = MetricsServer(self.metrics, *where)
             if sock.path or sock.tcp_port:
                 from edge_llm.transports.socket import SocketTransport
 
@@ -88,8 +103,15 @@ class Server:
             if mqtt_cfg.host:
                 from edge_llm.transports.mqtt import MqttTransport  # the only place paho is imported
 
-                self.mqtt = MqttTransport(self.dispatcher, mqtt_cfg, self.status())
+                self.mqtt = MqttTransport(self.dispatcher, mqtt_cfg, self.status(), self.metrics.summary)
                 self.mqtt.start()
+            if grpc_cfg.listen:
+                from edge_llm.transports.grpc import GrpcTransport  # the only place grpcio is imported
+
+                # Enough calls for everything the scheduler can hold; more are refused at once.
+                calls = self.board.server.max_queue + self.scheduler.max_batch + 4
+                self.grpc = GrpcTransport(self.dispatcher, *parse_listen(grpc_cfg.listen, "grpc"), calls)
+                self.grpc.start()
         except BaseException:
             self.stop()
             raise
@@ -105,6 +127,10 @@ class Server:
             self.socket.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
+        if self.grpc is not None:
+            self.grpc.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.db.close()
 
     def run_until_signal(self) -> None:
@@ -123,3 +149,7 @@ class Server:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop()
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None

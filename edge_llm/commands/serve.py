@@ -22,6 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", help="device id: topics edge-llm/<device>/... (overrides [mqtt] device)")
     serve.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), help="MQTT version (default 5)")
     serve.add_argument("--fleet", metavar="GROUP", help="also serve $share/GROUP/edge-llm/fleet/generate")
+    serve.add_argument(
+        "--metrics", metavar="HOST:PORT", help="Prometheus /metrics (extra `metrics`; [metrics] listen)"
+    )
+    serve.add_argument(
+        "--metrics-interval", type=float, metavar="S",
+        help="retained MQTT summary on edge-llm/<device>/metrics every S seconds ([mqtt] metrics_interval_s)",
+    )  # fmt: skip
+    serve.add_argument("--grpc", metavar="HOST:PORT", help="gRPC LLMService (extra `grpc`; [grpc] listen)")
     serve.add_argument("--state", metavar="FILE", help="SQLite state file (default [server] state_dir)")
     serve.add_argument("--system-prompt", help="system prompt for new conversations (overrides [sessions])")
     serve.set_defaults(handler=run_serve)
@@ -81,12 +89,18 @@ def board_with_overrides(args: argparse.Namespace) -> Any:
         changes["protocol"] = args.mqtt_protocol
     if args.fleet:
         changes["fleet_group"] = args.fleet
+    if args.metrics_interval is not None:
+        changes["metrics_interval_s"] = args.metrics_interval
     sessions = board.sessions
     if args.system_prompt is not None:
         sessions = dataclasses.replace(sessions, system_prompt=args.system_prompt)
     try:
         mqtt = dataclasses.replace(mqtt, **changes)
-        return dataclasses.replace(board, socket=sock, mqtt=mqtt, sessions=sessions)
+        metrics = dataclasses.replace(board.metrics, listen=args.metrics) if args.metrics else board.metrics
+        grpc = dataclasses.replace(board.grpc, listen=args.grpc) if args.grpc else board.grpc
+        return dataclasses.replace(
+            board, socket=sock, mqtt=mqtt, sessions=sessions, metrics=metrics, grpc=grpc
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -111,6 +125,10 @@ def run_serve(args: argparse.Namespace) -> int:
             where.append(f"tcp:127.0.0.1:{server.socket.tcp_port}")
     if server.mqtt is not None:
         where.append(f"mqtt://{board.mqtt.host}:{board.mqtt.port} ({server.mqtt.topics.generate})")
+    if server.grpc is not None:
+        where.append(f"grpc:{server.grpc.host}:{server.grpc.port}")
+    if server.metrics_server is not None:
+        where.append(f"metrics: http://{server.metrics_server.host}:{server.metrics_server.port}/metrics")
     print(f"edge-llm: serving {engine.bundle.name} on {', '.join(where)}", file=sys.stderr, flush=True)
     server.run_until_signal()
     return 0

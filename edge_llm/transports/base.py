@@ -9,6 +9,7 @@ bounded by `max_payload` and `submit` never waits, so a transport callback stays
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
@@ -26,6 +27,7 @@ class Address(Protocol):
     key: str  # equal keys = same destination: a redelivered request to it is not answered twice
     client: str  # groups requests for the per-client in-flight limit
     identity: str  # who is asking, when the reply address is what names them (MQTT plain topic)
+    transport: str  # "socket", "mqtt", "grpc", ...: the label metrics count requests under
 
     def send(self, reply: dict[str, Any]) -> None:
         """Queue one reply object for sending; never blocks, never raises."""
@@ -33,6 +35,9 @@ class Address(Protocol):
 
 
 Resolve = Callable[[str | None], Address | None]
+# Sees every final reply the dispatcher sends: (transport, final or error event, seconds from the
+# message's arrival to the reply). Metrics install one.
+Observer = Callable[[str, protocol.Event, float], None]
 
 
 class Submitter(Protocol):
@@ -50,6 +55,7 @@ class Dispatcher:
         self.scheduler = scheduler
         self.max_payload = max_payload
         self.stats: Counter[str] = Counter()
+        self.observer: Observer | None = None
 
     def handle(
         self,
@@ -63,6 +69,7 @@ class Dispatcher:
         `identity`: who sent it, when the transport knows (the socket peer's uid, the MQTT user
         of a per-user topic); None: the reply address's identity. A request belongs to its
         identity: only that identity joins, replays or cancels it."""
+        arrived = time.monotonic()
         try:
             message = protocol.parse_message(payload, self.max_payload)
             if accept == "cancel" and not isinstance(message, Cancel):
@@ -77,6 +84,7 @@ class Dispatcher:
             if address is None:
                 log.warning("dropped a bad message with no reply address: %s", exc)
                 return
+            self._observe(address, protocol.Event("error", exc.request_id or "", code="bad_request"), arrived)
             address.send(protocol.error_reply(exc.request_id, "bad_request", str(exc)))
             return
         if isinstance(message, Cancel):
@@ -101,13 +109,26 @@ class Dispatcher:
         send = address.send
 
         def sink(event: protocol.Event) -> None:
+            if event.done:  # counted before it is sent: a client that then scrapes sees it
+                self._observe(address, event, arrived)
             send(protocol.reply(event))
 
         try:
             who = identity if identity is not None else address.identity
             self.scheduler.submit(message, sink, client=address.client, reply_key=address.key, identity=who)
         except EdgeLLMError as exc:
-            send(protocol.error_reply(message.id, protocol.error_code(exc), str(exc)))
+            code = protocol.error_code(exc)
+            self._observe(address, protocol.Event("error", message.id, code=code), arrived)
+            send(protocol.error_reply(message.id, code, str(exc)))
         except Exception as exc:  # a bug, not bad input: answer it rather than lose the connection
             log.exception("submitting request %s failed", message.id)
+            self._observe(address, protocol.Event("error", message.id, code="internal"), arrived)
             send(protocol.error_reply(message.id, "internal", f"{type(exc).__name__} while queueing"))
+
+    def _observe(self, address: Address, event: protocol.Event, arrived: float) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(getattr(address, "transport", "other"), event, time.monotonic() - arrived)
+        except Exception:  # metrics must never cost a reply
+            log.exception("the metrics observer failed")
