@@ -159,6 +159,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         doc["scraped_requests_total"] = seen
         doc["waited_for_scrape_s"] = round(time.monotonic() - t0 - doc["send_s"], 2)
         doc["queries"] = {name: query(prom_url, expr) for name, expr in QUERIES.items()}
+        # Every expression of the Grafana dashboard, as Grafana would send it for "all boards".
+        dashboard = json.loads((ROOT / "configs/grafana/edge-llm.json").read_text())
+        doc["dashboard"] = {}
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$instance", ".*").replace("$__rate_interval", "1m")
+                result = query(prom_url, expr)
+                name = f"{panel['title']} / {target['legendFormat']}"
+                doc["dashboard"][name] = [r["value"][1] for r in result]
         targets = json.load(urllib.request.urlopen(f"{prom_url}/api/v1/targets", timeout=10))
         doc["target_health"] = [t["health"] for t in targets["data"]["activeTargets"]]
     finally:
@@ -182,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, result in doc["queries"].items():
         cells = "; ".join(f"{_labels(r['metric'])} = {r['value'][1]}" for r in result)
         md.append(f"| `{QUERIES[name]}` | {cells or '(empty)'} |")
+    md += ["", "Grafana dashboard expressions (configs/grafana/edge-llm.json), all boards:", ""]
+    md += ["| panel / series | values |", "|---|---|"]
+    md += [f"| {name} | {', '.join(values) or '(no data)'} |" for name, values in doc["dashboard"].items()]
     print("\n".join(md))
     write_results(Path(args.out), doc, md)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from edge_llm.errors import ConfigError, TransportError
@@ -45,21 +46,28 @@ def _prometheus() -> Any:
     return prometheus_client
 
 
-def cache_bytes(cache: Any) -> int:
-    """Bytes held by one KV cache of any layout: numpy buffers (shared, static) or ORT values
-    (concat, whose element size follows from its type name)."""
+def cache_bytes(cache: Any, rows: Iterable[int] | None = None) -> tuple[int, int]:
+    """(reserved, used) bytes of one KV cache of any layout. Preallocated buffers (shared,
+    static layouts) reserve their full capacity — address space, committed page by page as
+    written (`runner.lazy_zeros`) — and use the positions their rows hold (`rows`: only these
+    rows count, e.g. the batch rows running a request); a concat cache's ORT values are exactly
+    its positions (element size from the type name)."""
     if cache is None:
-        return 0
+        return 0, 0
     buffers = getattr(cache, "buffers", None)
     if buffers is not None:
-        return sum(int(b.nbytes) for b in buffers)
+        reserved = sum(int(b.nbytes) for b in buffers)
+        count, capacity = buffers[0].shape[0], buffers[0].shape[2]  # [rows, kv_heads, capacity, head_dim]
+        lengths = cache.lengths if rows is None else [cache.lengths[r] for r in rows]
+        used = reserved * int(sum(lengths)) // max(1, count * capacity)
+        return reserved, used
     total = 0
     for value in getattr(cache, "past", ()):
         count = 1
         for dim in value.shape():
             count *= int(dim)
         total += count * _ORT_SIZES.get(value.data_type(), 4)
-    return total
+    return total, total
 
 
 _ORT_SIZES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(int8)": 1}
@@ -131,12 +139,12 @@ class Metrics:
 
     # -- views --
 
-    def kv_bytes(self) -> int:
-        """KV cache bytes held now: the batch buffer, live session slots, the system prompt's."""
+    def kv_bytes(self) -> tuple[int, int]:
+        """(reserved, used) KV cache bytes now: the batch buffer, live session slots, the system
+        prompt's slot."""
         caches: dict[int, Any] = {}
-        batch = getattr(self.scheduler, "batch_cache", None)
-        if batch is not None:
-            caches[id(batch)] = batch
+        batch = self.scheduler.batch_cache
+        sizes = [cache_bytes(batch, self.scheduler.live_rows)] if batch is not None else []
         conv = self.scheduler.conversations
         for _ in range(3):  # the worker may change the dict while we copy it: try again
             try:
@@ -145,9 +153,10 @@ class Metrics:
             except RuntimeError:
                 slots = []
         for slot in slots:
-            if slot is not None and slot.cache is not None:
+            if slot is not None and slot.cache is not None and slot.cache is not batch:
                 caches[id(slot.cache)] = slot.cache
-        return sum(cache_bytes(c) for c in caches.values())
+        sizes += [cache_bytes(c) for c in caches.values()]
+        return sum(r for r, _ in sizes), sum(u for _, u in sizes)
 
     def render(self) -> tuple[bytes, str]:
         """(Prometheus text exposition, its Content-Type): what a `/metrics` handler returns."""
@@ -172,6 +181,7 @@ class Metrics:
             last, self._last = self._last or {"t": self.started, "n": 0, "lat": 0, "dec": 0, "dn": 0}, current
             outcomes = dict(self.outcomes)
             tokens_in, tokens_out = self.tokens_in, self.tokens_out
+        kv_reserved, kv_used = self.kv_bytes()
         dt = max(now - last["t"], 1e-9)
         dn = current["n"] - last["n"]
         ddn = current["dn"] - last["dn"]
@@ -190,7 +200,8 @@ class Metrics:
             "tokens_out": tokens_out,
             "queue_depth": self.scheduler.queue_depth,
             "in_flight": self.scheduler.in_flight,
-            "kv_bytes": self.kv_bytes(),
+            "kv_bytes": kv_used,
+            "kv_reserved_bytes": kv_reserved,
         }
 
     # -- Prometheus --
@@ -241,7 +252,12 @@ class Metrics:
         prom.Gauge(p + "batch_rows_active", "Rows running now", registry=reg).set_function(
             lambda: self.scheduler.active_rows
         )
-        prom.Gauge(p + "kv_cache_bytes", "KV cache bytes held", registry=reg).set_function(self.kv_bytes)
+        kv = prom.Gauge(
+            p + "kv_cache_bytes", "KV cache bytes: reserved (buffer capacity) and used (positions held)",
+            ["kind"], registry=reg,
+        )  # fmt: skip
+        kv.labels("reserved").set_function(lambda: self.kv_bytes()[0])
+        kv.labels("used").set_function(lambda: self.kv_bytes()[1])
         prom.Info(p + "server", "The loaded model and execution provider", registry=reg).info(
             {"model": self.engine.bundle.name, "provider": self.provider}
         )

@@ -180,6 +180,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         # Read by metrics from other threads (plain reads of values the worker replaces whole).
         self.active_rows = 0
+        self.live_rows: frozenset[int] = frozenset()  # rows of batch_cache running a request
         self.batch_cache: SharedCache | None = None
         # Called on the worker with the number of rows of each decode step (metrics: batch
         # occupancy). The scheduler's one observation hook: it stays free of metrics code.
@@ -304,15 +305,19 @@ class Scheduler:
         self.batch_cache = cache
         rows: dict[int, _Running] = {}
         while True:
-            self.active_rows = len(rows)
+            self._publish_rows(rows)
             self._admit(rows, cache)  # blocks for work only while no row is busy
-            self.active_rows = len(rows)
+            self._publish_rows(rows)
             if not rows:
                 if self._closing:
                     return
                 continue
             self._sweep_queue()
             self._step(rows)
+
+    def _publish_rows(self, rows: dict[int, _Running]) -> None:
+        self.live_rows = frozenset(rows)
+        self.active_rows = len(rows)
 
     def _admit(self, rows: dict[int, _Running], cache: SharedCache | None) -> None:
         """Fill free rows from the queue and prefill the newcomers (adjacent ones in one forward)."""

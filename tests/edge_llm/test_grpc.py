@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ pytest.importorskip("grpc")
 
 import grpc
 
-from edge_llm.board import BoardConfig, GrpcConfig, ServerConfig
+from edge_llm.board import BoardConfig, GrpcConfig, MetricsConfig, ServerConfig
 from edge_llm.engine import Engine
 from edge_llm.proto import llm_pb2, llm_pb2_grpc
 from edge_llm.server import Server
@@ -191,3 +192,22 @@ def test_metrics_count_grpc(served: tuple[Server, Any]) -> None:
 def test_nothing_else_needed_to_serve_grpc_only(served: tuple[Server, Any]) -> None:
     server, _ = served
     assert server.socket is None and server.mqtt is None and server.grpc is not None
+
+
+def test_missing_extra_names_it() -> None:
+    """Without grpcio the transport module says which extra to install (serve shows it)."""
+    code = (
+        "import sys; sys.modules['grpc'] = None\n"
+        "from edge_llm.errors import ConfigError\n"
+        "try:\n    import edge_llm.transports.grpc\nexcept ConfigError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'edge-llm[grpc]'" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("listen", ["nope", "host:", "host:99999", ":x"])
+def test_listen_addresses_are_checked(listen: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        GrpcConfig(listen=listen)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        MetricsConfig(listen=listen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import time
@@ -118,7 +119,10 @@ def test_metrics_parse_and_move_after_requests(served: tuple[Server, int]) -> No
     assert after[("edge_llm_session_cache_total", (("result", "miss"),))] == 1
     assert after[("edge_llm_session_cache_total", (("result", "hit"),))] == 1  # the second turn's KV
     assert after[("edge_llm_batch_occupancy_rows_count", ())] > 0
-    assert after[("edge_llm_kv_cache_bytes", ())] > 0  # the batch buffer and the live session
+    # The batch buffer is reserved whole; the live session's slot holds its positions.
+    reserved = after[("edge_llm_kv_cache_bytes", (("kind", "reserved"),))]
+    used = after[("edge_llm_kv_cache_bytes", (("kind", "used"),))]
+    assert reserved > used > 0
     assert after[("edge_llm_in_flight", ())] == 0
 
 
@@ -152,7 +156,7 @@ def test_cache_bytes_of_a_concat_cache(tiny_bundle: Path) -> None:
     engine.prefill(engine.encode_request(prompt="hello there"), slot)
     arch = engine.bundle.architecture
     expected = 2 * arch.num_layers * arch.num_kv_heads * len(slot.ids) * arch.head_dim * 4
-    assert cache_bytes(slot.cache) == expected
+    assert cache_bytes(slot.cache) == (expected, expected)
 
 
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path) -> None:
@@ -205,4 +209,20 @@ def test_mqtt_heartbeat_is_retained_and_parses(tiny_bundle: Path, tmp_path: Path
     assert summary["tokens_out"] == 4
     assert summary["in_flight"] == 0 and summary["queue_depth"] == 0
     assert summary["provider"] == "CPUExecutionProvider"
-    assert summary["kv_bytes"] >= 0 and summary["uptime_s"] > 0
+    assert summary["kv_reserved_bytes"] >= summary["kv_bytes"] >= 0 and summary["uptime_s"] > 0
+
+
+def test_grafana_dashboard_uses_only_metrics_we_export(served: tuple[Server, Any]) -> None:
+    server, _ = served
+    path = Path(__file__).resolve().parents[2] / "configs/grafana/edge-llm.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"edge_llm_[a-z_]+", e)}
+    families = list(text_string_to_metric_families(server.metrics.render()[0].decode()))
+    # A labelled family has no samples until its first observation: match by family name too.
+    exported = {s.name for f in families for s in f.samples} | {f.name for f in families}
+    base = {n: re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
+    missing = {n for n in used if n not in exported and base[n] not in exported}
+    assert not missing
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert any("QPS" in t for t in titles) and any("latency" in t.lower() for t in titles)
