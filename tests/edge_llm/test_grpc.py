@@ -211,3 +211,17 @@ def test_listen_addresses_are_checked(listen: str) -> None:
         GrpcConfig(listen=listen)
     with pytest.raises(ValueError, match="HOST:PORT"):
         MetricsConfig(listen=listen)
+
+
+def test_serve_flags_set_the_board() -> None:
+    from edge_llm.cli import build_parser
+    from edge_llm.commands.serve import board_with_overrides
+    from edge_llm.errors import ConfigError
+
+    argv = ["serve", "--bundle", "b", "--grpc", "127.0.0.1:0", "--metrics", ":9464"]
+    argv += ["--metrics-interval", "5"]
+    board = board_with_overrides(build_parser().parse_args(argv))
+    assert board.grpc.listen == "127.0.0.1:0" and board.metrics.listen == ":9464"
+    assert board.mqtt.metrics_interval_s == 5
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        board_with_overrides(build_parser().parse_args(["serve", "--bundle", "b", "--grpc", "50051"]))
