@@ -158,8 +158,8 @@ class _Service(llm_pb2_grpc.LLMServiceServicer):
             try:
                 reply = address.replies.get(timeout=1.0)
             except queue.Empty:
-                if not context.is_active():  # the client is gone and its final was already sent
-                    return
+                if not context.is_active():  # the call is over (on_end sent a cancel, or its
+                    return  # deadline_ms ends it): nobody is left to read what still comes
                 continue
             if not protocol.is_final(reply):
                 yield response(reply)
