@@ -4,9 +4,8 @@ In: a TOML path. Out: a frozen `BoardConfig` — execution providers in order of
 their options, and the `[runtime]` table (`RunnerOptions`: threads, limits, memory budget) that
 the engine takes.
 Serving sections (`[server]`, `[sessions]`, `[socket]`, `[mqtt]`, `[mqtt.tls]`, `[http]`,
-`[http.tls]`, `[keys]`) configure
-`edge-llm serve`; every one is optional. Unknown keys and wrong types fail with the file and
-dotted key named.
+`[http.tls]`, `[keys]`, `[metrics]`, `[grpc]`) configure `edge-llm serve`; every one is optional.
+Unknown keys and wrong types fail with the file and dotted key named.
 """
 
 from __future__ import annotations
@@ -124,8 +123,13 @@ class MqttConfig:
     # `internal` error). 0 = the limit the broker advertises (MQTT 5 only): set it for a 3.1.1
     # broker with a `max_packet_size`, which closes the connection of a client that exceeds it.
     max_packet_bytes: int = 0
+    # Retained JSON summary on <topic_prefix>/<device>/metrics every this many seconds (0 = off):
+    # fleet health from one subscription instead of scraping every board.
+    metrics_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.metrics_interval_s <= 86400:
+            raise ValueError("mqtt: metrics_interval_s must be in 0..86400 (0 = off)")
         if self.chunk_qos not in (0, 1):
             raise ValueError("mqtt: chunk_qos must be 0 or 1")
         for name in ("device", "fleet_group", "topic_prefix"):
@@ -146,6 +150,32 @@ class MqttConfig:
             raise ValueError("mqtt: port in 1..65535, keepalive ≥ 5, session_expiry_s ≥ 0")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError("mqtt: 0 < reconnect_min_s ≤ reconnect_max_s")
+
+
+def parse_listen(value: str, what: str) -> tuple[str, int]:
+    """HOST:PORT (HOST may be empty: 127.0.0.1; PORT 0: any free port) for a listening server."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # HOST:PORT for Prometheus text at /metrics (extra `metrics`); "" = off
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_listen(self.listen, "metrics: listen")
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    listen: str = ""  # HOST:PORT for the gRPC LLMService (extra `grpc`); "" = off
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_listen(self.listen, "grpc: listen")
 
 
 @dataclass(frozen=True)
@@ -201,6 +231,8 @@ class BoardConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
 
     def provider_specs(self) -> tuple[ProviderSpec, ...]:
         return parse_provider_list(self.providers)

@@ -178,6 +178,22 @@ class Scheduler:
         self._abort_at = float("inf")  # after close(): when running requests are interrupted
         self._last_sweep = 0.0
         self._thread: threading.Thread | None = None
+        # Read by metrics from other threads (plain reads of values the worker replaces whole).
+        self.active_rows = 0
+        self.live_rows: frozenset[int] = frozenset()  # rows of batch_cache running a request
+        self.batch_cache: SharedCache | None = None
+        # Called on the worker with the number of rows of each decode step (metrics: batch
+        # occupancy). The scheduler's one observation hook: it stays free of metrics code.
+        self.on_step: Callable[[int], None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or running."""
+        return len(self._jobs)
 
     # -- public API (any thread) --
 
@@ -290,15 +306,22 @@ class Scheduler:
     def _worker(self) -> None:
         """Admit queued requests into free rows, advance every row one step, repeat."""
         cache = self.engine.batch_cache(self.max_batch) if self.max_batch > 1 else None
+        self.batch_cache = cache
         rows: dict[int, _Running] = {}
         while True:
+            self._publish_rows(rows)
             self._admit(rows, cache)  # blocks for work only while no row is busy
+            self._publish_rows(rows)
             if not rows:
                 if self._closing:
                     return
                 continue
             self._sweep_queue()
             self._step(rows)
+
+    def _publish_rows(self, rows: dict[int, _Running]) -> None:
+        self.live_rows = frozenset(rows)
+        self.active_rows = len(rows)
 
     def _admit(self, rows: dict[int, _Running], cache: SharedCache | None) -> None:
         """Fill free rows from the queue and prefill the newcomers (adjacent ones in one forward)."""
@@ -340,6 +363,11 @@ class Scheduler:
         """One decode step for every row; emit what each produced; retire the finished."""
         self.stats["batch_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
+        if self.on_step is not None:
+            try:
+                self.on_step(len(rows))
+            except Exception:  # an observer's bug must not stop generation
+                log.exception("the step observer failed")
         try:
             self.engine.step([r.gen for r in rows.values()])
         except Exception as exc:  # one failed forward fails every row in it, never the worker

@@ -1,15 +1,18 @@
 """Wiring for `edge-llm serve`: board config + engine + scheduler + sessions + transports.
 
 In: a loaded `Engine` and a `BoardConfig` (its `[server]`, `[sessions]`, `[socket]`, `[mqtt]`,
-`[http]`, `[keys]` sections, already merged with command-line overrides). Out: a running
-`Server` — one scheduler worker owning the engine, the SQLite state database, and whichever
-transports are configured — that `stop()` (or SIGINT/SIGTERM in `run_until_signal`) shuts
-down cleanly: the scheduler first (queued requests answered `busy`, the running one given a
-grace period), then the transports (MQTT status `offline`, socket file removed).
+`[http]`, `[keys]`, `[metrics]`, `[grpc]` sections, already merged with command-line overrides).
+Out: a running `Server` — one scheduler worker owning the engine, the SQLite state database,
+whichever transports are configured (socket, MQTT, HTTP, gRPC), and its metrics (`self.metrics`:
+Prometheus text on `[metrics] listen` and at HTTP's /metrics) — that `stop()` (or SIGINT/SIGTERM
+in `run_until_signal`) shuts down cleanly: the scheduler first (queued requests answered `busy`,
+the running one given a grace period), then the transports (MQTT status `offline`, socket file
+removed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import threading
@@ -17,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm import __version__, protocol
-from edge_llm.board import BoardConfig
+from edge_llm.board import BoardConfig, parse_listen
 from edge_llm.engine import Engine
 from edge_llm.errors import ConfigError
+from edge_llm.metrics import Metrics, MetricsServer
 from edge_llm.scheduler import Scheduler
 from edge_llm.sessions import Conversations, StateDB
 from edge_llm.transports.base import Dispatcher
@@ -57,9 +61,16 @@ class Server:
             keys = KeyGate(board.keys.file, board.keys.uids)
             log.info("API keys from %s: %d key(s)", board.keys.file, len(keys.names()))
         self.dispatcher = Dispatcher(self.scheduler, max_payload=srv.max_payload, keys=keys)
+        # A Prometheus registry when it is served here or the library is there for another
+        # transport to mount `metrics.render()` (HTTP's /metrics); the plain tallies always.
+        prometheus = bool(board.metrics.listen) or _importable("prometheus_client")
+        self.metrics = Metrics(self.scheduler, engine, prometheus=prometheus)
+        self.dispatcher.observer = self.metrics.finished
         self.socket: Any = None
         self.mqtt: Any = None
         self.http: Any = None
+        self.grpc: Any = None
+        self.metrics_server: Any = None
         self._stopped = threading.Event()
 
     def status(self) -> dict[str, Any]:
@@ -82,12 +93,17 @@ class Server:
 
     def start(self) -> None:
         sock, mqtt_cfg, http_cfg = self.board.socket, self.board.mqtt, self.board.http
-        if not sock.path and not sock.tcp_port and not mqtt_cfg.host and not http_cfg.host:
+        grpc_cfg = self.board.grpc
+        if not (sock.path or sock.tcp_port or mqtt_cfg.host or http_cfg.host or grpc_cfg.listen):
             raise ConfigError(
-                "nothing to serve on: give a socket path, a TCP port, an MQTT broker or an HTTP address"
+                "nothing to serve on: give a socket path, a TCP port, an MQTT broker, an HTTP or a "
+                "gRPC address"
             )
         self.scheduler.start()
         try:
+            if self.board.metrics.listen:
+                where = parse_listen(self.board.metrics.listen, "metrics")
+                self.metrics_server = MetricsServer(self.metrics, *where)
             if sock.path or sock.tcp_port:
                 from edge_llm.transports.socket import SocketTransport
 
@@ -98,15 +114,26 @@ class Server:
             if mqtt_cfg.host:
                 from edge_llm.transports.mqtt import MqttTransport  # the only place paho is imported
 
-                self.mqtt = MqttTransport(self.dispatcher, mqtt_cfg, self.status())
+                self.mqtt = MqttTransport(self.dispatcher, mqtt_cfg, self.status(), self.metrics.summary)
                 self.mqtt.start()
             if http_cfg.host:
                 from edge_llm.transports.http import HttpTransport  # extra "http": says so if missing
 
                 self.http = HttpTransport(
-                    self.dispatcher, http_cfg, self.engine.bundle.name, ready=self.scheduler.accepting
+                    self.dispatcher,
+                    http_cfg,
+                    self.engine.bundle.name,
+                    ready=self.scheduler.accepting,
+                    metrics=self.metrics,
                 )
                 self.http.start()
+            if grpc_cfg.listen:
+                from edge_llm.transports.grpc import GrpcTransport  # the only place grpcio is imported
+
+                # Enough calls for everything the scheduler can hold; more are refused at once.
+                calls = self.board.server.max_queue + self.scheduler.max_batch + 4
+                self.grpc = GrpcTransport(self.dispatcher, *parse_listen(grpc_cfg.listen, "grpc"), calls)
+                self.grpc.start()
         except BaseException:
             self.stop()
             raise
@@ -124,6 +151,10 @@ class Server:
             self.mqtt.stop()
         if self.http is not None:
             self.http.stop()
+        if self.grpc is not None:
+            self.grpc.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.db.close()
 
     def run_until_signal(self) -> None:
@@ -142,3 +173,7 @@ class Server:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop()
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None

@@ -72,3 +72,28 @@ def test_openai_client_gets_paris_over_http_with_keys(smollm2_bundle: Path, tmp_
         assert statuses == [200, 200, 429]
     finally:
         server.stop()
+
+
+def test_grpc_streams_paris(smollm2_bundle: Path, tmp_path: Path) -> None:
+    """A client generated from llm.proto streams the default model's answer over gRPC."""
+    grpc = pytest.importorskip("grpc")
+    from edge_llm.board import BoardConfig, GrpcConfig
+    from edge_llm.proto import llm_pb2, llm_pb2_grpc
+    from edge_llm.server import Server
+
+    server = Server(
+        Engine.load(smollm2_bundle), BoardConfig(grpc=GrpcConfig(listen="127.0.0.1:0")), tmp_path / "s.sqlite"
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc.port}") as channel:
+            stub = llm_pb2_grpc.LLMServiceStub(channel)
+            msg = llm_pb2.Message(role="user", content="What is the capital of France?")
+            request = llm_pb2.ChatRequest(messages=[msg], max_tokens=48, stream=True)
+            replies = list(stub.Chat(request, timeout=300))
+    finally:
+        server.stop()
+    *chunks, last = replies
+    assert chunks and last.HasField("final")
+    assert "".join(r.content for r in chunks) == last.final.text
+    assert "Paris" in last.final.text, last.final.text

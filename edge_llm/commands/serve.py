@@ -36,8 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--keys-file",
         metavar="FILE",
-        help="require API keys from FILE (edge-llm keys; overrides [keys])"
+        help="require API keys from FILE (edge-llm keys; overrides [keys])",
     )
+    serve.add_argument(
+        "--metrics", metavar="HOST:PORT", help="Prometheus /metrics (extra `metrics`; [metrics] listen)"
+    )
+    serve.add_argument(
+        "--metrics-interval", type=float, metavar="S",
+        help="retained MQTT summary on edge-llm/<device>/metrics every S seconds ([mqtt] metrics_interval_s)",
+    )  # fmt: skip
+    serve.add_argument("--grpc", metavar="HOST:PORT", help="gRPC LLMService (extra `grpc`; [grpc] listen)")
     serve.add_argument("--state", metavar="FILE", help="SQLite state file (default [server] state_dir)")
     serve.add_argument("--system-prompt", help="system prompt for new conversations (overrides [sessions])")
     serve.set_defaults(handler=run_serve)
@@ -97,6 +105,8 @@ def board_with_overrides(args: argparse.Namespace) -> Any:
         changes["protocol"] = args.mqtt_protocol
     if args.fleet:
         changes["fleet_group"] = args.fleet
+    if args.metrics_interval is not None:
+        changes["metrics_interval_s"] = args.metrics_interval
     sessions = board.sessions
     if args.system_prompt is not None:
         sessions = dataclasses.replace(sessions, system_prompt=args.system_prompt)
@@ -108,7 +118,11 @@ def board_with_overrides(args: argparse.Namespace) -> Any:
         if getattr(args, "keys_file", None):
             keys = dataclasses.replace(keys, file=args.keys_file)
         mqtt = dataclasses.replace(mqtt, **changes)
-        return dataclasses.replace(board, socket=sock, mqtt=mqtt, sessions=sessions, http=http, keys=keys)
+        metrics = dataclasses.replace(board.metrics, listen=args.metrics) if args.metrics else board.metrics
+        grpc = dataclasses.replace(board.grpc, listen=args.grpc) if args.grpc else board.grpc
+        return dataclasses.replace(
+            board, socket=sock, mqtt=mqtt, sessions=sessions, http=http, keys=keys, metrics=metrics, grpc=grpc
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -135,6 +149,10 @@ def run_serve(args: argparse.Namespace) -> int:
         where.append(f"mqtt://{board.mqtt.host}:{board.mqtt.port} ({server.mqtt.topics.generate})")
     if server.http is not None:
         where.append(f"{server.http.url}/v1 (model {server.http.model_id})")
+    if server.grpc is not None:
+        where.append(f"grpc:{server.grpc.host}:{server.grpc.port}")
+    if server.metrics_server is not None:
+        where.append(f"metrics: http://{server.metrics_server.host}:{server.metrics_server.port}/metrics")
     print(f"edge-llm: serving {engine.bundle.name} on {', '.join(where)}", file=sys.stderr, flush=True)
     server.run_until_signal()
     return 0

@@ -10,6 +10,7 @@ is a dictionary lookup and `submit` never waits, so a transport callback stays t
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
@@ -28,6 +29,7 @@ class Address(Protocol):
     key: str  # equal keys = same destination: a redelivered request to it is not answered twice
     client: str  # groups requests for the per-client in-flight limit
     identity: str  # who is asking, when the reply address is what names them (MQTT plain topic)
+    transport: str  # "socket", "mqtt", "grpc", ...: the label metrics count requests under
 
     def send(self, reply: dict[str, Any]) -> None:
         """Queue one reply object for sending; never blocks, never raises."""
@@ -35,6 +37,9 @@ class Address(Protocol):
 
 
 Resolve = Callable[[str | None], Address | None]
+# Sees every final reply the dispatcher sends: (transport, final or error event, seconds from the
+# message's arrival to the reply). Metrics install one.
+Observer = Callable[[str, protocol.Event, float], None]
 
 
 class Submitter(Protocol):
@@ -59,6 +64,7 @@ class Dispatcher:
         self.max_payload = max_payload
         self.keys = keys
         self.stats: Counter[str] = Counter()
+        self.observer: Observer | None = None
 
     def handle(
         self,
@@ -75,6 +81,7 @@ class Dispatcher:
         request belongs to its identity — the API key's name when a key was given — and only that
         identity joins, replays or cancels it. `key`: an API key the transport carried (HTTP
         bearer); else the request's `key` field."""
+        arrived = time.monotonic()
         try:
             message = protocol.parse_message(payload, self.max_payload)
             if accept == "cancel" and not isinstance(message, Cancel):
@@ -89,6 +96,7 @@ class Dispatcher:
             if address is None:
                 log.warning("dropped a bad message with no reply address: %s", exc)
                 return
+            self._observe(address, protocol.Event("error", exc.request_id or "", code="bad_request"), arrived)
             address.send(protocol.error_reply(exc.request_id, "bad_request", str(exc)))
             return
         if isinstance(message, Cancel):
@@ -131,6 +139,8 @@ class Dispatcher:
         def sink(event: protocol.Event) -> None:
             if grant is not None and event.done:  # one final per submit: the slot frees exactly once
                 grant.release(0 if event.replayed else usage_tokens(event.usage))
+            if event.done:  # counted before it is sent: a client that then scrapes sees it
+                self._observe(address, event, arrived)
             send(protocol.reply(event))
 
         try:
@@ -138,9 +148,20 @@ class Dispatcher:
         except EdgeLLMError as exc:
             if grant is not None:
                 grant.release()
+            code = protocol.error_code(exc)
+            self._observe(address, protocol.Event("error", message.id, code=code), arrived)
             send(protocol.exception_reply(message.id, exc))
         except Exception as exc:  # a bug, not bad input: answer it rather than lose the connection
             if grant is not None:
                 grant.release()
             log.exception("submitting request %s failed", message.id)
+            self._observe(address, protocol.Event("error", message.id, code="internal"), arrived)
             send(protocol.error_reply(message.id, "internal", f"{type(exc).__name__} while queueing"))
+
+    def _observe(self, address: Address, event: protocol.Event, arrived: float) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(getattr(address, "transport", "other"), event, time.monotonic() - arrived)
+        except Exception:  # metrics must never cost a reply
+            log.exception("the metrics observer failed")

@@ -60,6 +60,8 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class _Exchange:
     """Reply `Address` of one HTTP request: replies land in an asyncio queue on the HTTP loop."""
 
+    transport = "http"  # metrics label
+
     def __init__(self, loop: asyncio.AbstractEventLoop, rid: str, client: str) -> None:
         self.loop = loop
         self.key = f"http:{rid}"
@@ -80,8 +82,10 @@ class HttpTransport:
         cfg: HttpConfig,
         model_id: str,
         ready: Callable[[], bool] = lambda: True,
+        metrics: Any = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.metrics = metrics  # edge_llm.metrics.Metrics: served at /metrics when it has a registry
         self.cfg = cfg
         self.model_id = cfg.model or model_id
         self.ready = ready
@@ -97,6 +101,7 @@ class HttpTransport:
                 Route("/v1/models/{model:path}", self._model, methods=["GET"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/readyz", self._readyz, methods=["GET"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
             ],
             exception_handlers={ApiError: _api_error, 404: _not_found, 405: _not_allowed},
         )
@@ -182,6 +187,14 @@ class HttpTransport:
         if name != self.model_id:
             raise ApiError(404, f"the model {name!r} does not exist", "model_not_found", "model")
         return JSONResponse(self._model_object())
+
+    async def _metrics(self, _req: HttpRequest) -> Response:
+        """Prometheus text (no key needed, like /healthz: scrapers carry none; bind to a private
+        address where the figures are not for everyone)."""
+        if self.metrics is None or self.metrics.registry is None:
+            raise ApiError(404, "metrics need the 'metrics' extra: pip install 'edge-llm[metrics]'")
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
 
     async def _healthz(self, _req: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})  # the process answers: alive (not necessarily ready)

@@ -11,6 +11,8 @@ Topics (prefix "edge-llm", device D):
   is replayed only to the same reply topic, and a cancel must name it (docs/protocol.md).
 - `edge-llm/D/status`: retained `online` JSON (model, capabilities) at connect; `offline` on a
   clean stop and, as the Last Will, when the connection dies.
+- `edge-llm/D/metrics`: with `[mqtt] metrics_interval_s` > 0, a retained JSON summary (requests,
+  errors, QPS, mean latency, tokens, queue, KV bytes; `Metrics.summary`) every that many seconds.
 Replies (QoS 1): MQTT 5 to the request's Response Topic, echoing its Correlation Data; MQTT 3.1.1
 (or a v5 request without a Response Topic) to the request's `reply_to` field.
 
@@ -35,6 +37,7 @@ import json
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ class Topics:
         self.generate_user = f"{self.generate}/+"  # the last level names the owner (ACL %u)
         self.cancel_user = f"{self.cancel}/+"
         self.status = f"{prefix}/{device}/status"
+        self.metrics = f"{prefix}/{device}/metrics"
         self.fleet_generate = f"$share/{fleet_group}/{prefix}/fleet/generate" if fleet_group else None
         self.fleet_cancel = f"{prefix}/fleet/cancel" if fleet_group else None
 
@@ -105,6 +109,8 @@ def packet_bytes(topic: str, payload: bytes, correlation: bytes | None, v5: bool
 class _Reply:
     """Reply address of one MQTT request."""
 
+    transport = "mqtt"  # metrics label
+
     def __init__(self, transport: MqttTransport, topic: str, correlation: bytes | None) -> None:
         self.transport = transport
         self.topic = topic
@@ -118,7 +124,13 @@ class _Reply:
 
 
 class MqttTransport:
-    def __init__(self, dispatcher: Dispatcher, cfg: MqttConfig, status: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        cfg: MqttConfig,
+        status: dict[str, Any] | None = None,
+        heartbeat: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         if not cfg.host or not cfg.device:
             raise ConfigError("mqtt: host and device are required")
         self.dispatcher = dispatcher
@@ -147,6 +159,9 @@ class MqttTransport:
         self.stats: Counter[str] = Counter()
         self._closing = False  # we are closing the connection ourselves: nothing to warn about
         self._starting = False  # start() is waiting for the first answer and will explain a failure
+        self.heartbeat = heartbeat if cfg.metrics_interval_s > 0 else None
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
 
     # -- lifecycle --
 
@@ -156,6 +171,11 @@ class MqttTransport:
         and retried in the background."""
         cfg = self.cfg
         tls = cfg.tls.enabled
+        if self.heartbeat is not None and self._heartbeat_thread is None:
+            self._heartbeat_thread = threading.Thread(
+                target=self._heartbeat_loop, name="edge-llm-mqtt-metrics", daemon=True
+            )
+            self._heartbeat_thread.start()
         kwargs = mqtt_common.connect_args(self.v5, cfg.keepalive, cfg.session_expiry_s)
         unreachable = mqtt_common.connect(self.client, cfg.host, cfg.port, tls, **kwargs)
         if unreachable is not None:
@@ -185,6 +205,9 @@ class MqttTransport:
     def stop(self, wait_s: float = 3.0) -> None:
         """Publish `offline` (retained), disconnect cleanly, stop the network thread."""
         self._closing = True
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(wait_s)
         if self.connected.is_set():
             offline = json.dumps({"state": "offline", "device": self.cfg.device})
             info = self.client.publish(self.topics.status, offline, qos=1, retain=True)
@@ -192,6 +215,25 @@ class MqttTransport:
                 info.wait_for_publish(wait_s)
         self.client.disconnect()
         self.client.loop_stop()
+
+    def _heartbeat_loop(self) -> None:
+        """Publish the metrics summary (retained, so a fleet dashboard that subscribes later
+        sees each board's latest at once) every `metrics_interval_s` while connected."""
+        assert self.heartbeat is not None
+        while not self._heartbeat_stop.wait(self.cfg.metrics_interval_s):
+            if not self.connected.is_set():
+                continue  # paho would queue it; a stale summary is worth nothing after reconnect
+            try:
+                summary = {"device": self.cfg.device, **self.heartbeat()}
+                payload = json.dumps(summary, separators=(",", ":")).encode()
+                size = packet_bytes(self.topics.metrics, payload, None, True)
+                if self.max_packet is not None and size > self.max_packet:
+                    log.warning("metrics summary (%d bytes) is over the broker's packet limit", len(payload))
+                    continue
+                self.client.publish(self.topics.metrics, payload, qos=self.max_qos, retain=True)
+                self.stats["heartbeats"] += 1
+            except Exception:  # the heartbeat must never take the transport down
+                log.exception("publishing the metrics summary failed")
 
     # -- replies (any thread) --
 

@@ -39,6 +39,8 @@ _READ = 64 * 1024
 class _Connection:
     """One client connection; also its own reply `Address`."""
 
+    transport = "socket"  # Unix and TCP alike (metrics label)
+
     def __init__(
         self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter, n: int, max_buffer: int
     ):

@@ -1,0 +1,201 @@
+"""gRPC transport (extra `grpc`): `LLMService.Chat`, one server-streaming RPC per request.
+
+In: a `ChatRequest` (edge_llm/proto/llm.proto). It is turned into the protocol's request object
+and handed to `Dispatcher.handle` as JSON bytes, so it is validated by the protocol parser like
+every socket or MQTT message (no second validator here). Out: `ChatResponse` messages — content
+deltas when the request streams, then one with `final` — or, for an error reply, the RPC ends
+with the gRPC status of its protocol code (`STATUS`) and the code itself in the trailing metadata
+`edge-llm-error-code`.
+
+gRPC's own mechanisms map onto the protocol's: the call's deadline becomes `deadline_ms` (the
+scheduler ends the request with `deadline` when it passes, as for any transport), and a call
+the client cancels (or whose connection drops) sends the protocol's `cancel` for its id.
+
+Identity: gRPC carries no user here (API keys are a separate mechanism), so all gRPC callers share
+the identity `grpc`, as TCP socket clients share `tcp`; each connection (its peer address) is
+one client for the in-flight limit.
+
+Threads: the grpc server's pool runs each RPC on one thread, which blocks on the replies the
+scheduler's worker puts in its queue; the pool is sized so that what the scheduler can hold
+(queue + batch rows) fits, and a call beyond that is refused at once (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from edge_llm import protocol
+from edge_llm.errors import ConfigError, TransportError
+from edge_llm.transports.base import Dispatcher
+
+try:
+    import grpc
+
+    from edge_llm.proto import llm_pb2, llm_pb2_grpc
+except ImportError as exc:  # serve names the extra; the runtime's base install has no grpcio
+    raise ConfigError(f"gRPC needs the `grpc` extra: pip install 'edge-llm[grpc]' ({exc})") from None
+
+log = logging.getLogger(__name__)
+
+IDENTITY = "grpc"
+ERROR_CODE_KEY = "edge-llm-error-code"
+
+# The gRPC status for each protocol error code. `busy` is UNAVAILABLE: the status gRPC clients
+# (and their retry policies) treat as "try again", which is what busy means.
+STATUS: dict[str, grpc.StatusCode] = {
+    "bad_request": grpc.StatusCode.INVALID_ARGUMENT,
+    "too_long": grpc.StatusCode.OUT_OF_RANGE,
+    "busy": grpc.StatusCode.UNAVAILABLE,
+    "cancelled": grpc.StatusCode.CANCELLED,
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+# Optional scalar fields copied as they are when set (proto3 `optional`: HasField tells).
+_OPTIONAL = ("max_tokens", "top_k", "seed", "session")
+# float32 on the wire (the guide's `float temperature`): rounded so 0.7 arrives as 0.7.
+_FLOATS = ("temperature", "top_p", "repetition_penalty")
+
+
+def request_dict(req: Any, remaining_s: float | None) -> dict[str, Any]:
+    """The protocol request object for a ChatRequest (validation is the protocol parser's)."""
+    out: dict[str, Any] = {"id": req.id or uuid.uuid4().hex}
+    if req.prompt:
+        out["prompt"] = req.prompt
+    if req.messages:
+        out["messages"] = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.HasField("name") else {})}
+            for m in req.messages
+        ]
+    for name in _OPTIONAL:
+        if req.HasField(name):
+            out[name] = getattr(req, name)
+    for name in _FLOATS:
+        if req.HasField(name):
+            out[name] = round(getattr(req, name), 6)
+    if req.stop:
+        out["stop"] = list(req.stop)
+    if req.stream:
+        out["stream"] = True
+    if req.ignore_eos:
+        out["ignore_eos"] = True
+    if req.HasField("response_format"):
+        try:
+            out["response_format"] = json.loads(req.response_format)
+        except json.JSONDecodeError:
+            out["response_format"] = req.response_format  # the parser refuses it with the id known
+    # A call without a deadline reports a remaining time of centuries: that is no deadline.
+    if remaining_s is not None and remaining_s * 1000 <= protocol.MAX_INT:
+        out["deadline_ms"] = max(1, int(remaining_s * 1000))
+    return out
+
+
+def response(reply: dict[str, Any]) -> Any:
+    """The ChatResponse for a protocol chunk or final reply (errors end the call instead)."""
+    if not protocol.is_final(reply):
+        return llm_pb2.ChatResponse(id=reply["id"], content=reply["delta"], seq=reply["seq"])
+    known = llm_pb2.Usage.DESCRIPTOR.fields_by_name
+    usage = {k: v for k, v in (reply.get("usage") or {}).items() if k in known}
+    final = llm_pb2.Final(
+        text=reply["text"],
+        finish_reason=reply["finish_reason"],
+        usage=llm_pb2.Usage(**usage),
+        session=reply.get("session"),
+    )
+    return llm_pb2.ChatResponse(id=reply["id"], final=final)
+
+
+class _Reply:
+    """Reply address of one RPC: replies go into the queue its handler thread reads."""
+
+    transport = "grpc"
+
+    def __init__(self, key: str, client: str) -> None:
+        self.key = key
+        self.client = client
+        self.identity = IDENTITY
+        self.replies: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+    def send(self, reply: dict[str, Any]) -> None:
+        self.replies.put(reply)
+
+
+class _Service(llm_pb2_grpc.LLMServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self._ids = itertools.count(1)
+
+    def Chat(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:  # gRPC names it
+        remaining = context.time_remaining()
+        deadline_at = time.monotonic() + remaining if remaining is not None else None
+        fields = request_dict(request, remaining)
+        address = _Reply(f"grpc:{next(self._ids)}", f"grpc:{context.peer()}")
+        done = threading.Event()
+
+        def on_end() -> None:
+            """The RPC is over: finished, cancelled by the client, or past its deadline."""
+            if done.is_set():
+                return
+            if deadline_at is not None and time.monotonic() >= deadline_at - 0.01:
+                return  # its deadline_ms ends it on the server as `deadline`, not `cancelled`
+            cancel = protocol.encode({"cancel": fields["id"]})
+            self.dispatcher.handle(cancel, lambda _to: address, accept="cancel", identity=IDENTITY)
+
+        context.add_callback(on_end)
+        self.dispatcher.handle(protocol.encode(fields), lambda _to: address, identity=IDENTITY)
+        while True:
+            try:
+                reply = address.replies.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():  # the call is over (on_end sent a cancel, or its
+                    return  # deadline_ms ends it): nobody is left to read what still comes
+                continue
+            if not protocol.is_final(reply):
+                yield response(reply)
+                continue
+            done.set()
+            error = reply.get("error")
+            if error is None:
+                yield response(reply)
+                return
+            code = error["code"]
+            context.set_trailing_metadata(((ERROR_CODE_KEY, code),))
+            context.abort(STATUS.get(code, grpc.StatusCode.INTERNAL), error["message"])
+
+
+class GrpcTransport:
+    def __init__(self, dispatcher: Dispatcher, host: str, port: int, max_calls: int = 32) -> None:
+        self.dispatcher = dispatcher
+        self.host = host
+        self.max_calls = max_calls
+        max_message = 4 * dispatcher.max_payload  # protobuf is smaller than the JSON it becomes
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_calls, thread_name_prefix="edge-llm-grpc"),
+            maximum_concurrent_rpcs=max_calls,
+            options=[("grpc.max_receive_message_length", max_message)],
+        )
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(_Service(dispatcher), self.server)
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise TransportError(f"grpc: cannot listen on {host}:{port}: {exc}") from None
+        if self.port == 0:  # grpc reports a failed bind as port 0 in some versions
+            raise TransportError(f"grpc: cannot listen on {host}:{port} (in use?)")
+
+    def start(self) -> None:
+        self.server.start()
+        log.info("gRPC LLMService on %s:%d", self.host, self.port)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.server.stop(grace_s).wait(grace_s + 1.0)
