@@ -100,6 +100,14 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
+@pytest.fixture
+def server(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> Iterator[Server]:
+    """A device serving the tiny bundle on the test's broker."""
+    s = start_server(tiny_bundle, tmp_path, broker)
+    yield s
+    s.stop()
+
+
 def status(broker: Broker, device: str = DEVICE) -> dict[str, Any]:
     raw = Raw(broker)
     raw.subscribe(f"edge-llm/{device}/status")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,9 @@ from edge_llm.server import Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
 from mosquitto import Broker, make_certs
-from mqtt_helpers import DEVICE, GENERATE, HELLO, Raw, broker, client, start_server, status
+from mqtt_helpers import DEVICE, GENERATE, HELLO, Raw, broker, client, server, start_server, status
 
-__all__ = ["broker"]  # a fixture, used by name
-
-
-@pytest.fixture
-def server(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> Iterator[Server]:
-    s = start_server(tiny_bundle, tmp_path, broker)
-    yield s
-    s.stop()
+__all__ = ["broker", "server"]  # fixtures, used by name
 
 
 def test_round_trip_stream_and_status(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> None:

@@ -7,7 +7,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,9 @@ from edge_llm.server import Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
 from mosquitto import Broker, Certs, make_certs
-from mqtt_helpers import DEVICE, GENERATE, Raw, broker, client, start_server, status
+from mqtt_helpers import DEVICE, GENERATE, Raw, broker, client, server, start_server, status
 
-__all__ = ["broker"]  # a fixture, used by name
-
-
-@pytest.fixture
-def server(tiny_bundle: Path, tmp_path: Path, broker: Broker) -> Iterator[Server]:
-    s = start_server(tiny_bundle, tmp_path, broker)
-    yield s
-    s.stop()
+__all__ = ["broker", "server"]  # fixtures, used by name
 
 
 @pytest.fixture(scope="module")
