@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -157,14 +156,13 @@ def export_default(args: argparse.Namespace, recipe: Any, run_recipe: Any) -> in
 
 
 def _recipe_key(args: argparse.Namespace, recipe: Any) -> str:
-    flags = (args.model, args.quant, args.name, args.graph, args.static, args.calib_text, args.target)
-    if args.recipe and not any(flags):
-        # An unmodified recipe file: its bytes' hash, the name scripts/demo.sh always gave its bundle,
-        # so a bundle built before the default link existed is found instead of rebuilt.
-        return hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:12]
+    """The default bundle's folder key: the recipe as applied (flags included) and the graph
+    writer's version, so a pipeline that now writes a different graph (e.g. 3: the portable GQA
+    graph) builds a new bundle instead of calling an old one up to date."""
     from export.cache import stable_key
+    from export.to_onnx import STAGE_VERSION
 
-    return stable_key(recipe)[:12]
+    return stable_key(recipe, STAGE_VERSION)[:12]
 
 
 def run_eval(args: argparse.Namespace) -> int:
