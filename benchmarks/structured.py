@@ -139,6 +139,28 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def mask_cost(engine: Engine, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mask's own cost: each schema-mode answer's tokens replayed through a fresh matcher,
+    timing `allowed()` + `consume()` per token (no model in the loop, so less noisy than the
+    difference of two decode speeds)."""
+    times: list[float] = []
+    for r in rows:
+        spec = {"name": r["kind"], "schema": SCHEMAS[r["kind"]]}
+        constraint = engine.constraint(parse_response_format({"type": "json_schema", "json_schema": spec}))
+        assert constraint is not None
+        for token in engine.tokenizer.encode(r["text"]):
+            t0 = time.perf_counter()
+            if not constraint.allowed()[token]:
+                break  # re-encoding may split the text differently from what was generated
+            constraint.consume(token)
+            times.append(time.perf_counter() - t0)
+    return {
+        "tokens": len(times),
+        "median_ms": round(1000 * statistics.median(times), 3),
+        "mean_ms": round(1000 * statistics.mean(times), 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the default bundle)")
@@ -146,7 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts of each kind")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/structured")
+    ap.add_argument(
+        "--mask-only", action="store_true", help="only add the mask's cost to an existing OUT.json"
+    )
     args = ap.parse_args(argv)
+    if args.mask_only:
+        doc = json.loads(args.out.with_suffix(".json").read_text())
+        engine = Engine.load(doc["bundle"])
+        doc["mask_cost"] = mask_cost(engine, doc["answers"]["json_schema"])
+        md = args.out.with_suffix(".md").read_text().rstrip("\n").split("\n")
+        write_results(args.out, doc, [*md, "", mask_line(doc["mask_cost"])])
+        print(mask_line(doc["mask_cost"]))
+        return 0
     bundle = resolve_bundle(args.bundle)
     prompts = load_prompts(args.prompts)
     if args.limit:
@@ -164,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         results[mode] = {k: summary([r for r in rows if r["kind"] == k]) for k in SCHEMAS}
         results[mode]["all"] = summary(rows)
         print(mode, json.dumps(results[mode]["all"]), flush=True)
+    cost = mask_cost(engine, samples["json_schema"])
     doc = {
         "bundle": str(Path(bundle).resolve()),
+        "mask_cost": cost,
         "max_tokens": args.max_tokens,
         "greedy": True,
         "llguidance_tokenizer_setup_s": round(setup_s, 3),
@@ -195,9 +230,17 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
         "(shared machine: speed figures are noisy).",
     ]
+    md += ["", mask_line(cost)]
     write_results(args.out, doc, md)
     print("\n".join(md))
     return 0
+
+
+def mask_line(cost: dict[str, Any]) -> str:
+    return (
+        "Mask cost alone (llguidance `allowed()` + `consume()`, the schema answers replayed, "
+        f"{cost['tokens']} tokens): median {cost['median_ms']} ms, mean {cost['mean_ms']} ms per token."
+    )
 
 
 if __name__ == "__main__":

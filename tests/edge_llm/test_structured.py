@@ -228,3 +228,38 @@ def test_missing_extra_is_bad_request_naming_it(engine: Engine, monkeypatch: pyt
     fresh = Engine(engine.bundle)  # and an engine that never built its grammars refuses as well
     with pytest.raises(RequestError, match="structured"):
         fresh.constraint(parse_response_format({"type": "json_object"}))
+
+
+# -- on the wire: socket and MQTT through the client SDK (HTTP, gRPC: test_http, test_grpc) ------
+
+
+def test_socket_and_mqtt_clients_get_schema_valid_json(tiny_bundle: Path, tmp_path: Path) -> None:
+    from edge_llm.board import BoardConfig, MqttConfig, SocketConfig
+    from edge_llm.client import MqttClient, RetryPolicy, SocketClient
+    from edge_llm.server import Server
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (importlib mode)
+    from mosquitto import Broker
+
+    retry = RetryPolicy(backoff_s=0.05, backoff_max_s=0.2, resend_after_s=5.0)
+    with Broker(tmp_path / "broker") as broker:
+        board = BoardConfig(
+            socket=SocketConfig(path=str(tmp_path / "edge.sock")),
+            mqtt=MqttConfig(host=broker.host, port=broker.port, device="s1"),
+        )
+        server = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
+        server.start()
+        try:
+            with SocketClient(str(tmp_path / "edge.sock"), retry=retry) as c:
+                r = c.generate(messages=MESSAGES, max_tokens=200, response_format=SCHEMA_FMT)
+                jsonschema.validate(json.loads(r.text), PERSON)
+                with pytest.raises(RequestError, match="cannot be enforced"):
+                    bad = {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}
+                    c.generate(messages=MESSAGES, response_format=bad)
+            with MqttClient(broker.host, broker.port, device="s1", retry=retry, timeout=60) as m:
+                stream = m.stream(messages=MESSAGES, max_tokens=200, response_format=SCHEMA_FMT)
+                text = "".join(stream)
+                assert stream.result is not None and text == stream.result.text
+                jsonschema.validate(json.loads(text), PERSON)
+        finally:
+            server.stop()
