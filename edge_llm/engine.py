@@ -16,15 +16,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_llm.bundle import Bundle, load_bundle
-from edge_llm.errors import BundleError, ContextLengthError, RequestError
+from edge_llm.errors import BundleError, ConstraintError, ContextLengthError, RequestError
 from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, StaticCache, make_runner
 from edge_llm.sampling import SamplingParams, make_rng, sample
+from edge_llm.structured import ResponseFormat
 from edge_llm.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from edge_llm.constrain import Constraint, Grammars
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class Engine:
         self.options = options or RunnerOptions()
         self.tokenizer = Tokenizer(bundle)
         self.runner = make_runner(bundle, self.options)
+        self._grammars: Grammars | None = None  # built on the first JSON request (llguidance)
 
     @classmethod
     def load(cls, path: str | Path, options: RunnerOptions | None = None, verify: bool = True) -> Engine:
@@ -127,6 +132,21 @@ class Engine:
         if not ids:
             raise RequestError("the prompt is empty")
         return ids
+
+    def constraint(self, fmt: ResponseFormat | None) -> Constraint | None:
+        """A fresh matcher enforcing `fmt` on one generation (None: plain text). RequestError when
+        the 'structured' extra is missing or the schema cannot be enforced."""
+        if fmt is None:
+            return None
+        if self._grammars is None:
+            from edge_llm.constrain import Grammars  # llguidance: only when a request asks
+
+            self._grammars = Grammars(
+                self.bundle.tokenizer_path.read_text(encoding="utf-8"),
+                self.bundle.architecture.vocab_size,
+                self.tokenizer.eos_ids,
+            )
+        return self._grammars.constraint(fmt)
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max_tokens > self.max_context:
@@ -229,9 +249,16 @@ class Engine:
         single.copy_row(0, batch_slot.cache, batch_slot.row)
         into.cache, into.ids, into.row = single, list(batch_slot.ids), None
 
-    def start(self, ids: list[int], params: SamplingParams, slot: Slot | None = None) -> Generation:
+    def start(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        slot: Slot | None = None,
+        response_format: ResponseFormat | None = None,
+    ) -> Generation:
         """Prefill a request and sample its first token; advance it with `step`."""
-        seq = Generation(self, ids, params, slot if slot is not None else Slot())
+        slot = slot if slot is not None else Slot()
+        seq = Generation(self, ids, params, slot, self.constraint(response_format))
         self.start_all([seq])
         return seq
 
@@ -300,6 +327,8 @@ class Engine:
         k = min(self.options.prompt_lookup, q.params.max_tokens - len(q.generated) - 1)
         if k < 1 or not q.params.greedy or q.params.repetition_penalty != 1.0 or not self.all_logits:
             return False
+        if q.constraint is not None:  # drafts are verified against unmasked greedy: plain decoding
+            return False
         if q.spec_wait > 0:  # recent drafts were all rejected: plain decoding for a while
             q.spec_wait -= 1
             return False
@@ -353,9 +382,10 @@ class Engine:
         params: SamplingParams,
         slot: Slot | None = None,
         should_stop: Callable[[], bool] | None = None,
+        response_format: ResponseFormat | None = None,
     ) -> Iterator[Chunk]:
         """Stream the continuation of prompt `ids`; the last chunk has done=True and usage."""
-        seq = self.start(ids, params, slot)
+        seq = self.start(ids, params, slot, response_format)
         while True:
             delta = seq.pop_delta()
             if delta:
@@ -366,11 +396,19 @@ class Engine:
                 seq.cancel()
                 continue
             self.step([seq])
+        if seq.error is not None:
+            raise seq.error
         yield seq.final()
 
-    def complete(self, ids: list[int], params: SamplingParams, slot: Slot | None = None) -> Chunk:
+    def complete(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        slot: Slot | None = None,
+        response_format: ResponseFormat | None = None,
+    ) -> Chunk:
         """Run `generate` to the end and return its final chunk."""
-        *_, last = self.generate(ids, params, slot)
+        *_, last = self.generate(ids, params, slot, response_format=response_format)
         return last
 
 
@@ -378,10 +416,19 @@ class Generation:
     """One request's generation state: sampling, stop rules, streamed text, timing.
 
     The engine feeds it logits (`take`), it picks the next token and decides whether it is done;
-    transports read `pop_delta()` and, once `finished`, `final()`.
+    transports read `pop_delta()` and, once `finished`, `final()`. With a `constraint` (a JSON
+    response_format) only the tokens its grammar allows are sampled, and the answer ends when the
+    grammar does; a constraint failure ends this generation alone (`error`), never its batch.
     """
 
-    def __init__(self, engine: Engine, ids: list[int], params: SamplingParams, slot: Slot) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        ids: list[int],
+        params: SamplingParams,
+        slot: Slot,
+        constraint: Constraint | None = None,
+    ) -> None:
         engine.check_length(len(ids), params.max_tokens)
         self.engine = engine
         self.t0 = time.perf_counter()
@@ -395,6 +442,8 @@ class Generation:
         self.cached = 0
         self.drafted = self.accepted = 0  # prompt-lookup speculation: proposed / kept tokens
         self.spec_backoff = self.spec_wait = 0
+        self.constraint = constraint
+        self.error: ConstraintError | None = None  # set with finish "error"
         self.finish: str | None = None
         self.last = -1
         self._pending = ""
@@ -406,7 +455,12 @@ class Generation:
 
     def take(self, logits: np.ndarray) -> None:
         """Sample from the logits of the last fed position and account for the new token."""
-        self.accept(sample(logits, self.params, self.rng, self.seen))
+        try:
+            allowed = self.constraint.allowed() if self.constraint is not None else None
+        except ConstraintError as exc:
+            self.error, self.finish = exc, "error"
+            return
+        self.accept(sample(logits, self.params, self.rng, self.seen, allowed))
 
     def accept(self, token: int) -> None:
         """Account for the next token (sampled, or a verified speculative draft token)."""
@@ -417,12 +471,18 @@ class Generation:
             self.finish = "stop"
             return
         self.generated.append(token)
+        if self.constraint is not None:
+            try:
+                self.constraint.consume(token)
+            except ConstraintError as exc:
+                self.error, self.finish = exc, "error"
+                return
         if self.seen is not None and token not in self.seen:
             self.seen = np.union1d(self.seen, [token])
         delta, self._hit = self.stops.feed(self.decoder.push(token))
         self._pending += delta
-        if self._hit:
-            self.finish = "stop"
+        if self._hit or (self.constraint is not None and self.constraint.complete):
+            self.finish = "stop"  # a stop string, or the JSON is whole: only EOS could follow
         elif len(self.generated) >= self.params.max_tokens:
             self.finish = "length"
 

@@ -53,6 +53,13 @@ class ContextLengthError(RequestError):
     code = "too_long"
 
 
+class ConstraintError(EdgeLLMError):
+    """Constrained decoding (response_format) failed mid-generation, e.g. a grammar parser limit:
+    that request ends with `internal`, the others in its batch go on."""
+
+    code = "internal"
+
+
 class BusyError(EdgeLLMError):
     """The request queue is full; retry later."""
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from edge_llm.chat import ROLES  # light: the client SDK imports this module
 from edge_llm.errors import EdgeLLMError, ProtocolError  # ProtocolError: importable from here too
+from edge_llm.structured import ResponseFormat, parse_response_format  # light: llguidance is lazy
 from edge_llm.topics import topic_problem
 
 PROTOCOL_VERSION = 1
@@ -84,6 +85,7 @@ _FIELDS = frozenset(
         "repetition_penalty",
         "ignore_eos",
         "key",
+        "response_format",
     }
 )
 
@@ -108,6 +110,8 @@ class Request:
     # An API key (with `serve --keys-file`) where the transport carries none of its own (MQTT,
     # socket); kept out of repr so it never reaches a log line.
     key: str | None = field(default=None, repr=False)
+    # JSON output enforced while decoding (edge_llm/structured.py); None: plain text.
+    response_format: ResponseFormat | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object for this request, without fields left at their defaults."""
@@ -136,6 +140,8 @@ class Request:
                 out[name] = value
         if self.stop:
             out["stop"] = list(self.stop)
+        if self.response_format is not None:
+            out["response_format"] = self.response_format.to_dict()
         return out
 
 
@@ -250,7 +256,10 @@ def parse_request(data: dict[str, Any]) -> Request:
         repetition_penalty=_number(data, "repetition_penalty", 1.0, fail),
         ignore_eos=_bool(data, "ignore_eos", fail),
         key=data.get("key"),
+        response_format=parse_response_format(data.get("response_format", {"type": "text"}), fail),
     )
+    if request.response_format is not None and request.ignore_eos:
+        raise fail("ignore_eos cannot be combined with a JSON response_format: the grammar ends the answer")
     if request.session is not None and request.prompt is not None:
         raise fail("a session turn takes messages (the new ones), not a raw prompt")
     return request

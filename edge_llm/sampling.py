@@ -86,10 +86,15 @@ def sample(
     params: SamplingParams,
     rng: np.random.Generator,
     seen: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
 ) -> int:
-    """Pick the next token id from one row of logits."""
+    """Pick the next token id from one row of logits; only among `allowed` (a boolean mask from
+    constrained decoding) when given. The mask goes on after the repetition penalty, which
+    would otherwise clip the -inf of a banned token back to a finite value."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if allowed is not None:
+        logits = np.where(allowed, logits, np.float32(-np.inf))
     if params.greedy:
         return int(np.argmax(logits))
     logits = logits.astype(np.float32, copy=False)

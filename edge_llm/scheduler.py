@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge_llm import protocol
+from edge_llm import constrain, protocol
 from edge_llm.engine import Chunk, Engine, Generation
 from edge_llm.errors import BusyError, ContextLengthError, EdgeLLMError, RequestError
 from edge_llm.protocol import Event, Request
@@ -354,10 +354,11 @@ class Scheduler:
 
     def _begin(self, job: _Job, cache: SharedCache | None, row: int) -> _Running:
         """Prompt ids and slot for `job`, placed in batch row `row` (or in its own slot)."""
+        constraint = self.engine.constraint(job.request.response_format)  # a bad schema: bad_request
         prepared = self._prepare(job)
         self.stats["runs"] += 1
         slot = prepared.slot if cache is None else self.engine.attach(prepared.slot, cache, row)
-        return _Running(job, prepared, Generation(self.engine, prepared.ids, job.params, slot))
+        return _Running(job, prepared, Generation(self.engine, prepared.ids, job.params, slot, constraint))
 
     def _step(self, rows: dict[int, _Running]) -> None:
         """One decode step for every row; emit what each produced; retire the finished."""
@@ -384,6 +385,9 @@ class Scheduler:
         self._chunk(r.job, r.gen.pop_delta())
         if not r.gen.finished:
             return False
+        if r.gen.error is not None:  # its constraint failed: this request ends, the batch goes on
+            self._fail([r.job], r.gen.error)
+            return True
         event = self._final(r.job, r.gen.final())
         if event.kind == "final":
             try:
@@ -497,6 +501,8 @@ class Scheduler:
             self._finish(job, _error(job, code, message))
 
     def _params(self, request: Request) -> SamplingParams:
+        if request.response_format is not None:
+            constrain.require()  # a missing extra is refused at once, naming it
         try:
             return SamplingParams(
                 max_tokens=request.max_tokens or self.default_max_tokens,

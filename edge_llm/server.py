@@ -88,6 +88,8 @@ class Server:
                 "error_codes": list(protocol.ERROR_CODES),
                 "keys": self.dispatcher.keys is not None,
                 "fleet_group": self.board.mqtt.fleet_group or None,
+                # JSON response formats need the 'structured' extra (llguidance) on this device.
+                "response_format": ["text", *(("json_object", "json_schema") if _has_llguidance() else ())],
             },
         }
 
@@ -177,3 +179,7 @@ class Server:
 
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def _has_llguidance() -> bool:
+    return importlib.util.find_spec("llguidance") is not None

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from edge_llm.errors import EdgeLLMError, RequestTimeout, TransportError, error_from_reply
 from edge_llm.protocol import Request
+from edge_llm.structured import parse_response_format
 
 # Inbox items besides reply dicts.
 RECONNECTED = "reconnected"  # the transport is back: send the request again
@@ -84,6 +85,10 @@ def build_request(
     elif fields.get("stop") is not None:
         fields["stop"] = tuple(fields["stop"])
     fields = {k: v for k, v in fields.items() if v is not None}
+    if "response_format" in fields:  # OpenAI's dict shape, checked here as the server would
+        fields["response_format"] = parse_response_format(fields["response_format"])
+        if fields["response_format"] is None:
+            del fields["response_format"]
     if fields.get("temperature", 0.0) > 0 and "seed" not in fields:
         # Fix the seed now: if a retry has to generate again (the server was restarted mid-way),
         # it produces the same text that was already streamed.

@@ -4,9 +4,9 @@ In: a decoded OpenAI request body (`/v1/chat/completions` or `/v1/completions`).
 request object (a dict), which the HTTP transport hands to `Dispatcher.handle` as bytes — so the
 protocol's own parser validates every value (one validator for every transport); this module
 only checks and strips what OpenAI has and the protocol does not (model, n, stream_options,
-response_format, user, content parts). Replies go the other way: protocol chunks and finals to
-OpenAI's `chat.completion(.chunk)` / `text_completion` objects, protocol error codes to HTTP
-statuses with OpenAI's error body.
+user, content parts; `response_format` goes through unless it is plain text). Replies go the
+other way: protocol chunks and finals to OpenAI's `chat.completion(.chunk)` / `text_completion`
+objects, protocol error codes to HTTP statuses with OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -130,13 +130,9 @@ def to_protocol(body: Any, chat: bool, model_id: str) -> Mapped:
     include_usage = _typed(options, "include_usage", bool, False, "stream_options.include_usage")
     user = _typed(body, "user", str, None)
     fmt = _typed(body, "response_format", dict, {"type": "text"})
-    if fmt.get("type") != "text":
-        raise ApiError(
-            400,
-            f"response_format {fmt.get('type')!r} is not supported by this server (only 'text')",
-            param="response_format",
-        )
     fields: dict[str, Any] = {k: body[k] for k in _PASSTHROUGH if k in body}
+    if fmt.get("type") != "text":  # json_object / json_schema: the protocol validates and enforces it
+        fields["response_format"] = fmt
     max_tokens = body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
         if max_tokens is not None and max_tokens != body["max_completion_tokens"]:

@@ -108,8 +108,8 @@ def test_request_dict_goes_to_the_protocol_fields() -> None:
         ({"messages": HELLO, "prompt": "both"}, "INVALID_ARGUMENT", "bad_request"),
         ({}, "INVALID_ARGUMENT", "bad_request"),  # neither prompt nor messages
         ({"messages": HELLO, "top_p": 2.0}, "INVALID_ARGUMENT", "bad_request"),
-        ({"messages": HELLO, "response_format": json.dumps({"type": "json_object"})},
-         "INVALID_ARGUMENT", "bad_request"),  # until the protocol takes response_format
+        ({"messages": HELLO, "response_format": "{not json"}, "INVALID_ARGUMENT", "bad_request"),
+        ({"messages": HELLO, "response_format": '{"type": "xml"}'}, "INVALID_ARGUMENT", "bad_request"),
         ({"messages": [llm_pb2.Message(role="robot", content="x")]}, "INVALID_ARGUMENT", "bad_request"),
         ({"prompt": "word " * 300, "max_tokens": 10}, "OUT_OF_RANGE", "too_long"),
     ],
@@ -123,6 +123,24 @@ def test_errors_map_to_status_codes(
     assert info.value.code() == getattr(grpc.StatusCode, status)
     assert code_of(info.value) == code
     assert info.value.details()  # the protocol's message says what was wrong
+
+
+def test_json_schema_response_format_is_enforced(served: tuple[Server, Any]) -> None:
+    """response_format travels as JSON text and the answer obeys the schema (extra 'structured')."""
+    pytest.importorskip("llguidance")
+    _, stub = served
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "ok": {"type": "boolean"}},
+        "required": ["city", "ok"],
+        "additionalProperties": False,
+    }
+    fmt = json.dumps({"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    req = llm_pb2.ChatRequest(id="js", messages=HELLO, max_tokens=120, response_format=fmt)
+    (only,) = list(stub.Chat(req, timeout=60))
+    assert only.final.finish_reason == "stop"
+    value = json.loads(only.final.text)
+    assert set(value) == {"city", "ok"} and isinstance(value["ok"], bool) and len(value["city"]) <= 10
 
 
 def test_status_table_covers_every_code() -> None:
