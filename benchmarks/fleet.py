@@ -175,6 +175,26 @@ class Tap:
         self.client.disconnect()
 
 
+RTT_PROBE = """
+import socket, statistics, sys, time
+times = []
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter()
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).close()
+    times.append((time.perf_counter() - t) * 1e3)
+print(statistics.median(times), max(times))
+"""
+
+
+def link_rtt_ms(net: netns.Net, i: int, n: int = 20) -> list[float]:
+    """Median and max TCP connect time (SYN to SYN-ACK: one round trip) from board i's namespace
+    to the broker: evidence that the link shaping is in place."""
+    cmd = [*net.exec_prefix(net.board_ns[i]), sys.executable, "-c", RTT_PROBE]
+    cmd += [net.broker_ip(i), str(PORT), str(n)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return [round(float(x), 1) for x in out.stdout.split()] if out.returncode == 0 else []
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -186,6 +206,10 @@ def schedule(kills: int, link_at: float) -> list[tuple[float, str]]:
     """(share of requests done, action): kills spread over 10%..85%, the link drop at `link_at`."""
     out = [(0.10 + 0.75 * k / max(1, kills - 1), "kill") for k in range(kills)] if kills else []
     return sorted([*out, (link_at, "link")])
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -215,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stale = netns.clean_stale()
     # SIGTERM/SIGHUP end the run like Ctrl-C does: through the `finally` below, which cleans up.
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda s, _f: (_ for _ in ()).throw(KeyboardInterrupt(f"signal {s}")))
+        signal.signal(sig, _interrupt)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="edge-llm-fleet-"))
     bundle = args.bundle or str(tiny_bundle(work))
@@ -228,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tap: Tap | None = None
         try:
             broker.start()
+            rtt = link_rtt_ms(net, 0)
+            print(f"link RTT board 0 -> broker (TCP connect, median/max of 20): {rtt} ms", flush=True)
             t_start = time.monotonic()
             for b in boards:  # one at a time: each load is CPU-bound on this machine
                 b.start()
@@ -279,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             broker.stop()
         leftovers_before = net.leftovers()
     left = net.leftovers()
-    doc = report(args, net, boards, clients, tap, ids, events, elapsed, boot_s, bundle)
+    doc = report(args, net, boards, clients, tap, ids, events, elapsed, boot_s, bundle, rtt)
     doc["cleanup"] = {"stale_removed_at_start": stale, "present_before_cleanup": len(leftovers_before),
                       "left_after_cleanup": left}  # fmt: skip
     write_results(args.out, doc, doc.pop("_markdown"))
@@ -288,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], clients: Clients, tap: Any,
            ids: list[str], events: list[dict[str, Any]], elapsed: float, boot_s: float,
-           bundle: str) -> dict[str, Any]:  # fmt: skip
+           bundle: str, rtt: list[float]) -> dict[str, Any]:  # fmt: skip
     lost = [rid for rid in ids if clients.results[rid] == 0]
     once = sum(1 for rid in ids if clients.results[rid] == 1)
     dup = sum(max(0, n - 1) for n in clients.results.values()) + clients.wrong_id
@@ -301,7 +327,8 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
     doc: dict[str, Any] = {
         "boards": args.boards, "requests": args.requests, "clients": args.clients, "bundle": bundle,
         "max_tokens": args.max_tokens, "link": net.describe(), "cpu_limit": net.cpu.describe(),
-        "shaper": net.shaper, "resend_after_s": args.resend_after_s, "boot_s": round(boot_s, 1),
+        "shaper": net.shaper, "link_rtt_ms_median_max": rtt, "resend_after_s": args.resend_after_s,
+        "boot_s": round(boot_s, 1),
         "elapsed_s": round(elapsed, 1), "events": events,
         "answered_once": once, "lost": len(lost), "lost_errors": dict(clients.errors),
         "duplicated": dup, "wrong_id": clients.wrong_id,
@@ -309,6 +336,9 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
         "load_per_board": spread,
         "load_min_max": [min(spread.values()), max(spread.values())],
         "generated_on_two_boards": sum(1 for n in where.values() if n > 1),
+        "two_board_ids": {r: sorted(d for d, got in per_board.items() if r in got)
+                          for r, n in where.items() if n > 1},
+        "slower_than_resend": sum(1 for v in lat if v >= args.resend_after_s),
         "answered_by_no_board_state": sum(1 for r in ids if where[r] == 0),
         "wire": {"request_copies": sum(tap.sent[r] for r in ids), "requests_resent": resent,
                  "finals": sum(tap.finals[r] for r in ids), "ids_with_two_different_texts": mixed},
@@ -330,9 +360,11 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
         f"| lost | {len(lost)} {dict(clients.errors) or ''} |",
         f"| duplicated (a second result, or another id's) | {dup} |",
         f"| latency p50 / p99 / max (s) | {fmt(p['p50'])} / {fmt(p['p99'])} / {fmt(p['max'])} |",
-        f"| requests resent by the SDK (same id) | {resent} |",
+        f"| requests resent by the SDK (same id) / slower than the resend timer | {resent} / "
+        f"{doc['slower_than_resend']} |",
         f"| generated on two boards (wasted work, one result) | {doc['generated_on_two_boards']} |",
         f"| finals with differing texts for one id | {mixed} |",
+        f"| board 0 link RTT, TCP connect median / max of 20 (ms) | {' / '.join(map(str, rtt)) or '-'} |",
         f"| namespaces/links/cgroups left after cleanup | {len(net.leftovers())} |",
         "",
         "| board | requests answered | kills |",
