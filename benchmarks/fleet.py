@@ -113,8 +113,10 @@ class Board:
 
 
 class Clients:
-    def __init__(self, host: str, n: int, ids: list[str], max_tokens: int, timeout: float, resend_s: float):
-        self.host, self.n, self.ids = host, n, ids
+    def __init__(self, host: str, n: int, ids: list[str], max_tokens: int, timeout: float, resend_s: float,
+                 stream: bool) -> None:  # fmt: skip
+        self.host, self.n, self.ids, self.stream = host, n, ids, stream
+        self.stream_mismatch = 0  # streamed deltas that do not add up to the final text
         self.max_tokens, self.timeout, self.resend_s = max_tokens, timeout, resend_s
         self.lock = threading.Lock()
         self.results: Counter[str] = Counter()  # id -> Results the application got
@@ -133,7 +135,15 @@ class Clients:
                 t0 = time.monotonic()
                 try:
                     prompt = f"Request {rid}: say something."
-                    r = c.generate(prompt, max_tokens=self.max_tokens, request_id=rid)
+                    if self.stream:  # deltas may come from two boards (a resend): they must add up
+                        s = c.stream(prompt, max_tokens=self.max_tokens, ignore_eos=True, request_id=rid)
+                        text = "".join(s)
+                        assert s.result is not None
+                        r = s.result
+                        with self.lock:
+                            self.stream_mismatch += text != r.text
+                    else:
+                        r = c.generate(prompt, max_tokens=self.max_tokens, ignore_eos=True, request_id=rid)
                     with self.lock:
                         self.results[r.id] += 1
                         self.wrong_id += r.id != rid
@@ -230,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--link-down-s", type=float, default=10.0)
     ap.add_argument("--resend-after-s", type=float, default=10.0, help="SDK RetryPolicy.resend_after_s")
     ap.add_argument("--timeout", type=float, default=300.0, help="per request, inside the SDK")
+    ap.add_argument("--stream", action="store_true", help="stream (check deltas add up to the final)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fleet")
     args = ap.parse_args(argv)
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tap = Tap(net.broker_client_ip)
             ids = [f"fleet-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.requests)]
             clients = Clients(net.broker_client_ip, args.clients, ids, args.max_tokens, args.timeout,
-                              args.resend_after_s)  # fmt: skip
+                              args.resend_after_s, args.stream)  # fmt: skip
             threads = [threading.Thread(target=clients.run, args=(k,), daemon=True)
                        for k in range(args.clients)]  # fmt: skip
             events: list[dict[str, Any]] = []
@@ -331,7 +342,8 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
         "boot_s": round(boot_s, 1),
         "elapsed_s": round(elapsed, 1), "events": events,
         "answered_once": once, "lost": len(lost), "lost_errors": dict(clients.errors),
-        "duplicated": dup, "wrong_id": clients.wrong_id,
+        "duplicated": dup, "wrong_id": clients.wrong_id, "stream": args.stream,
+        "stream_mismatch": clients.stream_mismatch if args.stream else None,
         "latency_s": {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "max": max(lat, default=None)},
         "load_per_board": spread,
         "load_min_max": [min(spread.values()), max(spread.values())],
@@ -350,7 +362,9 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
     md = [
         f"# fleet: {args.boards} boards, {args.requests} requests from {args.clients} SDK clients",
         "",
-        f"bundle `{bundle}`, {args.max_tokens} tokens each (greedy); links: {doc['link']}; "
+        f"bundle `{bundle}`, {args.max_tokens} tokens each (greedy, EOS ignored"
+        f"{', streamed' if args.stream else ''}); "
+        f"links: {doc['link']}; "
         f"{doc['cpu_limit']}; SDK resend after {args.resend_after_s:g} s of silence; "
         f"{doc['elapsed_s']} s of requests (boards booted in {doc['boot_s']} s)",
         "",
@@ -359,6 +373,8 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
         f"| answered exactly once (application) | {once} / {args.requests} |",
         f"| lost | {len(lost)} {dict(clients.errors) or ''} |",
         f"| duplicated (a second result, or another id's) | {dup} |",
+        *([f"| streamed deltas not adding up to the final text | {clients.stream_mismatch} |"]
+          if args.stream else []),
         f"| latency p50 / p99 / max (s) | {fmt(p['p50'])} / {fmt(p['p99'])} / {fmt(p['max'])} |",
         f"| requests resent by the SDK (same id) / slower than the resend timer | {resent} / "
         f"{doc['slower_than_resend']} |",
