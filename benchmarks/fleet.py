@@ -72,13 +72,13 @@ class Board:
         self.starts = self.kills = 0
 
     def start(self, timeout: float = 120.0) -> None:
-        cmd = [*self.net.exec_prefix(self.net.board_ns[self.i]), sys.executable, "-m", "edge_llm.cli"]
+        cmd = [*self.net.exec_prefix(self.net.board_ns[self.i]), *self.net.cpu.command_prefix(self.i)]
+        cmd += [sys.executable, "-m", "edge_llm.cli"]
         cmd += ["serve", "--bundle", self.bundle, "--threads", str(self.threads), "--state", str(self.state)]
         cmd += ["--mqtt", f"{self.net.broker_ip(self.i)}:{PORT}", "--device", self.device, "--fleet", GROUP]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=self.net.cpu.preexec(self.i)
-        )
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.net.cpu.attach(self.i, self.proc.pid)  # `ip netns exec` execs: the same pid serves
         lines = drain(self.proc)
         self.starts += 1
         # serve prints this once its transports are up (MQTT: subscriptions confirmed).

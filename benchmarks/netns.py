@@ -48,7 +48,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,31 +198,28 @@ class CpuLimit:
             return f"{self.mode} CPU quota {self.cores:g} core per board"
         return f"taskset (one core each, round robin) + nice {self.nice}: no quota (no writable cgroup)"
 
-    def preexec(self, index: int) -> Callable[[], None] | None:
-        """What the board's child process runs before exec: join its cgroup, or pin and renice."""
-        if self.mode == "none":
-            return None
-        if self.root is not None:
-            group = self.root / f"b{index}"
-            group.mkdir(exist_ok=True)
-            if self.mode == "cgroup-v1":
-                (group / "cpu.cfs_quota_us").write_text(str(int(self.cores * 100_000)))
-            else:
-                (group / "cpu.max").write_text(f"{int(self.cores * 100_000)} 100000")
-            procs = group / "cgroup.procs"
+    def command_prefix(self, index: int) -> list[str]:
+        """The fallback's limit, as a command prefix: pinned to one core (round robin), reniced."""
+        if self.mode != "taskset+nice":
+            return []
+        cpus = sorted(os.sched_getaffinity(0))
+        return ["taskset", "-c", str(cpus[index % len(cpus)]), "nice", "-n", str(self.nice)]
 
-            def join() -> None:
-                procs.write_text(str(os.getpid()))
-
-            return join
-        cpu = sorted(os.sched_getaffinity(0))[index % len(os.sched_getaffinity(0))]
-        nice = self.nice
-
-        def pin() -> None:
-            os.sched_setaffinity(0, {cpu})
-            os.nice(nice)
-
-        return pin
+    def attach(self, index: int, pid: int) -> None:
+        """Move a just-started board process into its cgroup (its threads, made later, follow).
+        Done from the parent rather than in a preexec_fn, which is unsafe in a threaded parent."""
+        if self.root is None:
+            return
+        group = self.root / f"b{index}"
+        group.mkdir(exist_ok=True)
+        quota = int(self.cores * 100_000)
+        if self.mode == "cgroup-v1":
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (group / "cpu.max").write_text(f"{quota} 100000")
+        (group / "cgroup.procs").write_text(str(pid))
+        if str(pid) not in (group / "cgroup.procs").read_text().split() and _alive(pid):
+            raise NetError(f"process {pid} is not in {group} after joining it")
 
     def cleanup(self) -> None:
         if self.root is not None:
