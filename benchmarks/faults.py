@@ -82,11 +82,8 @@ class Trial:
 
     def tap(self) -> Any:
         """A wire tap on every SDK reply topic, persistent session, QoS 1."""
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
 
-        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        def on_message(msg: Any) -> None:
             try:
                 reply = json.loads(msg.payload)
             except ValueError:
@@ -96,17 +93,28 @@ class Trial:
                     self.wire[reply["id"]] += 1
                     self.wire_dup_flag += bool(msg.dup)
 
-        def on_connect(c: Any, *_a: Any) -> None:
-            c.subscribe("edge-llm/reply/#", qos=1)
+        return wire_tap("127.0.0.1", self.port, "faults-tap", ["edge-llm/reply/#"], on_message)
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="faults-tap", protocol=mqtt.MQTTv5)
-        c.on_message, c.on_connect = on_message, on_connect
-        c.reconnect_delay_set(0.2, 2)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 600
-        c.connect("127.0.0.1", self.port, clean_start=False, properties=props)
-        c.loop_start()
-        return c
+
+def wire_tap(host: str, port: int, client_id: str, topics: list[str], handle: Any) -> Any:
+    """A paho MQTT 5 subscriber (persistent session, QoS 1, resubscribes on every connect) that
+    calls `handle(msg)` on its network thread for every message on `topics`; started."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    def on_connect(c: Any, *_a: Any) -> None:
+        c.subscribe([(t, 1) for t in topics])
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, msg: handle(msg)
+    c.on_connect = on_connect
+    c.reconnect_delay_set(0.2, 2)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 600
+    c.connect(host, port, clean_start=False, properties=props)
+    c.loop_start()
+    return c
 
 
 def wait_for(pred: Any, timeout: float) -> bool:

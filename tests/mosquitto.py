@@ -89,11 +89,17 @@ class Broker:
         require_client_cert: bool = False,
         persistence: bool = True,
         extra_config: str = "",  # more mosquitto.conf lines, e.g. "max_packet_size 2000"
+        host: str = "127.0.0.1",  # where clients (and start()'s readiness check) reach it
+        port: int | None = None,  # None: a free port on 127.0.0.1
+        bind: str | None = None,  # listener address; None: `host`, "": every address
+        wrap: tuple[str, ...] = (),  # command prefix, e.g. ("ip", "netns", "exec", NS)
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
-        self.port = free_port()
+        self.host = host
+        self.port = port if port is not None else free_port()
+        self.bind = host if bind is None else bind
+        self.wrap = wrap
         self.users = users
         self.acl = acl
         self.certs = certs
@@ -106,7 +112,7 @@ class Broker:
 
     def _write_config(self) -> Path:
         lines = [
-            f"listener {self.port} {self.host}",
+            f"listener {self.port} {self.bind}".rstrip(),
             f"user {getpass.getuser()}",  # as root, mosquitto would otherwise switch to "mosquitto"
             f"log_dest file {self.log}",
             "log_type error",
@@ -149,7 +155,7 @@ class Broker:
     def start(self, timeout: float = 10.0) -> Broker:
         assert self.proc is None, "already running"
         self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [*self.wrap, MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
