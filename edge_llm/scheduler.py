@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 # While requests run, queued ones are checked for deadlines and cancellation this often.
 _SWEEP_S = 0.05
+_BEAT_S = 0.25  # an idle worker still wakes this often to show it is alive (the service watchdog)
 
 Sink = Callable[[Event], None]
 
@@ -177,6 +178,7 @@ class Scheduler:
         self._closing = False
         self._abort_at = float("inf")  # after close(): when running requests are interrupted
         self._last_sweep = 0.0
+        self._beat = time.monotonic()  # the worker's last sign of life: `alive()`
         self._thread: threading.Thread | None = None
 
     # -- public API (any thread) --
@@ -234,6 +236,12 @@ class Scheduler:
             self._cond.notify_all()  # the worker ends a queued job at once, a running one next token
         return True
 
+    def alive(self, within_s: float) -> bool:
+        """Whether the worker thread runs and has come round its loop within `within_s`: False
+        once a forward or a sink has been stuck that long (what the systemd watchdog reports)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and time.monotonic() - self._beat < within_s
+
     def close(self, grace_s: float = 5.0) -> None:
         """Stop taking requests, answer queued ones `busy`, give running ones `grace_s`."""
         with self._cond:
@@ -288,6 +296,7 @@ class Scheduler:
         cache = self.engine.batch_cache(self.max_batch) if self.max_batch > 1 else None
         rows: dict[int, _Running] = {}
         while True:
+            self._beat = time.monotonic()
             self._admit(rows, cache)  # blocks for work only while no row is busy
             if not rows:
                 if self._closing:
@@ -373,7 +382,8 @@ class Scheduler:
         while True:
             with self._cond:
                 while block and not self._queue and not self._closing:
-                    self._cond.wait()
+                    self._cond.wait(_BEAT_S)
+                    self._beat = time.monotonic()
                 ended = self._take_expired_locked()
                 job = self._queue.popleft() if self._queue and not ended else None
                 if job is not None:

@@ -6,6 +6,10 @@ worker owning the engine, the SQLite state database, and whichever transports ar
 that `stop()` (or SIGINT/SIGTERM in `run_until_signal`) shuts down cleanly: the scheduler first
 (queued requests answered `busy`, the running one given a grace period), then the transports
 (MQTT status `offline`, socket file removed).
+
+Under systemd (`Type=notify`) `start()` sends `READY=1` once the transports are up and, when the
+unit sets `WatchdogSec`, keeps a watchdog that pings only while the scheduler's worker moves
+(`edge_llm.systemd`): a wedged engine gets the service restarted.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge_llm import __version__, protocol
+from edge_llm import __version__, protocol, systemd
 from edge_llm.board import BoardConfig
 from edge_llm.engine import Engine
 from edge_llm.errors import ConfigError
@@ -53,6 +57,7 @@ class Server:
         self.dispatcher = Dispatcher(self.scheduler, max_payload=srv.max_payload)
         self.socket: Any = None
         self.mqtt: Any = None
+        self.watchdog: systemd.Watchdog | None = None
         self._stopped = threading.Event()
 
     def status(self) -> dict[str, Any]:
@@ -93,11 +98,20 @@ class Server:
         except BaseException:
             self.stop()
             raise
+        # The bundle is loaded (we were given the engine) and every transport accepts: ready.
+        systemd.notify(f"READY=1\nSTATUS=serving {self.engine.bundle.name}")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self.watchdog = systemd.Watchdog(self.scheduler.alive, interval)
+            self.watchdog.start()
 
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        systemd.notify("STOPPING=1")
+        if self.watchdog is not None:
+            self.watchdog.stop()
         # The scheduler first: it refuses new requests (`busy`, which clients retry) and lets the
         # running one finish within the grace period while the transports can still deliver it.
         self.scheduler.close(grace_s=self.board.server.shutdown_grace_s)
