@@ -11,10 +11,12 @@ import importlib
 import logging
 import sys
 
+# Importing the package first sets ORT_DISABLE_TELEMETRY=1 (unless the user set it) before any
+# command can import onnxruntime: see edge_llm/__init__.py.
 from edge_llm import __version__
 from edge_llm.errors import EdgeLLMError
 
-COMMAND_MODULES = ("export", "generate", "doctor", "serve", "bench", "cache")
+COMMAND_MODULES = ("export", "generate", "doctor", "serve", "bench", "cache", "pack")
 
 
 def build_parser() -> argparse.ArgumentParser:

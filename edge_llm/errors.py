@@ -96,6 +96,12 @@ class ExportError(EdgeLLMError):
     code = "export"
 
 
+class PackError(EdgeLLMError):
+    """`edge-llm pack` cannot build a board package (unsupported target, no wheels, bad input)."""
+
+    code = "pack"
+
+
 # The class a client raises for each error code of a reply (docs/protocol.md, "Error codes").
 _REPLY_ERRORS: dict[str, type[EdgeLLMError]] = {
     "bad_request": RequestError,
