@@ -16,7 +16,7 @@ import sys
 from edge_llm import __version__
 from edge_llm.errors import EdgeLLMError
 
-COMMAND_MODULES = ("export", "generate", "doctor", "serve", "bench", "cache", "pack")
+COMMAND_MODULES = ("export", "generate", "doctor", "serve", "bench", "cache", "pack", "ota")
 
 
 def build_parser() -> argparse.ArgumentParser:
