@@ -155,6 +155,7 @@ def _pypi_reachable() -> bool:
         return False
 
 
+@pytest.mark.slow  # ~80 s call on 2 shared cores: pip resolves, installs a venv, loads a model twice
 @pytest.mark.skipif(packverify.this_machine() not in pack_mod.ARCHES, reason="packages are x86_64/aarch64")
 def test_pack_then_install_offline_then_generate(tiny_bundle: Path, tmp_path: Path) -> None:
     if not _pypi_reachable():
