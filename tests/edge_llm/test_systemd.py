@@ -198,3 +198,45 @@ def test_ort_telemetry_off_unless_the_user_says(preset: str | None) -> None:
     code = "import os, edge_llm.engine; print(os.environ.get('ORT_DISABLE_TELEMETRY'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (preset or "1")
+
+
+def test_serve_command_notifies_ready_then_stopping(
+    tiny_bundle: Path, tmp_path: Path, notify_socket: tuple[socket.socket, str]
+) -> None:
+    """`edge-llm serve` as systemd starts it: READY=1 once the socket answers, STOPPING=1 on SIGTERM."""
+    notify, notify_path = notify_socket
+    notify.settimeout(60)
+    sock_path = tmp_path / "edge.sock"
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "1000000"}
+    env.pop("WATCHDOG_PID", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_llm.cli",
+        "serve",
+        "--bundle",
+        str(tiny_bundle),
+        "--socket",
+        str(sock_path),
+    ]
+    proc = subprocess.Popen([*cmd, "--state", str(tmp_path / "s.sqlite")], env=env, stderr=subprocess.PIPE)
+    try:
+        assert notify.recv(4096).decode().startswith("READY=1\n")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(sock_path))
+            client.sendall(json.dumps({"id": "r1", "prompt": "Hi", "max_tokens": 2}).encode() + b"\n")
+            client.settimeout(30)
+            with client.makefile("rb") as replies:
+                while not (reply := json.loads(replies.readline())).get("done"):
+                    pass
+        assert reply["id"] == "r1" and "error" not in reply, reply
+        assert "WATCHDOG=1" in _messages(notify, 1.5)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert "STOPPING=1" in _messages(notify, 1.0)
