@@ -5,4 +5,12 @@ bundles without a plain chat format); it never imports torch, transformers or op
 `export` package and extra do).
 """
 
+import os
+
+# onnxruntime records a telemetry event (a persistent device id, the CPU, the executable path)
+# for every process unless ORT_DISABLE_TELEMETRY is set before it is imported;
+# `disable_telemetry_events()` does not stop it. Every runtime module (and the CLI) imports this
+# package first, so ORT is always imported after this line. A user's own setting is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"

@@ -15,10 +15,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+# Importing the package first sets ORT_DISABLE_TELEMETRY=1 (unless the user set it) before any
+# command can import onnxruntime: see edge_llm/__init__.py.
 from edge_llm import __version__
 from edge_llm.errors import EdgeLLMError
 
-COMMAND_MODULES = ("export", "generate", "doctor", "serve", "keys", "bench", "cache")
+COMMAND_MODULES = ("export", "generate", "doctor", "serve", "keys", "bench", "cache", "pack", "ota")
 
 
 class HelpFormatter(argparse.HelpFormatter):

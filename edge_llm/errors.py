@@ -119,6 +119,19 @@ class ExportError(EdgeLLMError):
     code = "export"
 
 
+class PackError(EdgeLLMError):
+    """`edge-llm pack` cannot build a board package (unsupported target, no wheels, bad input)."""
+
+    code = "pack"
+
+
+class UpdateError(EdgeLLMError):
+    """A bundle update was refused (signature, damaged files, failed self-test); the active
+    bundle is unchanged."""
+
+    code = "update"
+
+
 # The class a client raises for each error code of a reply (docs/protocol.md, "Error codes").
 _REPLY_ERRORS: dict[str, type[EdgeLLMError]] = {
     "bad_request": RequestError,

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 # While requests run, queued ones are checked for deadlines and cancellation this often.
 _SWEEP_S = 0.05
+_BEAT_S = 0.25  # an idle worker still wakes this often to show it is alive (the service watchdog)
 
 Sink = Callable[[Event], None]
 
@@ -165,8 +166,8 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_inflight_per_client = max_inflight_per_client
         self.default_max_tokens = default_max_tokens
-        rows = engine.options.max_batch if max_batch is None else max_batch
-        self.max_batch = max(1, rows) if engine.can_batch else 1  # rows of the one worker loop
+        self._rows = max_batch
+        self.max_batch = self._batch_rows(engine)  # rows of the one worker loop
         self.conversations = conversations or Conversations(engine)
         self.finals: FinalStore = finals if finals is not None else MemoryFinals()
         self.stats: Counter[str] = Counter()  # runs, replayed, joined, busy, cancelled, deadline, ...
@@ -177,6 +178,8 @@ class Scheduler:
         self._closing = False
         self._abort_at = float("inf")  # after close(): when running requests are interrupted
         self._last_sweep = 0.0
+        self._beat = time.monotonic()  # the worker's last sign of life: `alive()`
+        self._swap: tuple[Engine, Conversations, threading.Event] | None = None
         self._thread: threading.Thread | None = None
         # Read by metrics from other threads (plain reads of values the worker replaces whole).
         self.active_rows = 0
@@ -254,6 +257,30 @@ class Scheduler:
         """Ready for requests: the worker runs and close() has not begun (HTTP /readyz)."""
         return self._thread is not None and self._thread.is_alive() and not self._closing
 
+    def _batch_rows(self, engine: Engine) -> int:
+        rows = engine.options.max_batch if self._rows is None else self._rows
+        return max(1, rows) if engine.can_batch else 1
+
+    def swap_engine(self, engine: Engine, conversations: Conversations, timeout: float | None = None) -> bool:
+        """Serve with `engine` (a new bundle) from now on. Requests already running finish on the
+        old engine; queued and new ones wait for them, then run on the new one: none is refused
+        or lost. Returns once the worker has switched (False if `timeout` passed first)."""
+        done = threading.Event()
+        with self._cond:
+            if self._thread is None:  # not serving yet: nothing to drain
+                self.engine, self.conversations = engine, conversations
+                self.max_batch = self._batch_rows(engine)
+                return True
+            self._swap = (engine, conversations, done)
+            self._cond.notify_all()
+        return done.wait(timeout)
+
+    def alive(self, within_s: float) -> bool:
+        """Whether the worker thread runs and has come round its loop within `within_s`: False
+        once a forward or a sink has been stuck that long (what the systemd watchdog reports)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and time.monotonic() - self._beat < within_s
+
     def close(self, grace_s: float = 5.0) -> None:
         """Stop taking requests, answer queued ones `busy`, give running ones `grace_s`."""
         with self._cond:
@@ -309,6 +336,9 @@ class Scheduler:
         self.batch_cache = cache
         rows: dict[int, _Running] = {}
         while True:
+            self._beat = time.monotonic()
+            if self._swap is not None and not rows:  # the old engine's rows have drained
+                cache = self.batch_cache = self._apply_swap()
             self._publish_rows(rows)
             self._admit(rows, cache)  # blocks for work only while no row is busy
             self._publish_rows(rows)
@@ -326,6 +356,8 @@ class Scheduler:
     def _admit(self, rows: dict[int, _Running], cache: SharedCache | None) -> None:
         """Fill free rows from the queue and prefill the newcomers (adjacent ones in one forward)."""
         new: dict[int, _Running] = {}
+        if self._swap is not None:  # an engine swap waits for the running rows: admit nobody
+            return
         for row in [r for r in range(self.max_batch) if r not in rows]:
             job = self._next_job(block=not rows and not new)
             if job is None:
@@ -404,12 +436,25 @@ class Scheduler:
             self.engine.detach(r.gen.slot, r.prepared.slot)
         self.conversations.commit(r.prepared, answer)
 
+    def _apply_swap(self) -> SharedCache | None:
+        """Worker thread, no rows running: take the new engine and its conversations."""
+        with self._cond:
+            assert self._swap is not None
+            engine, conversations, done = self._swap
+            self._swap = None
+        self.engine, self.conversations = engine, conversations
+        self.max_batch = self._batch_rows(engine)
+        self.stats["engine_swaps"] += 1
+        done.set()
+        return engine.batch_cache(self.max_batch) if self.max_batch > 1 else None
+
     def _next_job(self, block: bool) -> _Job | None:
         """The next queued job that is still wanted (None: nothing queued, or closing)."""
         while True:
             with self._cond:
-                while block and not self._queue and not self._closing:
-                    self._cond.wait()
+                while block and not self._queue and not self._closing and self._swap is None:
+                    self._cond.wait(_BEAT_S)
+                    self._beat = time.monotonic()
                 ended = self._take_expired_locked()
                 job = self._queue.popleft() if self._queue and not ended else None
                 if job is not None:

@@ -8,6 +8,14 @@ Prometheus text on `[metrics] listen` and at HTTP's /metrics) — that `stop()` 
 in `run_until_signal`) shuts down cleanly: the scheduler first (queued requests answered `busy`,
 the running one given a grace period), then the transports (MQTT status `offline`, socket file
 removed).
+Under systemd (`Type=notify`) `start()` sends `READY=1` once the transports are up and, when the
+unit sets `WatchdogSec`, keeps a watchdog that pings only while the scheduler's worker moves
+(`edge_llm.systemd`): a wedged engine gets the service restarted.
+
+SIGHUP (`systemctl reload`) reloads the bundle from its path — after `edge-llm update` switched
+the A/B slot link — without a restart: the new engine is loaded and probed beside the old one,
+then swapped in between steps; running requests finish on the old engine, queued ones run on the
+new one. A bundle that fails to load or answer leaves the old one serving.
 """
 
 from __future__ import annotations
@@ -16,10 +24,11 @@ import importlib.util
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from edge_llm import __version__, protocol
+from edge_llm import __version__, protocol, systemd
 from edge_llm.board import BoardConfig, parse_listen
 from edge_llm.engine import Engine
 from edge_llm.errors import ConfigError
@@ -43,9 +52,7 @@ class Server:
         pruned = self.db.prune_sessions(board.sessions.ttl_days * 86400)
         if pruned:
             log.info("deleted %d sessions idle for more than %g days", pruned, board.sessions.ttl_days)
-        self.conversations = Conversations(
-            engine, self.db, system_prompt=board.sessions.system_prompt, max_live=board.sessions.max_live
-        )
+        self.conversations = self._conversations(engine)
         self.scheduler = Scheduler(
             engine,
             srv.max_queue,
@@ -71,7 +78,28 @@ class Server:
         self.http: Any = None
         self.grpc: Any = None
         self.metrics_server: Any = None
+        self.watchdog: systemd.Watchdog | None = None
         self._stopped = threading.Event()
+
+    def _conversations(self, engine: Engine) -> Conversations:
+        cfg = self.board.sessions
+        return Conversations(engine, self.db, system_prompt=cfg.system_prompt, max_live=cfg.max_live)
+
+    def reload(self, bundle: str | Path | None = None, timeout: float | None = None) -> Engine:
+        """Load `bundle` (default: the current bundle's path, e.g. the slot link), probe it, and
+        swap it in; raises (old engine kept) if it does not load or answer."""
+        from edge_llm.engine import Slot
+        from edge_llm.sampling import SamplingParams
+
+        path = bundle if bundle is not None else self.engine.bundle.path
+        engine = Engine.load(path, self.engine.options)
+        probe = engine.encode_request(messages=[{"role": "user", "content": "Hello"}])
+        engine.complete(probe, SamplingParams(max_tokens=2, ignore_eos=True), Slot())
+        if not self.scheduler.swap_engine(engine, self._conversations(engine), timeout):
+            raise ConfigError(f"reload: the running requests did not finish within {timeout} s")
+        self.engine = engine
+        log.info("reloaded: now serving %s from %s", engine.bundle.name, path)
+        return engine
 
     def status(self) -> dict[str, Any]:
         """What the MQTT status message advertises."""
@@ -139,11 +167,20 @@ class Server:
         except BaseException:
             self.stop()
             raise
+        # The bundle is loaded (we were given the engine) and every transport accepts: ready.
+        systemd.notify(f"READY=1\nSTATUS=serving {self.engine.bundle.name}")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self.watchdog = systemd.Watchdog(self.scheduler.alive, interval)
+            self.watchdog.start()
 
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        systemd.notify("STOPPING=1")
+        if self.watchdog is not None:
+            self.watchdog.stop()
         # The scheduler first: it refuses new requests (`busy`, which clients retry) and lets the
         # running one finish within the grace period while the transports can still deliver it.
         self.scheduler.close(grace_s=self.board.server.shutdown_grace_s)
@@ -159,18 +196,31 @@ class Server:
             self.metrics_server.stop()
         self.db.close()
 
-    def run_until_signal(self) -> None:
-        """Serve until SIGINT or SIGTERM, then stop cleanly. Main thread only."""
+    def _reload_for_signal(self) -> None:
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            self.reload()
+        except Exception as exc:  # bad bundle: keep serving the old one, say why
+            log.error("reload failed, still serving %s: %s", self.engine.bundle.name, exc)
+        systemd.notify(f"READY=1\nSTATUS=serving {self.engine.bundle.name}")
+
+    def run_until_signal(self, reload: threading.Event | None = None) -> None:
+        """Serve until SIGINT or SIGTERM, then stop cleanly; SIGHUP reloads the bundle. Main
+        thread only. `reload`: an event the caller's own early SIGHUP handler sets."""
         done = threading.Event()
+        reload = reload if reload is not None else threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("signal %d: shutting down", signum)
             done.set()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
         try:
             while not done.wait(0.5):
-                pass
+                if reload.is_set():
+                    reload.clear()
+                    self._reload_for_signal()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -116,6 +116,10 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
         shutil.copy2(path, tmp / name)
     hf_config = json.loads((inputs.hf_dir / "config.json").read_text(encoding="utf-8"))
     graph_inputs, graph_outputs = graph_io(tmp / graph_name)
+    # copy2 keeps the source's mode, and the quantizer writes model.onnx.data 0600: a bundle
+    # built by one user could not be read by a service account. Bundles are not secret: 0644.
+    for path in tmp.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     spec = {f.name for f in fields(GraphSpec)}
     unknown = set(inputs.layout) - spec
     if unknown:

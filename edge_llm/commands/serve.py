@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 from typing import Any
 
 from edge_llm.commands.generate import (
@@ -131,6 +133,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from edge_llm.server import Server
 
     board = board_with_overrides(args)
+    # SIGHUP (`systemctl reload`) would kill us before run_until_signal takes it over: from here
+    # on it is remembered and served once the server runs.
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     # Each MQTT connect and reconnect is logged at INFO: show those without -v (they are what an
     # operator looks for first when a device seems unreachable).
     mqtt_log = logging.getLogger("edge_llm.transports.mqtt")
@@ -154,7 +160,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if server.metrics_server is not None:
         where.append(f"metrics: http://{server.metrics_server.host}:{server.metrics_server.port}/metrics")
     print(f"edge-llm: serving {engine.bundle.name} on {', '.join(where)}", file=sys.stderr, flush=True)
-    server.run_until_signal()
+    server.run_until_signal(reload)
     return 0
 
 

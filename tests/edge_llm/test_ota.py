@@ -1,0 +1,175 @@
+"""Signed bundle updates into A/B slots: valid, tampered, truncated, wrong key, failing self-test."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cryptography")
+
+from edge_llm import ota
+from edge_llm.bundle import load_bundle, write_manifest
+from edge_llm.errors import UpdateError
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    private, public = tmp_path / "ota.key", tmp_path / "ota.pub"
+    ota.keygen(private, public)
+    return private, public
+
+
+@pytest.fixture
+def signed(tiny_bundle: Path, tmp_path: Path, keys: tuple[Path, Path]) -> Path:
+    update = tmp_path / "update"
+    shutil.copytree(tiny_bundle, update)
+    ota.sign(update, keys[0])
+    return update
+
+
+@pytest.fixture
+def prefix(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A board as install.sh leaves it: PREFIX/bundle is a plain folder."""
+    root = tmp_path / "prefix"
+    root.mkdir()
+    shutil.copytree(tiny_bundle, root / "bundle")
+    return root
+
+
+def _rehash(bundle: Path, like: Path) -> None:
+    """Rewrite `bundle`'s bundle.json (sizes and hashes of its files as they are now)."""
+    sig = bundle / ota.SIGNATURE
+    kept = sig.read_bytes() if sig.exists() else None
+    sig.unlink(missing_ok=True)  # write_manifest lists every file present; the old signature stays
+    write_manifest(dataclasses.replace(load_bundle(like, verify=False), path=bundle))
+    if kept is not None:
+        sig.write_bytes(kept)
+
+
+def _serving(prefix: Path) -> str:
+    """What the service would load now, and proof that it still loads and answers."""
+    ota.self_test(prefix / "bundle", max_tokens=2)
+    return ota.Slots(prefix).active() or "plain"
+
+
+def test_keygen_writes_a_private_key_only_we_read_and_refuses_to_overwrite(keys: tuple[Path, Path]) -> None:
+    private, public = keys
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert b"PUBLIC KEY" in public.read_bytes()
+    with pytest.raises(UpdateError, match="refusing to overwrite"):
+        ota.keygen(private, public.with_name("other.pub"))
+
+
+def test_a_valid_update_switches_slots_and_rollback_goes_back(
+    prefix: Path, signed: Path, keys: tuple[Path, Path]
+) -> None:
+    first = ota.apply_update(prefix, signed, keys[1])
+    assert (first.slot, first.previous) == ("b", "a")  # the first install was adopted as slot a
+    assert (prefix / "bundle").is_symlink() and _serving(prefix) == "b"
+    assert len(first.sha256) == 64 and first.answer
+    second = ota.apply_update(prefix, signed, keys[1])
+    assert (second.slot, second.previous) == ("a", "b")
+    assert ota.rollback(prefix) == "b" and _serving(prefix) == "b"
+    load_bundle(prefix / "bundle")
+
+
+def test_a_tar_update_is_taken_too(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    archive = tmp_path / "update.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(signed, arcname="tiny")
+    assert ota.apply_update(prefix, archive, keys[1]).slot == "b"
+
+
+def test_a_tampered_file_is_refused_and_the_old_bundle_keeps_serving(
+    prefix: Path, signed: Path, keys: tuple[Path, Path]
+) -> None:
+    data = signed / "tokenizer.json"
+    data.write_text(data.read_text().replace("<|im_end|>", "<|im_END|>", 1))
+    with pytest.raises(UpdateError, match=r"do not match its signed bundle\.json"):
+        ota.apply_update(prefix, signed, keys[1])
+    assert _serving(prefix) == "a"
+    assert not (prefix / "slots" / "b").exists()  # the staged copy is gone
+
+
+def test_a_re_hashed_manifest_fails_the_signature(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tiny_bundle: Path
+) -> None:
+    (signed / "tokenizer.json").write_text("{}")
+    _rehash(signed, tiny_bundle)  # hashes now match the tampered file
+    with pytest.raises(UpdateError, match="bad signature"):
+        ota.apply_update(prefix, signed, keys[1])
+    assert _serving(prefix) == "a"
+
+
+def test_another_key_or_no_signature_is_refused(
+    prefix: Path, signed: Path, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    ota.keygen(tmp_path / "other.key", tmp_path / "other.pub")
+    with pytest.raises(UpdateError, match="bad signature"):
+        ota.apply_update(prefix, signed, tmp_path / "other.pub")
+    (signed / ota.SIGNATURE).unlink()
+    with pytest.raises(UpdateError, match="unsigned bundles are refused"):
+        ota.apply_update(prefix, signed, keys[1])
+    assert _serving(prefix) == "a"
+
+
+def test_an_unlisted_file_is_refused(prefix: Path, signed: Path, keys: tuple[Path, Path]) -> None:
+    (signed / "extra.py").write_text("import os\n")
+    with pytest.raises(UpdateError, match=r"not listed in bundle\.json"):
+        ota.apply_update(prefix, signed, keys[1])
+
+
+def test_a_truncated_transfer_is_refused(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    archive = tmp_path / "update.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(signed, arcname="tiny")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UpdateError, match=r"truncated|do not match"):
+        ota.apply_update(prefix, cut, keys[1])
+    assert _serving(prefix) == "a"
+
+
+def test_a_failing_self_test_leaves_the_old_bundle_active(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tiny_bundle: Path
+) -> None:
+    # A signed bundle whose graph does not run: its signature and hashes are fine.
+    (signed / "model.onnx").write_bytes(b"not an onnx graph")
+    _rehash(signed, tiny_bundle)
+    ota.sign(signed, keys[0])
+    with pytest.raises(UpdateError, match="self-test failed"):
+        ota.apply_update(prefix, signed, keys[1])
+    assert _serving(prefix) == "a"
+
+
+def test_cli_keygen_sign_update(tiny_bundle: Path, prefix: Path, tmp_path: Path) -> None:
+    update = tmp_path / "cli-update"
+    shutil.copytree(tiny_bundle, update)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edge_llm.cli", *args], capture_output=True, text=True)
+
+    assert (
+        cli("keygen", "--private", str(tmp_path / "k"), "--public", str(tmp_path / "k.pub")).returncode == 0
+    )
+    assert cli("sign", "--bundle", str(update), "--key", str(tmp_path / "k")).returncode == 0
+    done = cli(
+        "update", "--prefix", str(prefix), "--from", str(update), "--trusted-key", str(tmp_path / "k.pub")
+    )
+    assert done.returncode == 0, done.stderr
+    assert "in slot b" in done.stdout
+    (update / "tokenizer.json").write_text("{}")
+    bad = cli(
+        "update", "--prefix", str(prefix), "--from", str(update), "--trusted-key", str(tmp_path / "k.pub")
+    )
+    assert bad.returncode == 2 and "edge-llm: error:" in bad.stderr
