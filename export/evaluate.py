@@ -249,7 +249,8 @@ def run(
     t0 = time.perf_counter()
     t_logits = chats = teacher_model = None
     questions = qa.load(resolve_text(config.qa, "evaluate.qa")) if config.qa is not None else None
-    if config.teacher and teacher_hf_dir is not None and (config.text is not None or teacher_qa is None):
+    need_teacher = config.text is not None or (questions is not None and teacher_qa is None)
+    if config.teacher and teacher_hf_dir is not None and need_teacher:
         t_logits, teacher_model = torch_logits(teacher_hf_dir, config.threads)
         if config.chat_tokens:
             chats = teacher.chats(
@@ -305,7 +306,9 @@ def run(
         if teacher_qa is None and teacher_model is not None and teacher_hf_dir is not None:
             answers = qa.answer_torch(teacher_model, teacher_hf_dir, questions, config.qa_max_tokens)
             teacher_qa = qa.scored(questions, answers)
-        result |= qa_result(config, rows, teacher_qa if config.teacher else None)
+        # The teacher's answers when known: computed here (config.teacher) or handed in, which
+        # costs nothing, so retention is reported even without the KL pass.
+        result |= qa_result(config, rows, teacher_qa)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
