@@ -195,9 +195,9 @@ def test_bundle_and_teacher_answer_the_same_way(
     assert "qa_retained" not in alone and alone["kind"] == "hf"
 
 
-def test_config_needs_text_or_qa() -> None:
-    with pytest.raises(ValueError, match="text file, a QA set"):
-        evaluate.EvaluateConfig()
+def test_config_needs_text_or_qa(tiny_bundle: Path) -> None:
+    with pytest.raises(ExportError, match="text file, a QA set"):
+        evaluate.run(evaluate.EvaluateConfig(), tiny_bundle)
     with pytest.raises(ValueError, match="qa_max_tokens"):
         evaluate.EvaluateConfig(qa=QA_SET, qa_max_tokens=0)
 
