@@ -27,27 +27,19 @@ from edge_llm.engine import Engine  # noqa: E402
 from edge_llm.runner import RunnerOptions  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("bundles", nargs="+", type=Path)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
-    args = ap.parse_args()
-    if len(args.bundles) < 2:
-        ap.error("give at least two bundles (the first is the reference)")
-    engines = [Engine.load(b, RunnerOptions(threads=args.threads, max_batch=1)) for b in args.bundles]
+def interleaved(bundles: list[Path], rounds: int, new_tokens: int, threads: int) -> list[dict]:
+    """Per bundle: median decode tok/s and the median per-round ratio to the first bundle."""
+    engines = [Engine.load(b, RunnerOptions(threads=threads, max_batch=1)) for b in bundles]
     ids = bench.prompts(engines[0])["short"]
     for e in engines:  # warm-up: first-run allocations, page faults
-        bench.timed_generation(e, ids, args.new_tokens)
+        bench.timed_generation(e, ids, new_tokens)
     speeds: list[list[float]] = [[] for _ in engines]
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for i, e in enumerate(engines):
-            ttft, total, _ = bench.timed_generation(e, ids, args.new_tokens)
-            speeds[i].append((args.new_tokens - 1) / (total - ttft))
+            ttft, total, _ = bench.timed_generation(e, ids, new_tokens)
+            speeds[i].append((new_tokens - 1) / (total - ttft))
     rows = []
-    for b, s in zip(args.bundles, speeds, strict=True):
+    for b, s in zip(bundles, speeds, strict=True):
         ratios = [x / r for x, r in zip(s, speeds[0], strict=True)]
         rows.append(
             {
@@ -59,6 +51,20 @@ def main() -> None:
             }
         )
         print(f"{b.name:40s} {statistics.median(s):7.1f} tok/s  x{statistics.median(ratios):.3f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bundles", nargs="+", type=Path)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
+    args = ap.parse_args()
+    if len(args.bundles) < 2:
+        ap.error("give at least two bundles (the first is the reference)")
+    rows = interleaved(args.bundles, args.rounds, args.new_tokens, args.threads)
     doc = {"rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads, "rows": rows}
     lines = [
         f"Interleaved decode, {args.rounds} rounds, {args.new_tokens} new tokens, {args.threads} threads.",

@@ -12,6 +12,10 @@ What it measures (`EvaluateConfig`):
   turns the teacher writes itself (`teacher.chats`, seeded with `chat_seed`, which the
   recipe keeps apart from distillation's), and the model's perplexity on those answers. Text
   perplexity alone missed a pruned student that had stopped answering chat prompts.
+- knowledge (`qa`, a JSON-lines QA set: `export/qa.py`): greedy chat answers to short factual
+  questions, scored by a normalised match; with a teacher, the fraction of the questions the
+  teacher answers correctly that the model still answers (retention). Perplexity stayed near the
+  teacher's for a pruned student that no longer answered simple questions.
 - size on disk, parameter count.
 - speed (bundles only, through `edge_llm.engine`): time to first token for a `speed_prompt`-token
   prompt and greedy decode tokens/s over `speed_tokens` tokens, best of `speed_runs` (the CPU is
@@ -23,6 +27,7 @@ that distillation never sees (`export/distill.py` trains on a disjoint span).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,11 +40,11 @@ from typing import Any
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export import hf, teacher
+from export import hf, qa, teacher
 from export.cache import stable_key
 from export.stage import Artifact, Stage
 from export.teacher import Logits, torch_logits
-from export.text import check_span, first_tokens, read_span
+from export.text import check_span, first_tokens, read_span, resolve_text
 
 log = logging.getLogger(__name__)
 # Rows of a window's logits turned into log-probabilities at a time: float64 copies of a whole
@@ -49,7 +54,7 @@ ROWS = 64
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    text: Path | None = None  # required; relative: cwd, then the checkout root (export/text.py)
+    text: Path | None = None  # required in a recipe; relative: cwd, then the checkout root (export/text.py)
     span: tuple[float, float] = (0.0, 0.1)  # fraction of the file's characters evaluated
     max_tokens: int = 8192  # the first max_tokens tokens of the span
     context: int = 512
@@ -64,6 +69,8 @@ class EvaluateConfig:
     speed_runs: int = 3
     threads: int = 0  # 0: one per core
     provider: str = "cpu"  # execution provider of the bundle's session (edge_llm.providers names)
+    qa: Path | None = None  # QA set (JSON lines, export/qa.py); resolved like `text`
+    qa_max_tokens: int = 32  # new tokens per answer (it also stops at a newline)
 
     def __post_init__(self) -> None:
         check_span(self.span, "evaluate.span")
@@ -75,6 +82,8 @@ class EvaluateConfig:
             raise ValueError("evaluate.max_tokens must be >= 2")
         if self.speed_prompt < 1 or self.speed_tokens < 2 or self.speed_runs < 1:
             raise ValueError("evaluate: speed_prompt >= 1, speed_tokens >= 2, speed_runs >= 1")
+        if not 1 <= self.qa_max_tokens <= 256:
+            raise ValueError("evaluate.qa_max_tokens must be in [1, 256]")
 
 
 def windows(n: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -228,14 +237,21 @@ def run(
     teacher_hf_dir: Path | None = None,
     progress: bool = True,
     label: str = "",
+    teacher_qa: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a bundle folder (bundle.json) or an HF folder (config.json) and return the facts.
-    `label` names the progress bar (default: the folder's name)."""
+    `label` names the progress bar (default: the folder's name). `teacher_qa`: the teacher's
+    scored QA answers if already known (the recipe's evaluation of the loaded model); else the
+    teacher answers them here. Without `config.text` only the QA set is scored."""
     model_dir = Path(model_dir)
     label = label or f"evaluate {model_dir.name}"
+    if config.text is None and config.qa is None:  # a recipe names its text (recipe.py checks)
+        raise ExportError("evaluate: give a text file, a QA set (qa), or both")
     t0 = time.perf_counter()
-    t_logits = chats = None
-    if config.teacher and teacher_hf_dir is not None:
+    t_logits = chats = teacher_model = None
+    questions = qa.load(resolve_text(config.qa, "evaluate.qa")) if config.qa is not None else None
+    need_teacher = config.text is not None or (questions is not None and teacher_qa is None)
+    if config.teacher and teacher_hf_dir is not None and need_teacher:
         t_logits, teacher_model = torch_logits(teacher_hf_dir, config.threads)
         if config.chat_tokens:
             chats = teacher.chats(
@@ -254,7 +270,6 @@ def run(
 
         options = RunnerOptions(providers=(ProviderSpec(config.provider),), threads=config.threads)
         engine = Engine.load(model_dir, options)
-        ids, where = tokenize_span(config, engine.tokenizer.encode)
         result |= {
             "kind": "bundle",
             "provider": engine.runner.provider,
@@ -262,31 +277,50 @@ def run(
             "size_bytes": folder_size(model_dir),
             "quantization": engine.bundle.quantization.get("mode", engine.bundle.quantization.get("method")),
         }
-        result["text"] = where
-        result |= score(ids, bundle_logits(engine), config.context, config.stride, t_logits, progress, label)
-        if chats:
-            result |= score_chats(chats, bundle_logits(engine), t_logits, engine.max_context)
-        if config.speed:
-            result |= measure_speed(engine, ids, config)
+        if config.text is not None:
+            ids, result["text"] = tokenize_span(config, engine.tokenizer.encode)
+            logits = bundle_logits(engine)
+            result |= score(ids, logits, config.context, config.stride, t_logits, progress, label)
+            if chats:
+                result |= score_chats(chats, logits, t_logits, engine.max_context)
+            if config.speed:
+                result |= measure_speed(engine, ids, config)
+        if questions is not None:
+            rows = qa.scored(questions, qa.answer_bundle(engine, questions, config.qa_max_tokens))
     elif (model_dir / "config.json").is_file():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        ids, where = tokenize_span(config, lambda s: tok.encode(s, add_special_tokens=False).ids)
-        logits, _ = torch_logits(model_dir, config.threads)
+        logits, model = torch_logits(model_dir, config.threads)
         result |= {
             "kind": "hf",
             "parameters": hf.parameters(model_dir),
             "size_bytes": hf.weights_bytes(model_dir),
         }
-        result["text"] = where
-        result |= score(ids, logits, config.context, config.stride, t_logits, progress, label)
-        if chats:
-            result |= score_chats(chats, logits, t_logits)
+        if config.text is not None:
+            ids, result["text"] = tokenize_span(config, lambda s: tok.encode(s, add_special_tokens=False).ids)
+            result |= score(ids, logits, config.context, config.stride, t_logits, progress, label)
+            if chats:
+                result |= score_chats(chats, logits, t_logits)
+        if questions is not None:
+            rows = qa.scored(questions, qa.answer_torch(model, model_dir, questions, config.qa_max_tokens))
     else:
         raise ExportError(f"{model_dir}: neither a bundle (bundle.json) nor an HF folder (config.json)")
+    if questions is not None:
+        if teacher_qa is None and teacher_model is not None and teacher_hf_dir is not None:
+            answers = qa.answer_torch(teacher_model, teacher_hf_dir, questions, config.qa_max_tokens)
+            teacher_qa = qa.scored(questions, answers)
+        # The teacher's answers when known: computed here (config.teacher) or handed in, which
+        # costs nothing, so retention is reported even without the KL pass.
+        result |= qa_result(config, rows, teacher_qa)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def qa_result(config: EvaluateConfig, rows: list[dict], teacher_rows: list[dict] | None) -> dict[str, Any]:
+    """The qa_* fields of a result: the summary and every answer (with the teacher's beside it)."""
+    items = rows if teacher_rows is None else qa.with_teacher(rows, teacher_rows)
+    return {"qa_file": str(config.qa), **qa.summary(rows, teacher_rows), "qa_items": items}
 
 
 def jsonable(x: Any) -> Any:
@@ -305,8 +339,10 @@ def save(result: dict[str, Any], path: Path) -> None:
 
 def headline(result: dict[str, Any]) -> str:
     """One line for the terminal."""
-    parts = [f"perplexity {result['perplexity']:.3f} ({result['scored_tokens']} tokens"]
-    parts[0] += f", ctx {result['text']['context']}, stride {result['text']['stride']})"
+    parts = []
+    if "perplexity" in result:
+        parts.append(f"perplexity {result['perplexity']:.3f} ({result['scored_tokens']} tokens")
+        parts[0] += f", ctx {result['text']['context']}, stride {result['text']['stride']})"
     if "kl_to_teacher" in result:
         parts.append(f"KL {result['kl_to_teacher']:.4f}, top-1 {100 * result['top1_agreement']:.1f}%")
         parts.append(f"teacher ppl {result['teacher_perplexity']:.3f}")
@@ -315,17 +351,35 @@ def headline(result: dict[str, Any]) -> str:
             f"chat answers: KL {result['chat_kl_to_teacher']:.4f}, "
             f"top-1 {100 * result['chat_top1_agreement']:.1f}% ({result['chat_scored_tokens']} tokens)"
         )
+    if "qa_questions" in result:
+        parts.append(qa_line(result))
     parts.append(f"{result['parameters'] / 1e6:.1f}M params, {result['size_bytes'] / 2**20:.1f} MiB")
     if "decode_tok_s" in result:
         parts.append(f"decode {result['decode_tok_s']:.1f} tok/s, TTFT {1000 * result['ttft_s']:.0f} ms")
     return "; ".join(parts)
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def qa_line(r: dict[str, Any]) -> str:
+    """The QA figures in words: accuracy, and retention when the teacher's answers are known."""
+    line = f"QA {r['qa_correct']}/{r['qa_questions']} correct ({r['qa_correct_exact']} exact)"
+    if "qa_retained" in r:
+        line += (
+            f", teacher {r['qa_teacher_correct']} ({r['qa_teacher_correct_exact']} exact), retained "
+            f"{_pct(r['qa_retained'])} ({_pct(r['qa_retained_exact'])} exact), "
+            f"same answer {_pct(r['qa_same_answer'])}"
+        )
+    return line
+
+
 # --------------------------------------------------------------------------- as a recipe stage
 
 RESULT = "result.json"
 BRIEF = ("perplexity", "kl_to_teacher", "top1_agreement", "parameters", "size_bytes")
-BRIEF += ("decode_tok_s", "ttft_s")
+BRIEF += ("decode_tok_s", "ttft_s", "qa_accuracy", "qa_retained")
 
 
 @dataclass(frozen=True)
@@ -337,7 +391,20 @@ class EvaluateTask:
 
 
 def key(task: EvaluateTask, art: Artifact) -> str:
-    return stable_key(art.key, task.config, str(task.teacher))
+    # The QA set's content, not only its path: an edited set must not reuse old answers.
+    digest = "" if task.config.qa is None else sha256_file(resolve_text(task.config.qa, "evaluate.qa"))
+    return stable_key(art.key, task.config, str(task.teacher), digest)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def loaded_qa(art: Artifact) -> list[dict[str, Any]] | None:
+    """The teacher's scored QA answers from the recipe's evaluation of the loaded model (the
+    teacher itself, same config), so later evaluations need not have the teacher answer again."""
+    rows = art.evaluations.get("load", {}).get("qa_items")
+    return None if rows is None or art.last == "load" else rows
 
 
 def label(art: Artifact) -> str:
@@ -349,13 +416,19 @@ def label(art: Artifact) -> str:
 
 def build(task: EvaluateTask, art: Artifact, out: Path, progress: bool) -> None:
     model = art.bundle if art.bundle is not None else art.hf_dir
-    save(run(task.config, model, task.teacher, progress=progress, label=label(art)), out / RESULT)
+    res = run(task.config, model, task.teacher, progress, label(art), teacher_qa=loaded_qa(art))
+    save(res, out / RESULT)
 
 
 def result(task: EvaluateTask, art: Artifact, folder: Path) -> Artifact:
     res = json.loads((folder / RESULT).read_text())
     if art.bundle is not None:  # a cached result may come from a run that wrote another folder
         res["model"] = str(art.bundle)
+    teacher_rows = loaded_qa(art)
+    if "qa_items" in res and "qa_retained" not in res and teacher_rows is not None:
+        # Intermediate models are not compared with the teacher (report.stage_teacher), but
+        # their retention costs nothing: the loaded model's answers are the teacher's.
+        res |= qa_result(task.config, res["qa_items"], teacher_rows)
     facts = {k: res[k] for k in BRIEF if k in res}
     return replace(art, evaluations={**art.evaluations, art.last: res}, facts=facts)
 

@@ -75,6 +75,7 @@ def markdown(data: dict[str, Any], config: ReportConfig) -> str:
                 f"{chat['chat_perplexity']:.3f}.",
             ]
         lines += ["", "Speed is measured on the export machine (best of the runs), not the board."]
+        lines += qa_section(evals)
     quant = data.get("quantization") or {}
     errors = quant.get("errors") or {}
     if errors:
@@ -86,6 +87,51 @@ def markdown(data: dict[str, Any], config: ReportConfig) -> str:
         if "max_abs_weight" in m:  # ranked by relative error; the largest absolute one may differ
             lines += ["", f"Largest max-abs error: `{m['max_abs_weight']}` {m['max_abs']:.5f}."]
     return "\n".join(lines) + "\n"
+
+
+def qa_section(evals: dict[str, dict[str, Any]]) -> list[str]:
+    """The knowledge check (export/qa.py): per evaluated model, accuracy on the QA set and the
+    fraction of the teacher's correct answers it keeps; then the last model's per category."""
+    rows = {stage: r for stage, r in evals.items() if "qa_questions" in r}
+    if not rows:
+        return []
+    first = next(iter(rows.values()))
+    lines = [
+        "",
+        "## Knowledge (QA)",
+        "",
+        f"QA set `{first.get('qa_file')}`: {first['qa_questions']} questions, greedy chat answers of at "
+        f"most {first['config'].get('qa_max_tokens')} tokens, scored on their first sentence (exact: "
+        "verbatim; normalised: case, punctuation, articles, number words). Retained: of the questions "
+        "the teacher answers correctly, the fraction this model answers correctly too.",
+        "",
+        "| model after | correct | correct exact | teacher correct | retained | retained exact "
+        "| same answer |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, r in rows.items():
+        who = "load: the teacher" if stage == "load" else stage
+        lines.append(
+            f"| {who} | {r['qa_correct']}/{r['qa_questions']} | {r['qa_correct_exact']} "
+            f"| {r.get('qa_teacher_correct', '—')} | {_pct(r.get('qa_retained'))} "
+            f"| {_pct(r.get('qa_retained_exact'))} | {_pct(r.get('qa_same_answer'))} |"
+        )
+    stage, last = list(rows.items())[-1]
+    cats = last.get("qa_by_category") or {}
+    if cats:
+        lines += ["", f"By category ({stage}):", ""]
+        lines.append("| category | questions | correct | teacher correct | retained |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for name, c in cats.items():
+            lines.append(
+                f"| {name} | {c['questions']} | {c['correct']} | {c.get('teacher_correct', '—')} "
+                f"| {c.get('retained', '—')} |"
+            )
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def _short(v: Any) -> str:

@@ -48,9 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(handler=run)
 
-    e = sub.add_parser("eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file")
+    e = sub.add_parser(
+        "eval", help="perplexity (and size, speed) of a bundle or HF folder on a text file, and/or a QA set"
+    )
     e.add_argument("--bundle", help="bundle or Hugging Face model folder (default: the default bundle)")
-    e.add_argument("--text", required=True, help="text file (relative paths: cwd, then the repo root)")
+    e.add_argument("--text", help="text file (relative paths: cwd, then the repo root)")
+    e.add_argument(
+        "--qa",
+        metavar="FILE",
+        help="QA set (JSON lines, e.g. configs/qa/general-v1.jsonl): greedy chat answers scored; "
+        "with --teacher, the fraction of the teacher's correct answers kept",
+    )
     e.add_argument("--json", help="also write the full result as JSON to this file")
     e.add_argument("--span", default="0,1", help="fraction of the file's characters: START,END")
     e.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens")
@@ -173,9 +181,9 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     from edge_llm.paths import resolve_bundle
 
-    text = Path(args.text).expanduser()
-    if not text.is_absolute() and text.is_file():
-        text = text.resolve()
+    if not args.text and not args.qa:
+        raise ConfigError("eval: give --text FILE, --qa FILE, or both")
+    text, qa = _cwd_path(args.text), _cwd_path(args.qa)
     try:
         span = tuple(float(x) for x in args.span.split(","))
         config = evaluate.EvaluateConfig(
@@ -189,6 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
             speed=not args.no_speed,
             threads=args.threads,
             provider=args.provider,
+            qa=qa,
         )
     except ValueError as exc:
         raise ConfigError(f"eval: {exc}") from None
@@ -201,3 +210,12 @@ def run_eval(args: argparse.Namespace) -> int:
         evaluate.save(result, Path(args.json))
         print(f"written: {args.json}")
     return 0
+
+
+def _cwd_path(arg: str | None) -> Path | None:
+    """A file argument as given; relative ones that exist under cwd made absolute (the
+    evaluation also looks under the repo root, export/text.py)."""
+    if not arg:
+        return None
+    path = Path(arg).expanduser()
+    return path.resolve() if not path.is_absolute() and path.is_file() else path

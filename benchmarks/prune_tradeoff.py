@@ -1,0 +1,197 @@
+"""The trade-off curve: parameters vs QA retained vs perplexity vs decode speed, per pruning level.
+
+Each level is the default recipe (`configs/recipes/smollm2-int8.toml`: fused graph, INT8 weights
+and embeddings) with a `[prune]` section in front: MLP channels removed (activation-aware
+ranking, least-squares refit of down_proj) and optionally whole layers, **without
+distillation** (the recipe's distill stage is what recovers quality; this curve is the starting
+point it recovers from, so a user can see which levels are worth distilling). Stages are cached
+like any recipe's, so a rerun only evaluates. Level "p0" is the unpruned default bundle.
+
+Per level, through the runtime (no torch): held-out perplexity (WikiText-2 valid, first 10%),
+the QA set's accuracy and the fraction of the teacher's correct answers retained (export/qa.py),
+and decode tok/s interleaved with p0 (benchmarks/compare.py: ratios survive a shared CPU's drift
+better than absolute figures). The teacher's answers come from `--teacher-qa FILE`, the JSON of
+`edge-llm eval --bundle B --qa SET --teacher HF --json FILE` (or of `edge-llm eval --bundle HF
+--qa SET`); without it the teacher answers here with torch.
+
+    python benchmarks/prune_tradeoff.py --teacher-qa eval.json                 # every level
+    python benchmarks/prune_tradeoff.py --levels p0 m17 m34 --tokens 2048 --rounds 3
+
+Writes benchmarks/results/prune_tradeoff.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.compare import interleaved  # noqa: E402
+from benchmarks.results_io import write_results  # noqa: E402
+from export import evaluate, qa  # noqa: E402
+from export import recipe as recipe_mod  # noqa: E402
+from export.prune import PruneConfig  # noqa: E402
+
+# name: (layer_ratio, mlp_ratio). SmolLM2-135M: 30 layers, MLP 1536 channels = 79.6M of its
+# 134.5M parameters, so MLP ratios 0.17 / 0.34 / 0.51 / 0.68 remove about 10 / 20 / 30 / 40% of
+# the parameters (kept widths rounded to multiples of 32). d2_m40 is the pruned recipe's shape.
+LEVELS: dict[str, tuple[float, float]] = {
+    "p0": (0.0, 0.0),
+    "m17": (0.0, 0.17),
+    "m34": (0.0, 0.34),
+    "m51": (0.0, 0.51),
+    "m68": (0.0, 0.68),
+    "d2_m40": (0.067, 0.40),
+}
+
+
+def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
+    """The teacher's scored answers: from an eval JSON, or answered now with torch."""
+    questions = qa.load(qa_file)
+    if path is not None:
+        items = json.loads(Path(path).read_text())["qa_items"]
+        rows = qa.teacher_rows(items) or items  # a --teacher run, or the teacher's own eval
+        if [r["question"] for r in rows] != [q.question for q in questions]:
+            raise SystemExit(f"{path}: its answers are for another QA set than {qa_file}")
+        return qa.scored(questions, [r["answer"] for r in rows])  # rescored: the rule may be newer
+    from export import load
+    from export.teacher import load_model
+
+    hf_dir = load.run(load.LoadConfig()).hf_dir  # the loaded teacher (cached)
+    return qa.scored(questions, qa.answer_torch(load_model(hf_dir), hf_dir, questions, 32))
+
+
+def build(name: str, ratios: tuple[float, float], args: argparse.Namespace, work: Path) -> Path:
+    base = recipe_mod.load_recipe(ROOT / "configs" / "recipes" / "smollm2-int8.toml")
+    layer, mlp = ratios
+    prune = None
+    if layer or mlp:
+        prune = PruneConfig(
+            layer_ratio=layer,
+            layer_method="single",
+            mlp_ratio=mlp,
+            text=Path(args.text),
+            span=(0.1, 1.0),
+            calib_tokens=args.calib_tokens,
+        )
+    recipe = replace(base, name=f"tradeoff-{name}", prune=prune, evaluate=None)
+    return recipe_mod.run(recipe, work / name, progress=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--levels", nargs="*", default=list(LEVELS), help=f"of {list(LEVELS)}")
+    ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
+    ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
+    ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
+    ap.add_argument("--tokens", type=int, default=8192, help="held-out perplexity tokens (span 0..0.1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="pruning calibration (the recipe's 8192)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, help="where the bundles go (default: a temporary folder)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_tradeoff"))
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.levels if n not in LEVELS]
+    if unknown or not args.levels:
+        ap.error(f"unknown levels {unknown}; known: {list(LEVELS)}")
+    names = ["p0"] + [n for n in args.levels if n != "p0"]  # p0: the speed reference
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        bundles = {n: build(n, LEVELS[n], args, work) for n in names}
+        teacher = teacher_rows(args.teacher_qa, args.qa)
+        # Only the questions the teacher answers correctly are asked: retention is the same
+        # figure, at a fraction of the cost (the QA accuracy column is then over these).
+        known = [i for i, r in enumerate(teacher) if r["ok"]]
+        questions = qa.load(args.qa)
+        kept_file = work / "qa-teacher-correct.jsonl"
+        records = [{"question": q.question, "answers": list(q.answers), "category": q.category}
+                   for q in questions]  # fmt: skip
+        kept_file.write_text("".join(json.dumps(records[i]) + "\n" for i in known))
+        teacher = [teacher[i] for i in known]
+        cfg = evaluate.EvaluateConfig(
+            text=Path(args.text), max_tokens=args.tokens, teacher=False, speed=False, qa=kept_file,
+            threads=args.threads,
+        )  # fmt: skip
+        rows = []
+        for n in names:
+            t0 = time.perf_counter()
+            r = evaluate.run(cfg, bundles[n], None, progress=False, teacher_qa=teacher)
+            r.pop("qa_items")
+            r["qa_file"] = str(args.qa)
+            rows.append({"level": n, "layer_ratio": LEVELS[n][0], "mlp_ratio": LEVELS[n][1], **r})
+            print(f"{n}: {evaluate.headline(r)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        speeds = interleaved([bundles[n] for n in names], args.rounds, 128, args.threads)
+    for row, s in zip(rows, speeds, strict=True):
+        row |= {"decode_tok_s": s["decode_tok_s"], "decode_x_p0": s["ratio_to_first"]}
+        row["decode_runs"] = s["decode_runs"]
+    full = rows[0]["parameters"]
+    doc = {"qa": str(args.qa), "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads}
+    doc["calib_tokens"] = args.calib_tokens
+    doc["rows"] = rows
+    lines = [
+        f"No distillation; pruning calibrated on {args.calib_tokens} tokens. Perplexity: first "
+        f"{args.tokens} tokens of the held-out span, ctx 512, stride 512. "
+        f"QA: `{args.qa.name}`, the {rows[0]['qa_teacher_correct']} questions the teacher answers correctly "
+        f"asked (retained = correct / {rows[0]['qa_teacher_correct']}). Decode: "
+        f"{args.rounds} interleaved rounds, 128 tokens, {args.threads} threads, shared CPU (noisy).",
+        "",
+        "| level | layers | MLP | params | removed | size MiB | perplexity | QA retained | retained exact "
+        "| answers kept | decode tok/s | decode x p0 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['level']} | {r['layer_ratio']} | {r['mlp_ratio']} | {r['parameters'] / 1e6:.1f}M "
+            f"| {1 - r['parameters'] / full:.1%} | {r['size_bytes'] / 2**20:.1f} | {r['perplexity']:.2f} "
+            f"| {_pct(r['qa_retained'])} | {_pct(r['qa_retained_exact'])} "
+            f"| {r['qa_correct']}/{r['qa_questions']} | {r['decode_tok_s']:.1f} | {r['decode_x_p0']:.3f} |"
+        )
+    write_results(Path(args.out), doc, lines)
+    plot(rows, Path(args.out).with_suffix(".png"))
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    x = [r["parameters"] / 1e6 for r in rows]
+    panels = [
+        ("QA retained (%)", [100 * (r["qa_retained"] or 0) for r in rows]),
+        ("perplexity (held-out)", [r["perplexity"] for r in rows]),
+        ("decode speed (x unpruned)", [r["decode_x_p0"] for r in rows]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, ys) in zip(axes, panels, strict=True):
+        ax.plot(x, ys, "o-", color="#4c72b0")
+        for xi, yi, r in zip(x, ys, rows, strict=True):
+            ax.annotate(r["level"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(title)
+        ax.set_xlabel("parameters (M)")
+        ax.invert_xaxis()  # left to right: more pruning
+    fig.suptitle("SmolLM2-135M pruned, INT8, no distillation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
