@@ -134,18 +134,23 @@ def chunked_logits(engine: Engine, chunk: int) -> Any:
     return logits
 
 
-def decode_ms(engine: Engine, batch: int, past: int, steps: int) -> float:
-    """Median ms of one decode forward of `batch` rows at a past of `past` tokens."""
-    runner = engine.runner
-    cache = runner.empty(batch, past + 8)
-    runner.forward_rows(np.full((batch, past), 7, np.int64), cache, 0)
+def filled_cache(engine: Engine, batch: int, past: int) -> Any:
+    """A batch cache whose `batch` rows hold `past` tokens (prefilled once, reused every round)."""
+    cache = engine.runner.empty(batch, past + 8)
+    engine.runner.forward_rows(np.full((batch, past), 7, np.int64), cache, 0)
+    return cache
+
+
+def decode_ms(engine: Engine, cache: Any, steps: int) -> float:
+    """Median ms of one decode forward of every row of `cache`, which stays at its length."""
+    batch = cache.batch
     token = np.full((batch, 1), 5, np.int64)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        runner.forward_rows(token, cache, 0)
+        engine.runner.forward_rows(token, cache, 0)
         times.append(time.perf_counter() - t)
-        cache.lengths[:batch] -= 1  # stay at `past`
+        cache.lengths[:batch] -= 1  # stay at the same past
     return 1e3 * statistics.median(times)
 
 
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--variant", type=Path, default=Path("/tmp/edge-llm-kv-int8"), help="where the int8-KV bundle goes"
     )
+    ap.add_argument("--reuse-variant", action="store_true", help="keep the int8 variant --variant holds")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--contexts", default="512,2048")
@@ -178,12 +184,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base.tokenizer.encode(text[len(text) // 2 :][:200_000])[: args.calib_tokens], np.int64
     )
     t0 = time.perf_counter()
-    absmax = calibrate(base, calib_ids, 1024)
-    calib = {"calib_tokens": len(calib_ids), "calib_text": f"{args.text.name} from 50%"}
-    variant = write_int8_variant(args.bundle, args.variant, absmax, calib)
-    print(
-        f"calibrated on {len(calib_ids)} tokens in {time.perf_counter() - t0:.0f} s -> {variant}", flush=True
-    )
+    if args.reuse_variant and (args.variant / "bundle.json").is_file():
+        variant = args.variant
+        calib = json.loads((variant / "bundle.json").read_text())["kv_cache"]
+    else:
+        absmax = calibrate(base, calib_ids, 1024)
+        calib = {"calib_tokens": len(calib_ids), "calib_text": f"{args.text.name} from 50%"}
+        variant = write_int8_variant(args.bundle, args.variant, absmax, calib)
+        print(f"calibrated on {len(calib_ids)} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
     int8 = Engine(load_bundle(variant), options)
     engines = {"fp32": base, "int8": int8}
     result: dict[str, Any] = {"bundle": str(args.bundle), "calibration": calib, "chunk": args.chunk}
@@ -192,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_token = sum(b.dtype.itemsize * b.shape[1] * b.shape[3] for b in row.buffers)
         result[name] = {"kv_dtype": str(row.buffers[0].dtype), "kv_bytes_per_token": per_token}
         result[name]["kv_mib_at_2048"] = per_token * 2048 / 2**20
-    for ctx in [int(c) for c in args.contexts.split(",")]:
+    contexts = [c for c in args.contexts.split(",") if c.strip()]  # "" skips perplexity
+    for ctx in [int(c) for c in contexts]:
         for name, engine in engines.items():
             t = time.perf_counter()
             r = score(eval_ids, chunked_logits(engine, args.chunk), ctx, ctx)
@@ -202,9 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     for batch in (1, 8):
         runs: dict[str, list[float]] = {n: [] for n in engines}
+        caches = {name: filled_cache(engine, batch, args.past) for name, engine in engines.items()}
         for r in range(args.rounds):
             for name in engines if r % 2 == 0 else reversed(list(engines)):
-                runs[name].append(decode_ms(engines[name], batch, args.past, args.steps))
+                runs[name].append(decode_ms(engines[name], caches[name], args.steps))
+        del caches
         for name in engines:
             result[name][f"decode_ms_b{batch}_past{args.past}"] = statistics.median(runs[name])
             result[name][f"decode_ms_b{batch}_past{args.past}_runs"] = [round(x, 2) for x in runs[name]]
@@ -215,16 +226,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Bundle `{args.bundle.name}`, {args.threads} threads; perplexity on {len(eval_ids)} WikiText tokens "
         f"fed {args.chunk} per forward; decode step medians of {args.rounds} interleaved rounds.",
         "",
-        "| KV | bytes/token | MiB at 2048 | "
-        + " | ".join(f"ppl @{c}" for c in args.contexts.split(","))
-        + f" | ms/step B=1 past {args.past} | ms/step B=8 past {args.past} |",
-        "|---|---:|---:|" + "---:|" * len(args.contexts.split(",")) + "---:|---:|",
+        "| KV | bytes/token | MiB at 2048 |"
+        + "".join(f" ppl @{c} |" for c in contexts)
+        + f" ms/step B=1 past {args.past} | ms/step B=8 past {args.past} |",
+        "|---|---:|---:|" + "---:|" * len(contexts) + "---:|---:|",
     ]
     for name, r in (("fp32", f), ("int8", q)):
         lines.append(
-            f"| {name} | {r['kv_bytes_per_token']} | {r['kv_mib_at_2048']:.1f} | "
-            + " | ".join(f"{r[f'ppl_{c}']:.3f}" for c in args.contexts.split(","))
-            + f" | {r[f'decode_ms_b1_past{args.past}']:.2f} | {r[f'decode_ms_b8_past{args.past}']:.2f} |"
+            f"| {name} | {r['kv_bytes_per_token']} | {r['kv_mib_at_2048']:.1f} |"
+            + "".join(f" {r[f'ppl_{c}']:.3f} |" for c in contexts)
+            + f" {r[f'decode_ms_b1_past{args.past}']:.2f} | {r[f'decode_ms_b8_past{args.past}']:.2f} |"
         )
     write_results(args.out, result, lines)
     print("\n".join(lines))

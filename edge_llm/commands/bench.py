@@ -226,7 +226,7 @@ def markdown(results: list[dict[str, Any]], limit: dict[str, Any] | None = None)
             f"\nMachine limit: {limit['gb_s']:.1f} GB/s streaming read ({limit['threads']} threads, "
             f"{limit['buffer_mib']} MiB buffer; median pass {limit['gb_s_median']:.1f} GB/s). Weight GB/s = "
             "batch-1 decode tok/s × the bundle's matmul weight + scale bytes per token; a fraction "
-            "above 1 means part of the weights stayed in cache."
+            "above 1 can mean part of the weights stayed in cache, or a busier host when the limit was read."
         )
     return "\n".join(rows)
 

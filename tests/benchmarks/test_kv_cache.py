@@ -76,3 +76,7 @@ def test_script_writes_its_table(tiny_fused: Path, tmp_path: Path) -> None:
     assert len(int8["decode_ms_b8_past32_runs"]) == 2
     table = out.with_suffix(".md").read_text()
     assert "| int8 | 128 |" in table and "ppl @64" in table
+    # decode speed alone, on the variant already built (no second calibration)
+    again = kv_cache.main([*argv[:7], "--reuse-variant", "--contexts", "", "--past", "32", "--rounds", "1"])
+    assert again["calibration"] == {"dtype": "int8", **again["calibration"]} and "ppl_32" not in again["int8"]
+    assert again["int8"]["decode_ms_b1_past32"] > 0
