@@ -223,8 +223,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["loadavg_1min_end"] = os.getloadavg()[0]
     f, q = result["fp32"], result["int8"]
     lines = [
-        f"Bundle `{args.bundle.name}`, {args.threads} threads; perplexity on {len(eval_ids)} WikiText tokens "
-        f"fed {args.chunk} per forward; decode step medians of {args.rounds} interleaved rounds.",
+        f"Bundle `{args.bundle.name}`, {args.threads} threads; "
+        + (
+            f"perplexity on {len(eval_ids)} WikiText tokens fed {args.chunk} per forward; "
+            if contexts
+            else ""
+        )
+        + f"decode step medians of {args.rounds} interleaved rounds "
+        f"(load {result['loadavg_1min_end']:.1f} at the end).",
         "",
         "| KV | bytes/token | MiB at 2048 |"
         + "".join(f" ppl @{c} |" for c in contexts)
