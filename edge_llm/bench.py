@@ -167,6 +167,8 @@ def measure(
     import numpy
     import onnxruntime
 
+    from edge_llm.bandwidth import weight_bytes_per_token
+
     return {
         "system": "edge-llm"
         + (f"+lookup{lookup}" if lookup else "")
@@ -179,6 +181,8 @@ def measure(
         "bundle": str(b.path),
         "bundle_bytes": b.size_bytes(),
         "kv_bytes_per_token": kv_bytes_per_token,
+        # what one batch-1 decode step streams: the limit columns divide by the machine's bandwidth
+        "weight_bytes_per_token": weight_bytes_per_token(b.graph_path)["bytes"],
         "decode_tok_s": statistics.median(decode),
         "decode_tok_s_best": max(decode),
         "e2e_tok_s": statistics.median(e2e),

@@ -64,25 +64,33 @@ def session_options(options: RunnerOptions, prefused: bool = False) -> ort.Sessi
     return so
 
 
-def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """A zero float32 array whose memory is committed 4 KiB page by page as it is written.
+def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """A zero array (float32 unless told) whose memory is committed 4 KiB page by page as written.
 
     np.zeros asks for transparent huge pages on arrays >= 4 MiB, so writing the first positions
     of each head commits (and zeroes) whole 2 MiB pages: an 8-row SmolLM2 cache took RSS from
     248 to 866 MiB and its first prefill from 88 to 831 ms (measured). Anonymous mmap pages
     without huge pages grow with the positions actually used (278 MiB), at the same decode speed.
     """
-    count = int(np.prod(shape))
-    buf = mmap.mmap(-1, max(count * 4, 1))
+    count, dtype = int(np.prod(shape)), np.dtype(dtype)
+    buf = mmap.mmap(-1, max(count * dtype.itemsize, 1))
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux with THP "always": opt out explicitly
         buf.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buf, np.float32, count=count).reshape(shape)
+    return np.frombuffer(buf, dtype, count=count).reshape(shape)
 
 
 def _drop_profile(session: ort.InferenceSession) -> None:
     name = session.end_profiling()  # "" when not profiling (any more)
     if name:
         Path(name).unlink(missing_ok=True)
+
+
+# ONNX tensor types a shared KV buffer may have, as onnxruntime names them.
+_KV_TYPES: dict[str, type] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+}
 
 
 class _SessionRunner:
@@ -262,11 +270,16 @@ class SharedRunner(_SessionRunner):
         self.logits_kind = bundle.graph.logits
         self.vocab = bundle.architecture.vocab_size
         self._logits: dict[tuple[int, int], np.ndarray] = {}
+        # The KV element type is the graph's: float32, or int8 where GroupQueryAttention keeps a
+        # quantized cache (static per-channel scales inside the graph; a quarter of the bytes).
+        past_type = {i.name: i.type for i in self.session.get_inputs()}[self.past_names[0]]
+        self.kv_dtype = np.dtype(_KV_TYPES.get(past_type, np.float32))
 
     def empty(self, batch: int = 1, capacity: int | None = None) -> SharedCache:
         cap = min(capacity or self.max_context, self.max_context)
         shape = (batch, self.kv_shape[0], cap, self.kv_shape[1])
-        return SharedCache([lazy_zeros(shape) for _ in self.past_names], np.zeros(batch, np.int64), cap)
+        buffers = [lazy_zeros(shape, self.kv_dtype) for _ in self.past_names]
+        return SharedCache(buffers, np.zeros(batch, np.int64), cap)
 
     def forward(self, tokens: np.ndarray, cache: SharedCache, all_logits: bool = False) -> np.ndarray:
         """Append tokens [B, S] to every row of `cache`; logits [B, V] (or [B, S, V])."""
@@ -332,8 +345,8 @@ class SharedRunner(_SessionRunner):
         for past, present, buf in zip(self.past_names, self.present_names, cache.buffers, strict=True):
             view = buf[first : first + rows]  # whole rows of a C-contiguous buffer: contiguous
             shape = list(view.shape)
-            binding.bind_input(past, "cpu", 0, np.float32, shape, view.ctypes.data)
-            binding.bind_output(present, "cpu", 0, np.float32, shape, view.ctypes.data)
+            binding.bind_input(past, "cpu", 0, view.dtype, shape, view.ctypes.data)
+            binding.bind_output(present, "cpu", 0, view.dtype, shape, view.ctypes.data)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         return binding
 

@@ -75,6 +75,7 @@ def _isolated(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
     from edge_llm import bench
+    from edge_llm.bandwidth import read_bandwidth
     from edge_llm.engine import Engine
     from edge_llm.paths import resolve_bundle
 
@@ -109,9 +110,19 @@ def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # The machine's read bandwidth before and after the systems run (a shared host drifts): the
+    # limit is the better of the two, and both are in the JSON.
+    before = read_bandwidth(args.threads)
     results = [_timed(i, len(jobs), name, job) for i, (name, job) in enumerate(jobs, 1)]
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "results": results, "ratios": ratios(results)}
-    table = markdown(results)
+    after = read_bandwidth(args.threads)
+    limit = add_limit(results, [before, after])
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "results": results,
+        "ratios": ratios(results),
+        "read_bandwidth": limit,
+    }
+    table = markdown(results, limit)
     print(table)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -152,7 +163,28 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
+def add_limit(results: list[dict[str, Any]], measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each result's batch-1 decode as weight traffic (GB/s) and as a fraction of the machine's
+    read bandwidth (the best of `measured`), in place; returns the limit record for the JSON.
+
+    The peers run the same model at 8 bits (llama.cpp Q8_0: 34 bytes per 32 weights;
+    onnxruntime-genai int8: blocks of 32 with fp32 scales), within a few percent of the bundle's
+    bytes, so they are charged the bundle's bytes per token (`weight_bytes_from` says so)."""
+    from edge_llm.bandwidth import decode_traffic
+
+    best = max(measured, key=lambda m: m["gb_s"])
+    limit = {**best, "passes": measured}
+    ours = next((r.get("weight_bytes_per_token") for r in results if r.get("weight_bytes_per_token")), None)
+    for r in results:
+        if r.get("skipped") or not ours:
+            continue
+        if not r.get("weight_bytes_per_token"):
+            r["weight_bytes_per_token"], r["weight_bytes_from"] = ours, "edge-llm bundle"
+        r.update(decode_traffic(r["decode_tok_s"], r["weight_bytes_per_token"], limit["gb_s"]))
+    return limit
+
+
+def markdown(results: list[dict[str, Any]], limit: dict[str, Any] | None = None) -> str:
     ours = results[0]
     sizes = list(ours.get("batch_tok_s_by_size", {}))
     head = [
@@ -161,6 +193,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "TTFT short ms",
         "TTFT long ms",
         "peak RSS MiB",
+        *(["weight GB/s (of limit)"] if limit else []),
         *[f"{b} conc. tok/s" for b in sizes],
         "peer batch tok/s",
     ]
@@ -184,10 +217,24 @@ def markdown(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r.get('label', r['system'])} | {decode} | {r['ttft_short_ms']:.1f} (@{pt.get('short')}) | "
             f"{r['ttft_long_ms']:.1f} (@{pt.get('long')}) | {r['peak_rss_mib']:.0f} | "
+            + (f"{_traffic(r)} | " if limit else "")
             + " | ".join(batch)
             + f" | {peer_batch} |"
         )
+    if limit:
+        rows.append(
+            f"\nMachine limit: {limit['gb_s']:.1f} GB/s streaming read ({limit['threads']} threads, "
+            f"{limit['buffer_mib']} MiB buffer; median pass {limit['gb_s_median']:.1f} GB/s). Weight GB/s = "
+            "batch-1 decode tok/s × the bundle's matmul weight + scale bytes per token; a fraction "
+            "above 1 can mean part of the weights stayed in cache, or a busier host when the limit was read."
+        )
     return "\n".join(rows)
+
+
+def _traffic(r: dict[str, Any]) -> str:
+    if "weight_gb_s" not in r:
+        return ""
+    return f"{r['weight_gb_s']:.1f} ({r['fraction_of_limit']:.2f}×)"
 
 
 def chart(results: list[dict[str, Any]], path: Path) -> None:

@@ -46,6 +46,15 @@ def test_bench_writes_json_markdown_png(kind: str, request: pytest.FixtureReques
     assert set(ours["batch_tok_s_by_size"]) == {"1", "2"}
     assert ours["cpu"]["cores"] >= 1 and "isa" in ours["cpu"]  # which int8 kernels ran
     assert "edge-llm" in (out / "bench.md").read_text() and "edge-llm" in proc.stdout
+    # the memory limit: weight bytes from the graph, bandwidth measured in this run, and the
+    # fraction derived from both (issue 17 item 5)
+    limit = report["read_bandwidth"]
+    assert limit["gb_s"] == max(p["gb_s"] for p in limit["passes"]) > 0 and len(limit["passes"]) == 2
+    assert ours["weight_bytes_per_token"] > 0
+    assert ours["weight_gb_s"] == pytest.approx(ours["decode_tok_s"] * ours["weight_bytes_per_token"] / 1e9)
+    assert ours["fraction_of_limit"] == pytest.approx(ours["weight_gb_s"] / limit["gb_s"])
+    assert f"{ours['weight_gb_s']:.1f} ({ours['fraction_of_limit']:.2f}×)" in (out / "bench.md").read_text()
+    assert f"Machine limit: {limit['gb_s']:.1f} GB/s" in proc.stdout
     assert (out / "bench.png").stat().st_size > 1000
     # a progress line as each system starts and ends (the run used to be silent for minutes)
     assert "edge-llm bench: [1/1] edge-llm ..." in proc.stderr
