@@ -66,10 +66,12 @@ def compile_graphs(config: CompileConfig, folder: Path) -> dict[str, dict[str, o
     python = qnn_python()
     root = str(Path(edge_llm.__file__).resolve().parents[1])  # edge_llm for the other interpreter
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    folder = folder.resolve()
     pairs = [f"{folder / g}={folder / c}" for g, c in GRAPHS.items()]
     options = json.dumps({"soc_model": str(config.soc_model)})
     cmd = [python, "-m", "edge_llm.plugin_eps", "compile", *pairs, "--options", options]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    # cwd = the checkout: `-m` puts the cwd first on sys.path, where another edge_llm may be.
+    res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         tail = res.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise ExportError(f"qnn-htp: compiling the context binaries failed ({python}): {tail[0]}")
