@@ -18,12 +18,16 @@ interpreter that has onnxruntime-qnn, which the export venv (torch) usually has 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -52,6 +56,11 @@ def package(ort_name: str) -> ModuleType | None:
         return importlib.import_module(PLUGINS[ort_name][0])
     except ImportError:
         return None
+
+
+def installed() -> list[str]:
+    """The plugin EPs whose package is installed (registered or not yet)."""
+    return [name for name, (module, _) in PLUGINS.items() if importlib.util.find_spec(module) is not None]
 
 
 def register(ort_name: str) -> str | None:
@@ -104,6 +113,26 @@ def resolve_options(ort_name: str, options: dict[str, str]) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to stdout meanwhile to stderr.
+
+    The HTP simulator library prints a configuration note ("# LIBNATIVE: No alternate
+    configuration ...") with C stdio when a session is created; stdout is where `generate`
+    streams the answer and `doctor --json` its JSON. C stdio buffers it (flushed at exit when
+    stdout is a pipe), so the buffer is flushed before fd 1 is restored."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):  # no C library to flush (not POSIX)
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def add_by_device(
     so: ort.SessionOptions, providers: Sequence[str], options: Sequence[dict[str, str]]
 ) -> None:
@@ -133,7 +162,8 @@ def compile_context(graph: Path, out: Path, options: dict[str, str], embed: bool
     out.unlink(missing_ok=True)  # the EP refuses to overwrite an existing context model
     t0 = time.perf_counter()
     try:
-        ort.InferenceSession(str(graph), sess_options=so)
+        with native_stdout_to_stderr():  # our stdout is the JSON the exporter reads
+            ort.InferenceSession(str(graph), sess_options=so)
     except Exception as exc:
         raise ProviderError(f"{graph}: QNN compile failed: {str(exc).splitlines()[0]}") from None
     seconds = time.perf_counter() - t0

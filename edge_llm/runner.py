@@ -17,6 +17,7 @@ Layouts (bundle.json `graph.kv_layout`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_llm import plugin_eps
 from edge_llm.board import RunnerOptions
 from edge_llm.bundle import Bundle, check_graph_io, check_requirements
 from edge_llm.errors import BundleError, ContextLengthError
@@ -154,7 +156,10 @@ class _SessionRunner:
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edge-llm-placement-{os.getpid()}")
         try:
-            session = ort.InferenceSession(str(path), sess_options=so, **self.plan.session_args(so))
+            args = self.plan.session_args(so)
+            # A plugin's native code may print on stdout, which carries answers and JSON.
+            with plugin_eps.native_stdout_to_stderr() if self.plan.by_device else contextlib.nullcontext():
+                session = ort.InferenceSession(str(path), sess_options=so, **args)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: onnxruntime cannot load the graph: {exc}") from None
         check_graph_io(

@@ -183,4 +183,16 @@ def test_generate_on_the_simulator(tiny_qnn: Path, how: list[str]) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     stats = json.loads([line for line in res.stderr.splitlines() if line.startswith("{")][-1])
     assert stats["provider"] == "QNNExecutionProvider" and stats["completion_tokens"] == 8
-    assert res.stdout.strip()
+    # stdout is the answer only: the simulator's native "# LIBNATIVE: ..." note goes to stderr.
+    assert res.stdout.strip() and "LIBNATIVE" not in res.stdout
+
+
+@needs_qnn
+def test_doctor_lists_and_smoke_runs_the_plugin(tiny_qnn: Path) -> None:
+    assert QNN_PYTHON is not None
+    res = _run(QNN_PYTHON, "-m", "edge_llm.cli", "doctor", "--bundle", str(tiny_qnn), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)  # nothing native on stdout
+    assert report["plugin_providers"] == ["QNNExecutionProvider"]
+    assert report["smoke"]["QNNExecutionProvider"].startswith("ok on QNNExecutionProvider")
+    assert report["board_profiles"]["qualcomm-npu"] == "QNNExecutionProvider"
