@@ -67,6 +67,11 @@ class GraphSpec:
     prefill_file: str = ""  # static only
     prefill_length: int = 0
     past_length: int = 0
+    # Graphs compiled ahead of time for one provider (target qnn-htp: QNN EPContext models with
+    # the HTP context binary inside): graph file -> its compiled model, which the runtime loads
+    # instead when `context_provider` leads the session; the plain graphs stay for CPU fallback.
+    contexts: dict[str, str] = field(default_factory=dict)
+    context_provider: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,12 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         )
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{manifest}: malformed manifest ({exc!s})") from None
-    for needed in (bundle.graph.file, bundle.graph.prefill_file, bundle.tokenizer.file):
+    for needed in (
+        bundle.graph.file,
+        bundle.graph.prefill_file,
+        bundle.tokenizer.file,
+        *bundle.graph.contexts.values(),
+    ):
         if needed and needed not in bundle.files:
             raise BundleError(f"{manifest}: {needed} is not listed under 'files'")
     present = {
@@ -225,6 +235,7 @@ def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
     raw = dict(raw)
     raw["inputs"] = tuple(raw["inputs"])
     raw["outputs"] = tuple(raw["outputs"])
+    raw["contexts"] = {str(k): str(v) for k, v in dict(raw.get("contexts", {})).items()}
     if raw.get("kv_layout") not in ("concat", "shared", "static"):
         raise TypeError(
             f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"

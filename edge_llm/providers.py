@@ -104,10 +104,21 @@ class ProviderPlan:
     providers: list[str]
     provider_options: list[dict[str, str]]
     decisions: list[str]
+    # A plugin EP (edge_llm/plugin_eps.py) leads or joins: sessions get the providers by device.
+    by_device: bool = False
 
     @property
     def chosen(self) -> str:
         return self.providers[0]
+
+    def session_args(self, so: Any) -> dict[str, Any]:
+        """InferenceSession keyword arguments for this plan (a plugin plan goes into `so`)."""
+        if not self.by_device:
+            return {"providers": self.providers, "provider_options": self.provider_options}
+        from edge_llm import plugin_eps
+
+        plugin_eps.add_by_device(so, self.providers, self.provider_options)
+        return {}
 
 
 def placement_from_profile(path: str | Path) -> dict[str, int]:
@@ -126,7 +137,7 @@ def placement_from_profile(path: str | Path) -> dict[str, int]:
 
 
 def short_name(ort_name: str) -> str | None:
-    """"cuda" for "CUDAExecutionProvider": the name board profiles and --provider use."""
+    """ "cuda" for "CUDAExecutionProvider": the name board profiles and --provider use."""
     return next((key for key, (name, _) in _PROVIDERS.items() if name == ort_name), None)
 
 
@@ -156,7 +167,13 @@ def ort_options(spec: ProviderSpec) -> tuple[str, dict[str, str]]:
 
 
 def plan_providers(specs: Sequence[ProviderSpec], available: Iterable[str] | None = None) -> ProviderPlan:
-    """Keep the specs this build offers, in order, and end with the CPU fallback."""
+    """Keep the specs this build offers, in order, and end with the CPU fallback.
+
+    `available` None: this process's onnxruntime, where a plugin EP whose package is installed
+    (onnxruntime-qnn) is registered on first use; a list (tests): exactly those, no plugins."""
+    from edge_llm import plugin_eps  # imports onnxruntime: only when a plan is made
+
+    plugins = available is None
     if available is None:
         import onnxruntime as ort
 
@@ -165,13 +182,24 @@ def plan_providers(specs: Sequence[ProviderSpec], available: Iterable[str] | Non
     providers: list[str] = []
     options: list[dict[str, str]] = []
     decisions: list[str] = []
-    for spec in specs or (ProviderSpec("cpu"),):
+    by_device = False
+    for index, spec in enumerate(specs or (ProviderSpec("cpu"),)):
         ort_name, opts = ort_options(spec)  # validate even the ones we will skip
         if ort_name in providers:
             continue
-        if ort_name not in offered:
-            decisions.append(f"skip {spec.name}: {ort_name} is not in this onnxruntime build")
+        problem = None
+        if ort_name not in offered or plugin_eps.is_registered(ort_name):
+            problem = (
+                plugin_eps.register(ort_name) if plugins else f"{ort_name} is not in this onnxruntime build"
+            )
+        if problem is not None:
+            decisions.append(f"skip {spec.name}: {problem}")
+            # The first choice missing is worth a warning even without -v: the board profile
+            # (or --provider) asked for hardware this process will not use.
+            log.log(logging.WARNING if index == 0 else logging.INFO, "providers: %s", decisions[-1])
             continue
+        if plugin_eps.is_registered(ort_name):
+            opts, by_device = plugin_eps.resolve_options(ort_name, opts), True
         providers.append(ort_name)
         options.append(opts)
         decisions.append(f"use {spec.name}: {ort_name} {opts or ''}".rstrip())
@@ -182,8 +210,9 @@ def plan_providers(specs: Sequence[ProviderSpec], available: Iterable[str] | Non
         options.append({})
         decisions.append("use cpu: fallback for anything the providers above cannot run")
     for line in decisions:
-        log.info("providers: %s", line)
-    return ProviderPlan(providers, options, decisions)
+        if not line.startswith("skip "):  # skips were logged above
+            log.info("providers: %s", line)
+    return ProviderPlan(providers, options, decisions, by_device)
 
 
 def parse_provider_list(items: Sequence[Mapping[str, Any]]) -> tuple[ProviderSpec, ...]:

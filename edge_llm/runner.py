@@ -17,6 +17,7 @@ Layouts (bundle.json `graph.kv_layout`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edge_llm import plugin_eps
 from edge_llm.board import RunnerOptions
 from edge_llm.bundle import Bundle, check_graph_io, check_requirements
 from edge_llm.errors import BundleError, ContextLengthError
@@ -105,7 +107,8 @@ class _SessionRunner:
         self.options = options
         check_requirements(bundle, ort.__version__)  # a one-line refusal instead of INVALID_GRAPH
         self.plan: ProviderPlan = plan_providers(options.providers)
-        self.session = self.open_session(bundle.graph_path, prefused=bundle.graph.kv_layout == "shared")
+        self.session_file = self.graph_file(bundle.graph.file)  # an EPContext model, or the graph
+        self.session = self.open_session(self.session_file, prefused=bundle.graph.kv_layout == "shared")
         arch = bundle.architecture
         self.layers = arch.num_layers
         self.kv_shape = (arch.num_kv_heads, arch.head_dim)
@@ -123,7 +126,15 @@ class _SessionRunner:
         self.placement: dict[str, int] | None = None
         # A profiling session that never runs would write its profile when destroyed: drop it.
         weakref.finalize(self, _drop_profile, self.session)
-        log.info("runner: %s (%s KV) on %s", bundle.graph_path.name, g.kv_layout, self.plan.chosen)
+        log.info("runner: %s (%s KV) on %s", self.session_file.name, g.kv_layout, self.plan.chosen)
+
+    def graph_file(self, name: str) -> Path:
+        """The file to load for graph `name`: its compiled EPContext model when the bundle has
+        one for the provider that leads (a QNN context binary: no compile on the board), else
+        the graph itself (any other provider, or CPU when the plugin is absent)."""
+        g = self.bundle.graph
+        context = g.contexts.get(name) if g.context_provider == self.plan.chosen else None
+        return self.bundle.path / (context or name)
 
     @property
     def provider(self) -> str:
@@ -153,12 +164,10 @@ class _SessionRunner:
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edge-llm-placement-{os.getpid()}")
         try:
-            session = ort.InferenceSession(
-                str(path),
-                sess_options=so,
-                providers=self.plan.providers,
-                provider_options=self.plan.provider_options,
-            )
+            args = self.plan.session_args(so)
+            # A plugin's native code may print on stdout, which carries answers and JSON.
+            with plugin_eps.native_stdout_to_stderr() if self.plan.by_device else contextlib.nullcontext():
+                session = ort.InferenceSession(str(path), sess_options=so, **args)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: onnxruntime cannot load the graph: {exc}") from None
         check_graph_io(
@@ -388,7 +397,7 @@ class StaticRunner(_SessionRunner):
         self.chunk = g.prefill_length
         self.max_context = min(self.max_context, self.past_length)
         self.pad_id = bundle.tokenizer.pad_id
-        self.prefill = self.open_session(bundle.path / g.prefill_file, profile=False)
+        self.prefill = self.open_session(self.graph_file(g.prefill_file), profile=False)
 
     def empty(self, batch: int = 1) -> StaticCache:
         if batch != 1:

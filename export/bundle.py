@@ -135,7 +135,9 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
             quantization=inputs.quantization,
             source=inputs.source,
             recipe=inputs.recipe,
-            requirements=Requirements(**_requirements_fields(tmp, inputs.target)),
+            requirements=Requirements(
+                **_requirements_fields(tmp, inputs.target, set(inputs.layout.get("contexts", {}).values()))
+            ),
         )
     )
     tmp.rename(out_dir)
@@ -146,7 +148,10 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
 __all__ = ["FORMAT_VERSION", "BundleConfig", "BundleInputs", "run"]
 
 
-def _requirements_fields(folder: Path, target: str) -> dict[str, Any]:
-    """What the written graphs need (export/targets.py reads their ops), as Requirements fields."""
-    req = targets.requirements(sorted(folder.glob("*.onnx")), target)
+def _requirements_fields(folder: Path, target: str, contexts: set[str]) -> dict[str, Any]:
+    """What the written graphs need (export/targets.py reads their ops), as Requirements fields.
+    Compiled contexts are left out: only their provider's plugin loads them, and the plain graphs
+    they came from (what CPU runs) set what onnxruntime the bundle needs."""
+    graphs = [p for p in sorted(folder.glob("*.onnx")) if p.name not in contexts]
+    req = targets.requirements(graphs, target)
     return {**req, "contrib_ops": tuple(req["contrib_ops"])}

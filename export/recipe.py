@@ -1,8 +1,9 @@
 """A recipe chains the stages: TOML (or flags) in, a verified bundle folder with its report out.
 
-load → prune → distill → to_onnx → quantize (→ fix_shapes) → bundle → evaluate → report (→ bundle again, with
-the report files inside). `Recipe` has one section per stage, each the stage's own frozen config;
-prune, distill, static and evaluate are optional (absent: skipped). Unknown keys, wrong types,
+load → prune → distill → to_onnx → quantize (→ fix_shapes → compile_qnn) → bundle → evaluate →
+report (→ bundle again, with the report files inside). `Recipe` has one section per stage, each
+the stage's own frozen config; prune, distill, static and evaluate are optional (absent: skipped;
+compile_qnn runs for target qnn-htp). Unknown keys, wrong types,
 impossible ratios, a missing text path and an evaluation span that overlaps the
 training/calibration text are rejected by `edge_llm.config` / the configs' checks before any work
 starts; ratios the model's shape cannot take are rejected right after load (cached), before
@@ -27,6 +28,7 @@ from edge_llm.config import load_toml
 from edge_llm.errors import ExportError
 from export import bundle as bundle_stage
 from export import cache, stage, targets
+from export import compile_qnn as compile_qnn_stage
 from export import distill as distill_stage
 from export import evaluate as evaluate_stage
 from export import fix_shapes as fix_shapes_stage
@@ -106,6 +108,7 @@ STAGES: list[tuple[Callable[[Recipe], Any], stage.Stage]] = [
     (lambda r: r.to_onnx, to_onnx_stage.STAGE),
     (lambda r: r.quantize, quantize_stage.STAGE),
     (lambda r: r.static, fix_shapes_stage.STAGE),
+    (targets.compile_config, compile_qnn_stage.STAGE),  # target qnn-htp only
 ]
 HF_STAGES = ("load", "prune", "distill")  # outputs that are HF folders (evaluated with stage_evals)
 

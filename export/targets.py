@@ -50,10 +50,26 @@ class TargetConfig:
     """`[target]` of a recipe: the onnxruntime build (execution provider) the bundle is for."""
 
     name: str = "cpu"
+    # qnn-htp: the QNN SoC id the context binary is compiled for (0: export/compile_qnn.py's
+    # default, 57 = SM8650); a context binary runs on that Hexagon generation.
+    soc_model: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in TARGETS:
             raise ValueError(f"target.name must be one of {', '.join(TARGETS)}, not {self.name!r}")
+        if self.soc_model and self.name != "qnn-htp":
+            raise ValueError("target.soc_model is for target qnn-htp (the QNN context binary)")
+        if self.soc_model < 0:
+            raise ValueError("target.soc_model must be a QNN SoC id (> 0)")
+
+
+def compile_config(recipe: Any) -> Any:
+    """The compile_qnn stage's config for a qnn-htp recipe (None for other targets: skipped)."""
+    if recipe.target.name != "qnn-htp":
+        return None
+    from export.compile_qnn import DEFAULT_SOC, CompileConfig
+
+    return CompileConfig(soc_model=recipe.target.soc_model or DEFAULT_SOC)
 
 
 def _op_key(domain: str, op_type: str) -> str:
@@ -102,7 +118,8 @@ def adapt(recipe: Any) -> Any:
         OpenVINOExecutionProvider 1.24.1 the fused graph's GroupQueryAttention and
         GatherBlockQuantized fall back to CPU (measured: 31 CPU nodes for SmolLM2, one per layer
         + the embedding, splitting the graph into 31 OpenVINO subgraphs); MatMulNBits runs on OV.
-    qnn-htp: fixed shapes ([static]) with QDQ quantization: what the HTP compiles.
+    qnn-htp: fixed shapes ([static]) with QDQ quantization: what the HTP compiles; the
+        compile_qnn stage then compiles them into QNN context binaries (EPContext models).
     """
     from dataclasses import replace
 

@@ -57,7 +57,7 @@ def facts() -> dict[str, Any]:
     import onnxruntime as ort
     import tokenizers
 
-    from edge_llm import __version__
+    from edge_llm import __version__, plugin_eps
     from edge_llm.paths import cache_dir
 
     cpu = _cpuinfo()
@@ -77,6 +77,8 @@ def facts() -> dict[str, Any]:
         "memory_available_mib": _meminfo("MemAvailable"),
         "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(),
+        # Plugin EPs (onnxruntime-qnn) are listed only once registered, which a plan does on use.
+        "plugin_providers": plugin_eps.installed(),
         "numpy": numpy.__version__,
         "tokenizers": tokenizers.__version__,
     }
@@ -174,13 +176,14 @@ def smoke_section(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     import onnxruntime as ort
 
+    from edge_llm import plugin_eps
     from edge_llm.engine import Engine
     from edge_llm.errors import EdgeLLMError
     from edge_llm.providers import ProviderSpec, short_name
     from edge_llm.runner import RunnerOptions
 
     out: dict[str, Any] = {}
-    for provider in ort.get_available_providers():
+    for provider in dict.fromkeys([*ort.get_available_providers(), *plugin_eps.installed()]):
         name = short_name(provider)
         if name is None:
             out[provider] = "skipped: no edge-llm provider name"

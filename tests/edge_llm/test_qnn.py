@@ -1,0 +1,198 @@
+"""Qualcomm QNN through the onnxruntime-qnn plugin EP (issue 13 item 5).
+
+Without the plugin (the suite's own venv): a board profile or --provider asking for qnn falls back
+to CPU with the reason logged, and a qnn-htp bundle runs its plain QDQ graphs there.
+
+With it: the plugin replaces nothing, but it is 240 MB and pins its own onnxruntime, so it lives in
+a venv of its own, found as this interpreter (when it has onnxruntime_qnn), $EDGE_LLM_QNN_PYTHON,
+or `.venvs/qnn/bin/python` under the repo root (what CI could cache). The tiny static QDQ bundle is
+exported for target qnn-htp (its graphs compiled into QNN context binaries by that interpreter),
+then run there on the HTP simulator (the x86_64 wheel's libQnnHtp.so) and compared with the CPU EP.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_llm.providers import ProviderSpec, plan_providers
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_PLUGIN = importlib.util.find_spec("onnxruntime_qnn") is not None
+
+
+def _qnn_python() -> str | None:
+    if HAS_PLUGIN:
+        return sys.executable
+    for python in (
+        os.environ.get("EDGE_LLM_QNN_PYTHON", ""),
+        str(ROOT / ".venvs" / "qnn" / "bin" / "python"),
+    ):
+        if python and Path(python).is_file():
+            return python
+    return None
+
+
+QNN_PYTHON = _qnn_python()
+needs_qnn = pytest.mark.skipif(QNN_PYTHON is None, reason="no onnxruntime-qnn (set EDGE_LLM_QNN_PYTHON)")
+
+
+def _run(python: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
+    return subprocess.run([python, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.skipif(HAS_PLUGIN, reason="this interpreter has the plugin")
+def test_qnn_without_the_plugin_falls_back_to_cpu_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="edge_llm.providers"):
+        plan = plan_providers((ProviderSpec("qnn", {"backend": "htp"}), ProviderSpec("cpu")))
+    assert plan.providers == ["CPUExecutionProvider"] and not plan.by_device
+    assert "plugin package onnxruntime-qnn is not installed" in plan.decisions[0]
+    assert any("skip qnn" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_a_given_provider_list_never_registers_plugins() -> None:
+    """Selection tests pass the list a build would offer: names only, no plugin registration."""
+    plan = plan_providers(
+        (ProviderSpec("qnn", {"backend": "htp"}),), ["QNNExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert plan.providers == ["QNNExecutionProvider", "CPUExecutionProvider"] and not plan.by_device
+    assert plan.provider_options[0] == {"backend_path": "libQnnHtp.so"}
+
+
+@pytest.fixture(scope="module")
+def tiny_qnn(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a qnn-htp bundle: static QDQ graphs (past 96, prefill 16) + contexts."""
+    if QNN_PYTHON is None:
+        pytest.skip("no onnxruntime-qnn (set EDGE_LLM_QNN_PYTHON)")
+    pytest.importorskip("torch")
+    from export import recipe as recipe_mod
+    from export.fix_shapes import FixShapesConfig
+    from export.load import LoadConfig
+    from export.quantize import QuantizeConfig
+    from export.targets import TargetConfig
+    from tests.conftest import TRAIN_TEXT
+
+    folder = tmp_path_factory.mktemp("qnn")
+    text = folder / "calib.txt"
+    text.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    quant = QuantizeConfig(
+        mode="qdq", activation_bits=16, calib_tokens=256, calib_seq_len=32, calib_text=text, calib_span=(0, 1)
+    )
+    recipe = recipe_mod.Recipe(
+        name="tiny-qnn",
+        load=LoadConfig(model=str(tiny_hf)),
+        quantize=quant,
+        static=FixShapesConfig(past_length=96, prefill_length=16),
+        target=TargetConfig("qnn-htp"),
+    )
+    old = os.environ.get("EDGE_LLM_QNN_PYTHON")
+    os.environ["EDGE_LLM_QNN_PYTHON"] = QNN_PYTHON
+    try:
+        return recipe_mod.run(recipe, folder / "bundle")
+    finally:
+        if old is None:
+            del os.environ["EDGE_LLM_QNN_PYTHON"]
+        else:
+            os.environ["EDGE_LLM_QNN_PYTHON"] = old
+
+
+@needs_qnn
+def test_qnn_htp_bundle_carries_its_context_binaries(tiny_qnn: Path) -> None:
+    import onnx
+
+    manifest = json.loads((tiny_qnn / "bundle.json").read_text())
+    graph = manifest["graph"]
+    assert graph["contexts"] == {"model.onnx": "model_ctx.onnx", "prefill.onnx": "prefill_ctx.onnx"}
+    assert graph["context_provider"] == "QNNExecutionProvider"
+    assert manifest["requirements"]["target"] == "qnn-htp"
+    assert "com.microsoft:EPContext" not in manifest["requirements"]["contrib_ops"]
+    for ctx in graph["contexts"].values():
+        assert ctx in manifest["files"]
+        nodes = onnx.load(str(tiny_qnn / ctx)).graph.node
+        epc = [n for n in nodes if n.op_type == "EPContext"]
+        assert len(epc) == 1
+        attrs = {a.name: a for a in epc[0].attribute}
+        assert attrs["embed_mode"].i == 1 and len(attrs["ep_cache_context"].s) > 10_000  # the binary
+    (stage,) = [s for s in manifest["recipe"]["stages"] if s["stage"] == "compile_qnn"]
+    assert stage["soc_model"] == 57 and stage["compile_s"] > 0 and stage["onnxruntime_qnn"]
+
+
+@needs_qnn
+def test_without_the_plugin_the_plain_graphs_run_on_cpu(tiny_qnn: Path) -> None:
+    if HAS_PLUGIN:
+        pytest.skip("this interpreter has the plugin")
+    from edge_llm.board import RunnerOptions
+    from edge_llm.engine import Engine
+    from edge_llm.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    asked = Engine.load(
+        tiny_qnn, RunnerOptions(threads=1, providers=(ProviderSpec("qnn"), ProviderSpec("cpu")))
+    )
+    cpu = Engine.load(tiny_qnn, RunnerOptions(threads=1))
+    assert asked.runner.provider == "CPUExecutionProvider"
+    assert asked.runner.session_file.name == "model.onnx"  # not the context binary
+    assert asked.complete([5, 17, 42], params).token_ids == cpu.complete([5, 17, 42], params).token_ids
+
+
+@needs_qnn
+def test_simulator_logits_agree_with_the_cpu_ep(tiny_qnn: Path, tmp_path: Path) -> None:
+    assert QNN_PYTHON is not None
+    out = tmp_path / "qnn.json"
+    script = str(ROOT / "benchmarks" / "qnn_bundle.py")
+    res = _run(
+        QNN_PYTHON,
+        script,
+        "--bundle",
+        str(tiny_qnn),
+        "--positions",
+        "80",
+        "--decode",
+        "8",
+        "--json",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["qnn"]["provider"] == "QNNExecutionProvider" and result["qnn"]["graph"] == "model_ctx.onnx"
+    assert result["cpu"]["provider"] == "CPUExecutionProvider" and result["cpu"]["graph"] == "model.onnx"
+    assert result["positions"] == 80 and result["qnn"]["forwards"] == 5  # 80 tokens in 16-token chunks
+    # The HTP computes in integer / fp16 what the CPU EP emulates in fp32 from the same QDQ graph;
+    # measured on these random ids: max |diff| 0.73 (logits in -5.8..6.1), top-1 agreement 0.875.
+    assert result["max_abs_diff"] < 1.5
+    assert result["top1_agreement"] >= 0.75
+    assert len(result["qnn"]["tokens"]) == 8
+
+
+@needs_qnn
+@pytest.mark.parametrize(
+    "how", [["--provider", "qnn"], ["--config", str(ROOT / "configs" / "boards" / "qualcomm-npu.toml")]]
+)
+def test_generate_on_the_simulator(tiny_qnn: Path, how: list[str]) -> None:
+    assert QNN_PYTHON is not None
+    args = ["-m", "edge_llm.cli", "generate", "--bundle", str(tiny_qnn), *how, "--stats"]
+    res = _run(QNN_PYTHON, *args, "--max-tokens", "8", "--raw", "--ignore-eos", "The capital of France")
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = json.loads([line for line in res.stderr.splitlines() if line.startswith("{")][-1])
+    assert stats["provider"] == "QNNExecutionProvider" and stats["completion_tokens"] == 8
+    # stdout is the answer only: the simulator's native "# LIBNATIVE: ..." note goes to stderr.
+    assert res.stdout.strip() and "LIBNATIVE" not in res.stdout
+
+
+@needs_qnn
+def test_doctor_lists_and_smoke_runs_the_plugin(tiny_qnn: Path) -> None:
+    assert QNN_PYTHON is not None
+    res = _run(QNN_PYTHON, "-m", "edge_llm.cli", "doctor", "--bundle", str(tiny_qnn), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)  # nothing native on stdout
+    assert report["plugin_providers"] == ["QNNExecutionProvider"]
+    assert report["smoke"]["QNNExecutionProvider"].startswith("ok on QNNExecutionProvider")
+    assert report["board_profiles"]["qualcomm-npu"] == "QNNExecutionProvider"
