@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,13 @@ import pytest
 from edge_llm.board import RunnerOptions
 from edge_llm.engine import Engine, Slot
 from edge_llm.errors import ConstraintError, ProtocolError, RequestError
-from edge_llm.protocol import Event, Request, parse_message
+from edge_llm.protocol import Request, parse_message
 from edge_llm.sampling import SamplingParams
 from edge_llm.scheduler import Scheduler
 from edge_llm.structured import ResponseFormat, parse_response_format
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_scheduler import Collector  # the scheduler tests' recording sink
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -173,21 +175,6 @@ def test_a_failing_constraint_ends_its_row_only(engine: Engine) -> None:
 # -- through the scheduler -----------------------------------------------------------------------
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        if event.done:
-            self.done.set()
-
-    def final(self) -> Event:
-        assert self.done.wait(60), "no final event"
-        return self.events[-1]
-
-
 def test_two_constrained_and_one_free_request_batch_together(engine: Engine) -> None:
     """Each row has its own matcher and mask; the free row is untouched by the others' masks."""
     s = Scheduler(engine, max_queue=8, max_inflight_per_client=8, max_batch=4)
@@ -204,7 +191,7 @@ def test_two_constrained_and_one_free_request_batch_together(engine: Engine) -> 
         s.submit(parse_message(json.dumps(body).encode()), sink)  # type: ignore[arg-type]
         sinks.append(sink)
     s.start()  # all queued before the worker starts: they run as one batch
-    finals = [c.final() for c in sinks]
+    finals = [c.final(60) for c in sinks]
     s.close(grace_s=1)
     assert s.stats["peak_batch"] == 3 and all(f.kind == "final" for f in finals), finals
     jsonschema.validate(json.loads(finals[0].text), PERSON)
