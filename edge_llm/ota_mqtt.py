@@ -118,6 +118,7 @@ class OtaReceiver:
         self._lock = threading.Lock()  # guards transfer, files and _busy (paho thread vs ours)
         self.transfer: Transfer | None = self._load_partial()
         self._busy: str | None = None  # the transfer being applied
+        self._last: dict[str, Any] = {}  # the last outcome's state message (a late commit gets it)
         self._apply = threading.Event()
         self._stop = threading.Event()
         self._last_progress = 0.0
@@ -255,7 +256,11 @@ class OtaReceiver:
             if self._busy == sha or (t is not None and t.sha256 == sha and t.complete):
                 return  # being applied: its outcome follows
             if t is None or t.sha256 != sha:
-                self._refuse(sha, "truncated transfer: no chunks of this update are held (send begin first)")
+                if self._last.get("transfer") == sha:  # applied or refused before this commit came
+                    self._state(self._last)
+                else:
+                    self._state({"state": "incomplete", "transfer": sha, "error": "truncated transfer: no"
+                                 " chunks of this update are held (send begin first)"})  # fmt: skip
                 return
             missing = t.chunks - sum(t.have)
             self._state(
@@ -290,7 +295,8 @@ class OtaReceiver:
     def _refuse(self, sha: str, error: str, stage: str = "refused") -> None:
         log.error("ota: update %s… %s: %s", sha[:12], stage, error)
         outcome = ota.record_outcome(self.dir, {"outcome": stage, "transfer": sha, "error": error})
-        self._state({"state": stage, "transfer": sha, "error": error})
+        self._last = {"state": stage, "transfer": sha, "error": error}
+        self._state(self._last)
         self.server.refresh_status(outcome)
 
     # -- applying (this module's thread) --
@@ -359,4 +365,5 @@ class OtaReceiver:
         )  # fmt: skip
         log.info("ota: serving %s from slot %s (switch %.3f s)", staged.bundle.name, staged.slot, switch_s)
         self.server.refresh_status(outcome)
-        self._state({"state": outcome["outcome"], **outcome, "answer": answer})
+        self._last = {"state": outcome["outcome"], **outcome, "answer": answer}
+        self._state(self._last)
