@@ -3,7 +3,6 @@ status, rollback after failed starts, canary rollout. A real mosquitto, tiny bun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -23,13 +22,14 @@ pytest.importorskip("cryptography")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
 from mosquitto import Broker
 from mqtt_helpers import HELLO, Raw, client
+from ota_helpers import bad_updates, make_update
 
 from edge_llm import ota
 from edge_llm.board import BoardConfig, MqttConfig, OtaConfig, ServerConfig
-from edge_llm.bundle import MANIFEST, load_bundle
+from edge_llm.bundle import load_bundle
 from edge_llm.engine import Engine
 from edge_llm.errors import UpdateError
-from edge_llm.ota_send import Connection, UpdateSender, archive_of, rollout
+from edge_llm.ota_send import Connection, UpdateSender, rollout
 from edge_llm.server import Server
 
 DEVICE = "ota1"
@@ -47,22 +47,6 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
     private, public = tmp_path / "ota.key", tmp_path / "ota.pub"
     ota.keygen(private, public)
     return private, public
-
-
-def make_update(
-    tiny_bundle: Path, folder: Path, key: Path, name: str = "tiny-v2", edit: Any = None, tar: bool = True
-) -> Path:
-    """A signed copy of the tiny bundle under a new name (so its bundle.json sha256 differs);
-    `edit(raw_manifest)` changes bundle.json before signing. Returns the tar (or the folder)."""
-    out = folder / name
-    shutil.copytree(tiny_bundle, out)
-    raw = json.loads((out / MANIFEST).read_text())
-    raw["name"] = name
-    if edit is not None:
-        edit(raw)
-    (out / MANIFEST).write_text(json.dumps(raw, indent=1))
-    ota.sign(out, key)
-    return archive_of(out, folder) if tar else out
 
 
 def device_prefix(tiny_bundle: Path, folder: Path) -> Path:
@@ -157,52 +141,13 @@ def test_an_update_over_mqtt_switches_the_running_server_and_loses_no_request(
         server.stop()
 
 
-def _bad_updates(tiny_bundle: Path, folder: Path, keys: tuple[Path, Path]) -> dict[str, tuple[Path, str]]:
-    """name -> (archive, the refusal's words)."""
-    other_key = folder / "other.key"
-    ota.keygen(other_key, folder / "other.pub")
-    tampered = make_update(tiny_bundle, folder, keys[0], "tampered", tar=False)
-    data = tampered / "tokenizer.json"
-    data.write_text(data.read_text().replace("<|im_end|>", "<|im_END|>", 1))
-    whole = make_update(tiny_bundle, folder, keys[0], "whole")
-    cut = folder / "cut.tar"
-    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    broken = make_update(tiny_bundle, folder, keys[0], "broken", tar=False)
-    (broken / "model.onnx").write_bytes(b"not an onnx graph")
-    raw = json.loads((broken / MANIFEST).read_text())
-    raw["files"]["model.onnx"] = {"bytes": 17, "sha256": hashlib.sha256(b"not an onnx graph").hexdigest()}
-    (broken / MANIFEST).write_text(json.dumps(raw))
-    ota.sign(broken, keys[0])
-
-    def target(t: str) -> Any:
-        return lambda raw: raw.setdefault("requirements", {}).update(target=t)
-
-    def needs_ort(raw: dict[str, Any]) -> None:
-        raw.setdefault("requirements", {}).update(onnxruntime="99.0.0")
-
-    return {
-        "bad signature": (make_update(tiny_bundle, folder, other_key, "other-key"), "bad signature"),
-        "tampered": (archive_of(tampered, folder), r"do not match its signed bundle\.json"),
-        "wrong arch": (
-            make_update(tiny_bundle, folder, keys[0], "qnn", target("qnn-htp")),
-            "wrong architecture",
-        ),
-        "unmet requirements": (
-            make_update(tiny_bundle, folder, keys[0], "ort99", needs_ort),
-            "unmet requirements",
-        ),
-        "truncated archive": (cut, "truncated or damaged archive"),
-        "failing self-test": (archive_of(broken, folder), "self-test failed"),
-    }
-
-
 def test_bad_updates_are_refused_with_their_reason_and_the_old_bundle_keeps_serving(
     tiny_bundle: Path, tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
 ) -> None:
     prefix = device_prefix(tiny_bundle, tmp_path / "board")
     server = start_device(prefix, broker, keys[1])
     (tmp_path / "updates").mkdir()
-    bad = _bad_updates(tiny_bundle, tmp_path / "updates", keys)
+    bad = bad_updates(tiny_bundle, tmp_path / "updates", keys)
     state = Raw(broker)
     state.subscribe(f"edge-llm/{DEVICE}/update/state")
     try:
