@@ -296,6 +296,7 @@ class Staged:
     path: Path
     bundle: Bundle
     sha256: str
+    kept: Path | None = None  # what the inactive slot held before (put back if the update fails)
 
 
 def manifest_sha256(bundle: Path) -> str:
@@ -303,35 +304,52 @@ def manifest_sha256(bundle: Path) -> str:
 
 
 def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = None) -> Staged:
-    """Unpack `source` into the inactive slot and check it; the slot is emptied on failure."""
+    """Unpack `source` beside the slots, check it, and only then move it into the inactive slot
+    (what that slot held is kept aside until `commit` or `discard`): a refused update never
+    costs the bundle a rollback would go back to."""
     slots = Slots(prefix)
     slots.adopt_plain_folder()
     previous = slots.active()
     slot = slots.inactive()
-    stage = slots.root / slot
-    shutil.rmtree(stage, ignore_errors=True)  # the inactive slot holds nothing we serve
-    stage.parent.mkdir(parents=True, exist_ok=True)
+    target, staging, kept = slots.root / slot, slots.root / ".staging", slots.root / ".kept"
+    if kept.exists():  # an earlier update stopped half-way: put the slot's old bundle back
+        if target.exists():
+            shutil.rmtree(kept)
+        else:
+            kept.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _unpack(source, stage)
-        if not (stage / MANIFEST).is_file():
+        _unpack(source, staging)
+        if not (staging / MANIFEST).is_file():
             raise UpdateError(f"{source}: no bundle.json at its top")
-        verify_signature(stage, trusted_key)
-        _check_listed(stage)
+        verify_signature(staging, trusted_key)
+        _check_listed(staging)
         try:
-            bundle = load_bundle(stage)  # sizes and hashes: tampered or truncated files fail here
+            load_bundle(staging)  # sizes and hashes: tampered or truncated files fail here
         except EdgeLLMError as exc:
             raise UpdateError(f"the update's files do not match its signed bundle.json: {exc}") from None
-        problem = platform_problem(bundle, options)
-        if problem is not None:
-            raise UpdateError(problem)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Staged(slots, slot, previous, stage, bundle, manifest_sha256(stage))
+    moved = target.exists()
+    if moved:
+        target.rename(kept)
+    staging.rename(target)  # the engine is loaded from where it will be served
+    staged = Staged(slots, slot, previous, target, load_bundle(target, verify=False), manifest_sha256(target),
+                    kept if moved else None)  # fmt: skip
+    problem = platform_problem(staged.bundle, options)
+    if problem is not None:
+        discard(staged)
+        raise UpdateError(problem)
+    return staged
 
 
 def discard(staged: Staged) -> None:
+    """Remove a staged update and put back what its slot held."""
     shutil.rmtree(staged.path, ignore_errors=True)
+    if staged.kept is not None and staged.kept.exists():
+        staged.kept.rename(staged.path)
 
 
 def commit(staged: Staged, state_dir: Path | None = None) -> None:
@@ -341,6 +359,8 @@ def commit(staged: Staged, state_dir: Path | None = None) -> None:
     if state_dir is not None:
         _write_json(state_dir / BOOT_FILE, {"slot": staged.slot, "previous": staged.previous, "starts": 0})
     staged.slots.switch(staged.slot)
+    if staged.kept is not None:
+        shutil.rmtree(staged.kept, ignore_errors=True)
 
 
 def apply_update(
@@ -431,6 +451,8 @@ def boot_check(state_dir: Path, bundle_path: Path, max_failed: int) -> str | Non
     slots = Slots(Path(bundle_path).parent)
     if previous not in SLOTS or slots.active() != marker.get("slot"):
         return f"{starts} failed starts, but {bundle_path} no longer points at slot {marker.get('slot')}"
+    if not (slots.root / previous / MANIFEST).is_file():
+        return f"{starts} failed starts, but slot {previous} holds no bundle to roll back to"
     slots.switch(previous)
     record_outcome(
         state_dir,

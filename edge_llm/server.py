@@ -104,6 +104,7 @@ class Server:
         engine.complete(probe, SamplingParams(max_tokens=2, ignore_eos=True), Slot())
         if not self.swap(engine, timeout):
             raise ConfigError(f"reload: the running requests did not finish within {timeout} s")
+        self.bundle_path = path
         log.info("reloaded: now serving %s from %s", engine.bundle.name, path)
         self.refresh_status()
         return engine
@@ -119,12 +120,11 @@ class Server:
 
     def bundle_info(self) -> dict[str, Any]:
         """The active bundle: name, sha256 of its bundle.json (names every file), A/B slot."""
-        bundle = self.engine.bundle
         try:
-            digest: str | None = ota.manifest_sha256(bundle.path)
+            digest: str | None = ota.manifest_sha256(Path(self.bundle_path))
         except OSError:
             digest = None
-        return {"name": bundle.name, "sha256": digest, "slot": ota.slot_of(self.bundle_path)}
+        return {"name": self.engine.bundle.name, "sha256": digest, "slot": ota.slot_of(self.bundle_path)}
 
     def refresh_status(self, _outcome: dict[str, Any] | None = None) -> None:
         """Publish the status again (retained): after a swap, or an update's outcome."""

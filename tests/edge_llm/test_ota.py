@@ -152,6 +152,22 @@ def test_a_failing_self_test_leaves_the_old_bundle_active(
     assert _serving(prefix) == "a"
 
 
+def test_a_refused_update_keeps_the_bundle_a_rollback_goes_back_to(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tiny_bundle: Path, tmp_path: Path
+) -> None:
+    assert ota.apply_update(prefix, signed, keys[1]).slot == "b"  # slot a: the first install
+    broken = tmp_path / "broken"
+    shutil.copytree(signed, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    _rehash(broken, tiny_bundle)
+    ota.sign(broken, keys[0])
+    with pytest.raises(UpdateError, match="self-test failed"):
+        ota.apply_update(prefix, broken, keys[1])  # staged into slot a, then refused
+    assert _serving(prefix) == "b"
+    load_bundle(prefix / "slots" / "a")  # still whole: what a rollback needs
+    assert ota.rollback(prefix) == "a" and _serving(prefix) == "a"
+
+
 def test_cli_keygen_sign_update(tiny_bundle: Path, prefix: Path, tmp_path: Path) -> None:
     update = tmp_path / "cli-update"
     shutil.copytree(tiny_bundle, update)

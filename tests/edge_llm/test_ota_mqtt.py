@@ -221,15 +221,18 @@ def test_a_slot_that_fails_to_start_n_times_is_rolled_back(
     good = ota.apply_update(prefix, make_update(tiny_bundle, tmp_path, keys[0]), keys[1])
     assert good.slot == "b"
     # Slot a now gets a signed bundle that passes its checks but whose graph does not load at
-    # start (as if the device's onnxruntime changed): switched to it by hand, as `commit` does.
+    # start (as if the flash went bad after the switch): staged and committed as an update is.
     slots = ota.Slots(prefix)
-    shutil.rmtree(slots.root / "a")
-    shutil.copytree(slots.root / "b", slots.root / "a")
-    (slots.root / "a" / "model.onnx").write_bytes(b"garbage")
+    staging = slots.root / ".staging"
+    shutil.copytree(slots.root / "b", staging)
+    (staging / "model.onnx").write_bytes(b"garbage")
     state = prefix / "state.ota"
-    staged = ota.Staged(slots, "a", "b", slots.root / "a", load_bundle(slots.root / "b"), "x")
+    kept = slots.root / ".kept"
+    (slots.root / "a").rename(kept)
+    staged = ota.Staged(slots, "a", "b", slots.root / "a", load_bundle(slots.root / "b"), "x", kept)
+    staging.rename(staged.path)
     ota.commit(staged, state)
-    assert slots.active() == "a"
+    assert slots.active() == "a" and not kept.exists()
     config = tmp_path / "board.toml"
     config.write_text("[ota]\nfailed_starts = 2\n")
     sock = tmp_path / "edge.sock"
