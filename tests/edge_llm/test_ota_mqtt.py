@@ -190,11 +190,14 @@ def test_a_transfer_resumes_after_the_sender_and_the_device_restart(
     have = (prefix / "state.ota" / "update.have").read_bytes()
     assert sum(have) == 5 and len(have) == total
     server = start_device(prefix, broker, keys[1])
-    try:
-        with sender(broker) as s:
-            done = s.send(DEVICE, update, chunk_size=4096)
-            assert s.stats["chunks_sent"] == total - 5  # only what the device did not keep
-        assert done["state"] == "done" and server.engine.bundle.name == "tiny-v2"
+    try:  # a new sender: `edge-llm update --mqtt`
+        cli = [sys.executable, "-m", "edge_llm.cli", "update", "--mqtt", f"{broker.host}:{broker.port}"]
+        cli += ["--device", DEVICE, "--chunk-size", "4096", str(update)]
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{total - 5} chunk(s) sent" in done.stdout  # only what the device did not keep
+        assert "now serving tiny-v2" in done.stdout and "in slot b" in done.stdout
+        assert server.engine.bundle.name == "tiny-v2"
     finally:
         server.stop()
 
