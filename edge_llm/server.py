@@ -116,6 +116,8 @@ class Server:
         done = self.scheduler.swap_engine(engine, self._conversations(engine), timeout)
         self.engine = engine
         self.metrics.engine = engine
+        if self.http is not None:
+            self.http.serve_model(engine.bundle.name)
         return done
 
     def bundle_info(self) -> dict[str, Any]:

@@ -181,6 +181,11 @@ class HttpTransport:
         self._authenticate(req)
         return JSONResponse({"object": "list", "data": [self._model_object()]})
 
+    def serve_model(self, name: str) -> None:
+        """The bundle was swapped (reload, OTA): name it from now on, unless the profile fixes a name."""
+        if not self.cfg.model:
+            self.model_id = name
+
     async def _model(self, req: HttpRequest) -> Response:
         self._authenticate(req)
         name = req.path_params["model"]

@@ -358,3 +358,21 @@ def test_port_in_use_fails_start(server: Server) -> None:
     taken = HttpConfig(host="127.0.0.1", port=server.http.port)
     with pytest.raises(TransportError, match="cannot listen"):
         HttpTransport(server.dispatcher, taken, "m").start()
+
+
+def test_a_swapped_bundle_is_the_served_model(tiny_bundle: Path, tmp_path: Path) -> None:
+    """After a reload or an OTA switch, /v1/models names the new bundle and requests may name it."""
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_bundle, renamed)
+    raw_manifest = json.loads((renamed / "bundle.json").read_text())
+    raw_manifest["name"] = "tiny-renamed"
+    (renamed / "bundle.json").write_text(json.dumps(raw_manifest))
+    s = start(tiny_bundle, tmp_path / "state")
+    try:
+        before = client(s).models.list().data[0].id
+        assert s.swap(Engine.load(renamed), timeout=30)
+        assert [m.id for m in client(s).models.list().data] == ["tiny-renamed"] != [before]
+        reply = client(s).chat.completions.create(model="tiny-renamed", messages=QUESTION, max_tokens=2)
+        assert reply.model == "tiny-renamed"
+    finally:
+        s.stop()
