@@ -242,9 +242,10 @@ def apply_update(
         verify_signature(stage, trusted_key)
         _check_listed(stage)
         try:
-            bundle = load_bundle(stage)  # sizes and hashes: tampered or truncated files fail here
+            # Sizes and hashes (tampered or truncated files), and a bundle for a newer runtime.
+            bundle = load_bundle(stage)
         except EdgeLLMError as exc:
-            raise UpdateError(f"the update's files do not match its signed bundle.json: {exc}") from None
+            raise UpdateError(f"the update does not load: {exc}") from None
         answer = self_test(stage, board, probe)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
