@@ -189,7 +189,7 @@ class _Exchange:
         if not isinstance(seq, int) or seq < 0:
             return _Step([])
         if seq < self.next_seq:  # a repeat: joined twice, or regenerated after a server restart
-            if not self.gap and reply.get("delta") != self.emitted[seq]:
+            if not self.gap and str(reply.get("delta", "")) != self.emitted[seq]:
                 # The regeneration (same seed) streams something else from here on: appending
                 # its later deltas would garble the text, so the rest comes from the final.
                 log.warning("request %s: chunk %d came again with other text", self.request.id, seq)
