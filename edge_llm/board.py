@@ -220,6 +220,24 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """Signed bundle updates taken over MQTT by a running server (edge_llm/ota_mqtt.py)."""
+
+    trusted_key: str = ""  # ed25519 public key updates must be signed with; "" = no OTA over MQTT
+    prefix: str = ""  # holds the `bundle` link and `slots/`; "" = the folder of serve's --bundle
+    max_bytes: int = 4 << 30  # largest update archive taken (it is written to the state dir)
+    max_chunk_bytes: int = 1 << 20  # largest chunk a sender may announce
+    failed_starts: int = 3  # starts after a switch that never reached READY before rolling back
+    swap_timeout_s: float = 300.0  # how long the switch may wait for running requests
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.max_chunk_bytes < 1024:
+            raise ValueError("ota: max_bytes must be ≥ 1 and max_chunk_bytes ≥ 1024")
+        if self.failed_starts < 1 or self.swap_timeout_s <= 0:
+            raise ValueError("ota: failed_starts must be ≥ 1 and swap_timeout_s > 0")
+
+
+@dataclass(frozen=True)
 class BoardConfig:
     name: str = "default"
     description: str = ""
@@ -233,6 +251,7 @@ class BoardConfig:
     keys: KeysConfig = field(default_factory=KeysConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
 
     def provider_specs(self) -> tuple[ProviderSpec, ...]:
         return parse_provider_list(self.providers)

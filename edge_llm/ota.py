@@ -11,10 +11,19 @@ unpack (safe paths, a truncated tar fails here) → signature → every file's s
 (`load_bundle`) → self-test (load with the board's providers, answer a probe prompt) → switch.
 Nothing of the update is loaded before its signature has been checked.
 
+The bundle must also suit this device (`platform_problem`): its target's execution provider
+among those the board profile plans ("wrong architecture": a qnn-htp bundle on a CPU-only board)
+and the onnxruntime it needs (its `requirements`). Checked after the hashes, before any load.
+
 Keys and signatures need `cryptography` (extra `ota`); the runtime imports this module only for
-`edge-llm keygen|sign|update`. A running `edge-llm serve` picks the new bundle up when it is
-restarted (`systemctl restart edge-llm`: queued requests are answered `busy`, which clients
-retry; the running one finishes within the grace period).
+`edge-llm keygen|sign|update` and for a server with `[ota] trusted_key`. `edge-llm update` swaps
+the running server's bundle with `systemctl reload` (SIGHUP); an update over MQTT
+(`edge_llm/ota_mqtt.py`) is staged here and swapped in by the running server itself.
+
+Rollback after failed starts: a switch writes `ota-boot.json` into the service's state
+directory (the slot switched to, the one before, a start count). Each start counts one
+(`boot_check`, before the bundle loads); `READY` clears the file (`boot_ok`). When
+`failed_starts` starts in a row did not reach READY, the next start switches back first.
 """
 
 from __future__ import annotations
@@ -25,16 +34,26 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge_llm.bundle import MANIFEST, load_bundle
+from edge_llm.bundle import MANIFEST, Bundle, load_bundle, requirements_problem
 from edge_llm.errors import EdgeLLMError, UpdateError
 
 SIGNATURE = "bundle.sig"
 SLOTS = ("a", "b")
 PROBE = "What is the capital of France?"
+BOOT_FILE = "ota-boot.json"  # in the state directory: a switch not yet confirmed by a READY start
+LAST_FILE = "ota-last.json"  # in the state directory: the last update's outcome (status topic)
+# The execution provider each export target's graph is built for (export/targets.py TARGETS).
+TARGET_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "qnn-htp": "QNNExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
 
 
 def _crypto() -> Any:
@@ -160,26 +179,67 @@ def _check_listed(bundle: Path) -> None:
             raise UpdateError(f"{path.relative_to(bundle)}: not listed in bundle.json, so not signed")
 
 
-def self_test(bundle: Path, board: Path | None = None, probe: str = PROBE, max_tokens: int = 8) -> str:
-    """Load the bundle as the service would and answer `probe`; return the answer."""
-    from edge_llm.board import load_board
-    from edge_llm.engine import Engine, Slot
+def probe_engine(engine: Any, probe: str = PROBE, max_tokens: int = 8) -> str:
+    """Answer `probe` with a loaded engine (exactly `max_tokens` tokens); return the answer."""
+    from edge_llm.engine import Slot
     from edge_llm.sampling import SamplingParams
 
     try:
-        engine = Engine.load(bundle, load_board(board).runner_options())
         ids = engine.encode_request(messages=[{"role": "user", "content": probe}])
         # ignore_eos: the graph must run max_tokens decode steps, not stop at a lucky EOS
         final = engine.complete(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), Slot())
     except EdgeLLMError as exc:
         raise UpdateError(f"self-test failed: {exc}") from None
-    except Exception as exc:  # onnxruntime's own errors: a graph that does not load or run
+    except Exception as exc:  # onnxruntime's own errors: a graph that does not run
         raise UpdateError(f"self-test failed: {type(exc).__name__}: {exc}") from None
     if final.usage is None or final.usage.completion_tokens != max_tokens:
         raise UpdateError(
             f"self-test failed: the probe prompt got {final.usage} instead of {max_tokens} tokens"
         )
-    return final.text
+    return str(final.text)
+
+
+def load_for_test(bundle: Path, options: Any) -> Any:
+    """The bundle's engine as the service would load it; UpdateError when it does not load."""
+    from edge_llm.engine import Engine
+
+    try:
+        return Engine.load(bundle, options)
+    except EdgeLLMError as exc:
+        raise UpdateError(f"self-test failed: {exc}") from None
+    except Exception as exc:  # onnxruntime's own errors: a graph that does not load
+        raise UpdateError(f"self-test failed: {type(exc).__name__}: {exc}") from None
+
+
+def self_test(bundle: Path, board: Path | None = None, probe: str = PROBE, max_tokens: int = 8) -> str:
+    """Load the bundle as the service would and answer `probe`; return the answer."""
+    from edge_llm.board import load_board
+
+    engine = load_for_test(bundle, load_board(board).runner_options())
+    return probe_engine(engine, probe, max_tokens)
+
+
+def platform_problem(bundle: Bundle, options: Any = None) -> str | None:
+    """Why this device cannot run `bundle` (wrong target / architecture, unmet requirements), or
+    None. `options`: the board's RunnerOptions (its planned providers); None: CPU only."""
+    import onnxruntime as ort
+
+    from edge_llm.providers import plan_providers
+
+    req = bundle.requirements
+    target = req.target if req is not None else "cpu"
+    needed = TARGET_PROVIDERS.get(target)
+    if needed is None:
+        return f"wrong architecture: the bundle's target {target!r} is not one this runtime knows"
+    specs = options.providers if options is not None else ()
+    planned = plan_providers(specs).providers
+    if needed not in planned:
+        return (
+            f"wrong architecture: the bundle is built for target {target!r} ({needed}); this device"
+            f" runs {', '.join(planned)}"
+        )
+    problem = requirements_problem(bundle, ort.__version__)
+    return f"unmet requirements: {problem}" if problem is not None else None
 
 
 @dataclass(frozen=True)
@@ -225,36 +285,104 @@ class Slots:
         os.replace(tmp, self.link)
 
 
-def apply_update(
-    prefix: Path, source: Path, trusted_key: Path, board: Path | None = None, probe: str = PROBE
-) -> UpdateResult:
+@dataclass(frozen=True)
+class Staged:
+    """An update unpacked into the inactive slot and checked (signature, files, platform), not
+    yet self-tested or switched to."""
+
+    slots: Slots
+    slot: str
+    previous: str | None
+    path: Path
+    bundle: Bundle
+    sha256: str
+    kept: Path | None = None  # what the inactive slot held before (put back if the update fails)
+
+
+def manifest_sha256(bundle: Path) -> str:
+    return hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+
+
+def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = None) -> Staged:
+    """Unpack `source` beside the slots, check it, and only then move it into the inactive slot
+    (what that slot held is kept aside until `commit` or `discard`): a refused update never
+    costs the bundle a rollback would go back to."""
     slots = Slots(prefix)
     slots.adopt_plain_folder()
     previous = slots.active()
     slot = slots.inactive()
-    stage = slots.root / slot
-    shutil.rmtree(stage, ignore_errors=True)  # the inactive slot holds nothing we serve
-    stage.parent.mkdir(parents=True, exist_ok=True)
+    target, staging, kept = slots.root / slot, slots.root / ".staging", slots.root / ".kept"
+    if kept.exists():  # an earlier update stopped half-way: put the slot's old bundle back
+        if target.exists():
+            shutil.rmtree(kept)
+        else:
+            kept.rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _unpack(source, stage)
-        if not (stage / MANIFEST).is_file():
+        _unpack(source, staging)
+        if not (staging / MANIFEST).is_file():
             raise UpdateError(f"{source}: no bundle.json at its top")
-        verify_signature(stage, trusted_key)
-        _check_listed(stage)
+        verify_signature(staging, trusted_key)
+        _check_listed(staging)
         try:
             # Sizes and hashes (tampered or truncated files), and a bundle for a newer runtime.
-            bundle = load_bundle(stage)
+            load_bundle(staging)
         except EdgeLLMError as exc:
             raise UpdateError(f"the update does not load: {exc}") from None
-        answer = self_test(stage, board, probe)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    for path in stage.rglob("*"):
+    moved = target.exists()
+    if moved:
+        target.rename(kept)
+    staging.rename(target)  # the engine is loaded from where it will be served
+    staged = Staged(slots, slot, previous, target, load_bundle(target, verify=False), manifest_sha256(target),
+                    kept if moved else None)  # fmt: skip
+    problem = platform_problem(staged.bundle, options)
+    if problem is not None:
+        discard(staged)
+        raise UpdateError(problem)
+    return staged
+
+
+def discard(staged: Staged) -> None:
+    """Remove a staged update and put back what its slot held."""
+    shutil.rmtree(staged.path, ignore_errors=True)
+    if staged.kept is not None and staged.kept.exists():
+        staged.kept.rename(staged.path)
+
+
+def commit(staged: Staged, state_dir: Path | None = None) -> None:
+    """Switch `PREFIX/bundle` to the staged slot; with `state_dir`, count the starts from here."""
+    for path in staged.path.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    slots.switch(slot)
-    digest = hashlib.sha256((stage / MANIFEST).read_bytes()).hexdigest()
-    return UpdateResult(slot, previous, bundle.name, digest, answer)
+    if state_dir is not None:
+        _write_json(state_dir / BOOT_FILE, {"slot": staged.slot, "previous": staged.previous, "starts": 0})
+    staged.slots.switch(staged.slot)
+    if staged.kept is not None:
+        shutil.rmtree(staged.kept, ignore_errors=True)
+
+
+def apply_update(
+    prefix: Path,
+    source: Path,
+    trusted_key: Path,
+    board: Path | None = None,
+    probe: str = PROBE,
+    state_dir: Path | None = None,
+) -> UpdateResult:
+    from edge_llm.board import load_board
+
+    options = load_board(board).runner_options()
+    staged = stage_update(prefix, source, trusted_key, options)
+    try:
+        answer = probe_engine(load_for_test(staged.path, options), probe)
+    except BaseException:
+        discard(staged)
+        raise
+    commit(staged, state_dir)
+    return UpdateResult(staged.slot, staged.previous, staged.bundle.name, staged.sha256, answer)
 
 
 def rollback(prefix: Path) -> str:
@@ -270,3 +398,71 @@ def rollback(prefix: Path) -> str:
         raise UpdateError(f"slot {other} holds no usable bundle: {exc}") from None
     slots.switch(other)
     return other
+
+
+# -- rollback after failed starts (state directory) --
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write in one rename: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def record_outcome(state_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
+    """Remember the last update's outcome (shown on the status topic); return it, timestamped."""
+    doc = {**outcome, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_json(state_dir / LAST_FILE, doc)
+    return doc
+
+
+def last_outcome(state_dir: Path) -> dict[str, Any] | None:
+    return _read_json(state_dir / LAST_FILE)
+
+
+def slot_of(bundle_path: Path) -> str | None:
+    """The A/B slot a bundle path serves from (through the `PREFIX/bundle` link), or None."""
+    real = Path(os.path.realpath(bundle_path))
+    return real.name if real.parent.name == "slots" and real.name in SLOTS else None
+
+
+def boot_check(state_dir: Path, bundle_path: Path, max_failed: int) -> str | None:
+    """Count this start after a switch; after `max_failed` starts that never reached READY,
+    switch `bundle_path`'s link back to the previous slot first. Returns what was done (a line
+    for the log) or None when no switch is pending."""
+    marker = _read_json(state_dir / BOOT_FILE)
+    if marker is None:
+        return None
+    starts = int(marker.get("starts", 0))
+    previous = marker.get("previous")
+    if starts < max_failed or max_failed <= 0:
+        _write_json(state_dir / BOOT_FILE, {**marker, "starts": starts + 1})
+        return f"start {starts + 1} since the switch to slot {marker.get('slot')}"
+    (state_dir / BOOT_FILE).unlink(missing_ok=True)
+    slots = Slots(Path(bundle_path).parent)
+    if previous not in SLOTS or slots.active() != marker.get("slot"):
+        return f"{starts} failed starts, but {bundle_path} no longer points at slot {marker.get('slot')}"
+    if not (slots.root / previous / MANIFEST).is_file():
+        return f"{starts} failed starts, but slot {previous} holds no bundle to roll back to"
+    slots.switch(previous)
+    record_outcome(
+        state_dir,
+        {"outcome": "rolled_back", "slot": previous, "error": f"slot {marker.get('slot')} failed to"
+         f" start {starts} times in a row; rolled back to slot {previous}"},
+    )  # fmt: skip
+    return f"rolled back to slot {previous}: slot {marker.get('slot')} failed to start {starts} times"
+
+
+def boot_ok(state_dir: Path) -> None:
+    """The service came up (READY): the switch is confirmed, stop counting."""
+    (state_dir / BOOT_FILE).unlink(missing_ok=True)

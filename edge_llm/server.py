@@ -14,8 +14,12 @@ unit sets `WatchdogSec`, keeps a watchdog that pings only while the scheduler's 
 
 SIGHUP (`systemctl reload`) reloads the bundle from its path — after `edge-llm update` switched
 the A/B slot link — without a restart: the new engine is loaded and probed beside the old one,
-then swapped in between steps; running requests finish on the old engine, queued ones run on the
-new one. A bundle that fails to load or answer leaves the old one serving.
+then swapped in between steps (`swap`); running requests finish on the old engine, queued ones
+run on the new one. A bundle that fails to load or answer leaves the old one serving.
+With `[ota] trusted_key` and MQTT, updates also arrive over MQTT (`edge_llm/ota_mqtt.py`), which
+ends in the same `swap`; the status topic names the active bundle, its slot and the last
+update's outcome. The OTA state (partial transfer, start counter, last outcome) lives beside the
+state file, in `<state>.ota/`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_llm import __version__, protocol, systemd
+from edge_llm import __version__, ota, protocol, systemd
 from edge_llm.board import BoardConfig, parse_listen
 from edge_llm.engine import Engine
 from edge_llm.errors import ConfigError
@@ -47,8 +51,10 @@ class Server:
         srv = board.server
         # The state dir is ours (0700); a file named with --state may sit in a shared folder.
         own = state_path is None
-        path = Path(srv.state_dir).expanduser() / "state.sqlite" if own else Path(state_path)
+        path = state_file(board, state_path)
         self.db = StateDB(path, max_finals=srv.max_finals, private_dir=own)
+        self.ota_dir = ota_dir(path)
+        self.bundle_path = engine.bundle.path  # what --bundle named: the slot link on a board
         pruned = self.db.prune_sessions(board.sessions.ttl_days * 86400)
         if pruned:
             log.info("deleted %d sessions idle for more than %g days", pruned, board.sessions.ttl_days)
@@ -78,6 +84,7 @@ class Server:
         self.http: Any = None
         self.grpc: Any = None
         self.metrics_server: Any = None
+        self.ota: Any = None
         self.watchdog: systemd.Watchdog | None = None
         self._stopped = threading.Event()
 
@@ -91,20 +98,45 @@ class Server:
         from edge_llm.engine import Slot
         from edge_llm.sampling import SamplingParams
 
-        path = bundle if bundle is not None else self.engine.bundle.path
+        path = bundle if bundle is not None else self.bundle_path
         engine = Engine.load(path, self.engine.options)
         probe = engine.encode_request(messages=[{"role": "user", "content": "Hello"}])
         engine.complete(probe, SamplingParams(max_tokens=2, ignore_eos=True), Slot())
-        if not self.scheduler.swap_engine(engine, self._conversations(engine), timeout):
+        if not self.swap(engine, timeout):
             raise ConfigError(f"reload: the running requests did not finish within {timeout} s")
-        self.engine = engine
+        self.bundle_path = path
         log.info("reloaded: now serving %s from %s", engine.bundle.name, path)
+        self.refresh_status()
         return engine
+
+    def swap(self, engine: Engine, timeout: float | None = None) -> bool:
+        """Serve with `engine` (loaded and probed by the caller) from the scheduler's next free
+        moment on: running requests finish on the old engine, queued and new ones run on the new
+        one. False if they did not finish within `timeout` (the swap still happens when they do)."""
+        done = self.scheduler.swap_engine(engine, self._conversations(engine), timeout)
+        self.engine = engine
+        self.metrics.engine = engine
+        return done
+
+    def bundle_info(self) -> dict[str, Any]:
+        """The active bundle: name, sha256 of its bundle.json (names every file), A/B slot."""
+        try:
+            digest: str | None = ota.manifest_sha256(Path(self.bundle_path))
+        except OSError:
+            digest = None
+        return {"name": self.engine.bundle.name, "sha256": digest, "slot": ota.slot_of(self.bundle_path)}
+
+    def refresh_status(self, _outcome: dict[str, Any] | None = None) -> None:
+        """Publish the status again (retained): after a swap, or an update's outcome."""
+        if self.mqtt is not None:
+            self.mqtt.set_status(self.status())
 
     def status(self) -> dict[str, Any]:
         """What the MQTT status message advertises."""
         return {
             "model": self.engine.bundle.name,
+            "bundle": self.bundle_info(),
+            "last_update": ota.last_outcome(self.ota_dir),
             "version": __version__,
             "protocol": protocol.PROTOCOL_VERSION,
             "capabilities": {
@@ -145,6 +177,12 @@ class Server:
                 from edge_llm.transports.mqtt import MqttTransport  # the only place paho is imported
 
                 self.mqtt = MqttTransport(self.dispatcher, mqtt_cfg, self.status(), self.metrics.summary)
+                if self.board.ota.trusted_key:  # its topics join the first subscription
+                    from edge_llm.ota_mqtt import OtaReceiver
+
+                    prefix = Path(self.board.ota.prefix or Path(self.bundle_path).parent).expanduser()
+                    self.ota = OtaReceiver(self, self.mqtt, self.board.ota, prefix, self.ota_dir)
+                    self.ota.start()
                 self.mqtt.start()
             if http_cfg.host:
                 from edge_llm.transports.http import HttpTransport  # extra "http": says so if missing
@@ -169,6 +207,7 @@ class Server:
             raise
         # The bundle is loaded (we were given the engine) and every transport accepts: ready.
         systemd.notify(f"READY=1\nSTATUS=serving {self.engine.bundle.name}")
+        ota.boot_ok(self.ota_dir)  # came up: a switch before this start is confirmed
         interval = systemd.watchdog_interval()
         if interval is not None:
             self.watchdog = systemd.Watchdog(self.scheduler.alive, interval)
@@ -184,6 +223,8 @@ class Server:
         # The scheduler first: it refuses new requests (`busy`, which clients retry) and lets the
         # running one finish within the grace period while the transports can still deliver it.
         self.scheduler.close(grace_s=self.board.server.shutdown_grace_s)
+        if self.ota is not None:
+            self.ota.stop()
         if self.socket is not None:
             self.socket.stop()
         if self.mqtt is not None:
@@ -225,6 +266,18 @@ class Server:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop()
+
+
+def state_file(board: BoardConfig, state_path: str | Path | None) -> Path:
+    """The SQLite state file: `--state`, else `[server] state_dir`/state.sqlite."""
+    if state_path is not None:
+        return Path(state_path)
+    return Path(board.server.state_dir).expanduser() / "state.sqlite"
+
+
+def ota_dir(state: Path) -> Path:
+    """OTA state beside the state file: partial transfer, start counter, last outcome."""
+    return state.with_name(state.name.rsplit(".", 1)[0] + ".ota")
 
 
 def _importable(module: str) -> bool:

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--grpc", metavar="HOST:PORT", help="gRPC LLMService (extra `grpc`; [grpc] listen)")
     serve.add_argument("--state", metavar="FILE", help="SQLite state file (default [server] state_dir)")
     serve.add_argument("--system-prompt", help="system prompt for new conversations (overrides [sessions])")
+    serve.add_argument(
+        "--trusted-key", metavar="FILE", help="take signed bundle updates over MQTT ([ota] trusted_key)"
+    )
     serve.set_defaults(handler=run_serve)
 
     send = sub.add_parser("send", help="send one prompt to a running `edge-llm serve` and stream the answer")
@@ -122,9 +125,12 @@ def board_with_overrides(args: argparse.Namespace) -> Any:
         mqtt = dataclasses.replace(mqtt, **changes)
         metrics = dataclasses.replace(board.metrics, listen=args.metrics) if args.metrics else board.metrics
         grpc = dataclasses.replace(board.grpc, listen=args.grpc) if args.grpc else board.grpc
+        trusted = getattr(args, "trusted_key", None)
+        ota = dataclasses.replace(board.ota, trusted_key=trusted) if trusted else board.ota
         return dataclasses.replace(
-            board, socket=sock, mqtt=mqtt, sessions=sessions, http=http, keys=keys, metrics=metrics, grpc=grpc
-        )
+            board, socket=sock, mqtt=mqtt, sessions=sessions, http=http, keys=keys, metrics=metrics,
+            grpc=grpc, ota=ota,
+        )  # fmt: skip
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -142,6 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
     mqtt_log = logging.getLogger("edge_llm.transports.mqtt")
     if mqtt_log.getEffectiveLevel() > logging.INFO:
         mqtt_log.setLevel(logging.INFO)
+    _count_start(args, board)
     engine, board = load_engine(args, board)
     server = Server(engine, board, state_path=args.state)
     server.start()
@@ -162,6 +169,19 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"edge-llm: serving {engine.bundle.name} on {', '.join(where)}", file=sys.stderr, flush=True)
     server.run_until_signal(reload)
     return 0
+
+
+def _count_start(args: argparse.Namespace, board: Any) -> None:
+    """After an update switched slots: count this start, or roll back when the last
+    `[ota] failed_starts` starts never reached READY (edge_llm/ota.py, `boot_check`)."""
+    from edge_llm import ota
+    from edge_llm.paths import resolve_bundle
+    from edge_llm.server import ota_dir, state_file
+
+    state = ota_dir(state_file(board, args.state))
+    done = ota.boot_check(state, resolve_bundle(args.bundle), board.ota.failed_starts)
+    if done is not None:
+        print(f"edge-llm: update: {done}", file=sys.stderr, flush=True)
 
 
 def run_send(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ Topics (prefix "edge-llm", device D):
   is replayed only to the same reply topic, and a cancel must name it (docs/protocol.md).
 - `edge-llm/D/status`: retained `online` JSON (model, capabilities) at connect; `offline` on a
   clean stop and, as the Last Will, when the connection dies.
+- `edge-llm/D/update/...`: signed bundle updates (`edge_llm/ota_mqtt.py`, with `[ota]
+  trusted_key`), which registers its topics here with `add_handler`.
 - `edge-llm/D/metrics`: with `[mqtt] metrics_interval_s` > 0, a retained JSON summary (requests,
   errors, QPS, mean latency, tokens, queue, KV bytes; `Metrics.summary`) every that many seconds.
 Replies (QoS 1): MQTT 5 to the request's Response Topic, echoing its Correlation Data; MQTT 3.1.1
@@ -159,11 +161,34 @@ class MqttTransport:
         self.stats: Counter[str] = Counter()
         self._closing = False  # we are closing the connection ourselves: nothing to warn about
         self._starting = False  # start() is waiting for the first answer and will explain a failure
+        # Other device topics (OTA updates): filter -> callback, called on paho's thread.
+        self.handlers: list[tuple[str, Callable[[mqtt.MQTTMessage], None]]] = []
         self.heartbeat = heartbeat if cfg.metrics_interval_s > 0 else None
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
 
     # -- lifecycle --
+
+    def add_handler(self, topic_filter: str, handler: Callable[[mqtt.MQTTMessage], None]) -> None:
+        """Subscribe `topic_filter` (QoS 1, again on every connect) and pass its messages to
+        `handler` instead of the dispatcher. The handler runs on paho's thread: keep it thin."""
+        self.handlers.append((topic_filter, handler))
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos=1)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish a device message (QoS 1, or the broker's maximum); paho queues it while the
+        broker is away. Never raises: a failure is logged."""
+        try:
+            self.client.publish(topic, payload, qos=self.max_qos, retain=retain)
+        except (ValueError, TypeError) as exc:
+            log.warning("cannot publish to %r: %s", topic, exc)
+
+    def set_status(self, status: dict[str, Any]) -> None:
+        """Replace the retained `online` status (e.g. a new bundle after an update)."""
+        self.status = {"state": "online", "device": self.cfg.device, **status}
+        if self.connected.is_set():
+            self.publish(self.topics.status, json.dumps(self.status).encode(), retain=True)
 
     def start(self, wait_s: float = 10.0) -> None:
         """Connect and start the network thread. A refused login, a TLS/plain mismatch or a failed
@@ -295,7 +320,7 @@ class MqttTransport:
         self.max_packet = min(limits) if limits else None
         self.max_qos = min(1, getattr(props, "MaximumQoS", 1)) if props is not None else 1
         # Subscribe every time: a broker restarted without persistence has forgotten us.
-        client.subscribe(self.topics.subscriptions())
+        client.subscribe(self.topics.subscriptions() + [(f, 1) for f, _ in self.handlers])
         status = json.dumps(self.status).encode()
         if (
             self.max_packet is not None
@@ -350,6 +375,13 @@ class MqttTransport:
             )
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        for topic_filter, handler in self.handlers:
+            if mqtt.topic_matches_sub(topic_filter, msg.topic):
+                try:
+                    handler(msg)
+                except Exception:  # never let it kill paho's network thread
+                    log.exception("failed to handle a message on %s", msg.topic)
+                return
         props = msg.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None

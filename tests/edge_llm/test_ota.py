@@ -172,6 +172,22 @@ def test_a_failing_self_test_leaves_the_old_bundle_active(
     assert _serving(prefix) == "a"
 
 
+def test_a_refused_update_keeps_the_bundle_a_rollback_goes_back_to(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tiny_bundle: Path, tmp_path: Path
+) -> None:
+    assert ota.apply_update(prefix, signed, keys[1]).slot == "b"  # slot a: the first install
+    broken = tmp_path / "broken"
+    shutil.copytree(signed, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    _rehash(broken, tiny_bundle)
+    ota.sign(broken, keys[0])
+    with pytest.raises(UpdateError, match="self-test failed"):
+        ota.apply_update(prefix, broken, keys[1])  # staged into slot a, then refused
+    assert _serving(prefix) == "b"
+    load_bundle(prefix / "slots" / "a")  # still whole: what a rollback needs
+    assert ota.rollback(prefix) == "a" and _serving(prefix) == "a"
+
+
 def test_cli_keygen_sign_update(tiny_bundle: Path, prefix: Path, tmp_path: Path) -> None:
     update = tmp_path / "cli-update"
     shutil.copytree(tiny_bundle, update)
@@ -193,3 +209,21 @@ def test_cli_keygen_sign_update(tiny_bundle: Path, prefix: Path, tmp_path: Path)
         "update", "--prefix", str(prefix), "--from", str(update), "--trusted-key", str(tmp_path / "k.pub")
     )
     assert bad.returncode == 2 and "edge-llm: error:" in bad.stderr
+
+
+def test_the_start_counter_rolls_back_after_n_starts_without_ready(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    state, link = tmp_path / "state.ota", prefix / "bundle"
+    assert ota.apply_update(prefix, signed, keys[1], state_dir=state).slot == "b"
+    assert ota.boot_check(state, link, 2) == "start 1 since the switch to slot b"
+    ota.boot_ok(state)  # that start reached READY: the switch is confirmed
+    assert ota.boot_check(state, link, 2) is None
+    assert ota.apply_update(prefix, signed, keys[1], state_dir=state).slot == "a"
+    assert ota.boot_check(state, link, 2) == "start 1 since the switch to slot a"
+    assert ota.boot_check(state, link, 2) == "start 2 since the switch to slot a"
+    done = ota.boot_check(state, link, 2)
+    assert done == "rolled back to slot b: slot a failed to start 2 times"
+    assert ota.Slots(prefix).active() == "b" and ota.boot_check(state, link, 2) is None
+    last = ota.last_outcome(state)
+    assert last is not None and last["outcome"] == "rolled_back" and last["slot"] == "b"

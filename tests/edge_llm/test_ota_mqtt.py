@@ -1,0 +1,346 @@
+"""Bundle updates over MQTT to a running server: live switch under load, refusals, resuming,
+status, rollback after failed starts, canary rollout. A real mosquitto, tiny bundles."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("cryptography")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
+from mosquitto import Broker
+from mqtt_helpers import HELLO, Raw, client
+from ota_helpers import bad_updates, make_update
+
+from edge_llm import ota
+from edge_llm.board import BoardConfig, MqttConfig, OtaConfig, ServerConfig
+from edge_llm.bundle import load_bundle
+from edge_llm.engine import Engine
+from edge_llm.errors import UpdateError
+from edge_llm.ota_send import Connection, UpdateSender, rollout
+from edge_llm.server import Server
+
+DEVICE = "ota1"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    private, public = tmp_path / "ota.key", tmp_path / "ota.pub"
+    ota.keygen(private, public)
+    return private, public
+
+
+def device_prefix(tiny_bundle: Path, folder: Path) -> Path:
+    """A board as install.sh leaves it: PREFIX/bundle is a plain folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny_bundle, folder / "bundle")
+    return folder
+
+
+def start_device(prefix: Path, broker: Broker, public: Path, device: str = DEVICE) -> Server:
+    cfg = MqttConfig(
+        host=broker.host, port=broker.port, device=device, reconnect_min_s=0.1, reconnect_max_s=0.5
+    )
+    board = BoardConfig(
+        mqtt=cfg,
+        server=ServerConfig(max_queue=64, max_inflight_per_client=64),
+        ota=OtaConfig(trusted_key=str(public)),
+    )
+    server = Server(Engine.load(prefix / "bundle"), board, state_path=prefix / "state.sqlite")
+    server.start()
+    return server
+
+
+def sender(broker: Broker, **kw: Any) -> UpdateSender:
+    return UpdateSender(Connection(broker.host, broker.port), timeout=kw.pop("timeout", 120), **kw)
+
+
+def retained_status(broker: Broker, device: str = DEVICE) -> dict[str, Any]:
+    raw = Raw(broker)
+    raw.subscribe(f"edge-llm/{device}/status")
+    payload, _ = raw.get(10)
+    raw.close()
+    return payload
+
+
+def answers(broker: Broker, device: str = DEVICE) -> bool:
+    with client(broker, device=device) as c:
+        return bool(c.generate(messages=HELLO, max_tokens=2).usage["completion_tokens"] == 2)
+
+
+def test_an_update_over_mqtt_switches_the_running_server_and_loses_no_request(
+    tiny_bundle: Path, tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    prefix = device_prefix(tiny_bundle, tmp_path / "board")
+    server = start_device(prefix, broker, keys[1])
+    update = make_update(tiny_bundle, tmp_path, keys[0])
+    old_sha = ota.manifest_sha256(tiny_bundle)
+    stop = threading.Event()
+    finals: Counter[str] = Counter()
+    errors: list[str] = []
+    sent: list[str] = []
+
+    def load(k: int) -> None:  # requests without pause while the update goes in and switches
+        with client(broker, device=DEVICE) as c:
+            i = 0
+            while not stop.is_set():
+                rid = f"c{k}-{i}"
+                sent.append(rid)
+                try:
+                    r = c.generate(messages=HELLO, max_tokens=6, ignore_eos=True, request_id=rid)
+                    finals[r.id] += 1
+                except Exception as exc:
+                    errors.append(f"{rid}: {exc}")
+                i += 1
+
+    try:
+        assert retained_status(broker)["bundle"] == {"name": "tiny-none", "sha256": old_sha, "slot": None}
+        threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        with sender(broker) as s:
+            done = s.send(DEVICE, update, chunk_size=16 * 1024)
+            chunks = s.stats["chunks_sent"]
+        time.sleep(1.0)  # requests keep going on the new engine
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert done["state"] == "done" and done["slot"] == "b" and done["bundle"] == "tiny-v2"
+        assert chunks == -(-update.stat().st_size // (16 * 1024))
+        assert server.engine.bundle.name == "tiny-v2" and server.scheduler.stats["engine_swaps"] == 1
+        assert not errors, errors[:5]
+        assert len(sent) > 10 and sorted(finals) == sorted(sent) and set(finals.values()) == {1}
+        status = retained_status(broker)
+        assert status["bundle"]["name"] == "tiny-v2" and status["bundle"]["slot"] == "b"
+        assert status["bundle"]["sha256"] == done["sha256"] != old_sha
+        assert status["last_update"]["outcome"] == "done"
+        assert (prefix / "bundle").is_symlink() and ota.Slots(prefix).active() == "b"
+        assert not (prefix / "state.ota" / "update.part").exists()  # the archive is not kept
+    finally:
+        stop.set()
+        server.stop()
+
+
+def test_bad_updates_are_refused_with_their_reason_and_the_old_bundle_keeps_serving(
+    tiny_bundle: Path, tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    prefix = device_prefix(tiny_bundle, tmp_path / "board")
+    server = start_device(prefix, broker, keys[1])
+    (tmp_path / "updates").mkdir()
+    bad = bad_updates(tiny_bundle, tmp_path / "updates", keys)
+    state = Raw(broker)
+    state.subscribe(f"edge-llm/{DEVICE}/update/state")
+    try:
+        with sender(broker) as s:
+            for name, (archive, words) in bad.items():
+                with pytest.raises(UpdateError, match=words):
+                    s.send(DEVICE, archive, chunk_size=16 * 1024)
+                assert server.engine.bundle.name == "tiny-none", name
+                assert answers(broker), name
+                last = retained_status(broker)["last_update"]
+                assert last["outcome"] == "refused" and re.search(words, last["error"]), name
+            # A transfer cut off mid-way: the device names the missing chunks and keeps the rest.
+            good = make_update(tiny_bundle, tmp_path, keys[0])
+            with pytest.raises(UpdateError, match=r"truncated transfer: .* chunks missing"):
+                s.send(DEVICE, good, chunk_size=4096, max_chunks=3)
+        assert ota.Slots(prefix).active() in (None, "a")  # never switched
+        assert not (prefix / "slots" / "b").exists()  # staged copies are removed
+        assert answers(broker)
+        seen: list[dict[str, Any]] = []
+        while not state.messages.empty():
+            seen.append(json.loads(state.messages.get().payload))
+        assert all("error" in m for m in seen if m["state"] in ("refused", "incomplete"))
+    finally:
+        state.close()
+        server.stop()
+
+
+def test_a_transfer_resumes_after_the_sender_and_the_device_restart(
+    tiny_bundle: Path, tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    prefix = device_prefix(tiny_bundle, tmp_path / "board")
+    update = make_update(tiny_bundle, tmp_path, keys[0])
+    total = -(-update.stat().st_size // 4096)
+    server = start_device(prefix, broker, keys[1])
+    try:
+        with sender(broker) as s, pytest.raises(UpdateError, match="truncated transfer"):
+            s.send(DEVICE, update, chunk_size=4096, max_chunks=5)  # the sender dies after 5 chunks
+    finally:
+        server.stop()  # and the device restarts
+    have = (prefix / "state.ota" / "update.have").read_bytes()
+    assert sum(have) == 5 and len(have) == total
+    server = start_device(prefix, broker, keys[1])
+    try:  # a new sender: `edge-llm update --mqtt`
+        cli = [sys.executable, "-m", "edge_llm.cli", "update", "--mqtt", f"{broker.host}:{broker.port}"]
+        cli += ["--device", DEVICE, "--chunk-size", "4096", str(update)]
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{total - 5} chunk(s) sent" in done.stdout  # only what the device did not keep
+        assert "now serving tiny-v2" in done.stdout and "in slot b" in done.stdout
+        assert server.engine.bundle.name == "tiny-v2"
+    finally:
+        server.stop()
+
+
+def _serve(prefix: Path, config: Path, *extra: str) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_llm.cli",
+        "serve",
+        "--bundle",
+        str(prefix / "bundle"),
+        "--config",
+        str(config),
+    ]
+    cmd += ["--state", str(prefix / "state.sqlite"), *extra]
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_slot_that_fails_to_start_n_times_is_rolled_back(
+    tiny_bundle: Path, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    prefix = device_prefix(tiny_bundle, tmp_path / "board")
+    good = ota.apply_update(prefix, make_update(tiny_bundle, tmp_path, keys[0]), keys[1])
+    assert good.slot == "b"
+    # Slot a now gets a signed bundle that passes its checks but whose graph does not load at
+    # start (as if the flash went bad after the switch): staged and committed as an update is.
+    slots = ota.Slots(prefix)
+    staging = slots.root / ".staging"
+    shutil.copytree(slots.root / "b", staging)
+    (staging / "model.onnx").write_bytes(b"garbage")
+    state = prefix / "state.ota"
+    kept = slots.root / ".kept"
+    (slots.root / "a").rename(kept)
+    staged = ota.Staged(slots, "a", "b", slots.root / "a", load_bundle(slots.root / "b"), "x", kept)
+    staging.rename(staged.path)
+    ota.commit(staged, state)
+    assert slots.active() == "a" and not kept.exists()
+    config = tmp_path / "board.toml"
+    config.write_text("[ota]\nfailed_starts = 2\n")
+    sock = tmp_path / "edge.sock"
+    for attempt in (1, 2):
+        proc = _serve(prefix, config, "--socket", str(sock))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0, err
+        assert f"start {attempt} since the switch to slot a" in err
+    proc = _serve(prefix, config, "--socket", str(sock))
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "edge-llm: serving" in line:
+                break
+        assert any("rolled back to slot b: slot a failed to start 2 times" in line for line in lines), lines
+        assert slots.active() == "b" and not (state / ota.BOOT_FILE).exists()
+        assert ota.last_outcome(state)["outcome"] == "rolled_back"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_rollout_goes_canary_first_and_stops_when_the_canary_fails(
+    tiny_bundle: Path, tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    config = tmp_path / "board.toml"
+    config.write_text(f"[ota]\ntrusted_key = '{keys[1]}'\n")
+    prefixes = {f"f{i}": device_prefix(tiny_bundle, tmp_path / f"board{i}") for i in range(3)}
+    procs = []
+    for device, prefix in prefixes.items():
+        mqtt = ["--mqtt", f"{broker.host}:{broker.port}", "--device", device, "--fleet", "g1"]
+        procs.append(_serve(prefix, config, *mqtt))
+    try:
+        for p in procs:
+            assert p.stderr is not None
+            for line in p.stderr:
+                if "edge-llm: serving" in line:
+                    break
+
+        def qnn(raw: dict[str, Any]) -> None:
+            raw.setdefault("requirements", {}).update(target="qnn-htp")
+
+        bad = make_update(tiny_bundle, tmp_path, keys[0], "qnn", qnn)
+        with sender(broker) as s:
+            devices = s.group("g1")
+            assert devices == ["f0", "f1", "f2"]
+            report = rollout(s, devices, bad, canary=1, health_timeout=60)
+        assert list(report.failed) == ["f0"] and "wrong architecture" in report.failed["f0"]
+        assert report.untouched == ["f1", "f2"] and not report.updated
+        old = ota.manifest_sha256(tiny_bundle)
+        assert all(retained_status(broker, d)["bundle"]["sha256"] == old for d in prefixes)
+        good = make_update(tiny_bundle, tmp_path, keys[0])
+        cli = [
+            sys.executable,
+            "-m",
+            "edge_llm.cli",
+            "rollout",
+            str(good),
+            "--mqtt",
+            f"{broker.host}:{broker.port}",
+        ]
+        done = subprocess.run(
+            [*cli, "--group", "g1", "--canary", "1"], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "f0: updated (canary, slot b" in done.stdout and "f2: updated (device, slot b" in done.stdout
+        assert {retained_status(broker, d)["bundle"]["name"] for d in prefixes} == {"tiny-v2"}
+        assert all(answers(broker, d) for d in prefixes)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+def test_only_the_operator_account_may_publish_updates(
+    tiny_bundle: Path, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    # The ACL of docs/boards.md: the operator writes update topics; a device reads its own and
+    # writes its state; anyone else (here a client that may read states) writes none of them.
+    acl = (
+        "user operator\ntopic readwrite edge-llm/#\n\n"
+        "user intruder\ntopic read edge-llm/+/update/state\n\n"
+        "pattern read edge-llm/%u/update/#\npattern write edge-llm/%u/update/state\n"
+        "pattern write edge-llm/%u/status\n"
+    )
+    users = {"operator": "op", "ota1": "dev", "intruder": "x"}
+    b = Broker(tmp_path / "acl-broker", users=users, acl=acl).start()
+    try:
+        prefix = device_prefix(tiny_bundle, tmp_path / "board")
+        cfg = MqttConfig(host=b.host, port=b.port, device=DEVICE, username="ota1", password="dev")
+        board = BoardConfig(mqtt=cfg, ota=OtaConfig(trusted_key=str(keys[1])))
+        server = Server(Engine.load(prefix / "bundle"), board, state_path=prefix / "state.sqlite")
+        server.start()
+        update = make_update(tiny_bundle, tmp_path, keys[0])
+        try:
+            intruder = UpdateSender(Connection(b.host, b.port, "intruder", "x"), timeout=6, idle_s=2)
+            with intruder as s, pytest.raises(UpdateError, match="no outcome"):
+                s.send(DEVICE, update)
+            assert server.engine.bundle.name == "tiny-none"
+            with UpdateSender(Connection(b.host, b.port, "operator", "op"), timeout=120) as s:
+                assert s.send(DEVICE, update)["state"] == "done"
+        finally:
+            server.stop()
+    finally:
+        b.stop()
