@@ -7,19 +7,39 @@ graph IO names, KV layout, token ids, chat template, quantization, source and re
 `bundle.json` is versioned (`format_version`); a loader never guesses a format from a file
 name. Loading refuses a missing file, a checksum mismatch, an unknown format version, or a
 graph whose IO disagrees with the manifest, naming the file and what is wrong.
+
+Compatibility: boards update over the air bundle first, so an older runtime meets bundles
+written by a newer exporter. The rule for changing the format:
+- A field an older runtime may ignore and still run the graph correctly (a hint, a speed-up, a
+  compiled graph beside the plain one, documentation) is added anywhere outside `requirements`
+  without bumping `format_version`: a runtime ignores fields it does not know there, logging
+  their names at debug level.
+- What a runtime must understand to run the graph correctly goes under `requirements`, which
+  is strict: an unknown requirement refuses the load. Its `onnxruntime` is checked before a
+  session starts; its `edge_llm` names the lowest runtime that reads the bundle right, and an
+  older one refuses at load, in one line: "this bundle needs edge-llm ≥ X (found Y): update the
+  runtime or re-export". An exporter sets it when it writes something older runtimes would
+  misread; `write_manifest` leaves it out while empty, so runtimes that predate it load the
+  bundles that do not need it.
+- A change every reader must know about (a field changing meaning, a layout rewritten) bumps
+  `format_version`, which a runtime refuses unless it reads that version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_llm import __version__
 from edge_llm.chat import ChatFormat
 from edge_llm.errors import BundleError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
@@ -95,11 +115,14 @@ class Requirements:
         (derived at export from the ops actually present, `export/targets.py`).
     contrib_ops: "domain:op" of every non-standard op in the graph(s).
     target: the `--target` the bundle was built for (cpu, openvino, qnn-htp, cuda).
+    edge_llm: the lowest edge-llm runtime that reads this bundle correctly ("": any that loads
+        it); see the compatibility rule above.
     """
 
     onnxruntime: str = ""
     contrib_ops: tuple[str, ...] = ()
     target: str = "cpu"
+    edge_llm: str = field(default="", metadata={"omit_empty": True})
 
 
 @dataclass(frozen=True)
@@ -154,24 +177,32 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
-            f"{manifest}: unknown format_version {version!r}; this runtime reads {FORMAT_VERSION}"
+            f"{manifest}: unknown format_version {version!r}; this runtime (edge-llm {__version__}) "
+            f"reads {FORMAT_VERSION}: update the runtime or re-export"
         )
+    ignored: list[str] = []
     try:
+        _check_runtime(raw.get("requirements"))  # first: a newer bundle may not parse here
         bundle = Bundle(
             path=root,
             format_version=version,
             name=str(raw["name"]),
-            architecture=Architecture(**raw["architecture"]),
-            graph=_graph_spec(raw["graph"]),
-            tokenizer=_tokenizer_spec(raw["tokenizer"]),
+            architecture=_known(Architecture, raw["architecture"], "architecture", ignored),
+            graph=_graph_spec(raw["graph"], ignored),
+            tokenizer=_tokenizer_spec(raw["tokenizer"], ignored),
             quantization=dict(raw.get("quantization", {})),
             source=dict(raw.get("source", {})),
             recipe=dict(raw.get("recipe", {})),
             files=dict(raw["files"]),
             requirements=_requirements(raw["requirements"]) if "requirements" in raw else None,
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{manifest}: malformed manifest ({exc!s})") from None
+    except _NeedsNewer as exc:
+        raise BundleError(f"{manifest}: {exc}") from None
+    ignored += sorted(set(raw) - {f.name for f in fields(Bundle)})
+    if ignored:  # additive fields from a newer exporter (the compatibility rule above)
+        log.debug("%s: ignoring fields this runtime does not know: %s", manifest, ", ".join(ignored))
     for needed in (
         bundle.graph.file,
         bundle.graph.prefill_file,
@@ -231,7 +262,36 @@ def _remember_verified(root: Path, stamp: str) -> None:
         pass
 
 
-def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
+class _NeedsNewer(Exception):
+    """The manifest asks for a newer runtime (the message says which and what to do)."""
+
+
+def _known(cls: type[Any], raw: dict[str, Any], section: str, ignored: list[str]) -> Any:
+    """`cls(**raw)` with only the fields `cls` has; the others are named in `ignored`."""
+    names = {f.name for f in fields(cls)}
+    ignored += [f"{section}.{key}" for key in sorted(set(raw) - names)]
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def _check_runtime(raw: Any) -> None:
+    """Refuse a bundle whose `requirements.edge_llm` is newer than this runtime, and one that has
+    a requirement this runtime does not know (it cannot tell whether it meets it)."""
+    if not isinstance(raw, dict):
+        return  # absent (older bundles), or malformed: `_requirements` says so
+    needs = raw.get("edge_llm")
+    if needs and version_tuple(str(needs)) > version_tuple(__version__):
+        raise _NeedsNewer(
+            f"this bundle needs edge-llm ≥ {needs} (found {__version__}): update the runtime or re-export"
+        )
+    unknown = sorted(set(raw) - {f.name for f in fields(Requirements)})
+    if unknown:
+        raise _NeedsNewer(
+            f"requirements {', '.join(unknown)} unknown to this runtime (edge-llm {__version__}): "
+            "update the runtime or re-export"
+        )
+
+
+def _graph_spec(raw: dict[str, Any], ignored: list[str]) -> GraphSpec:
     raw = dict(raw)
     raw["inputs"] = tuple(raw["inputs"])
     raw["outputs"] = tuple(raw["outputs"])
@@ -240,7 +300,7 @@ def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
         raise TypeError(
             f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"
         )
-    return GraphSpec(**raw)
+    return _known(GraphSpec, raw, "graph", ignored)
 
 
 def _requirements(raw: dict[str, Any]) -> Requirements:
@@ -287,12 +347,12 @@ def check_requirements(bundle: Bundle, ort_version: str) -> None:
         raise BundleError(f"{bundle.path}: {problem}")
 
 
-def _tokenizer_spec(raw: dict[str, Any]) -> TokenizerSpec:
+def _tokenizer_spec(raw: dict[str, Any], ignored: list[str]) -> TokenizerSpec:
     raw = dict(raw)
     raw["eos_ids"] = tuple(int(i) for i in raw["eos_ids"])
     if raw.get("chat_format") is not None:
         ChatFormat.from_dict(raw["chat_format"])  # a malformed one fails the load, not a request
-    return TokenizerSpec(**raw)
+    return _known(TokenizerSpec, raw, "tokenizer", ignored)
 
 
 def _check_file(root: Path, name: str, meta: dict[str, Any], verify: bool) -> None:
@@ -349,7 +409,13 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
+        # An empty `omit_empty` field stays out: runtimes that predate it refuse a manifest that
+        # has it (requirements are strict), so only bundles that need it may carry it.
+        return {
+            f.name: getattr(obj, f.name)
+            for f in fields(obj)
+            if getattr(obj, f.name) or not f.metadata.get("omit_empty")
+        }
     if isinstance(obj, tuple | set):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -3,7 +3,8 @@
 In: a bundle folder (or `Bundle`) and `RunnerOptions`; per request, chat `messages`, a plain
 `prompt` or token ids, and `SamplingParams`. Out: an iterator of `Chunk`s — text deltas that
 never split a UTF-8 character, then one final chunk with the whole text, the finish reason
-("stop", "length", "cancelled") and `Usage`.
+("stop", "length", "cancelled") and `Usage`. Every delta is a prefix of what the uninterrupted
+run streams: a cancelled generation drops the tail it was holding back instead of flushing it.
 
 The loop is deliberately small: `prefill` feeds the prompt (only what a reused `Slot` does not
 already hold), `decode_one_token` feeds one token and samples the next, `generate` strings them
@@ -69,6 +70,10 @@ class Slot:
     cache: KVCache | SharedCache | None = None
     ids: list[int] = field(default_factory=list)
     row: int | None = None  # set: the sequence lives in row `row` of a shared batch cache
+
+
+# Finish reasons after which the held-back tail is part of the answer (see Generation._flush).
+_NATURAL_ENDS = ("stop", "length")
 
 
 class StopMatcher:
@@ -491,14 +496,20 @@ class Generation:
             self.finish = "cancelled"
 
     def pop_delta(self) -> str:
-        """Text produced since the last call (after a finish: including the held-back tail)."""
+        """Text produced since the last call (after a natural finish: with the held-back tail)."""
         self._flush()
         out, self._pending = self._pending, ""
         return out
 
     def _flush(self) -> None:
-        """Once finished, release text held back for UTF-8 or stop-string matching."""
-        if self.finished and not self._hit:  # after a stop string nothing past it may leak
+        """Once ended by a stop or the length limit, release text held back for UTF-8 or
+        stop-string matching. A cancelled (or failed) generation keeps it back: held text is not
+        yet what the uninterrupted run would stream there (the next token may complete a
+        character or a stop string), and a client that retries after a server went away mid-way
+        gets the rest from a regeneration with the same seed, seq by seq. Flushing it once sent a
+        chunk the regeneration then sent differently under the same seq, and the client's
+        streamed text stopped being a prefix of the final (tests/edge_llm/test_engine.py)."""
+        if self.finish in _NATURAL_ENDS and not self._hit:  # after a stop string nothing may leak
             tail, _ = self.stops.feed(self.decoder.flush())
             self._pending += tail + self.stops.finish()
             self._hit = True  # flushed once
@@ -520,9 +531,11 @@ class Generation:
             provider=self.engine.runner.provider,
             cpu_fallback_nodes=self.engine.runner.cpu_fallback_nodes,
         )
+        # Interrupted: the text is what was streamed, never the held-back tail (see _flush).
+        text = self.stops.text if self.finish in _NATURAL_ENDS else self.stops.text[: self.stops.emitted]
         return Chunk(
             done=True,
-            text=self.stops.text,
+            text=text,
             finish_reason=self.finish,
             usage=usage,
             token_ids=tuple(self.generated),

@@ -326,9 +326,10 @@ def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = N
         verify_signature(staging, trusted_key)
         _check_listed(staging)
         try:
-            load_bundle(staging)  # sizes and hashes: tampered or truncated files fail here
+            # Sizes and hashes (tampered or truncated files), and a bundle for a newer runtime.
+            load_bundle(staging)
         except EdgeLLMError as exc:
-            raise UpdateError(f"the update's files do not match its signed bundle.json: {exc}") from None
+            raise UpdateError(f"the update does not load: {exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import queue
 import random
 import time
@@ -26,6 +27,8 @@ from typing import Any, Protocol
 from edge_llm.errors import EdgeLLMError, RequestTimeout, TransportError, error_from_reply
 from edge_llm.protocol import Request
 from edge_llm.structured import parse_response_format
+
+log = logging.getLogger(__name__)
 
 # Inbox items besides reply dicts.
 RECONNECTED = "reconnected"  # the transport is back: send the request again
@@ -115,8 +118,12 @@ class _Exchange:
     """One request's exchange, without I/O: the sync and async clients drive the same logic.
 
     Orders chunks, survives gaps and repeats, counts `busy` retries, keeps the deadline and the
-    silence timer. The driver sends the request, then loops: wait up to `wait_s()` for an inbox
-    item (`SILENCE` when none came), `feed` it, and act on the `_Step`."""
+    silence timer. After a server restart the regeneration (same id, same seed) repeats the
+    chunks already yielded; one that repeats a seq with other text ends streaming, and the rest
+    of the text comes from the final, which is authoritative.
+
+    The driver sends the request, then loops: wait up to `wait_s()` for an inbox item (`SILENCE`
+    when none came), `feed` it, and act on the `_Step`."""
 
     def __init__(self, request: Request, policy: RetryPolicy, timeout: float) -> None:
         self.request = request
@@ -166,6 +173,10 @@ class _Exchange:
             sent = "".join(self.emitted)
             # The final text is authoritative; hand over whatever part of it was not streamed.
             rest = [text[len(sent) :]] if text.startswith(sent) and len(text) > len(sent) else []
+            if not text.startswith(sent):  # yielded text cannot be taken back: say so, loudly
+                log.warning(
+                    "request %s: the streamed text is not a prefix of the final text", self.request.id
+                )
             result = Result(
                 id=str(reply.get("id")),
                 text=text,
@@ -175,8 +186,15 @@ class _Exchange:
             )
             return _Step(rest, result=result)
         seq = reply.get("seq")
-        if not isinstance(seq, int) or seq < self.next_seq:
-            return _Step([])  # a repeat (resent after a reconnect)
+        if not isinstance(seq, int) or seq < 0:
+            return _Step([])
+        if seq < self.next_seq:  # a repeat: joined twice, or regenerated after a server restart
+            if not self.gap and str(reply.get("delta", "")) != self.emitted[seq]:
+                # The regeneration (same seed) streams something else from here on: appending
+                # its later deltas would garble the text, so the rest comes from the final.
+                log.warning("request %s: chunk %d came again with other text", self.request.id, seq)
+                self.gap = True
+            return _Step([])
         if seq > self.next_seq or self.gap:
             self.gap = True
             return _Step([])

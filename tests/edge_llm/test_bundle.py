@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 
+from edge_llm import __version__
 from edge_llm.bundle import FORMAT_VERSION, load_bundle, write_manifest
 from edge_llm.engine import Engine
 from edge_llm.errors import BundleError
+from edge_llm.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -123,3 +127,73 @@ def test_remembered_verification_still_catches_a_changed_file(bundle_copy: Path)
     tok.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256 mismatch"):
         load_bundle(bundle_copy)
+
+
+def test_fields_a_newer_exporter_added_are_ignored_and_named_in_the_debug_log(
+    tiny_bundle: Path, bundle_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Boards update bundle first: an older runtime loads a bundle with additive fields it does
+    not know (same format_version), runs it, and logs which fields it ignored."""
+
+    def add(d: dict) -> None:
+        d["provenance"] = {"signed_by": "ci"}
+        d["graph"]["kv_hint"] = "page-16"
+        d["tokenizer"]["normalizer_note"] = "nfc"
+        d["architecture"]["rope_note"] = "default"
+
+    _edit_manifest(bundle_copy, add)
+    with caplog.at_level(logging.DEBUG, logger="edge_llm.bundle"):
+        bundle = load_bundle(bundle_copy)
+    original = load_bundle(tiny_bundle)
+    assert (bundle.architecture, bundle.graph, bundle.tokenizer) == (
+        original.architecture,
+        original.graph,
+        original.tokenizer,
+    )
+    named = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(named) == 1
+    for field_name in ("architecture.rope_note", "graph.kv_hint", "tokenizer.normalizer_note", "provenance"):
+        assert field_name in named[0]
+    engine = Engine.load(bundle_copy)
+    ids = engine.encode_request(prompt="hello")
+    assert engine.complete(ids, SamplingParams(max_tokens=3, ignore_eos=True)).usage.completion_tokens == 3
+
+
+def test_a_bundle_for_a_newer_runtime_is_refused_in_one_line(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda d: d["requirements"].update(edge_llm="99.1"))
+    with pytest.raises(BundleError) as refused:
+        load_bundle(bundle_copy)
+    message = f"this bundle needs edge-llm ≥ 99.1 (found {__version__}): update the runtime or re-export"
+    assert str(refused.value).endswith(message) and "\n" not in str(refused.value)
+    # Refused before the rest is read: a newer bundle's sections may not parse here at all.
+    _edit_manifest(bundle_copy, lambda d: d["graph"].update(kv_layout="paged"))
+    with pytest.raises(BundleError, match=r"needs edge-llm ≥ 99\.1"):
+        load_bundle(bundle_copy)
+    _edit_manifest(bundle_copy, lambda d: d["graph"].update(kv_layout="concat"))
+    _edit_manifest(bundle_copy, lambda d: d["requirements"].update(edge_llm=__version__))
+    assert load_bundle(bundle_copy).requirements.edge_llm == __version__
+
+
+def test_a_requirement_this_runtime_does_not_know_refuses_the_load(bundle_copy: Path) -> None:
+    """`requirements` is the strict section: an unknown one may be unmet, so it is not ignored."""
+    _edit_manifest(bundle_copy, lambda d: d["requirements"].update(npu_sdk="2.40"))
+    with pytest.raises(
+        BundleError, match=r"requirements npu_sdk unknown to this runtime.*update the runtime"
+    ):
+        load_bundle(bundle_copy)
+
+
+def test_the_runtime_requirement_is_written_only_when_set(bundle_copy: Path) -> None:
+    """Runtimes that predate `requirements.edge_llm` refuse an unknown requirement, so bundles
+    that do not need a newer runtime must not carry the field at all."""
+    bundle = load_bundle(bundle_copy)
+    assert bundle.requirements is not None
+    write_manifest(bundle)
+    assert "edge_llm" not in json.loads((bundle_copy / "bundle.json").read_text())["requirements"]
+    assert load_bundle(bundle_copy) == bundle
+    newer = dataclasses.replace(
+        bundle, requirements=dataclasses.replace(bundle.requirements, edge_llm="0.0.9")
+    )
+    write_manifest(newer)
+    assert json.loads((bundle_copy / "bundle.json").read_text())["requirements"]["edge_llm"] == "0.0.9"
+    assert load_bundle(bundle_copy) == newer

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_llm.engine import Engine, Slot
+from edge_llm.engine import Chunk, Engine, Slot
 from edge_llm.errors import ContextLengthError, RequestError
 from edge_llm.sampling import SamplingParams
 
@@ -115,6 +115,46 @@ def test_stream_deltas_concatenate_to_text(engine: Engine) -> None:
     u = final.usage
     assert u.prompt_tokens == len(ids) and u.completion_tokens == 40
     assert u.ttft_s > 0 and u.decode_tok_s > 0
+
+
+def interrupted(
+    engine: Engine, ids: list[int], params: SamplingParams, after: int | None
+) -> tuple[list[str], Chunk]:
+    """Stream `ids` and cancel it after `after` more steps (None: run to the end): (deltas, final)."""
+    asked = 0
+
+    def should_stop() -> bool:
+        nonlocal asked
+        asked += 1
+        return after is not None and asked > after
+
+    *chunks, final = engine.generate(ids, params, should_stop=should_stop)
+    return [c.delta for c in chunks], final
+
+
+@pytest.mark.parametrize("held", ["utf8", "stop-string"])
+def test_a_cancelled_stream_is_a_prefix_of_the_whole_one(engine: Engine, held: str) -> None:
+    """The root cause of a flaky server-restart test: a cancelled generation flushed the text it
+    was holding back (an incomplete UTF-8 character's bytes, or a tail that could still start a
+    stop string) as one more chunk. The regeneration a retrying client gets from the next server
+    sends other text under that chunk's seq, so the client's streamed text stopped being a prefix
+    of the final. Now every chunk of a cancelled run is the uninterrupted run's chunk, seq by seq,
+    whatever step it is cancelled at, and its final text is exactly what it streamed."""
+    ids = engine.encode_request(messages=MESSAGES)
+    # A stop string that never comes still holds back its length - 1 characters at every step.
+    stop = ("a stop string this random model never writes",) if held == "stop-string" else ()
+    params = SamplingParams(max_tokens=48, temperature=0.9, seed=1, ignore_eos=True, stop=stop)
+    whole, final = interrupted(engine, ids, params, None)
+    assert "".join(whole) == final.text and final.finish_reason == "length"
+    cut_inside_a_character = 0
+    for after in range(47):
+        deltas, cut = interrupted(engine, ids, params, after)
+        assert cut.finish_reason == "cancelled" and len(cut.token_ids) == after + 1
+        assert deltas == whole[: len(deltas)], f"cancelled after {after} steps"
+        assert cut.text == "".join(deltas)
+        cut_inside_a_character += engine.tokenizer.decode(cut.token_ids).endswith("\ufffd")
+    if held == "utf8":  # the seed does put byte tokens of unfinished characters at some cuts
+        assert cut_inside_a_character > 0
 
 
 def test_context_limit_is_enforced(engine: Engine) -> None:

@@ -93,7 +93,7 @@ def test_a_tampered_file_is_refused_and_the_old_bundle_keeps_serving(
 ) -> None:
     data = signed / "tokenizer.json"
     data.write_text(data.read_text().replace("<|im_end|>", "<|im_END|>", 1))
-    with pytest.raises(UpdateError, match=r"do not match its signed bundle\.json"):
+    with pytest.raises(UpdateError, match=r"does not load: .*tokenizer\.json: sha256 mismatch"):
         ota.apply_update(prefix, signed, keys[1])
     assert _serving(prefix) == "a"
     assert not (prefix / "slots" / "b").exists()  # the staged copy is gone
@@ -135,8 +135,28 @@ def test_a_truncated_transfer_is_refused(
         tar.add(signed, arcname="tiny")
     cut = tmp_path / "cut.tar"
     cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    with pytest.raises(UpdateError, match=r"truncated|do not match"):
+    with pytest.raises(UpdateError, match=r"truncated|does not load"):
         ota.apply_update(prefix, cut, keys[1])
+    assert _serving(prefix) == "a"
+
+
+def test_an_update_for_a_newer_runtime_is_refused_and_the_old_bundle_keeps_serving(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Boards update bundle first: a bundle that needs a newer edge-llm (requirements.edge_llm)
+    is refused before its self-test, in one line saying what to do."""
+    bundle = load_bundle(signed, verify=False)
+    assert bundle.requirements is not None
+    newer = dataclasses.replace(bundle.requirements, edge_llm="99.0")
+    (signed / ota.SIGNATURE).unlink()
+    write_manifest(dataclasses.replace(bundle, requirements=newer))
+    with monkeypatch.context() as workstation:  # signed where edge-llm 99.0 is installed
+        workstation.setattr("edge_llm.bundle.__version__", "99.0")
+        ota.sign(signed, keys[0])
+    with pytest.raises(
+        UpdateError, match=r"needs edge-llm ≥ 99\.0 \(found .*\): update the runtime or re-export"
+    ):
+        ota.apply_update(prefix, signed, keys[1])
     assert _serving(prefix) == "a"
 
 
