@@ -250,7 +250,7 @@ def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
     raw["variants"] = {str(k): dict(v) for k, v in dict(raw.get("variants", {})).items()}
     for name, v in raw["variants"].items():
         if v.get("kv_cache") not in ("fp32", "int8") or not isinstance(v.get("query_seqlens"), bool):
-            raise TypeError(f"graph.variants[{name!r}] needs kv_cache 'fp32'|'int8' and query_seqlens true|false")
+            raise TypeError(f"graph.variants[{name!r}]: kv_cache 'fp32'|'int8', query_seqlens true|false")
     if raw.get("kv_cache", "fp32") not in ("fp32", "int8"):
         raise TypeError(f"graph.kv_cache must be 'fp32' or 'int8', not {raw.get('kv_cache')!r}")
     if raw.get("kv_layout") not in ("concat", "shared", "static"):
@@ -311,7 +311,7 @@ def choose_graph(bundle: Bundle, kv_cache: str, ragged: bool, ort_version: str) 
         kinds = sorted({v["kv_cache"] for v in graphs.values()})
         raise BundleError(
             f"{bundle.path}: no graph with a {want} KV cache (it has {', '.join(kinds)}); set [runtime] "
-            f"kv_cache to one of those, or re-export with [fuse] kv_cache = \"{want}\" (or \"both\")"
+            f'kv_cache to one of those, or re-export with [fuse] kv_cache = "{want}" (or "both")'
         )
     need = bundle.requirements.graphs if bundle.requirements is not None else {}
     have = version_tuple(ort_version)

@@ -116,7 +116,7 @@ class _SessionRunner:
         self.session = self.open_session(
             self.session_file,
             prefused=bundle.graph.kv_layout == "shared",
-            extra_inputs=("query_seqlens",) if self.ragged and "query_seqlens" not in bundle.graph.inputs else (),
+            extra_inputs=tuple({"query_seqlens"} - set(bundle.graph.inputs)) if self.ragged else (),
         )
         arch = bundle.architecture
         self.layers = arch.num_layers
@@ -328,9 +328,8 @@ class SharedRunner(_SessionRunner):
         if all_logits and self.logits_kind == "last":
             raise BundleError(f"{self.bundle.graph_path}: graph returns last-position logits only")
         lengths = cache.lengths[first : first + rows]
-        if counts is not None and (
-            (lengths.any() and not self.ragged) or all_logits or int(counts.min()) < 1 or int(counts.max()) > steps
-        ):
+        over_past = bool(lengths.any()) and not self.ragged
+        if counts is not None and (over_past or all_logits or not 1 <= counts.min() <= counts.max() <= steps):
             # Without query_seqlens GQA reads ragged counts only for empty rows (its first
             # prompt); over a past the padding would land at the wrong positions.
             raise ValueError(
