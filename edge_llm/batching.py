@@ -71,11 +71,13 @@ def step_rows(engine: Engine, seqs: list[Generation]) -> None:
     first, last = min(by_row), max(by_row)
     span = last - first + 1
     room = cache.capacity - int(cache.lengths[first : last + 1].max())
+    # With no row decoding nobody waits for the prompts: they go in whole.
+    waiting = any(not pending(q) for q in by_row.values())
     feeds: dict[int, list[int]] = {}
     for r, q in by_row.items():
         if pending(q):
-            done = len(q.slot.ids)
-            feeds[r] = q.ids[done : done + fold_piece(span, len(q.ids) - done, room)]
+            done, left = len(q.slot.ids), len(q.ids) - len(q.slot.ids)
+            feeds[r] = q.ids[done : done + (fold_piece(span, left, room) if waiting else min(left, room))]
         else:
             feeds[r] = [q.last]
     width = max(len(f) for f in feeds.values())
