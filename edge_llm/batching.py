@@ -9,8 +9,13 @@ token from that step's logits and decodes like the others. The output is the sam
 token as prefilling alone: the same positions get the same keys and values.
 
 The piece size is a cost trade: padding is computed like real tokens, so a piece of c tokens
-makes the step cost about rows x c token-rows instead of rows. `fold_piece` keeps the padding
-under `FOLD_PADDING` token-rows per step (measured: see benchmarks/README.md, "batched prefill").
+makes the step cost about rows x c token-rows instead of rows. Measured on SmolLM2 (2 cores,
+benchmarks/README.md "Batched prefill"): a batch-8 step feeding 2 / 4 tokens per row cost 1.45x /
+2.16x a plain one, so a 21-token prompt folded 4 tokens a step cost the running rows ~4.6x the
+stall of prefilling it alone. Hence the default: one prompt token per step (`FOLD_PADDING` 0: the
+step costs what a plain step does; the newcomer's first token comes after len(prompt) steps), and
+only for prompt remainders of up to `FOLD_MAX` tokens (a follow-up turn over a cached prefix);
+a longer prompt prefills alone, where one wide forward is cheapest.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ if TYPE_CHECKING:
     from edge_llm.engine import Engine, Generation
 
 # Padding token-rows a folded step may add (beyond one token per row): bounds how much slower a
-# step gets while a newcomer's prompt goes in.
-FOLD_PADDING = 24
+# step gets while a newcomer's prompt goes in (0: one prompt token per step).
+FOLD_PADDING = 0
+# Prompt tokens (after a reused prefix) up to which a newcomer folds; longer ones prefill alone.
+FOLD_MAX = 64
 
 
 def pending(q: Generation) -> bool:
@@ -49,6 +56,9 @@ def defer(engine: Engine, seqs: list[Generation]) -> list[Generation]:
             continue
         have = int(s.cache.lengths[s.row])
         reuse = min(common_prefix(s.ids[:have], q.ids), len(q.ids) - 1)
+        if len(q.ids) - reuse > FOLD_MAX:
+            rest.append(q)
+            continue
         engine.runner.truncate(s.cache, reuse, s.row)
         s.ids = list(q.ids[:reuse])
         q.cached = reuse

@@ -59,8 +59,13 @@ def _params() -> list[SamplingParams]:
     ]
 
 
-def test_folded_newcomers_match_solo_runs(engine: Engine) -> None:
+@pytest.mark.parametrize("padding", [0, 24])
+def test_folded_newcomers_match_solo_runs(
+    engine: Engine, padding: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batching, "FOLD_PADDING", padding)
     prompts = [engine.encode_request(prompt=t) for t in TEXTS]
+    assert max(len(p) for p in prompts) <= batching.FOLD_MAX
     params = _params()
     solo = [engine.complete(ids, p) for ids, p in zip(prompts, params, strict=True)]
     assert len(prompts[3]) > batching.fold_piece(4, 10**6, 10**6)  # takes several folded steps
@@ -78,9 +83,10 @@ def test_folded_newcomers_match_solo_runs(engine: Engine) -> None:
         engine.step(seqs)
     for s, q in zip(solo, seqs, strict=True):
         assert q.final().token_ids == s.token_ids
-    # every forward spanned the batch rows; the newcomers never prefilled alone
+    # the newcomers never prefilled alone: one token per row per step, or padded pieces
     assert not any(rows == 1 and width > 1 for rows, width in calls)
-    assert any(width > 1 for _, width in calls)
+    if padding:  # padded pieces; with 0, wider forwards only once no row decodes (prompts go whole)
+        assert any(width > 1 for _, width in calls)
     engine.runner.forward_rows = type(engine.runner).forward_rows.__get__(engine.runner)
 
 
@@ -102,6 +108,15 @@ def test_fold_reuses_a_sessions_cached_prefix(engine: Engine) -> None:
     while not q.finished:
         engine.step([runner, q])
     assert q.final().token_ids == want
+
+
+def test_long_prompts_prefill_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "FOLD_MAX", 4)
+    cache = engine.runner.empty(2)
+    ids = engine.encode_request(prompt=TEXTS[1])
+    q = Generation(engine, ids, SamplingParams(max_tokens=3), Slot(cache=cache, row=1))
+    engine.start_all([q], fold=True)
+    assert q.last >= 0 and int(cache.lengths[1]) == len(ids)  # prefilled at once
 
 
 def test_portable_graph_does_not_fold(tiny_fused_variants: Path) -> None:
