@@ -6,6 +6,11 @@ batch size gets a session on the bundle's graph, a cache of `--past` tokens per 
 past). Per operator type: milliseconds per step at B = 1 and B = 8 and their ratio, so the table
 says which kernels grow with the rows of a step and which are paid once per step.
 
+`--shapes` also times whole forwards of those shapes (rows x new tokens, default 1x1, 8x1, 8x2,
+8x4, 1x21) in interleaved rounds (median over rounds of the best of 5): what folding a prompt
+into a batch-8 step costs (8x2, 8x4: two or four tokens per row, padding included) against
+prefilling it alone (1x21) — the figures behind edge_llm/batching.py's defaults.
+
     python benchmarks/step_profile.py BUNDLE [--past 64] [--steps 20] [--graph portable|ragged]
 """
 
@@ -16,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -60,6 +66,29 @@ def profile(bundle: Any, rows: int, past: int, steps: int, options: RunnerOption
     return {"ops": dict(ops), "step_ms": statistics.median(runs) / 1e3 if runs else 0.0}
 
 
+def shape_times(
+    bundle: Any, options: RunnerOptions, shapes: list[tuple[int, int]], past: int, rounds: int
+) -> dict[str, list[float]]:
+    """ms per forward of each (rows, tokens) shape over a past of `past`, per round."""
+    runner = SharedRunner(bundle, options)
+    if not runner.ragged and any(r > 1 and s > 1 for r, s in shapes):
+        raise SystemExit("several tokens per row over a past need the query_seqlens graph (--graph ragged)")
+    rows = max(r for r, _ in shapes)
+    cache = runner.empty(rows, past + max(s for _, s in shapes) + 1)
+    runner.forward_rows(np.full((rows, past), 7, np.int64), cache, 0)
+    out: dict[str, list[float]] = {f"{r}x{s}": [] for r, s in shapes}
+    for k in range(rounds):
+        for r, s in shapes if k % 2 == 0 else shapes[::-1]:
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                runner.forward_rows(np.full((r, s), 5, np.int64), cache, 0)
+                best = min(best, time.perf_counter() - t)
+                cache.lengths[:r] -= s
+            out[f"{r}x{s}"].append(1e3 * best)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
@@ -67,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--graph", choices=("portable", "ragged"), default="portable")
+    ap.add_argument("--shapes", default="", help="also time forwards: e.g. 1x1,8x1,8x2,8x4,1x21")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --shapes")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_profile")
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)
@@ -94,6 +125,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| step (model_run, median) | {one['step_ms']:.2f} | {eight['step_ms']:.2f} | "
         f"{eight['step_ms'] / one['step_ms']:.2f} | |"
     )
+    if args.shapes:
+        shapes = [(int(a), int(b)) for a, b in (x.split("x") for x in args.shapes.split(","))]
+        times = shape_times(bundle, options, shapes, args.past, args.rounds)
+        result["shapes_ms"] = times
+        base = statistics.median(times[f"{shapes[0][0]}x{shapes[0][1]}"])
+        lines += [
+            "",
+            f"Whole forwards over a past of {args.past}, median of {args.rounds} interleaved rounds:",
+            "",
+        ]
+        lines += ["| rows x tokens | ms | vs first |", "|---|---:|---:|"]
+        for key, ms in times.items():
+            lines.append(f"| {key} | {statistics.median(ms):.2f} | {statistics.median(ms) / base:.2f} |")
     write_results(args.out, result, lines)
     print("\n".join(lines))
     return result
