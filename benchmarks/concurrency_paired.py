@@ -11,7 +11,8 @@ the time went.
 `--graphs portable,ragged` runs the same rounds on each of the bundle's graphs (interleaved: one
 round is every graph's 1 and 8; `ragged` = the query_seqlens graph, onnxruntime >= 1.32).
 `--stagger N` submits the 8 requests N decode steps apart instead of at once (mid-stream
-arrivals: prefilled alone on the portable graph, folded into the decode step on the ragged one)
+arrivals: prefilled alone on the portable graph, folded into the decode step on the ragged one,
+with `[runtime] fold_max` 64 there)
 and also reports the median time to first token. `ragged:N` runs the ragged graph with a fold
 padding budget of N token-rows per step (edge_llm.batching.FOLD_PADDING; 0: one prompt token per
 step, no padding).
@@ -92,7 +93,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--graphs: a comma list of portable, ragged, ragged:PADDING (or auto)")
     engines, padding = {}, {}
     for g in graphs:
-        engine = Engine(bundle, RunnerOptions(threads=args.threads, max_batch=8, ragged=g != "portable"))
+        ragged = g != "portable"  # the ragged graph with folding on (prompts up to 64 tokens)
+        options = RunnerOptions(
+            threads=args.threads, max_batch=8, ragged=ragged, fold_max=64 if ragged else 0
+        )
+        engine = Engine(bundle, options)
         label = "ragged" if engine.runner.ragged else "portable"
         if ":" in g and label == "ragged":  # the fold's padding budget for this engine's runs
             label, padding[g] = g, int(g.split(":")[1])

@@ -10,12 +10,13 @@ token as prefilling alone: the same positions get the same keys and values.
 
 The piece size is a cost trade: padding is computed like real tokens, so a piece of c tokens
 makes the step cost about rows x c token-rows instead of rows. Measured on SmolLM2 (2 cores,
-benchmarks/README.md "Batched prefill"): a batch-8 step feeding 2 / 4 tokens per row cost 1.45x /
-2.16x a plain one, so a 21-token prompt folded 4 tokens a step cost the running rows ~4.6x the
-stall of prefilling it alone. Hence the default: one prompt token per step (`FOLD_PADDING` 0: the
-step costs what a plain step does; the newcomer's first token comes after len(prompt) steps), and
-only for prompt remainders of up to `FOLD_MAX` tokens (a follow-up turn over a cached prefix);
-a longer prompt prefills alone, where one wide forward is cheapest.
+benchmarks/README.md "Batched prefill"): a batch-8 step feeding 2 / 4 tokens per row cost 1.3x /
+2.0x a plain one, so a 21-token prompt folded 4 tokens a step cost the running rows ~4.4x the
+stall of prefilling it alone; one token per step (`FOLD_PADDING` 0, what is used) adds no
+padding but delays the newcomer's first token by len(prompt) steps and keeps its row busy
+meanwhile — with 8 staggered arrivals it gave no more throughput than prefilling alone and ~9x
+the time to first token. So folding is off unless a board asks (`[runtime] fold_max`: prompts of
+up to that many tokens fold), for hardware where a wider step costs about what a narrow one does.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 # Padding token-rows a folded step may add (beyond one token per row): bounds how much slower a
 # step gets while a newcomer's prompt goes in (0: one prompt token per step).
 FOLD_PADDING = 0
-# Prompt tokens (after a reused prefix) up to which a newcomer folds; longer ones prefill alone.
-FOLD_MAX = 64
 
 
 def pending(q: Generation) -> bool:
@@ -46,7 +45,7 @@ def defer(engine: Engine, seqs: list[Generation]) -> list[Generation]:
     would); return the others, which the caller prefills as before."""
     from edge_llm.engine import _common_prefix as common_prefix  # engine imports this module
 
-    if not engine.runner.ragged:
+    if not engine.runner.ragged or not engine.options.fold_max:
         return seqs
     rest = []
     for q in seqs:
@@ -56,7 +55,7 @@ def defer(engine: Engine, seqs: list[Generation]) -> list[Generation]:
             continue
         have = int(s.cache.lengths[s.row])
         reuse = min(common_prefix(s.ids[:have], q.ids), len(q.ids) - 1)
-        if len(q.ids) - reuse > FOLD_MAX:
+        if len(q.ids) - reuse > engine.options.fold_max:
             rest.append(q)
             continue
         engine.runner.truncate(s.cache, reuse, s.row)

@@ -30,9 +30,12 @@ TEXTS = [
 ]
 
 
+FOLD = 64  # [runtime] fold_max: prompts up to this many tokens fold
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_fused_variants: Path) -> Engine:
-    e = Engine.load(tiny_fused_variants)
+    e = Engine.load(tiny_fused_variants, RunnerOptions(fold_max=FOLD))
     assert e.runner.ragged
     return e
 
@@ -65,7 +68,7 @@ def test_folded_newcomers_match_solo_runs(
 ) -> None:
     monkeypatch.setattr(batching, "FOLD_PADDING", padding)
     prompts = [engine.encode_request(prompt=t) for t in TEXTS]
-    assert max(len(p) for p in prompts) <= batching.FOLD_MAX
+    assert max(len(p) for p in prompts) <= FOLD
     params = _params()
     solo = [engine.complete(ids, p) for ids, p in zip(prompts, params, strict=True)]
     assert len(prompts[3]) > batching.fold_piece(4, 10**6, 10**6)  # takes several folded steps
@@ -110,17 +113,20 @@ def test_fold_reuses_a_sessions_cached_prefix(engine: Engine) -> None:
     assert q.final().token_ids == want
 
 
-def test_long_prompts_prefill_alone(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batching, "FOLD_MAX", 4)
-    cache = engine.runner.empty(2)
-    ids = engine.encode_request(prompt=TEXTS[1])
-    q = Generation(engine, ids, SamplingParams(max_tokens=3), Slot(cache=cache, row=1))
-    engine.start_all([q], fold=True)
+@pytest.mark.parametrize("fold_max", [0, 4])
+def test_long_prompts_and_the_default_prefill_alone(tiny_fused_variants: Path, fold_max: int) -> None:
+    e = Engine.load(tiny_fused_variants, RunnerOptions(fold_max=fold_max))
+    assert e.runner.ragged
+    cache = e.runner.empty(2)
+    ids = e.encode_request(prompt=TEXTS[1])
+    assert len(ids) > 4
+    q = Generation(e, ids, SamplingParams(max_tokens=3), Slot(cache=cache, row=1))
+    e.start_all([q], fold=True)
     assert q.last >= 0 and int(cache.lengths[1]) == len(ids)  # prefilled at once
 
 
 def test_portable_graph_does_not_fold(tiny_fused_variants: Path) -> None:
-    e = Engine.load(tiny_fused_variants, RunnerOptions(ragged=False))
+    e = Engine.load(tiny_fused_variants, RunnerOptions(ragged=False, fold_max=FOLD))
     cache = e.runner.empty(2)
     ids = e.encode_request(prompt=TEXTS[0])
     q = Generation(e, ids, SamplingParams(max_tokens=3), Slot(cache=cache, row=1))
