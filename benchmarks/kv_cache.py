@@ -7,8 +7,10 @@ T_CACHE = float|int8|uint8) and static `k_scale` / `v_scale` inputs (PER_TENSOR 
 activation path, which README measured slower on this CPU. So the compact variant measured here is
 int8 K/V with per-channel scales (one per KV head and channel), calibrated offline.
 
-The script builds that variant from a fused bundle: it runs the bundle on calibration tokens,
-takes each layer's K and V absmax per (KV head, channel) from the cache buffers (K after
+A bundle exported with `[fuse] kv_cache = "both"` (export/variants.py) carries both caches: the
+script compares them as a board profile would choose them (`[runtime] kv_cache`). For any other
+fused bundle it builds the variant with the export stage's own functions: it runs the bundle on
+calibration tokens, takes each layer's K and V absmax per (KV head, channel) from the cache buffers (K after
 rotary, as the cache holds it), and rewrites the graph: the GQA nodes get scale initializers
 (absmax / 127) and the quantization attributes, the KV inputs / outputs become int8. Weights are
 shared (model.onnx.data is hard-linked where the file system allows, else copied). Then, paired
@@ -26,6 +28,7 @@ on the same host:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,59 +49,27 @@ from edge_llm.engine import Engine  # noqa: E402
 from edge_llm.runner import RunnerOptions  # noqa: E402
 
 WIKITEXT = Path(os.environ.get("EDGE_LLM_WIKITEXT", ROOT.parent / "shared/data/wikitext-2/valid.txt"))
-K_SCALE, V_SCALE = 12, 13  # GroupQueryAttention input positions (onnxruntime contrib op schema)
 
 
 def calibrate(engine: Engine, ids: np.ndarray, window: int) -> np.ndarray:
-    """absmax [layers, 2 (K, V), kv heads, head_dim] of the cache over `ids`, in windows."""
-    runner = engine.runner
-    arch = engine.bundle.architecture
-    out = np.zeros((arch.num_layers, 2, arch.num_kv_heads, arch.head_dim), np.float32)
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[start : start + window]
-        cache = runner.empty(1, len(chunk))
-        runner.forward(chunk[None, :], cache)
-        for j, buf in enumerate(cache.buffers):
-            amax = np.abs(buf[0, :, : len(chunk), :]).max(axis=1)
-            out[j // 2, j % 2] = np.maximum(out[j // 2, j % 2], amax)
-    return out
+    """absmax [layers, 2 (K, V), kv heads, head_dim] of the cache over `ids`, in windows (the
+    export stage's calibration, `export.variants.kv_absmax`, on the engine's graph)."""
+    from export.variants import kv_absmax
+
+    return kv_absmax(engine.runner.session_file, ids, window, engine.options.threads)
 
 
 def write_int8_variant(bundle: Path, out: Path, absmax: np.ndarray, calib: dict[str, Any]) -> Path:
-    """A copy of `bundle` whose GQA nodes keep an int8 cache with per-channel scales."""
+    """A copy of `bundle` whose GQA nodes keep an int8 cache with per-channel scales (for bundles
+    exported without `[fuse] kv_cache`; the rewrite is the export stage's, `quantize_kv`)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+
+    from export.variants import quantize_kv
 
     meta = json.loads((bundle / "bundle.json").read_text())
     graph_file = meta["graph"]["file"]
     model = onnx.load(str(bundle / graph_file), load_external_data=False)
-    g = model.graph
-    kv_names = {i.name for i in g.input if i.name.startswith("past_key_values.")}
-    kv_names |= {o.name for o in g.output if o.name.startswith("present.")}
-    for vi in [*g.input, *g.output]:
-        if vi.name in kv_names:
-            vi.type.tensor_type.elem_type = TensorProto.INT8
-    scale = np.maximum(absmax, 1e-6) / 127.0  # symmetric: x ~ round(x / scale) in [-127, 127]
-    layer = 0
-    for node in g.node:
-        if node.op_type != "GroupQueryAttention":
-            continue
-        while len(node.input) <= V_SCALE:
-            node.input.append("")
-        for pos, kind in ((K_SCALE, 0), (V_SCALE, 1)):
-            name = f"layers.{layer}.attn.{'kv'[kind]}_scale"
-            g.initializer.append(numpy_helper.from_array(scale[layer, kind][None, :, None, :], name))
-            node.input[pos] = name
-        node.attribute.extend(
-            [
-                helper.make_attribute("k_quant_type", "PER_CHANNEL"),
-                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
-                helper.make_attribute("kv_cache_bit_width", 8),
-            ]
-        )
-        layer += 1
-    if layer != absmax.shape[0]:
-        raise ValueError(f"{bundle}: {layer} GroupQueryAttention nodes, {absmax.shape[0]} calibrated layers")
+    quantize_kv(model, absmax)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out / graph_file))
     data = bundle / f"{graph_file}.data"
@@ -114,6 +85,13 @@ def write_int8_variant(bundle: Path, out: Path, absmax: np.ndarray, calib: dict[
     body = (out / graph_file).read_bytes()
     meta["files"][graph_file] = {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     meta["name"] = f"{meta['name']}-kv-int8"
+    meta["graph"]["kv_cache"] = "int8"
+    meta["graph"]["variants"] = {}
+    if "requirements" in meta:  # the rewritten graph's own (int8 KV needs a newer onnxruntime)
+        from export.targets import requirements
+
+        req = requirements([out / graph_file], meta["requirements"].get("target", "cpu"))
+        meta["requirements"] = {**meta["requirements"], **req, "graphs": {}}
     meta["kv_cache"] = {"dtype": "int8", "scales": "per channel (KV head x head_dim), absmax / 127", **calib}
     (out / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -184,7 +162,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base.tokenizer.encode(text[len(text) // 2 :][:200_000])[: args.calib_tokens], np.int64
     )
     t0 = time.perf_counter()
-    if args.reuse_variant and (args.variant / "bundle.json").is_file():
+    kinds = {base.bundle.graph.kv_cache} | {v["kv_cache"] for v in base.bundle.graph.variants.values()}
+    if kinds == {"fp32", "int8"}:  # exported with [fuse] kv_cache = "both": the board's choice
+        base = Engine(base.bundle, dataclasses.replace(options, kv_cache="fp32"))
+        variant = args.bundle
+        calib = base.bundle.recipe.get("fuse") or {}
+        int8 = Engine(base.bundle, dataclasses.replace(options, kv_cache="int8"))
+    elif args.reuse_variant and (args.variant / "bundle.json").is_file():
         variant = args.variant
         calib = json.loads((variant / "bundle.json").read_text())["kv_cache"]
     else:
@@ -192,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calib = {"calib_tokens": len(calib_ids), "calib_text": f"{args.text.name} from 50%"}
         variant = write_int8_variant(args.bundle, args.variant, absmax, calib)
         print(f"calibrated on {len(calib_ids)} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
-    int8 = Engine(load_bundle(variant), options)
+    if kinds != {"fp32", "int8"}:
+        int8 = Engine(load_bundle(variant), options)
     engines = {"fp32": base, "int8": int8}
     result: dict[str, Any] = {"bundle": str(args.bundle), "calibration": calib, "chunk": args.chunk}
     for name, engine in engines.items():

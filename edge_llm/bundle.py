@@ -92,6 +92,13 @@ class GraphSpec:
     # instead when `context_provider` leads the session; the plain graphs stay for CPU fallback.
     contexts: dict[str, str] = field(default_factory=dict)
     context_provider: str = ""
+    # The KV element type of `file` ("fp32", or "int8": static per-channel scales in the graph).
+    kv_cache: str = "fp32"
+    # Other graphs over the same weights (export/variants.py): file -> {"kv_cache": "fp32" |
+    # "int8", "query_seqlens": bool (GQA's per-row new-token counts: an extra int32 input)}. The
+    # runner picks one at load (`[runtime] kv_cache`, the onnxruntime build: see
+    # `Requirements.graphs`); absent: `file` is the only graph.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,9 @@ class Requirements:
     contrib_ops: tuple[str, ...] = ()
     target: str = "cpu"
     edge_llm: str = field(default="", metadata={"omit_empty": True})
+    # Variant graphs that need a newer onnxruntime than `onnxruntime` (file -> version): the
+    # runtime uses one only on that build or newer, so the bundle still loads on older ones.
+    graphs: dict[str, str] = field(default_factory=dict, metadata={"omit_empty": True})
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         bundle.graph.prefill_file,
         bundle.tokenizer.file,
         *bundle.graph.contexts.values(),
+        *bundle.graph.variants,
     ):
         if needed and needed not in bundle.files:
             raise BundleError(f"{manifest}: {needed} is not listed under 'files'")
@@ -296,6 +307,12 @@ def _graph_spec(raw: dict[str, Any], ignored: list[str]) -> GraphSpec:
     raw["inputs"] = tuple(raw["inputs"])
     raw["outputs"] = tuple(raw["outputs"])
     raw["contexts"] = {str(k): str(v) for k, v in dict(raw.get("contexts", {})).items()}
+    raw["variants"] = {str(k): dict(v) for k, v in dict(raw.get("variants", {})).items()}
+    for name, v in raw["variants"].items():
+        if v.get("kv_cache") not in ("fp32", "int8") or not isinstance(v.get("query_seqlens"), bool):
+            raise TypeError(f"graph.variants[{name!r}]: kv_cache 'fp32'|'int8', query_seqlens true|false")
+    if raw.get("kv_cache", "fp32") not in ("fp32", "int8"):
+        raise TypeError(f"graph.kv_cache must be 'fp32' or 'int8', not {raw.get('kv_cache')!r}")
     if raw.get("kv_layout") not in ("concat", "shared", "static"):
         raise TypeError(
             f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"
@@ -306,9 +323,11 @@ def _graph_spec(raw: dict[str, Any], ignored: list[str]) -> GraphSpec:
 def _requirements(raw: dict[str, Any]) -> Requirements:
     raw = dict(raw)
     raw["contrib_ops"] = tuple(str(op) for op in raw.get("contrib_ops", ()))
+    raw["graphs"] = {str(k): str(v) for k, v in dict(raw.get("graphs", {})).items()}
     req = Requirements(**raw)
-    if req.onnxruntime:
-        version_tuple(req.onnxruntime)  # a malformed version fails the load, not a session
+    for version in (req.onnxruntime, *req.graphs.values()):
+        if version:
+            version_tuple(version)  # a malformed version fails the load, not a session
     return req
 
 
@@ -338,6 +357,34 @@ def requirements_problem(bundle: Bundle, ort_version: str) -> str | None:
     else:
         hint = f"upgrade (no target runs on onnxruntime < {PORTABLE_CPU_ORT})"
     return f"this bundle needs onnxruntime ≥ {req.onnxruntime}; found {ort_version}: {hint}"
+
+
+def choose_graph(bundle: Bundle, kv_cache: str, ragged: bool, ort_version: str) -> tuple[str, dict[str, Any]]:
+    """The graph file to run and its variant record ({"kv_cache", "query_seqlens"}): one whose
+    KV type is `kv_cache` ("auto": the main graph's), preferring the query_seqlens graph when
+    `ragged` and this onnxruntime runs it (`Requirements.graphs`), else the portable one."""
+    g = bundle.graph
+    graphs = {g.file: {"kv_cache": g.kv_cache, "query_seqlens": "query_seqlens" in g.inputs}, **g.variants}
+    want = g.kv_cache if kv_cache == "auto" else kv_cache
+    fits = [f for f, v in graphs.items() if v["kv_cache"] == want]
+    if not fits:
+        kinds = sorted({v["kv_cache"] for v in graphs.values()})
+        raise BundleError(
+            f"{bundle.path}: no graph with a {want} KV cache (it has {', '.join(kinds)}); set [runtime] "
+            f'kv_cache to one of those, or re-export with [fuse] kv_cache = "{want}" (or "both")'
+        )
+    need = bundle.requirements.graphs if bundle.requirements is not None else {}
+    have = version_tuple(ort_version)
+    runnable = [f for f in fits if have >= version_tuple(need.get(f, "0"))]
+    if not runnable:
+        raise BundleError(
+            f"{bundle.path}: its {want}-KV graph needs onnxruntime ≥ {min(need[f] for f in fits)}; "
+            f"found {ort_version}: upgrade, or choose another [runtime] kv_cache"
+        )
+    plain = [f for f in runnable if not graphs[f]["query_seqlens"]]
+    ragged_ok = [f for f in runnable if graphs[f]["query_seqlens"]]
+    pick = (ragged_ok if ragged and ragged_ok else plain or runnable)[0]
+    return pick, graphs[pick]
 
 
 def check_requirements(bundle: Bundle, ort_version: str) -> None:
@@ -370,9 +417,12 @@ def _check_file(root: Path, name: str, meta: dict[str, Any], verify: bool) -> No
             )
 
 
-def check_graph_io(bundle: Bundle, input_names: list[str], output_names: list[str]) -> None:
-    """Refuse a graph whose inputs/outputs differ from what the manifest promises."""
-    want_in, want_out = set(bundle.graph.inputs), set(bundle.graph.outputs)
+def check_graph_io(
+    bundle: Bundle, input_names: list[str], output_names: list[str], extra_inputs: tuple[str, ...] = ()
+) -> None:
+    """Refuse a graph whose inputs/outputs differ from what the manifest promises (plus
+    `extra_inputs`: a variant's, e.g. query_seqlens)."""
+    want_in, want_out = set(bundle.graph.inputs) | set(extra_inputs), set(bundle.graph.outputs)
     got_in, got_out = set(input_names), set(output_names)
     problems = []
     if want_in != got_in:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_llm import batching
 from edge_llm.bundle import Bundle, load_bundle
 from edge_llm.errors import BundleError, ConstraintError, ContextLengthError, RequestError
 from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, StaticCache, make_runner
@@ -267,14 +268,20 @@ class Engine:
         self.start_all([seq])
         return seq
 
-    def start_all(self, seqs: list[Generation]) -> None:
+    def start_all(self, seqs: list[Generation], fold: bool = False) -> None:
         """Prefill new generations and sample each one's first token.
+
+        `fold` (other rows are running): on the query_seqlens graph, newcomers in batch rows are
+        left pending instead, and `step` feeds their prompts in the running rows' forward
+        (`edge_llm.batching`); their first token comes from a later step.
 
         Requests that arrive together and sit in adjacent empty rows of a batch cache share one
         right-padded forward: a prefill is a fixed cost per forward plus a little per token
         (measured: 8.8 ms for 1 token, 27.7 ms for 16), so eight short prompts cost about what
         two do alone. A row with a reused prefix (a session's next turn) runs alone.
         """
+        if fold:
+            seqs = batching.defer(self, seqs)
         for group in self._prefill_groups(seqs):
             if len(group) == 1:
                 q = group[0]
@@ -368,18 +375,7 @@ class Engine:
         return self.bundle.graph.logits in ("all", "tail")
 
     def _step_rows(self, seqs: list[Generation]) -> None:
-        cache = seqs[0].slot.cache
-        if any(q.slot.cache is not cache for q in seqs):
-            raise ValueError("batched sequences must share one batch cache")
-        by_row = {q.slot.row: q for q in seqs}
-        first, last = min(by_row), max(by_row)
-        pad = self.bundle.tokenizer.pad_id
-        tokens = np.array([[by_row[r].last if r in by_row else pad] for r in range(first, last + 1)])
-        advance = np.array([r in by_row for r in range(first, last + 1)])
-        logits = self.runner.forward_rows(tokens, cache, first, advance=advance)
-        for r, q in by_row.items():
-            q.slot.ids.append(q.last)
-            q.take(logits[r - first])
+        batching.step_rows(self, seqs)  # + the pending prompts of folded newcomers
 
     def generate(
         self,

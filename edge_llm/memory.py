@@ -13,7 +13,8 @@ onnxruntime 1.32, SmolLM2-135M INT8 fused bundle, RSS from /proc/self/status):
 - the tokenizer, proportional to tokenizer.json (the `tokenizers` vocabulary and merges);
 - the weights as ORT holds them after session creation, proportional to the graph files, plus a
   transient while loading (the start-up peak);
-- the KV cache: layers x 2 x kv_heads x head_dim x 4 bytes per token per row. Shared-layout
+- the KV cache: layers x 2 x kv_heads x head_dim x 4 bytes per token per row (1 byte with an
+  int8 KV cache: `[runtime] kv_cache`, or the bundle's main graph when "auto"). Shared-layout
   buffers are anonymous mmap committed page by page as positions are written and never given
   back, so a batch row or a live session costs, at worst, its full context;
 - ORT's workspace for one forward, which its arena keeps at the largest ever needed: it grows
@@ -157,7 +158,8 @@ def plan_memory(
     if not budget:
         r = board.runtime
         ctx = _context_limit(bundle, board)
-        return _plan(bundle, 0, ctx, _max_rows(bundle, board), board.sessions.max_live, r.prefill_chunk)
+        rows, sessions = _max_rows(bundle, board), board.sessions.max_live
+        return _plan(bundle, 0, ctx, rows, sessions, r.prefill_chunk, kv_bytes(bundle, board))
     plan = _fit(bundle, board, budget, min_context)
     if plan is not None:
         return plan
@@ -184,7 +186,7 @@ def _fit(bundle: Bundle, board: BoardConfig, budget: int, min_context: int) -> M
     ctx = longest
     while True:
         chunk = min(board.runtime.prefill_chunk or BUDGET_PREFILL_CHUNK, ctx)
-        probe = _plan(bundle, budget, ctx, 0, 0, chunk, logits_rows=max_rows)
+        probe = _plan(bundle, budget, ctx, 0, 0, chunk, kv_bytes(bundle, board), logits_rows=max_rows)
         copies = probe.kv_copies
         # KV exists only after loading, so the start-up peak is a separate check.
         slots = int((budget - probe.fixed_mb) // probe.kv_row_mb)
@@ -195,7 +197,7 @@ def _fit(bundle: Bundle, board: BoardConfig, budget: int, min_context: int) -> M
             rows = min(want, slots // copies)
             sessions = min(max_sessions, slots - rows * copies)
             rows = min(max_rows, rows + (slots - rows * copies - sessions) // copies)
-            plan = _plan(bundle, budget, ctx, rows, sessions, chunk)
+            plan = _plan(bundle, budget, ctx, rows, sessions, chunk, kv_bytes(bundle, board))
             return plan if plan.total_mb <= budget else None
         if ctx <= floor:
             return None
@@ -209,6 +211,7 @@ def _plan(
     rows: int,
     sessions: int,
     chunk: int,
+    kv_item: int = 4,
     logits_rows: int | None = None,
 ) -> MemoryPlan:
     arch, graph = bundle.architecture, bundle.graph
@@ -218,8 +221,8 @@ def _plan(
     weights = WEIGHTS_PER_FILE * graph_bytes / MIB
     tokenizer = TOKENIZER_PER_FILE * tokenizer_bytes / MIB
     regions = arch.num_layers * 2 * arch.num_kv_heads  # one (layer, K/V, head) strip each
-    token_bytes = regions * arch.head_dim * 4
-    strip = math.ceil(context * arch.head_dim * 4 / PAGE) * PAGE
+    token_bytes = regions * arch.head_dim * kv_item
+    strip = math.ceil(context * arch.head_dim * kv_item / PAGE) * PAGE
     fed = chunk or context
     workspace = (
         WORKSPACE_FIXED_MB
@@ -248,6 +251,13 @@ def _plan(
         prefill_chunk=chunk,
         kv_copies=2 if graph.kv_layout == "concat" else 1,
     )
+
+
+def kv_bytes(bundle: Bundle, board: BoardConfig) -> int:
+    """Bytes per cached element: 1 for an int8 KV cache (the board's choice, else the bundle's
+    main graph; the runner refuses a choice the bundle has no graph for), else 4."""
+    kind = board.runtime.kv_cache if board.runtime.kv_cache != "auto" else bundle.graph.kv_cache
+    return 1 if kind == "int8" and bundle.graph.kv_layout == "shared" else 4
 
 
 def _context_limit(bundle: Bundle, board: BoardConfig) -> int:

@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from edge_llm import plugin_eps
 from edge_llm.board import RunnerOptions
-from edge_llm.bundle import Bundle, check_graph_io, check_requirements
+from edge_llm.bundle import Bundle, check_graph_io, check_requirements, choose_graph
 from edge_llm.errors import BundleError, ContextLengthError
 from edge_llm.providers import ProviderPlan, placement_from_profile, plan_providers
 
@@ -107,8 +107,17 @@ class _SessionRunner:
         self.options = options
         check_requirements(bundle, ort.__version__)  # a one-line refusal instead of INVALID_GRAPH
         self.plan: ProviderPlan = plan_providers(options.providers)
-        self.session_file = self.graph_file(bundle.graph.file)  # an EPContext model, or the graph
-        self.session = self.open_session(self.session_file, prefused=bundle.graph.kv_layout == "shared")
+        # Which of the bundle's graphs (KV type, query_seqlens where this onnxruntime has it).
+        self.graph_name, variant = choose_graph(bundle, options.kv_cache, options.ragged, ort.__version__)
+        # query_seqlens: rows of one forward may feed different numbers of tokens over any past.
+        self.ragged = bool(variant["query_seqlens"])
+        self.kv_cache = str(variant["kv_cache"])
+        self.session_file = self.graph_file(self.graph_name)  # an EPContext model, or the graph
+        self.session = self.open_session(
+            self.session_file,
+            prefused=bundle.graph.kv_layout == "shared",
+            extra_inputs=tuple({"query_seqlens"} - set(bundle.graph.inputs)) if self.ragged else (),
+        )
         arch = bundle.architecture
         self.layers = arch.num_layers
         self.kv_shape = (arch.num_kv_heads, arch.head_dim)
@@ -156,7 +165,9 @@ class _SessionRunner:
             if name:
                 Path(name).unlink(missing_ok=True)
 
-    def open_session(self, path: Path, prefused: bool = False, profile: bool = True) -> ort.InferenceSession:
+    def open_session(
+        self, path: Path, prefused: bool = False, profile: bool = True, extra_inputs: tuple[str, ...] = ()
+    ) -> ort.InferenceSession:
         """An ORT session on the planned providers for a graph whose IO the manifest describes
         (`profile`: profile its first run to count node placement, see `profiled`)."""
         so = session_options(self.options, prefused=prefused)
@@ -171,7 +182,10 @@ class _SessionRunner:
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: onnxruntime cannot load the graph: {exc}") from None
         check_graph_io(
-            self.bundle, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+            self.bundle,
+            [i.name for i in session.get_inputs()],
+            [o.name for o in session.get_outputs()],
+            extra_inputs,
         )
         return session
 
@@ -306,17 +320,22 @@ class SharedRunner(_SessionRunner):
         """Append tokens [b, S] to rows first..first+b-1; rows with advance[i] False are idle:
         they run a dummy token whose KV lands past their length and is never read.
 
-        `counts` (first prompts only: every row empty) gives each row's real token count; the
-        rest of its S is right padding, and "last"/"tail" logits are its own last real token."""
+        `counts` gives each row's real token count; the rest of its S is right padding, and
+        "last"/"tail" logits are its own last real token. Over a past only on the ragged graph
+        (`self.ragged`); the portable one reads counts only for empty rows (first prompts)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         rows, steps = tokens.shape
         if all_logits and self.logits_kind == "last":
             raise BundleError(f"{self.bundle.graph_path}: graph returns last-position logits only")
         lengths = cache.lengths[first : first + rows]
-        if counts is not None and (lengths.any() or all_logits or int(counts.min()) < 1):
-            # Without query_seqlens the graph reads ragged counts only for empty rows (GQA's first
+        over_past = bool(lengths.any()) and not self.ragged
+        if counts is not None and (over_past or all_logits or not 1 <= counts.min() <= counts.max() <= steps):
+            # Without query_seqlens GQA reads ragged counts only for empty rows (its first
             # prompt); over a past the padding would land at the wrong positions.
-            raise ValueError("ragged rows (counts) need empty rows, >= 1 token each, last-token logits")
+            raise ValueError(
+                "ragged rows (counts) need 1..S tokens each, last-token logits and (without the "
+                "query_seqlens graph) empty rows"
+            )
         if int(lengths.max()) + steps > cache.capacity:
             raise ContextLengthError(
                 f"context full: {int(lengths.max())} cached + {steps} new tokens > {cache.capacity}"
@@ -337,6 +356,9 @@ class SharedRunner(_SessionRunner):
         binding.bind_cpu_input("attention_mask", mask)
         if self.logits_kind == "tail":
             binding.bind_cpu_input("logits_to_keep", np.array(steps if all_logits else 1, dtype=np.int64))
+        if self.ragged:
+            news = np.full(rows, steps, np.int32) if counts is None else counts.astype(np.int32)
+            binding.bind_cpu_input("query_seqlens", news)
         self.session.run_with_iobinding(binding)
         self.profiled()
         cache.lengths[first : first + rows] = total if advance is None else np.where(advance, total, lengths)

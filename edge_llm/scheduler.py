@@ -368,8 +368,8 @@ class Scheduler:
                 self._fail([job], exc)
         if not new:
             return
-        try:
-            self.engine.start_all([r.gen for r in new.values()])
+        try:  # beside running rows, the ragged graph folds their prompts into the next step
+            self.engine.start_all([r.gen for r in new.values()], fold=bool(rows))
         except Exception:  # a shared prefill failed: run each alone so only its culprit fails
             log.warning("batched prefill failed; prefilling its requests one by one", exc_info=True)
             for row, r in list(new.items()):

@@ -25,6 +25,7 @@ from edge_llm.bundle import (
     Requirements,
     TokenizerSpec,
     load_bundle,
+    version_tuple,
     write_manifest,
 )
 from edge_llm.errors import ExportError
@@ -136,7 +137,12 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
             source=inputs.source,
             recipe=inputs.recipe,
             requirements=Requirements(
-                **_requirements_fields(tmp, inputs.target, set(inputs.layout.get("contexts", {}).values()))
+                **_requirements_fields(
+                    tmp,
+                    inputs.target,
+                    set(inputs.layout.get("contexts", {}).values()),
+                    set(inputs.layout.get("variants", {})),
+                )
             ),
         )
     )
@@ -148,10 +154,19 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
 __all__ = ["FORMAT_VERSION", "BundleConfig", "BundleInputs", "run"]
 
 
-def _requirements_fields(folder: Path, target: str, contexts: set[str]) -> dict[str, Any]:
+def _requirements_fields(
+    folder: Path, target: str, contexts: set[str], variants: set[str] = frozenset()
+) -> dict[str, Any]:
     """What the written graphs need (export/targets.py reads their ops), as Requirements fields.
     Compiled contexts are left out: only their provider's plugin loads them, and the plain graphs
-    they came from (what CPU runs) set what onnxruntime the bundle needs."""
-    graphs = [p for p in sorted(folder.glob("*.onnx")) if p.name not in contexts]
+    they came from (what CPU runs) set what onnxruntime the bundle needs. A variant graph that
+    needs more is listed under `graphs` (the runtime skips it on older builds)."""
+    graphs = [p for p in sorted(folder.glob("*.onnx")) if p.name not in contexts | variants]
     req = targets.requirements(graphs, target)
-    return {**req, "contrib_ops": tuple(req["contrib_ops"])}
+    ops, extra = set(req["contrib_ops"]), {}
+    for name in sorted(variants):
+        need = targets.requirements([folder / name], target)
+        ops |= set(need["contrib_ops"])
+        if version_tuple(need["onnxruntime"]) > version_tuple(req["onnxruntime"]):
+            extra[name] = need["onnxruntime"]
+    return {**req, "contrib_ops": tuple(sorted(ops)), "graphs": extra}

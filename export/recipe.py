@@ -1,9 +1,9 @@
 """A recipe chains the stages: TOML (or flags) in, a verified bundle folder with its report out.
 
-load → prune → distill → to_onnx → quantize (→ fix_shapes → compile_qnn) → bundle → evaluate →
-report (→ bundle again, with the report files inside). `Recipe` has one section per stage, each
-the stage's own frozen config; prune, distill, static and evaluate are optional (absent: skipped;
-compile_qnn runs for target qnn-htp). Unknown keys, wrong types,
+load → prune → distill → to_onnx → quantize (→ variants → fix_shapes → compile_qnn) → bundle →
+evaluate → report (→ bundle again, with the report files inside). `Recipe` has one section per
+stage, each the stage's own frozen config; prune, distill, fuse (the variants stage), static and
+evaluate are optional (absent: skipped; compile_qnn runs for target qnn-htp). Unknown keys, wrong types,
 impossible ratios, a missing text path and an evaluation span that overlaps the
 training/calibration text are rejected by `edge_llm.config` / the configs' checks before any work
 starts; ratios the model's shape cannot take are rejected right after load (cached), before
@@ -37,11 +37,13 @@ from export import prune as prune_stage
 from export import quantize as quantize_stage
 from export import report as report_stage
 from export import to_onnx as to_onnx_stage
+from export import variants as variants_stage
 from export.cache import stable_key
 from export.stage import Artifact, StageLog
 from export.text import overlaps, same_file
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -51,6 +53,7 @@ class Recipe:
     distill: distill_stage.DistillConfig | None = None
     to_onnx: to_onnx_stage.ToOnnxConfig = field(default_factory=to_onnx_stage.ToOnnxConfig)
     quantize: quantize_stage.QuantizeConfig = field(default_factory=quantize_stage.QuantizeConfig)
+    fuse: variants_stage.FuseOptions | None = None  # fused graph: KV cache type, ragged variant
     static: fix_shapes_stage.FixShapesConfig | None = None  # fixed-shape graphs for NPUs
     evaluate: evaluate_stage.EvaluateConfig | None = None
     report: report_stage.ReportConfig = field(default_factory=report_stage.ReportConfig)
@@ -69,6 +72,8 @@ class Recipe:
         for name, section in texts:
             if section is not None and section.text is None:
                 raise ValueError(f"{name}.text: give the text file this stage reads (no default)")
+        if self.fuse is not None and (self.to_onnx.graph == "optimum" or self.static is not None):
+            raise ValueError("[fuse] options are for the fused graph: to_onnx.graph 'fused' (or 'auto')")
         if self.quantize.mode == "qdq" and self.quantize.calib_text is None:
             raise ValueError("quantize.calib_text: mode 'qdq' calibrates on text; give the file")
         ev = self.evaluate
@@ -95,6 +100,15 @@ class Recipe:
             and overlaps(self.quantize.calib_span, ev.span)
         ):
             raise ValueError("quantize.calib_span overlaps evaluate.span of the same text file")
+        f = self.fuse
+        if (
+            f is not None
+            and f.kv_cache != "fp32"
+            and f.calib_text is not None
+            and same_file(f.calib_text, ev.text)
+            and overlaps(f.calib_span, ev.span)
+        ):
+            raise ValueError("fuse.calib_span overlaps evaluate.span of the same text file")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -107,6 +121,7 @@ STAGES: list[tuple[Callable[[Recipe], Any], stage.Stage]] = [
     (lambda r: r.distill, distill_stage.STAGE),
     (lambda r: r.to_onnx, to_onnx_stage.STAGE),
     (lambda r: r.quantize, quantize_stage.STAGE),
+    (lambda r: r.fuse, variants_stage.STAGE),
     (lambda r: r.static, fix_shapes_stage.STAGE),
     (targets.compile_config, compile_qnn_stage.STAGE),  # target qnn-htp only
 ]

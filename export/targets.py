@@ -40,7 +40,12 @@ OP_MIN_ORT: dict[str, str] = {
 }
 # (op, input count) -> lowest version: inputs a newer build added to an existing op.
 # 1.31.1 refuses GQA with 17 inputs ("input size 17 not in range [min=7, max=16]"); 1.32.0 runs it.
-INPUTS_MIN_ORT: dict[tuple[str, int], str] = {("com.microsoft:GroupQueryAttention", 17): "1.32.0"}
+# 14 inputs (an int8 KV cache with k_scale / v_scale, export/variants.py): ran on 1.31.1 and
+# 1.32.0 with the same logits (the tiny bundle, 2026-12-04); 1.23.2 not tried, so not claimed.
+INPUTS_MIN_ORT: dict[tuple[str, int], str] = {
+    ("com.microsoft:GroupQueryAttention", 17): "1.32.0",
+    ("com.microsoft:GroupQueryAttention", 14): "1.31.1",
+}
 # Ops of the ONNX domain that are onnxruntime contrib kernels, not ONNX standard ops.
 CONTRIB_IN_ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
 

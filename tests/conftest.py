@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove this session's temporary cache (subprocesses the tests started are done by now)."""
     if not _KEEP:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -84,7 +86,12 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def export_bundle(
-    hf_dir: Path, out: Path, quant: str = "none", graph: str = "optimum", logits: str = "tail"
+    hf_dir: Path,
+    out: Path,
+    quant: str = "none",
+    graph: str = "optimum",
+    logits: str = "tail",
+    fuse: Any = None,
 ) -> Path:
     from export import recipe as recipe_mod
     from export.load import LoadConfig
@@ -96,6 +103,7 @@ def export_bundle(
         load=LoadConfig(model=str(hf_dir)),
         to_onnx=ToOnnxConfig(graph=graph, max_context=256, logits=logits),
         quantize=QuantizeConfig(mode=quant, block_size=16),  # rows are only 64 wide here
+        fuse=fuse,
     )
     return recipe_mod.run(recipe, out)
 
@@ -120,6 +128,18 @@ def tiny_fused(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fused_int8(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-fused-int8", "int8", "fused")
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_variants(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fused bundle with every [fuse] variant: fp32 and int8 KV, each also with query_seqlens."""
+    from export.variants import FuseOptions
+
+    text = tmp_path_factory.mktemp("calib") / "calib.txt"
+    text.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    fuse = FuseOptions("both", calib_text=text, calib_span=(0.0, 1.0), calib_tokens=512, calib_window=128)
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fused-variants"
+    return export_bundle(tiny_hf, out, "none", "fused", fuse=fuse)
 
 
 @pytest.fixture(scope="session")

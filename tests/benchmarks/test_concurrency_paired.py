@@ -17,10 +17,28 @@ def test_eight_prompts_one_prefill_forward(tiny_fused: Path, tmp_path: Path) -> 
     out = tmp_path / "conc"
     argv = [str(tiny_fused), "--rounds", "2", "--new-tokens", "8", "--threads", "1", "--out", str(out)]
     result = concurrency_paired.main(argv)
-    for run in result["runs"][8]:
+    assert result["graphs"] == ["portable"]  # the tiny bundle has no query_seqlens graph
+    for run in result["runs"]["portable"][8]:
         assert run["prefill_forwards"] == 1 and run["prefill_shapes"][0][0] == 8
         assert run["decode_steps"] == 7  # the first token comes from the prefill
+        assert run["other_ms"] > 0 and run["decode_ms"] > 0
     assert len(result["speedup_8_per_round"]) == 2 and result["speedup_8_median"] > 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["speedup_8_median"] == result["speedup_8_median"]
     assert "Median 8/1" in out.with_suffix(".md").read_text()
+
+
+def test_staggered_arrivals_fold_on_the_ragged_graph(tiny_fused_variants: Path, tmp_path: Path) -> None:
+    """Requests arriving mid-stream: prefilled alone on the portable graph, folded into the decode
+    steps on the ragged one (no [1, S] forward after the first request's)."""
+    out = tmp_path / "stagger"
+    argv = [str(tiny_fused_variants), "--rounds", "1", "--new-tokens", "12", "--threads", "1"]
+    argv += ["--graphs", "portable,ragged", "--stagger", "2", "--out", str(out)]
+    result = concurrency_paired.main(argv)
+    portable, ragged = result["runs"]["portable"][8][0], result["runs"]["ragged"][8][0]
+    alone = [s for s in portable["prefill_shapes"] if s[0] == 1]
+    assert len(alone) == 8  # every arrival prefilled in a forward of its own
+    # folded: wider forwards; alone only when no other row was running
+    assert len([s for s in ragged["prefill_shapes"] if s[0] == 1]) < len(alone)
+    assert any(s[0] > 1 for s in ragged["prefill_shapes"])
+    assert ragged["ttft_s_median"] > 0 and "TTFT" in out.with_suffix(".md").read_text()

@@ -59,3 +59,39 @@ def test_fused_bundle_same_on_other_ort(python: str, tiny_fused_int8: Path, tmp_
     old, new = _run(python, *args), _run(sys.executable, *args)
     assert old.returncode == 0 and new.returncode == 0, old.stderr[-2000:] + new.stderr[-2000:]
     assert old.stdout == new.stdout and old.stdout.strip()
+
+
+CHOSEN = (
+    "import sys; from edge_llm.engine import Engine; from edge_llm.runner import RunnerOptions; "
+    "e = Engine.load(sys.argv[1], RunnerOptions(threads=1, kv_cache=sys.argv[2])); "
+    "ids = e.encode_request(prompt='The capital of France'); "
+    "from edge_llm.sampling import SamplingParams as P; "
+    "print(e.runner.graph_name, list(e.complete(ids, P(max_tokens=8, ignore_eos=True)).token_ids))"
+)
+
+
+@pytest.mark.skipif(not PYTHONS, reason="no other onnxruntime venv (.ci/run makes .venvs/ort-1.23.2)")
+@pytest.mark.parametrize("python", PYTHONS)
+def test_bundle_with_variants_loads_on_other_ort(python: str, tiny_fused_variants: Path) -> None:
+    """Older builds skip the query_seqlens graphs (requirements.graphs) and run the portable
+    ones: same tokens as this build's; the int8-KV graph where that build runs it."""
+    import onnxruntime as ort
+
+    from edge_llm.bundle import version_tuple
+
+    for kv in ("fp32", "int8"):
+        old, new = (
+            _run(python, "-c", CHOSEN, str(tiny_fused_variants), kv),
+            _run(sys.executable, "-c", CHOSEN, str(tiny_fused_variants), kv),
+        )
+        assert new.returncode == 0, new.stderr[-2000:]
+        old_ort = _run(python, "-c", "import onnxruntime; print(onnxruntime.__version__)").stdout.strip()
+        if kv == "int8" and version_tuple(old_ort) < (1, 31, 1):
+            assert old.returncode != 0 and "needs onnxruntime" in old.stderr
+            continue
+        assert old.returncode == 0, old.stderr[-2000:]
+        graph, tokens = old.stdout.split(" ", 1)
+        assert graph == ("model.onnx" if kv == "fp32" else "model.kv8.onnx")
+        if version_tuple(ort.__version__) >= (1, 32):
+            assert new.stdout.split(" ", 1)[0].endswith(".ragged.onnx")
+        assert tokens == new.stdout.split(" ", 1)[1]

@@ -39,6 +39,7 @@ T = "text = 't.txt'\n"  # a text path for the sections that read text (never ope
         ("[evaluate]\nspan = [0.0, 0.1]\n", "evaluate.text: give the text file"),
         ("[prune]\nlayer_ratio = 0.5\n", "prune.text: give the text file"),
         ("[quantize]\nmode = 'qdq'\n[to_onnx]\ngraph = 'optimum'\n", "quantize.calib_text"),
+        ("[fuse]\nkv_cache = 'int8'\n", "fuse.calib_text"),
     ],
 )
 def test_bad_recipe_fails_with_a_clear_message(tmp_path: Path, body: str, match: str) -> None:
@@ -50,6 +51,7 @@ def test_shipped_recipes_parse() -> None:
     plain = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-int8.toml")
     pruned = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-pruned-int8.toml")
     assert plain.prune is None and plain.distill is None and plain.quantize.mode == "int8"
+    assert plain.fuse is not None and plain.fuse.kv_cache == "both" and plain.fuse.query_seqlens
     assert pruned.prune is not None and pruned.distill is not None and pruned.evaluate is not None
     npu = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-qdq-npu.toml")
     assert npu.quantize.mode == "qdq" and npu.quantize.activation_bits == 16
