@@ -73,7 +73,7 @@ def rewrite(model: Any) -> int:
     floor = numpy_helper.from_array(np.array(MIN_SCALE, np.float32), "fp16_norm_min_scale")
     for pow_node in [n for n in graph.node if n.op_type == "Pow"]:
         exponent = _const(graph, pow_node.input[1], producers, inits)
-        if exponent is None or exponent.size != 1 or float(exponent) != 2.0:
+        if exponent is None or exponent.size != 1 or exponent.item() != 2.0:
             continue
         x = pow_node.input[0]
         if _is_scaled(x, producers):
@@ -86,7 +86,7 @@ def rewrite(model: Any) -> int:
             continue
         if inv.op_type == "Div":
             one = _const(graph, inv.input[0], producers, inits)
-            if inv.input[1] != sqrt.output[0] or one is None or one.size != 1 or float(one) != 1.0:
+            if inv.input[1] != sqrt.output[0] or one is None or one.size != 1 or one.item() != 1.0:
                 continue
         mul = only_user(inv.output[0], "Mul")
         eps_in = 1 if add.input[0] == mean.output[0] else 0
@@ -94,7 +94,7 @@ def rewrite(model: Any) -> int:
         if mul is None or x not in mul.input or eps is None or eps.size != 1:
             continue
         p = pow_node.name or f"fp16_norm_{count}"
-        root = numpy_helper.from_array(np.array(math.sqrt(float(eps)), np.float32), f"{p}/fp16_sqrt_eps")
+        root = numpy_helper.from_array(np.array(math.sqrt(eps.item()), np.float32), f"{p}/fp16_sqrt_eps")
         graph.initializer.append(root)
         # ReduceMax over the axes ReduceMean uses (opset ≥ 18: an input; before: an attribute)
         axes_attr = [a for a in mean.attribute if a.name == "axes"]
@@ -146,7 +146,7 @@ def unsafe_squares(model: Any) -> list[str]:
         if n.op_type != "Pow":
             continue
         exponent = _const(model.graph, n.input[1], producers, inits)
-        if exponent is None or exponent.size != 1 or float(exponent) != 2.0:
+        if exponent is None or exponent.size != 1 or exponent.item() != 2.0:
             continue
         if not _is_scaled(n.input[0], producers):
             out.append(n.name)
