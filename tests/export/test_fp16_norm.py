@@ -17,39 +17,10 @@ import pytest
 
 from export import fp16_norm
 
-H = 576  # SmolLM2's hidden size
-EPS = 1e-5
+onnx = pytest.importorskip("onnx")
+from benchmarks.qnn_check import NORM_EPS, residual_rows, rms_norm_model  # noqa: E402
 
-
-def _norm_model(opset: int = 21) -> tuple[Any, np.ndarray]:  # (onnx.ModelProto, weight)
-    """optimum's RMSNorm: y = w * (x * (1 / Sqrt(ReduceMean(Pow(x, 2)) + eps)))."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(0).uniform(0.5, 2.0, H).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
-        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-        numpy_helper.from_array(np.array(EPS, np.float32), "eps"),
-        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-        numpy_helper.from_array(w, "w"),
-    ]
-    nodes = [
-        helper.make_node("Pow", ["x", "two"], ["sq"], name="norm/Pow"),
-        helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], name="norm/ReduceMean", keepdims=1),
-        helper.make_node("Add", ["mean", "eps"], ["var"], name="norm/Add"),
-        helper.make_node("Sqrt", ["var"], ["rms"], name="norm/Sqrt"),
-        helper.make_node("Div", ["one", "rms"], ["inv"], name="norm/Div"),
-        helper.make_node("Mul", ["x", "inv"], ["xn"], name="norm/Mul"),
-        helper.make_node("Mul", ["w", "xn"], ["y"], name="norm/Mul_1"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "rmsnorm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, H])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, H])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), w
+FP16_TINY = 2.0**-14  # fp16's smallest normal: the HTP flushes anything smaller to zero
 
 
 def _in_fp16(model: Any) -> Any:
@@ -67,38 +38,31 @@ def _in_fp16(model: Any) -> Any:
 
 
 def _inputs() -> np.ndarray:
-    """Rows like SmolLM2's residual stream: one massive channel, or moderate, small and zero rows."""
-    rng = np.random.default_rng(1)
-    rows = rng.normal(0, 1, (5, H))
-    rows[0, 7] = 24_926.0  # layer 12's input (x² = 6.2e8 > 65,504)
-    rows[1] *= 769.0 / np.abs(rows[1]).max()  # layer 3's
-    rows[2] *= 0.01  # small everywhere: the mean of squares must not underflow
-    rows[3] = 0.0  # a zero row stays zero (no 0 / 0)
-    rows[4, :3] = [300.0, -250.0, 180.0]
-    return rows.astype(np.float16).astype(np.float32)  # representable in fp16 (the HTP's input)
+    """SmolLM2-like residual rows (one massive channel, 769, 4,426, small) and a zero row."""
+    rows = residual_rows()
+    return np.concatenate([rows, np.zeros((1, rows.shape[1]), np.float32)])
 
 
 def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     x64 = x.astype(np.float64)
-    return w * x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + EPS)
+    return w * x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + NORM_EPS)
 
 
-def _run_fp16(model: Any, x: np.ndarray) -> np.ndarray:
+def _run_fp16(model: Any, x: np.ndarray, name: str = "y") -> np.ndarray:
     from onnx.reference import ReferenceEvaluator
 
-    (y,) = ReferenceEvaluator(_in_fp16(model)).run(None, {"x": x.astype(np.float16)})
+    (y,) = ReferenceEvaluator(_in_fp16(model)).run([name], {"x": x.astype(np.float16)})
     assert y.dtype == np.float16  # really computed in fp16
     return y.astype(np.float64)
 
 
 def test_rewritten_norm_is_exact_in_fp16_where_the_original_overflows() -> None:
-    pytest.importorskip("onnx")
-    model, w = _norm_model()
+    model, w = rms_norm_model()
     x = _inputs()
     ref = _reference(x, w)
     before = _run_fp16(model, x)
     # optimum's form: x² = inf on the large rows -> 1/inf = 0 -> the row's output vanishes
-    assert np.all(before[0] == 0) and np.all(before[1] == 0)
+    assert np.all(before[0] == 0) and np.all(before[1] == 0) and np.all(before[2] == 0)
     assert fp16_norm.unsafe_squares(model) == ["norm/Pow"]
 
     assert fp16_norm.rewrite(model) == 1
@@ -110,12 +74,17 @@ def test_rewritten_norm_is_exact_in_fp16_where_the_original_overflows() -> None:
     scale[scale == 0] = 1.0
     # fp16 rounding (2^-11 relative) over a handful of ops: within 1% of each row's largest output
     assert (np.abs(after - ref) / scale).max() < 1e-2
-    assert np.all(after[3] == 0)
+    assert np.all(after[4] == 0)
+    # No value the HTP would flush: the scaled input of every channel of magnitude ≥ 0.25 is a
+    # normal fp16 number even next to 24,926 (x / max|x| alone would be 1e-5: flushed to zero).
+    scaled = _run_fp16(model, x, "norm/Pow/fp16_s")
+    assert np.all(np.abs(scaled[np.abs(x) >= 0.25]) >= FP16_TINY)
 
 
 def test_rewrite_is_exact_in_fp32() -> None:
-    ort = pytest.importorskip("onnxruntime")
-    model, _ = _norm_model()
+    import onnxruntime as ort
+
+    model, _ = rms_norm_model()
     x = _inputs()
     (before,) = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     fp16_norm.rewrite(model)
@@ -125,10 +94,10 @@ def test_rewrite_is_exact_in_fp32() -> None:
 
 def test_opset_before_18_keeps_reduce_axes_as_attribute() -> None:
     """ReduceMax copies ReduceMean's axes in the form the opset uses (an attribute before 18)."""
-    onnx = pytest.importorskip("onnx")
     from onnx import helper
 
-    model, _ = _norm_model(opset=17)
+    model, _ = rms_norm_model()
+    model.opset_import[0].version = 17
     mean = next(n for n in model.graph.node if n.op_type == "ReduceMean")
     del mean.input[1]
     mean.attribute.append(helper.make_attribute("axes", [-1]))
