@@ -30,7 +30,7 @@ from typing import Any
 
 from edge_llm.errors import ExportError
 from export import fp16_norm
-from export.stage import Artifact, Stage
+from export.stage import Artifact, Stage, chain_key
 
 REPORT = "fix_shapes.json"
 DATA = "model.onnx.data"
@@ -175,4 +175,9 @@ def result(config: FixShapesConfig, art: Artifact, folder: Path) -> Artifact:
     )
 
 
-STAGE = Stage("fix_shapes", build, result)
+def key(config: FixShapesConfig, art: Artifact) -> str:
+    # The rewrite's version joins the key only when it runs: other keys stay what they were.
+    return chain_key((config, fp16_norm.VERSION) if config.fp16_norm else config, art)
+
+
+STAGE = Stage("fix_shapes", build, result, key=key)

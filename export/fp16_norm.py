@@ -40,6 +40,9 @@ MIN_SCALE = 2.0**-14
 # accumulated in fp16 finite for H ≤ 1023 (H * 8² ≤ 65,504; onnx's reference evaluator sums that
 # way, the simulator does not), and 8 / max|x| stays normal for every fp16 max|x| (≥ 1.2e-4).
 HEADROOM = 8.0
+# Part of the static stage's cache key (export/fix_shapes.py): raise it when the rewrite changes,
+# so cached graphs written by an older rewrite are not reused. 2: the headroom (1 was x / max|x|).
+VERSION = 2
 
 
 def _const(graph: Any, name: str, producers: dict[str, Any], inits: dict[str, Any]) -> np.ndarray | None:
