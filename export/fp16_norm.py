@@ -45,8 +45,8 @@ HEADROOM = 8.0
 VERSION = 2
 
 
-def _const(graph: Any, name: str, producers: dict[str, Any], inits: dict[str, Any]) -> np.ndarray | None:
-    """The value of `name` when it is an initializer or a Constant node's output."""
+def const_value(name: str, producers: dict[str, Any], inits: dict[str, Any]) -> np.ndarray | None:
+    """The value of `name` when it is an initializer or a Constant node's output (graph passes)."""
     from onnx import numpy_helper
 
     if name in inits:
@@ -85,7 +85,7 @@ def rewrite(model: Any, headroom: float = HEADROOM) -> int:
     floor = numpy_helper.from_array(np.array(MIN_SCALE, np.float32), "fp16_norm_min_scale")
     inv_headroom = numpy_helper.from_array(np.array(1.0 / headroom, np.float32), "fp16_norm_inv_headroom")
     for pow_node in [n for n in graph.node if n.op_type == "Pow"]:
-        exponent = _const(graph, pow_node.input[1], producers, inits)
+        exponent = const_value(pow_node.input[1], producers, inits)
         if exponent is None or exponent.size != 1 or exponent.item() != 2.0:
             continue
         x = pow_node.input[0]
@@ -98,12 +98,12 @@ def rewrite(model: Any, headroom: float = HEADROOM) -> int:
         if not (mean and add and sqrt and inv):
             continue
         if inv.op_type == "Div":
-            one = _const(graph, inv.input[0], producers, inits)
+            one = const_value(inv.input[0], producers, inits)
             if inv.input[1] != sqrt.output[0] or one is None or one.size != 1 or one.item() != 1.0:
                 continue
         mul = only_user(inv.output[0], "Mul")
         eps_in = 1 if add.input[0] == mean.output[0] else 0
-        eps = _const(graph, add.input[eps_in], producers, inits)
+        eps = const_value(add.input[eps_in], producers, inits)
         if mul is None or x not in mul.input or eps is None or eps.size != 1:
             continue
         p = pow_node.name or f"fp16_norm_{count}"
@@ -161,7 +161,7 @@ def unsafe_squares(model: Any) -> list[str]:
     for n in model.graph.node:
         if n.op_type != "Pow":
             continue
-        exponent = _const(model.graph, n.input[1], producers, inits)
+        exponent = const_value(n.input[1], producers, inits)
         if exponent is None or exponent.size != 1 or exponent.item() != 2.0:
             continue
         if not _is_scaled(n.input[0], producers):

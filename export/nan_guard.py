@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from export.fp16_norm import const_value
+
 LOWEST = float(np.finfo(np.float32).min)
 
 
@@ -43,13 +45,7 @@ def drop(model: Any) -> int:
     inits = {i.name: i for i in graph.initializer}
 
     def const(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            return None if value is None else numpy_helper.to_array(value)
-        return None
+        return const_value(name, producers, inits)
 
     lowest = numpy_helper.from_array(np.array([LOWEST], np.float32), "nan_guard_lowest")
     dead: set[str] = set()  # node outputs to remove
