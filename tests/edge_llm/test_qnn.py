@@ -168,7 +168,7 @@ def test_simulator_logits_agree_with_the_cpu_ep(tiny_qnn: Path, tmp_path: Path) 
     # The HTP computes in integer / fp16 what the CPU EP emulates in fp32 from the same QDQ graph;
     # measured on these random ids: max |diff| 0.73 (logits in -5.8..6.1), top-1 agreement 0.875;
     # with the fp16-safe RMSNorm (export/fp16_norm.py; the tiny model's values never overflowed)
-    # 0.75 and 0.90.
+    # 0.74 and 0.89.
     assert result["max_abs_diff"] < 1.5
     assert result["top1_agreement"] >= 0.75
     assert len(result["qnn"]["tokens"]) == 8
