@@ -43,7 +43,7 @@ TOTAL = f"{PAST} + {SEQ}"
 class FixShapesConfig:
     past_length: int = 512  # KV positions the graphs attend over: the bundle's context length
     prefill_length: int = 64  # prompt tokens per prefill call (the last chunk is right-padded)
-    # RMSNorm computed on x / max|x| (export/fp16_norm.py): NPUs such as QNN's HTP run the fp32
+    # RMSNorm computed on 8·x / max|x| (export/fp16_norm.py): NPUs such as QNN's HTP run the fp32
     # ops a QDQ graph leaves in fp16, where SmolLM2's x² overflows (its residual reaches 24,926).
     fp16_norm: bool = True
 
@@ -176,7 +176,7 @@ def result(config: FixShapesConfig, art: Artifact, folder: Path) -> Artifact:
 
 
 def key(config: FixShapesConfig, art: Artifact) -> str:
-    # The rewrite's version joins the key only when it runs: other keys stay what they were.
+    # The rewrite's version joins the key when it runs: a graph an older rewrite wrote is rebuilt.
     return chain_key((config, fp16_norm.VERSION) if config.fp16_norm else config, art)
 
 
