@@ -5,6 +5,12 @@ libQnnHtp.so, the HTP backend running as a simulator) and onnx:
 
     python -m venv /work/venvs/qnn && /work/venvs/qnn/bin/pip install onnxruntime-qnn onnx numpy
     /work/venvs/qnn/bin/python benchmarks/qnn_check.py [--out DIR]
+    PYTHONPATH=. /work/venvs/qnn/bin/python benchmarks/qnn_check.py --norm
+
+`--norm`: one RMSNorm (optimum's form, SmolLM2's width) as a float graph, which the HTP runs in
+fp16, before and after export/fp16_norm.py's rewrite, on rows like SmolLM2's residual stream
+(one channel at 24,926; a row scaled to 769; the final norm's 4,426; a small row): per row, the
+median relative error of the ordinary channels against the exact norm, as JSON.
 
 Steps: build a QDQ MatMul chain with static shapes (what `[static]` + qdq exports are made of);
 register the plugin library, pick the QNN device with `add_provider_for_devices`
@@ -71,14 +77,17 @@ def qdq_model(path: Path, dim: int = 64, layers: int = 2, seed: int = 0) -> None
     onnx.save(model, str(path))
 
 
-def qnn_options(context_path: Path | None = None) -> ort.SessionOptions:
+def qnn_options(context_path: Path | None = None, soc_model: int = 57) -> ort.SessionOptions:
+    """Session options for the HTP (simulator); `soc_model` 57 (SM8650) as export/compile_qnn.py's
+    DEFAULT_SOC: the simulator's default SoC cannot finalize some graphs (a lone RMSNorm)."""
     import onnxruntime_qnn
 
     devices = [d for d in ort.get_ep_devices() if d.ep_name == onnxruntime_qnn.EP_NAME]
     if not devices:
         raise RuntimeError("no QNN device after registering the plugin library")
     so = ort.SessionOptions()
-    so.add_provider_for_devices(devices, {"backend_path": onnxruntime_qnn.get_qnn_htp_path()})
+    options = {"backend_path": onnxruntime_qnn.get_qnn_htp_path(), "soc_model": str(soc_model)}
+    so.add_provider_for_devices(devices, options)
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if context_path is not None:  # compile: write the EPContext model (embedded context binary)
         so.add_session_config_entry("ep.context_enable", "1")
@@ -87,15 +96,91 @@ def qnn_options(context_path: Path | None = None) -> ort.SessionOptions:
     return so
 
 
+NORM_EPS = 1e-5
+
+
+def rms_norm_model(
+    hidden: int = 576, rows: int | None = None, seed: int = 0
+) -> tuple[onnx.ModelProto, np.ndarray]:
+    """optimum's RMSNorm, y = w * (x * (1 / Sqrt(ReduceMean(Pow(x, 2)) + eps))), and its weight w."""
+    w = np.random.default_rng(seed).uniform(0.5, 2.0, hidden).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(NORM_EPS, np.float32), "eps"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(w, "w"),
+    ]
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["sq"], name="norm/Pow"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], name="norm/ReduceMean", keepdims=1),
+        helper.make_node("Add", ["mean", "eps"], ["var"], name="norm/Add"),
+        helper.make_node("Sqrt", ["var"], ["rms"], name="norm/Sqrt"),
+        helper.make_node("Div", ["one", "rms"], ["inv"], name="norm/Div"),
+        helper.make_node("Mul", ["x", "inv"], ["xn"], name="norm/Mul"),
+        helper.make_node("Mul", ["w", "xn"], ["y"], name="norm/Mul_1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rmsnorm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, hidden])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model, w
+
+
+def residual_rows(hidden: int = 576) -> np.ndarray:
+    """Rows like SmolLM2's residual stream on WikiText-2 (measured maxima; fp16-representable)."""
+    x = np.random.default_rng(1).normal(0, 1, (4, hidden))
+    x[0, 7] = 24_926.0  # layer 12's input: one massive channel (x² = 6.2e8 > 65,504)
+    x[1] *= 769.0 / np.abs(x[1]).max()  # layer 3's input
+    x[2, 7] = 4_426.0  # the final norm's input
+    x[3] *= 0.05  # small everywhere
+    return x.astype(np.float16).astype(np.float32)
+
+
+def norm_check(out: Path) -> dict[str, object]:
+    """The RMSNorm before and after export/fp16_norm.py on the HTP: errors of ordinary channels."""
+    from export import fp16_norm
+
+    x = residual_rows()
+    result: dict[str, object] = {}
+    for name in ("original", "fp16_norm"):
+        model, w = rms_norm_model(rows=x.shape[0])
+        if name == "fp16_norm":
+            fp16_norm.rewrite(model)
+        path = out / f"norm_{name}.onnx"
+        onnx.save(model, str(path))
+        sess = ort.InferenceSession(str(path), sess_options=qnn_options())
+        y = sess.run(None, {"x": x})[0].astype(np.float64)
+        x64 = x.astype(np.float64)
+        ref = w * x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + NORM_EPS)
+        ordinary = np.abs(x64) < 1000  # all but the massive channels
+        rel = np.abs(y - ref) / np.maximum(np.abs(ref), 1e-12)
+        result[name] = {
+            "provider": sess.get_providers()[0],
+            "median_rel_err_per_row": [float(np.median(rel[r][ordinary[r]])) for r in range(len(x))],
+            "max_abs_err": float(np.abs(y - ref).max()),
+        }
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="qnn-check-")))
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--norm", action="store_true", help="check the RMSNorm rewrite instead (needs the repo)")
     args = ap.parse_args()
     import onnxruntime_qnn
 
     args.out.mkdir(parents=True, exist_ok=True)
     ort.register_execution_provider_library(onnxruntime_qnn.EP_NAME, onnxruntime_qnn.get_library_path())
+    if args.norm:
+        print(json.dumps(norm_check(args.out), indent=2))
+        return
     model, ctx = args.out / "qdq.onnx", args.out / "qdq_ctx.onnx"
     qdq_model(model, args.dim)
     x = np.random.default_rng(1).normal(0, 1, (1, args.dim)).astype(np.float32)

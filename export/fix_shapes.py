@@ -12,7 +12,9 @@ and writes into `out_dir`, sharing one weight file `model.onnx.data`:
 - `prefill.onnx`: B = 1, S = `prefill_length`, P = `past_length`.
 Every input and output then has numeric dimensions only, and each present output keeps only the
 S new positions ([1, kv, S, d], a Slice after the graph's concat): the runtime copies S positions
-per step instead of the whole past. The runtime's "static" KV layout keeps one [1, kv, P, d]
+per step instead of the whole past. RMSNorms are rewritten to stay within fp16's range
+(`fp16_norm`, on by default; see export/fp16_norm.py), as NPUs run a QDQ graph's fp32 ops in fp16.
+The runtime's "static" KV layout keeps one [1, kv, P, d]
 buffer per layer, masks its unused positions with attention_mask, and runs a prompt as
 right-padded chunks of `prefill_length` (see `edge_llm/runner.py` StaticRunner).
 """
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm.errors import ExportError
-from export.stage import Artifact, Stage
+from export import fp16_norm
+from export.stage import Artifact, Stage, chain_key
 
 REPORT = "fix_shapes.json"
 DATA = "model.onnx.data"
@@ -40,6 +43,9 @@ TOTAL = f"{PAST} + {SEQ}"
 class FixShapesConfig:
     past_length: int = 512  # KV positions the graphs attend over: the bundle's context length
     prefill_length: int = 64  # prompt tokens per prefill call (the last chunk is right-padded)
+    # RMSNorm computed on 8·x / max|x| (export/fp16_norm.py): NPUs such as QNN's HTP run the fp32
+    # ops a QDQ graph leaves in fp16, where SmolLM2's x² overflows (its residual reaches 24,926).
+    fp16_norm: bool = True
 
     def __post_init__(self) -> None:
         if not 16 <= self.past_length <= 32768:
@@ -70,6 +76,7 @@ def run(config: FixShapesConfig, model_path: Path, out_dir: Path) -> FixShapesRe
         )
     if locations:
         _link_or_copy(model_path.with_name(DATA), out_dir / DATA)
+    norms = fp16_norm.rewrite(source) if config.fp16_norm else 0
     paths = {}
     for name, steps in (("model.onnx", 1), ("prefill.onnx", config.prefill_length)):
         model = onnx.ModelProto()
@@ -77,9 +84,7 @@ def run(config: FixShapesConfig, model_path: Path, out_dir: Path) -> FixShapesRe
         fix(model, config.past_length, steps)
         onnx.save(model, str(out_dir / name))  # external tensors stay references to DATA
         paths[name] = out_dir / name
-    (out_dir / REPORT).write_text(
-        json.dumps({"past_length": config.past_length, "prefill_length": config.prefill_length}) + "\n"
-    )
+    (out_dir / REPORT).write_text(json.dumps({**asdict(config), "fp16_norms": norms}) + "\n")
     return FixShapesResult(paths["model.onnx"], paths["prefill.onnx"])
 
 
@@ -163,8 +168,16 @@ def result(config: FixShapesConfig, art: Artifact, folder: Path) -> Artifact:
             "past_length": config.past_length,
             "context_length": config.past_length,
         },
-        facts=asdict(config),
+        facts={
+            **asdict(config),
+            "fp16_norms": json.loads((folder / REPORT).read_text()).get("fp16_norms", 0),
+        },
     )
 
 
-STAGE = Stage("fix_shapes", build, result)
+def key(config: FixShapesConfig, art: Artifact) -> str:
+    # The rewrite's version joins the key when it runs: a graph an older rewrite wrote is rebuilt.
+    return chain_key((config, fp16_norm.VERSION) if config.fp16_norm else config, art)
+
+
+STAGE = Stage("fix_shapes", build, result, key=key)

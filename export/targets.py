@@ -119,10 +119,11 @@ def adapt(recipe: Any) -> Any:
     """The recipe with what its target needs filled in (a `Recipe`; refuses what cannot work).
 
     cpu / cuda: the fused graph (GroupQueryAttention, MatMulNBits: both have CPU and CUDA kernels).
-    openvino: the optimum graph (standard attention ops) with fp32 embeddings: on
-        OpenVINOExecutionProvider 1.24.1 the fused graph's GroupQueryAttention and
-        GatherBlockQuantized fall back to CPU (measured: 31 CPU nodes for SmolLM2, one per layer
-        + the embedding, splitting the graph into 31 OpenVINO subgraphs); MatMulNBits runs on OV.
+    openvino: the optimum graph (standard attention ops) with fp32 embeddings and no NaN guard
+        after the softmax: on OpenVINOExecutionProvider 1.24.1 the fused graph's
+        GroupQueryAttention and GatherBlockQuantized fall back to CPU (measured: 31 CPU nodes for
+        SmolLM2, one per layer + the embedding, splitting the graph into 31 OpenVINO subgraphs),
+        and so does the optimum graph's IsNaN (30 nodes); MatMulNBits runs on OV.
     qnn-htp: fixed shapes ([static]) with QDQ quantization: what the HTP compiles; the
         compile_qnn stage then compiles them into QNN context binaries (EPContext models).
     """
@@ -140,7 +141,9 @@ def adapt(recipe: Any) -> Any:
         quantize = recipe.quantize
         if quantize.embeddings in ("auto", "int8"):
             quantize = replace(quantize, embeddings="fp32")
-        return replace(recipe, to_onnx=replace(recipe.to_onnx, graph="optimum"), quantize=quantize)
+        # without the per-layer IsNaN guard, which OpenVINO runs on CPU (export/nan_guard.py)
+        to_onnx = replace(recipe.to_onnx, graph="optimum", nan_guard=False)
+        return replace(recipe, to_onnx=to_onnx, quantize=quantize)
     if name == "qnn-htp" and (recipe.static is None or recipe.quantize.mode != "qdq"):
         raise ExportError(
             "target qnn-htp: the HTP runs fixed shapes of QDQ ops: add [static] (or --static PAST,PREFILL) "

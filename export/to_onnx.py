@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +34,9 @@ class ToOnnxConfig:
     # fused: "tail" = the last `logits_to_keep` positions per row, a runtime input (1 to decode,
     # k+1 to verify a speculative draft, S to score); "last" = 1 always; "all" = every position.
     logits: Literal["last", "all", "tail"] = "tail"
+    # optimum: keep torch's Where(IsNaN(softmax), 0, softmax) after each attention softmax. The
+    # openvino target drops it (export/nan_guard.py says why that is safe): OpenVINO has no IsNaN.
+    nan_guard: bool = True
 
     def __post_init__(self) -> None:
         if self.graph not in ("auto", "optimum", "fused"):
@@ -110,10 +113,23 @@ def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
     model_path = out_dir / "model.onnx"
     if not model_path.is_file():
         raise ExportError(f"optimum wrote no model.onnx into {out_dir}")
+    if not config.nan_guard:
+        _drop_nan_guard(model_path)
     inputs, outputs = graph_io(model_path)
     layout = {"graph": "optimum", "kv_layout": "concat", "logits": "all", "context_length": 0}
     (out_dir / LAYOUT).write_text(json.dumps(layout) + "\n")
     return OnnxResult(model_path, inputs, outputs)
+
+
+def _drop_nan_guard(model_path: Path) -> None:
+    import onnx
+
+    from export import nan_guard
+
+    model = onnx.load(str(model_path), load_external_data=False)  # weights stay where they are
+    dropped = nan_guard.drop(model)
+    log.info("to_onnx: %d NaN guards dropped", dropped)
+    onnx.save(model, str(model_path))
 
 
 # --------------------------------------------------------------------------- as a recipe stage
@@ -121,8 +137,13 @@ def run(config: ToOnnxConfig, hf_dir: Path, out_dir: Path) -> OnnxResult:
 
 def key(config: ToOnnxConfig, art: Artifact) -> str:
     # Flattened into the input's key parts: straight after load that is (load config, source),
-    # the key unpruned exports have always had, so their cached graphs stay valid.
-    return stable_key(*art.key_parts, config, STAGE_VERSION)
+    # the key unpruned exports have always had, so their cached graphs stay valid. nan_guard came
+    # later: a config that keeps it (the default) hashes as the same config did before.
+    cfg: Any = config
+    if config.nan_guard:
+        cfg = {"__type__": type(config).__name__, **asdict(config)}
+        del cfg["nan_guard"]
+    return stable_key(*art.key_parts, cfg, STAGE_VERSION)
 
 
 def build(config: ToOnnxConfig, art: Artifact, out: Path, progress: bool) -> None:

@@ -22,12 +22,14 @@ from tests.conftest import TRAIN_TEXT
 PAST, CHUNK = 96, 16
 
 
-def _build(tiny_hf: Path, out: Path, quant: QuantizeConfig, static: bool) -> Path:
+def _build(tiny_hf: Path, out: Path, quant: QuantizeConfig, static: bool, fp16_norm: bool = True) -> Path:
     recipe = recipe_mod.Recipe(
         name="tiny-static" if static else "tiny-dynamic",
         load=LoadConfig(model=str(tiny_hf)),
         quantize=quant,
-        static=FixShapesConfig(past_length=PAST, prefill_length=CHUNK) if static else None,
+        static=FixShapesConfig(past_length=PAST, prefill_length=CHUNK, fp16_norm=fp16_norm)
+        if static
+        else None,
     )
     return recipe_mod.run(recipe, out)
 
@@ -93,7 +95,10 @@ def test_static_qdq16_matches_its_dynamic_graph(tiny_hf: Path, tmp_path: Path) -
         mode="qdq", activation_bits=16, calib_tokens=256, calib_seq_len=32, calib_text=text, calib_span=(0, 1)
     )
     dynamic = _build(tiny_hf, tmp_path / "dyn", quant, False)
-    static = _build(tiny_hf, tmp_path / "static", quant, True)
+    # fp16_norm off: its rewrite is exact in fp32 (the fp32 test above, tests/export/
+    # test_fp16_norm.py) up to fp32 rounding, which is enough to flip a uint16 rounding step
+    # of the QDQ graph's next QuantizeLinear (measured: logits then differ by up to 0.095).
+    static = _build(tiny_hf, tmp_path / "static", quant, True, fp16_norm=False)
     ids = np.random.default_rng(1).integers(3, 380, size=40)
     ref = bundle_logits(Engine.load(dynamic))(ids)
     got = bundle_logits(Engine.load(static))(ids)
