@@ -45,6 +45,24 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class DraftSpec:
+    """A speculative-decoding draft shipped beside the main graph (`export/train_draft.py`).
+
+    The main graph then also outputs `hidden_states` [B, K, hidden] (the final-normed hidden
+    state the LM head reads, for the same K positions as its logits). `file` is a stateless
+    graph: `hidden` float32 [N, hidden] + `input_ids` int64 [N] (full-vocabulary ids: the token
+    that follows that hidden state) -> `feature` float32 [N, hidden] (its guess of the main
+    graph's next hidden state, fed back for the next draft step) and `logits` float32
+    [N, len(vocab) + 1] over the draft vocabulary; row i is token `vocab[i]`, the last column
+    belongs to the out-of-vocabulary input row and is never proposed.
+    """
+
+    file: str
+    vocab: tuple[int, ...]
+    kind: str = "feature-mlp"
+
+
+@dataclass(frozen=True)
 class GraphSpec:
     """How to drive the graph.
 
@@ -72,6 +90,7 @@ class GraphSpec:
     # instead when `context_provider` leads the session; the plain graphs stay for CPU fallback.
     contexts: dict[str, str] = field(default_factory=dict)
     context_provider: str = ""
+    draft: DraftSpec | None = None  # a trained speculative draft (absent: none in the bundle)
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         bundle.graph.file,
         bundle.graph.prefill_file,
         bundle.tokenizer.file,
+        bundle.graph.draft.file if bundle.graph.draft else "",
         *bundle.graph.contexts.values(),
     ):
         if needed and needed not in bundle.files:
@@ -236,6 +256,9 @@ def _graph_spec(raw: dict[str, Any]) -> GraphSpec:
     raw["inputs"] = tuple(raw["inputs"])
     raw["outputs"] = tuple(raw["outputs"])
     raw["contexts"] = {str(k): str(v) for k, v in dict(raw.get("contexts", {})).items()}
+    if raw.get("draft") is not None:
+        draft = dict(raw["draft"])
+        raw["draft"] = DraftSpec(**{**draft, "vocab": tuple(int(i) for i in draft["vocab"])})
     if raw.get("kv_layout") not in ("concat", "shared", "static"):
         raise TypeError(
             f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"
