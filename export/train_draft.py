@@ -207,14 +207,11 @@ def chat_rows(config: DraftConfig, teacher_dir: Path) -> list[list[int]]:
 
 
 def choose_vocab(corpus: Corpus, size: int, must: list[int]) -> np.ndarray:
-    """The `size` tokens the main graph emits most often (ties: lower id), end-of-turn ids kept."""
-    counts = np.bincount(corpus.greedy, minlength=int(corpus.greedy.max()) + 1)
-    order = np.argsort(-counts, kind="stable")
-    chosen = [int(t) for t in order[:size] if counts[t] > 0]
-    for t in must:
-        if t not in chosen:
-            chosen = [*chosen[: size - 1], t] if len(chosen) >= size else [*chosen, t]
-    return np.asarray(chosen, np.int64)
+    """The tokens the main graph emits most often (ties: lower id), `size` in all with the
+    end-of-turn ids `must` always among them (the draft can then propose the end)."""
+    counts = np.bincount(corpus.greedy, minlength=max(int(corpus.greedy.max()), *must) + 1)
+    order = [int(t) for t in np.argsort(-counts, kind="stable") if counts[t] > 0 and int(t) not in must]
+    return np.asarray(sorted(set(must)) + order[: max(0, size - len(set(must)))], np.int64)
 
 
 # --------------------------------------------------------------------------- the head
@@ -280,7 +277,7 @@ def train(head: Any, corpus: Corpus, vmap: np.ndarray, config: DraftConfig, prog
         opt.step()
         sched.step()
         done = step + 1
-        losses.append(float(loss) / config.unroll)
+        losses.append(loss.item() / config.unroll)
         if progress and done % 50 == 0:
             log.info("draft: step %d/%d loss %.3f", done, steps, np.mean(losses[-50:]))
     return {
