@@ -7,6 +7,7 @@ and speed on SmolLM2 (benchmarks/speculation.py).
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -202,3 +203,20 @@ def test_a_lone_batch_row_speculates_and_a_wider_batch_does_not(engines: tuple[E
     assert seqs[0].verifies == 0  # it only ever ran beside the other row
     assert seqs[1].verifies > 0  # alone after row 0 finished: it speculated in its row
     assert any(w // 100 == 1 and w % 100 > 1 for w in widths)  # a [1, k+1] verify forward
+
+
+def test_generate_chooses_speculation_on_the_command_line(tiny_draft: Path) -> None:
+    from tests.edge_llm.test_cli import edge_llm
+
+    outs = {}
+    for mode in ("off", "draft"):
+        proc = edge_llm(
+            "generate", "--bundle", str(tiny_draft), "--speculation", mode, "--max-tokens", "24",
+            "--ignore-eos", "--stats", "--raw", "The capital of France is",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outs[mode] = (proc.stdout, json.loads(proc.stderr.strip().splitlines()[-1]))
+    assert outs["off"][0] == outs["draft"][0]  # same greedy text
+    assert outs["off"][1]["draft_verifies"] == 0 and outs["draft"][1]["draft_verifies"] > 0
+    bad = edge_llm("generate", "--bundle", str(tiny_draft), "--speculation", "fast", "hi")
+    assert bad.returncode != 0 and "--speculation" in bad.stderr
