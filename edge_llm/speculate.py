@@ -25,6 +25,7 @@ little.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,10 +54,11 @@ class Draft:
         if "hidden_states" not in bundle.graph.outputs:
             raise BundleError(f"{bundle.graph_path}: a draft needs the graph's hidden_states output")
         path = bundle.path / spec.file
+        # One thread: a draft step is a few MB of int8 weights, and a second session's own
+        # thread pool would spin on the cores the main graph's pool is about to use.
+        so = session_options(replace(options, threads=1))
         try:
-            self.session = ort.InferenceSession(
-                str(path), session_options(options), providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{path}: onnxruntime cannot load the draft: {exc}") from None
         self.vocab = np.asarray(spec.vocab, np.int64)
