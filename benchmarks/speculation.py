@@ -129,7 +129,11 @@ def main() -> None:
             "ratio": ratio,
             "identical": same,
             "text": spec.tokenizer.decode(list(toks_on))[:300],
-            **acceptance(usages[:1]),
+            "first_difference": next(
+                (i for i, (x, y) in enumerate(zip(toks_on, toks_off, strict=True)) if x != y), None
+            ),
+            "usages": usages,
+            **acceptance(usages),
         }
         rows.append(row)
         print(
@@ -155,7 +159,7 @@ def main() -> None:
     draft_file = spec.bundle.graph.draft.file if spec.bundle.graph.draft else ""
     size = {"bundle_bytes": spec.bundle.size_bytes(), "draft_bytes": files[draft_file]["bytes"]}
     size["growth"] = size["draft_bytes"] / (size["bundle_bytes"] - size["draft_bytes"])
-    chat_acc = acceptance(rows)
+    chat_acc = acceptance([u for r in rows for u in r["usages"]])
     doc = {
         "bundle": str(args.bundle),
         "rounds": args.rounds,
