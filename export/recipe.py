@@ -44,6 +44,7 @@ from export.text import overlaps, same_file
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = "model"

@@ -26,6 +26,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if not _KEEP:
         shutil.rmtree(_CACHE, ignore_errors=True)
 
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
