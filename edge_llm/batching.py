@@ -108,3 +108,4 @@ def step_rows(engine: Engine, seqs: list[Generation]) -> None:
         else:
             q.slot.ids.append(q.last)
         q.take(logits[r - first])
+        q.hidden = engine._hidden(r - first, -1)  # the trained draft's input (None without one)

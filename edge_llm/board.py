@@ -30,6 +30,11 @@ class RunnerOptions:
     max_context: int = 0  # 0: the bundle's context length (shared layout: buffer size)
     max_batch: int = 8  # shared layout: rows of the batch KV cache (continuous batching)
     prompt_lookup: int = 0  # draft tokens for prompt-lookup speculative decoding (greedy only)
+    # "auto": the bundle's trained draft when it has one (edge_llm/speculate.py), else prompt
+    # lookup when prompt_lookup > 0; "draft" / "lookup" force one ("draft" needs a draft in the
+    # bundle); "off": plain decoding, one token per forward.
+    speculation: Literal["auto", "off", "draft", "lookup"] = "auto"
+    draft_tokens: int = 6  # the most draft tokens one verify checks (the length adapts below it)
     # Memory budget in MB (0: none). `edge_llm.memory.plan_memory` derives max_batch,
     # max_context, prefill_chunk and [sessions] max_live from it (the configured values are upper
     # limits) and refuses at start-up a budget the bundle cannot fit.
@@ -55,6 +60,10 @@ class RunnerOptions:
             raise ValueError("runtime: threads and max_context must be ≥ 0, max_batch ≥ 1")
         if not 0 <= self.prompt_lookup <= 16:
             raise ValueError("runtime: prompt_lookup must be in 0..16")
+        if self.speculation not in ("auto", "off", "draft", "lookup"):
+            raise ValueError("runtime: speculation must be 'auto', 'off', 'draft' or 'lookup'")
+        if not 1 <= self.draft_tokens <= 16:
+            raise ValueError("runtime: draft_tokens must be in 1..16")
         if self.memory_mb < 0 or self.prefill_chunk < 0:
             raise ValueError("runtime: memory_mb and prefill_chunk must be ≥ 0")
         if self.fold_max < 0:

@@ -65,6 +65,24 @@ class Architecture:
 
 
 @dataclass(frozen=True)
+class DraftSpec:
+    """A speculative-decoding draft shipped beside the main graph (`export/train_draft.py`).
+
+    The main graph then also outputs `hidden_states` [B, K, hidden] (the final-normed hidden
+    state the LM head reads, for the same K positions as its logits). `file` is a stateless
+    graph: `hidden` float32 [N, hidden] + `input_ids` int64 [N] (full-vocabulary ids: the token
+    that follows that hidden state) -> `feature` float32 [N, hidden] (its guess of the main
+    graph's next hidden state, fed back for the next draft step) and `logits` float32
+    [N, len(vocab) + 1] over the draft vocabulary; row i is token `vocab[i]`, the last column
+    belongs to the out-of-vocabulary input row and is never proposed.
+    """
+
+    file: str
+    vocab: tuple[int, ...]
+    kind: str = "feature-mlp"
+
+
+@dataclass(frozen=True)
 class GraphSpec:
     """How to drive the graph.
 
@@ -99,6 +117,7 @@ class GraphSpec:
     # runner picks one at load (`[runtime] kv_cache`, the onnxruntime build: see
     # `Requirements.graphs`); absent: `file` is the only graph.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    draft: DraftSpec | None = None  # a trained speculative draft (absent: none in the bundle)
 
 
 @dataclass(frozen=True)
@@ -217,6 +236,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         bundle.graph.file,
         bundle.graph.prefill_file,
         bundle.tokenizer.file,
+        bundle.graph.draft.file if bundle.graph.draft else "",
         *bundle.graph.contexts.values(),
         *bundle.graph.variants,
     ):
@@ -313,6 +333,9 @@ def _graph_spec(raw: dict[str, Any], ignored: list[str]) -> GraphSpec:
             raise TypeError(f"graph.variants[{name!r}]: kv_cache 'fp32'|'int8', query_seqlens true|false")
     if raw.get("kv_cache", "fp32") not in ("fp32", "int8"):
         raise TypeError(f"graph.kv_cache must be 'fp32' or 'int8', not {raw.get('kv_cache')!r}")
+    if raw.get("draft") is not None:
+        draft = dict(raw["draft"])
+        raw["draft"] = DraftSpec(**{**draft, "vocab": tuple(int(i) for i in draft["vocab"])})
     if raw.get("kv_layout") not in ("concat", "shared", "static"):
         raise TypeError(
             f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_llm import batching
+from edge_llm import batching, speculate
 from edge_llm.bundle import Bundle, load_bundle
 from edge_llm.errors import BundleError, ConstraintError, ContextLengthError, RequestError
 from edge_llm.runner import KVCache, RunnerOptions, SharedCache, SharedRunner, StaticCache, make_runner
@@ -42,8 +42,9 @@ class Usage:
     prefill_s: float
     decode_s: float
     decode_tok_s: float  # tokens after the first / time after the first
-    draft_tokens: int = 0  # prompt-lookup speculation: tokens proposed ...
-    accepted_draft_tokens: int = 0  # ... and kept (identical to what greedy decoding gives)
+    draft_tokens: int = 0  # speculation (trained draft or prompt lookup): tokens proposed ...
+    accepted_draft_tokens: int = 0  # ... and kept (greedy: identical to plain decoding)
+    draft_verifies: int = 0  # forwards that verified drafts (accepted / verifies: mean kept)
     provider: str = ""  # the execution provider that ran the graph ...
     cpu_fallback_nodes: int | None = None  # ... and how many of its nodes fell back to CPU
 
@@ -113,6 +114,20 @@ class Engine:
         self.options = options or RunnerOptions()
         self.tokenizer = Tokenizer(bundle)
         self.runner = make_runner(bundle, self.options)
+        mode = self.options.speculation
+        # The draft reads the main graph's hidden state: a variant graph chosen at load (int8 KV,
+        # query_seqlens) has none, so there the draft is not used.
+        draft_runs = bundle.graph.draft is not None and getattr(self.runner, "hidden_size", 0) > 0
+        if mode == "auto":
+            mode = "draft" if draft_runs else "lookup" if self.options.prompt_lookup else "off"
+        elif mode == "draft" and bundle.graph.draft is not None and not draft_runs:
+            raise BundleError(
+                f"{bundle.path}: the trained draft runs only on the main graph, not on "
+                f"{getattr(self.runner, 'graph_name', '?')} (set [runtime] kv_cache/ragged to pick it)"
+            )
+        # The trained draft (None: not used); prompt lookup's draft length (0: not used).
+        self.draft = speculate.Draft(bundle, self.options) if mode == "draft" else None
+        self.lookup = (self.options.prompt_lookup or 4) if mode == "lookup" else 0
         self._grammars: Grammars | None = None  # built on the first JSON request (llguidance)
 
     @classmethod
@@ -287,6 +302,7 @@ class Engine:
                 q = group[0]
                 logits, q.cached = self.prefill(q.ids, q.slot)
                 q.take(logits)
+                q.hidden = self._hidden(0, -1)
                 continue
             counts = np.array([len(q.ids) for q in group], dtype=np.int64)
             tokens = np.full((len(group), int(counts.max())), self.bundle.tokenizer.pad_id, dtype=np.int64)
@@ -296,6 +312,7 @@ class Engine:
             for i, q in enumerate(group):
                 q.slot.ids = list(q.ids)
                 q.take(logits[i])
+                q.hidden = self._hidden(i, -1)
 
     def _prefill_groups(self, seqs: list[Generation]) -> list[list[Generation]]:
         """Runs of adjacent empty batch rows whose padding stays under a third of the work (and
@@ -320,23 +337,40 @@ class Engine:
     def step(self, seqs: list[Generation]) -> None:
         """Advance every unfinished sequence by one token, in one forward where they share a
         batch cache (continuous batching), else one forward each (several tokens at once when
-        prompt-lookup speculation is on and its draft is accepted)."""
+        speculation is on and its draft is accepted). A batch row speculates only while it runs
+        alone: rows of a wider batch advance together, one token each per forward."""
         live = [q for q in seqs if not q.finished]
-        batched = [q for q in live if q.slot.row is not None]
+        alone = sum(q.slot.row is not None for q in live) <= 1
+        rows = []
         for q in live:
-            if q.slot.row is None and not self._speculate(q):
-                q.take(self.decode_one_token(q.last, q.slot))
-        if batched:
-            self._step_rows(batched)
+            if (q.slot.row is None or alone) and self._speculate(q):
+                continue
+            if q.slot.row is not None:
+                rows.append(q)
+                continue
+            q.take(self.decode_one_token(q.last, q.slot))
+            q.hidden = self._hidden(0, -1)
+        if rows:
+            self._step_rows(rows)
+
+    def _hidden(self, row: int, pos: int) -> np.ndarray | None:
+        """The main graph's final hidden state at (row, pos) of the latest forward: the trained
+        draft's input (None when no draft is used)."""
+        if self.draft is None:
+            return None
+        return self.runner.hidden[row, pos].copy()
 
     def _speculate(self, q: Generation) -> bool:
-        """Prompt-lookup speculative decoding for a greedy sequence; False if nothing to try.
+        """Speculative decoding for one sequence (the trained draft: `edge_llm.speculate`, else
+        prompt lookup for a greedy sequence); False if nothing to try.
 
         Drafts are the tokens that followed the latest earlier occurrence of the context's last
         n-gram; one forward scores [last, *draft] and we keep the longest draft prefix equal to
         the greedy choice, plus the model's own next token — output identical to plain greedy.
         """
-        k = min(self.options.prompt_lookup, q.params.max_tokens - len(q.generated) - 1)
+        if self.draft is not None:
+            return speculate.advance(self, self.draft, q, self.options.draft_tokens)
+        k = min(self.lookup, q.params.max_tokens - len(q.generated) - 1)
         if k < 1 or not q.params.greedy or q.params.repetition_penalty != 1.0 or not self.all_logits:
             return False
         if q.constraint is not None:  # drafts are verified against unmasked greedy: plain decoding
@@ -358,6 +392,7 @@ class Engine:
         q.slot.ids.extend(tokens[0, : 1 + accepted].tolist())
         q.drafted += len(draft)
         q.accepted += accepted
+        q.verifies += 1
         # A rejected draft costs a wider forward for nothing: back off exponentially (novel text
         # has few repeats), and speculate every step again as soon as drafts are being accepted.
         q.spec_backoff = 0 if accepted else min(2 * q.spec_backoff + 1, 16)
@@ -441,8 +476,11 @@ class Generation:
         self.decoder, self.stops = StreamDecoder(engine.tokenizer), StopMatcher(params.stop)
         self.generated: list[int] = []
         self.cached = 0
-        self.drafted = self.accepted = 0  # prompt-lookup speculation: proposed / kept tokens
+        self.drafted = self.accepted = self.verifies = 0  # speculation: proposed / kept tokens, verifies
         self.spec_backoff = self.spec_wait = 0
+        self.draft_len = 0  # the trained draft's current length (0: not started; it adapts)
+        # The main graph's final hidden state where `last` was predicted (the draft's input).
+        self.hidden: np.ndarray | None = None
         self.constraint = constraint
         self.error: ConstraintError | None = None  # set with finish "error"
         self.finish: str | None = None
@@ -524,6 +562,7 @@ class Generation:
             decode_tok_s=(n - 1) / (t_end - self.t_first) if n > 1 and t_end > self.t_first else 0.0,
             draft_tokens=self.drafted,
             accepted_draft_tokens=self.accepted,
+            draft_verifies=self.verifies,
             provider=self.engine.runner.provider,
             cpu_fallback_nodes=self.engine.runner.cpu_fallback_nodes,
         )

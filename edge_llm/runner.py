@@ -293,6 +293,15 @@ class SharedRunner(_SessionRunner):
         self.logits_kind = bundle.graph.logits
         self.vocab = bundle.architecture.vocab_size
         self._logits: dict[tuple[int, int], np.ndarray] = {}
+        # A bundle with a trained draft: the graph also returns the final hidden state of the
+        # positions it returns logits for (the draft's input), bound like the logits.
+        # Variant graphs (export/variants.py: int8 KV, query_seqlens) carry no such output.
+        main = self.graph_name == bundle.graph.file
+        self.hidden_size = (
+            bundle.architecture.hidden_size if main and "hidden_states" in bundle.graph.outputs else 0
+        )
+        self._hidden: dict[tuple[int, int], np.ndarray] = {}
+        self.hidden: np.ndarray | None = None  # [rows, kept, H] of the latest forward (reused buffer)
         # The KV element type is the graph's: float32, or int8 where GroupQueryAttention keeps a
         # quantized cache (static per-channel scales inside the graph; a quarter of the bytes).
         past_type = {i.name: i.type for i in self.session.get_inputs()}[self.past_names[0]]
@@ -351,6 +360,8 @@ class SharedRunner(_SessionRunner):
         binding = cache.bindings.get((first, *key))
         if binding is None:
             binding = cache.bindings[(first, *key)] = self._bind_kv(cache, first, rows, logits)
+        if self.hidden_size:
+            self.hidden = self._hidden[key]
         # Only these change from step to step; the KV views and logits stay bound.
         binding.bind_cpu_input("input_ids", tokens)
         binding.bind_cpu_input("attention_mask", mask)
@@ -379,6 +390,12 @@ class SharedRunner(_SessionRunner):
             binding.bind_input(past, "cpu", 0, view.dtype, shape, view.ctypes.data)
             binding.bind_output(present, "cpu", 0, view.dtype, shape, view.ctypes.data)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        if self.hidden_size:
+            key = logits.shape[:2]
+            hidden = self._hidden.get(key)
+            if hidden is None:
+                hidden = self._hidden[key] = np.empty((*key, self.hidden_size), np.float32)
+            binding.bind_output("hidden_states", "cpu", 0, np.float32, list(hidden.shape), hidden.ctypes.data)
         return binding
 
     def truncate(self, cache: SharedCache, length: int, row: int = 0) -> None:

@@ -97,14 +97,22 @@ def sample(
         logits = np.where(allowed, logits, np.float32(-np.inf))
     if params.greedy:
         return int(np.argmax(logits))
+    ids, probs = distribution(logits, params)
+    return int(ids[rng.choice(probs.shape[0], p=probs)])
+
+
+def distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution a sampled (not greedy) request draws from after temperature, top-k and
+    top-p: (token ids, their probabilities), only the tokens with probability > 0. Speculative
+    decoding's rejection sampling compares a draft with exactly this."""
     logits = logits.astype(np.float32, copy=False)
     # Shift the best logit to 0 before dividing, so scaling only ever pushes the others down
     # (towards -inf, whose exp is 0) and never overflows to +inf.
     with np.errstate(over="ignore"):
         scaled = (logits - logits.max()) / np.float32(params.temperature)
     candidates = _candidates(scaled, params)
-    chosen = candidates[_draw(scaled[candidates], params.top_p, rng)]
-    return int(chosen)
+    probs = _probs(scaled[candidates], params.top_p)
+    return candidates[: probs.shape[0]], probs
 
 
 def _candidates(scaled: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -128,11 +136,11 @@ def _mass(scaled: np.ndarray, window: np.ndarray) -> float:
     return float(np.exp(scaled[window] - peak, dtype=np.float64).sum() / total)
 
 
-def _draw(sorted_logits: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
+def _probs(sorted_logits: np.ndarray, top_p: float) -> np.ndarray:
     probs = np.exp(sorted_logits - sorted_logits[0], dtype=np.float64)
     probs /= probs.sum()
     if top_p < 1.0:
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
         probs = probs[:cut] / probs[:cut].sum()
-    return int(rng.choice(probs.shape[0], p=probs))
+    return probs

@@ -37,6 +37,7 @@ from export import prune as prune_stage
 from export import quantize as quantize_stage
 from export import report as report_stage
 from export import to_onnx as to_onnx_stage
+from export import train_draft as draft_stage
 from export import variants as variants_stage
 from export.cache import stable_key
 from export.stage import Artifact, StageLog
@@ -55,6 +56,7 @@ class Recipe:
     quantize: quantize_stage.QuantizeConfig = field(default_factory=quantize_stage.QuantizeConfig)
     fuse: variants_stage.FuseOptions | None = None  # fused graph: KV cache type, ragged variant
     static: fix_shapes_stage.FixShapesConfig | None = None  # fixed-shape graphs for NPUs
+    draft: draft_stage.DraftConfig | None = None  # a trained speculative draft in the bundle
     evaluate: evaluate_stage.EvaluateConfig | None = None
     report: report_stage.ReportConfig = field(default_factory=report_stage.ReportConfig)
     bundle: bundle_stage.BundleConfig = field(default_factory=bundle_stage.BundleConfig)
@@ -68,7 +70,16 @@ class Recipe:
                 "[static] fixes the shapes of an optimum graph of standard ops: it needs to_onnx.graph "
                 "'optimum' (or 'auto') and quantize.mode 'qdq', 'dynamic' or 'none'"
             )
-        texts = (("prune", self.prune), ("distill", self.distill), ("evaluate", self.evaluate))
+        if self.draft is not None and (
+            self.static is not None or self.to_onnx.graph == "optimum" or self.to_onnx.logits != "tail"
+        ):
+            raise ValueError("[draft] needs the fused graph with logits 'tail' (and no [static])")
+        texts = (
+            ("prune", self.prune),
+            ("distill", self.distill),
+            ("draft", self.draft),
+            ("evaluate", self.evaluate),
+        )
         for name, section in texts:
             if section is not None and section.text is None:
                 raise ValueError(f"{name}.text: give the text file this stage reads (no default)")
@@ -79,7 +90,7 @@ class Recipe:
         ev = self.evaluate
         if ev is None:
             return
-        for stage_name, cfg in (("distill", self.distill), ("prune", self.prune)):
+        for stage_name, cfg in (("distill", self.distill), ("prune", self.prune), ("draft", self.draft)):
             if cfg is None or not same_file(cfg.text, ev.text):
                 continue
             if overlaps(cfg.span, ev.span):
@@ -122,6 +133,7 @@ STAGES: list[tuple[Callable[[Recipe], Any], stage.Stage]] = [
     (lambda r: r.to_onnx, to_onnx_stage.STAGE),
     (lambda r: r.quantize, quantize_stage.STAGE),
     (lambda r: r.fuse, variants_stage.STAGE),
+    (lambda r: r.draft, draft_stage.STAGE),  # after quantize: trained against the shipped graph
     (lambda r: r.static, fix_shapes_stage.STAGE),
     (targets.compile_config, compile_qnn_stage.STAGE),  # target qnn-htp only
 ]

@@ -92,6 +92,7 @@ def export_bundle(
     graph: str = "optimum",
     logits: str = "tail",
     fuse: Any = None,
+    draft: object | None = None,
 ) -> Path:
     from export import recipe as recipe_mod
     from export.load import LoadConfig
@@ -104,6 +105,7 @@ def export_bundle(
         to_onnx=ToOnnxConfig(graph=graph, max_context=256, logits=logits),
         quantize=QuantizeConfig(mode=quant, block_size=16),  # rows are only 64 wide here
         fuse=fuse,
+        draft=draft,  # type: ignore[arg-type]
     )
     return recipe_mod.run(recipe, out)
 
@@ -154,3 +156,39 @@ def tiny_fused_last(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """Fused bundle that only ever returns each row's last-position logits."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-fused-last"
     return export_bundle(tiny_hf, out, "none", "fused", logits="last")
+
+
+def tiny_draft_config(text: Path) -> object:
+    """A draft for the tiny model: trained in seconds (it agrees little; tests check correctness)."""
+    from export.train_draft import DraftConfig
+
+    return DraftConfig(
+        text=text,
+        span=(0.3, 1.0),
+        eval_span=(0.0, 0.3),
+        tokens=1024,
+        eval_tokens=256,
+        chat_tokens=300,
+        chat_max_answer=24,
+        seq_len=32,
+        vocab=128,
+        intermediate=32,
+        batch=64,
+        epochs=2.0,
+        block_size=16,
+        threads=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fused fp32 bundle with a trained speculative draft (and the hidden-state output)."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-draft"
+    return export_bundle(tiny_hf, out, "none", "fused", draft=tiny_draft_config(tiny_text))

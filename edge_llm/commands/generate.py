@@ -64,6 +64,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="speculate up to K tokens copied from the context (greedy only; 0 = off)",
     )
+    p.add_argument(
+        "--speculation",
+        choices=("auto", "off", "draft", "lookup"),
+        help="speculative decoding: the bundle's trained draft, prompt lookup, or off (plain "
+        "decoding, for comparison); default: the board profile's [runtime] speculation (auto: the "
+        "draft when the bundle has one)",
+    )
+    p.add_argument("--draft-tokens", type=int, metavar="K", help="draft tokens one verify checks at most")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) -> None:
@@ -96,6 +104,10 @@ def load_engine(args: argparse.Namespace, board: BoardConfig | None = None) -> t
         runtime = replace(runtime, threads=args.threads)
     if args.prompt_lookup is not None:
         runtime = replace(runtime, prompt_lookup=args.prompt_lookup)
+    if args.speculation is not None:
+        runtime = replace(runtime, speculation=args.speculation)
+    if args.draft_tokens is not None:
+        runtime = replace(runtime, draft_tokens=args.draft_tokens)
     if args.memory_mb is not None:
         if args.memory_mb < 0:
             raise ConfigError(f"--memory-mb must be ≥ 0, got {args.memory_mb}")

@@ -1,0 +1,175 @@
+"""Speculative decoding with the bundle's trained draft (`bundle.json` graph.draft).
+
+In: a `Generation` whose last forward left the main graph's final hidden state in `q.hidden`
+(the position that produced `q.last`). Out: the generation advanced by 1 + accepted tokens, in
+one forward of the main graph over [last, d1..dk] with `logits_to_keep = k+1`.
+
+The draft (`export/train_draft.py`) is stateless: (hidden state, next token) -> (guessed next
+hidden state, logits over its reduced vocabulary), so drafting k tokens is k tiny forwards and
+nothing needs undoing when a draft is rejected; the main cache is cut back to what was kept.
+
+Greedy requests keep the longest prefix of drafts equal to the main graph's argmax, plus its own
+next token: output identical to plain greedy decoding wherever the graph gives the same logits
+for a position whether a forward carries 1 token or k+1 (fp32: tested token for token). The int8
+MatMulNBits graph does not (up to 0.89 apart on SmolLM2, benchmarks/README.md), so there a
+near-tie can go the other way and the text part from plain decoding's. Sampled requests use rejection sampling
+(Leviathan et al. 2023, Chen et al. 2023): draft token d ~ q is kept with probability
+min(1, p(d)/q(d)), the first rejected one is replaced by a sample of norm(max(0, p - q)), and
+after k kept ones the next token is sampled from p — so every token has exactly the
+distribution plain sampling gives (p: `sampling.distribution`, temperature/top-k/top-p).
+Requests with a repetition penalty or a JSON constraint decode plainly (their p changes with
+every kept token).
+
+Draft length adapts per request (the rule of Hugging Face's assisted generation): +2 after a
+verify that kept every draft, -1 otherwise, within 1..`max_draft`; after verifies that keep
+nothing, speculation pauses for 1, 3, 7, ... plain steps, so text the draft cannot guess costs
+little.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_llm.bundle import Bundle
+from edge_llm.errors import BundleError
+from edge_llm.sampling import distribution
+
+if TYPE_CHECKING:
+    from edge_llm.board import RunnerOptions
+    from edge_llm.engine import Engine, Generation
+
+MAX_BACKOFF = 16
+
+
+class Draft:
+    """An ONNX Runtime session over the draft graph, and its vocabulary."""
+
+    def __init__(self, bundle: Bundle, options: RunnerOptions) -> None:
+        from edge_llm.runner import session_options
+
+        spec = bundle.graph.draft
+        if spec is None:
+            raise BundleError(f"{bundle.path}: the bundle has no trained draft (export it with [draft])")
+        if "hidden_states" not in bundle.graph.outputs:
+            raise BundleError(f"{bundle.graph_path}: a draft needs the graph's hidden_states output")
+        path = bundle.path / spec.file
+        # One thread: a draft step is a few MB of int8 weights, and a second session's own
+        # thread pool would spin on the cores the main graph's pool is about to use.
+        so = session_options(replace(options, threads=1))
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"{path}: onnxruntime cannot load the draft: {exc}") from None
+        self.vocab = np.asarray(spec.vocab, np.int64)
+        # full id -> draft row (-1: outside the draft vocabulary, probability 0 under the draft)
+        self.rows = np.full(bundle.architecture.vocab_size, -1, np.int64)
+        self.rows[self.vocab] = np.arange(self.vocab.size)
+
+    def __call__(self, hidden: np.ndarray, token: int) -> tuple[np.ndarray, np.ndarray]:
+        """(guessed next hidden state [H], logits over the draft vocabulary [Vd])."""
+        feature, logits = self.session.run(
+            ["feature", "logits"],
+            {"hidden": hidden[None].astype(np.float32, copy=False), "input_ids": np.array([token], np.int64)},
+        )
+        return feature[0], logits[0, : self.vocab.size]
+
+
+def eligible(q: Generation) -> bool:
+    """Whether the draft may speculate for `q` (see the module docstring)."""
+    return q.hidden is not None and q.constraint is None and q.params.repetition_penalty == 1.0
+
+
+def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool:
+    """Draft, verify and accept for `q`; False (nothing done) when it should decode plainly."""
+    left = q.params.max_tokens - len(q.generated) - 1
+    if left < 1 or not eligible(q) or not engine.all_logits:
+        return False
+    if q.spec_wait > 0:
+        q.spec_wait -= 1
+        return False
+    k = min(q.draft_len or max_draft, max_draft, left)
+    room = engine.max_context - len(q.slot.ids) - 1
+    k = min(k, room)
+    if k < 1:
+        return False
+    greedy = q.params.greedy
+    drafts, probs = _draft(draft, q, k, greedy)
+    cached = len(q.slot.ids)
+    tokens = np.array([[q.last, *drafts]], dtype=np.int64)
+    logits = engine._forward_slot(tokens, q.slot, all_logits=True)[0]
+    hidden = engine.runner.hidden[0]
+    if greedy:
+        accepted, nxt = _verify_greedy(logits, drafts)
+    else:
+        accepted, nxt = _verify_sampled(logits, drafts, probs, draft.rows, q)
+    engine.runner.truncate(q.slot.cache, cached + 1 + accepted, q.slot.row or 0)
+    q.slot.ids.extend(tokens[0, : 1 + accepted].tolist())
+    q.drafted += k
+    q.accepted += accepted
+    q.verifies += 1
+    q.draft_len = min(max_draft, k + 2) if accepted == k else max(1, k - 1)
+    q.spec_backoff = 0 if accepted else min(2 * q.spec_backoff + 1, MAX_BACKOFF)
+    q.spec_wait = q.spec_backoff
+    for d in drafts[:accepted]:
+        q.accept(int(d))
+        if q.finished:
+            return True
+    q.hidden = hidden[accepted].copy()
+    q.accept(nxt)
+    return True
+
+
+def _draft(draft: Draft, q: Generation, k: int, greedy: bool) -> tuple[list[int], list[np.ndarray]]:
+    """k draft tokens (argmax, or sampled from the draft at the request's temperature) and, when
+    sampled, the draft distribution each was drawn from (over the draft vocabulary)."""
+    assert q.hidden is not None
+    state, token = q.hidden, q.last
+    drafts: list[int] = []
+    probs: list[np.ndarray] = []
+    for _ in range(k):
+        state, logits = draft(state, token)
+        if greedy:
+            row = int(np.argmax(logits))
+        else:
+            z = (logits - logits.max()) / max(q.params.temperature, 1e-6)
+            p = np.exp(z.astype(np.float64))
+            p /= p.sum()
+            row = int(q.rng.choice(p.shape[0], p=p))
+            probs.append(p)
+        token = int(draft.vocab[row])
+        drafts.append(token)
+    return drafts, probs
+
+
+def _verify_greedy(logits: np.ndarray, drafts: list[int]) -> tuple[int, int]:
+    choice = logits.argmax(axis=-1)
+    accepted = 0
+    while accepted < len(drafts) and choice[accepted] == drafts[accepted]:
+        accepted += 1
+    return accepted, int(choice[accepted])
+
+
+def _verify_sampled(
+    logits: np.ndarray, drafts: list[int], probs: list[np.ndarray], rows: np.ndarray, q: Generation
+) -> tuple[int, int]:
+    """Rejection sampling: (drafts kept, the token after them), each distributed as plain
+    sampling from the main graph would be."""
+    for i, d in enumerate(drafts):
+        ids, p = distribution(logits[i], q.params)
+        target = p[ids == d]
+        p_d = float(target[0]) if target.size else 0.0
+        q_d = float(probs[i][rows[d]])
+        if q.rng.random() * q_d < p_d:  # accept with probability min(1, p/q)
+            continue
+        q_at = np.where(rows[ids] >= 0, probs[i][np.maximum(rows[ids], 0)], 0.0)
+        residual = np.maximum(p - q_at, 0.0)
+        total = residual.sum()
+        # total == 0 only when p <= q everywhere, i.e. p == q: then d was accepted surely above.
+        residual = residual / total if total > 0 else p
+        return i, int(ids[q.rng.choice(ids.shape[0], p=residual)])
+    ids, p = distribution(logits[len(drafts)], q.params)
+    return len(drafts), int(ids[q.rng.choice(ids.shape[0], p=p)])
