@@ -55,13 +55,14 @@ LEVELS: dict[str, tuple[int, float, float]] = {
     "v12_d2": (12288, 0.067, 0.0),
     "v12_d4": (12288, 0.134, 0.0),
     "v12_d6": (12288, 0.2, 0.0),
+    "v8_d3": (8192, 0.1, 0.0),
     "m17": (0, 0.0, 0.17),
     "m34": (0, 0.0, 0.34),
     "m51": (0, 0.0, 0.51),
     "m68": (0, 0.0, 0.68),
     "d2_m40": (0, 0.067, 0.40),
 }
-DEFAULT_LEVELS = ["p0", "v12", "v12_d2", "v12_d4", "v12_d6"]
+DEFAULT_LEVELS = ["p0", "v12", "v8_d3", "v12_d4", "v12_d6"]
 
 
 def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
@@ -78,6 +79,17 @@ def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
 
     hf_dir = load.run(load.LoadConfig()).hf_dir  # the loaded teacher (cached)
     return qa.scored(questions, qa.answer_torch(load_model(hf_dir), hf_dir, questions, 32))
+
+
+def answers_from(folder: Path | None, level: str, questions: list[qa.Question]) -> list[str] | None:
+    """A level's answers to the whole QA set from folder/qa_LEVEL.json, or None when absent."""
+    path = None if folder is None else folder / f"qa_{level}.json"
+    if path is None or not path.is_file():
+        return None
+    items = json.loads(path.read_text())["qa_items"]
+    if [r["question"] for r in items] != [q.question for q in questions]:
+        raise SystemExit(f"{path}: its answers are for another QA set")
+    return [r["answer"] for r in items]
 
 
 def build(name: str, ratios: tuple[int, float, float], args: argparse.Namespace, work: Path) -> Path:
@@ -105,6 +117,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--levels", nargs="*", default=DEFAULT_LEVELS, help=f"of {list(LEVELS)}")
     ap.add_argument("--recipe-bundle", type=Path, help="a finished (distilled) bundle: one more row")
     ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
+    ap.add_argument(
+        "--qa-dir",
+        type=Path,
+        help="folder of `edge-llm eval --qa SET --json qa_LEVEL.json` results: those answers are rescored "
+        "instead of asked again (a loaded machine: run the levels' QA in parallel processes)",
+    )
     ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
     ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
     ap.add_argument("--tokens", type=int, default=8192, help="held-out perplexity tokens (span 0..0.1)")
@@ -136,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    for q in questions]  # fmt: skip
         kept_file.write_text("".join(json.dumps(records[i]) + "\n" for i in known))
         teacher = [teacher[i] for i in known]
+        kept = [questions[i] for i in known]
         cfg = evaluate.EvaluateConfig(
             text=Path(args.text), max_tokens=args.tokens, teacher=False, speed=False, qa=kept_file,
             threads=args.threads,
@@ -143,7 +162,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows = []
         for n in names:
             t0 = time.perf_counter()
-            r = evaluate.run(cfg, bundles[n], None, progress=False, teacher_qa=teacher)
+            given = answers_from(args.qa_dir, n, questions)
+            if given is None:
+                r = evaluate.run(cfg, bundles[n], None, progress=False, teacher_qa=teacher)
+            else:
+                r = evaluate.run(replace(cfg, qa=None), bundles[n], None, progress=False)
+                r |= evaluate.qa_result(cfg, qa.scored(kept, [given[i] for i in known]), teacher)
             r.pop("qa_items")
             r["qa_file"] = str(args.qa)
             vocab, layer, mlp = shapes[n]
