@@ -30,13 +30,14 @@ from edge_llm.runner import RunnerOptions  # noqa: E402
 def interleaved(bundles: list[Path], rounds: int, new_tokens: int, threads: int) -> list[dict]:
     """Per bundle: median decode tok/s and the median per-round ratio to the first bundle."""
     engines = [Engine.load(b, RunnerOptions(threads=threads, max_batch=1)) for b in bundles]
-    ids = bench.prompts(engines[0])["short"]
-    for e in engines:  # warm-up: first-run allocations, page faults
-        bench.timed_generation(e, ids, new_tokens)
+    # Each bundle encodes the prompt with its own tokenizer: a trimmed vocabulary has other ids.
+    ids = [bench.prompts(e)["short"] for e in engines]
+    for e, x in zip(engines, ids, strict=True):  # warm-up: first-run allocations, page faults
+        bench.timed_generation(e, x, new_tokens)
     speeds: list[list[float]] = [[] for _ in engines]
     for _ in range(rounds):
         for i, e in enumerate(engines):
-            ttft, total, _ = bench.timed_generation(e, ids, new_tokens)
+            ttft, total, _ = bench.timed_generation(e, ids[i], new_tokens)
             speeds[i].append((new_tokens - 1) / (total - ttft))
     rows = []
     for b, s in zip(bundles, speeds, strict=True):
