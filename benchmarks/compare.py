@@ -9,6 +9,7 @@ bundles measured one after another can swap places. Here run r of every bundle h
 run r+1 of any, and each ratio is the median of the per-round ratios.
 
     python benchmarks/compare.py UNPRUNED_BUNDLE PRUNED_BUNDLE [--rounds 9]
+    python benchmarks/compare.py BUNDLE --pad-decode   # [runtime] pad_decode's cost
 """
 
 from __future__ import annotations
@@ -27,30 +28,38 @@ from edge_llm.engine import Engine  # noqa: E402
 from edge_llm.runner import RunnerOptions  # noqa: E402
 
 
-def interleaved(bundles: list[Path], rounds: int, new_tokens: int, threads: int) -> list[dict]:
-    """Per bundle: median decode tok/s and the median per-round ratio to the first bundle."""
-    engines = [Engine.load(b, RunnerOptions(threads=threads, max_batch=1)) for b in bundles]
-    ids = bench.prompts(engines[0])["short"]
-    for e in engines:  # warm-up: first-run allocations, page faults
-        bench.timed_generation(e, ids, new_tokens)
+def interleaved(
+    bundles: list[Path], rounds: int, new_tokens: int, threads: int, pad_decode: bool = False
+) -> list[dict]:
+    """Per bundle: median decode tok/s and the median per-round ratio to the first bundle.
+    `pad_decode`: each bundle also runs with [runtime] pad_decode (a row after its plain one)."""
+    runs = [(b, pad) for b in bundles for pad in ((False, True) if pad_decode else (False,))]
+    engines = [Engine.load(b, RunnerOptions(threads=threads, max_batch=1, pad_decode=p)) for b, p in runs]
+    labels = [f"{b.name}{' +pad_decode' if p else ''}" for b, p in runs]
+    # Each bundle encodes the prompt with its own tokenizer: a trimmed vocabulary has other ids.
+    ids = [bench.prompts(e)["short"] for e in engines]
+    for e, x in zip(engines, ids, strict=True):  # warm-up: first-run allocations, page faults
+        bench.timed_generation(e, x, new_tokens)
     speeds: list[list[float]] = [[] for _ in engines]
     for _ in range(rounds):
         for i, e in enumerate(engines):
-            ttft, total, _ = bench.timed_generation(e, ids, new_tokens)
+            ttft, total, _ = bench.timed_generation(e, ids[i], new_tokens)
             speeds[i].append((new_tokens - 1) / (total - ttft))
     rows = []
-    for b, s in zip(bundles, speeds, strict=True):
+    for (b, pad), label, s in zip(runs, labels, speeds, strict=True):
         ratios = [x / r for x, r in zip(s, speeds[0], strict=True)]
         rows.append(
             {
                 "bundle": str(b),
+                "label": label,
+                "pad_decode": pad,
                 "decode_tok_s": statistics.median(s),
                 "decode_runs": s,
                 "ratio_to_first": statistics.median(ratios),
                 "ratio_runs": ratios,
             }
         )
-        print(f"{b.name:40s} {statistics.median(s):7.1f} tok/s  x{statistics.median(ratios):.3f}", flush=True)
+        print(f"{label:40s} {statistics.median(s):7.1f} tok/s  x{statistics.median(ratios):.3f}", flush=True)
     return rows
 
 
@@ -60,11 +69,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pad-decode", action="store_true", help="also run each bundle with pad_decode")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
     args = ap.parse_args()
-    if len(args.bundles) < 2:
-        ap.error("give at least two bundles (the first is the reference)")
-    rows = interleaved(args.bundles, args.rounds, args.new_tokens, args.threads)
+    if len(args.bundles) < 2 and not args.pad_decode:
+        ap.error("give at least two bundles (the first is the reference), or --pad-decode")
+    rows = interleaved(args.bundles, args.rounds, args.new_tokens, args.threads, args.pad_decode)
     doc = {"rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads, "rows": rows}
     lines = [
         f"Interleaved decode, {args.rounds} rounds, {args.new_tokens} new tokens, {args.threads} threads.",
@@ -73,7 +83,7 @@ def main() -> None:
         "|---|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {Path(r['bundle']).name} | {r['decode_tok_s']:.1f} | {r['ratio_to_first']:.3f} |")
+        lines.append(f"| {r['label']} | {r['decode_tok_s']:.1f} | {r['ratio_to_first']:.3f} |")
     write_results(Path(args.out), doc, lines)
 
 

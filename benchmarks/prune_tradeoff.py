@@ -1,13 +1,16 @@
 """The trade-off curve: parameters vs QA retained vs perplexity vs decode speed, per pruning level.
 
 Each level is the default recipe (`configs/recipes/smollm2-int8.toml`: fused graph, INT8 weights
-and embeddings) with a `[prune]` section in front: MLP channels removed (activation-aware
-ranking, least-squares refit of down_proj) and optionally whole layers, **without
+and embeddings) with a `[trim_vocab]` and/or `[prune]` section in front: the vocabulary cut to the
+most used tokens (export/trim_vocab.py), whole layers dropped (the least-changing ones) or MLP
+channels removed (activation-aware ranking, least-squares refit of down_proj), **without
 distillation** (the recipe's distill stage is what recovers quality; this curve is the starting
 point it recovers from, so a user can see which levels are worth distilling). Stages are cached
-like any recipe's, so a rerun only evaluates. Level "p0" is the unpruned default bundle.
+like any recipe's, so a rerun only evaluates. Level "p0" is the unpruned default bundle;
+`--recipe-bundle B` adds a finished bundle (the distilled pruned recipe's) as one more row.
 
-Per level, through the runtime (no torch): held-out perplexity (WikiText-2 valid, first 10%),
+Per level, through the runtime (no torch): held-out perplexity (WikiText-2 valid, first 10%)
+and bits per byte (what compares levels whose tokenizers differ),
 the QA set's accuracy and the fraction of the teacher's correct answers retained (export/qa.py),
 and decode tok/s interleaved with p0 (benchmarks/compare.py: ratios survive a shared CPU's drift
 better than absolute figures). The teacher's answers come from `--teacher-qa FILE`, the JSON of
@@ -39,18 +42,27 @@ from benchmarks.results_io import write_results  # noqa: E402
 from export import evaluate, qa  # noqa: E402
 from export import recipe as recipe_mod  # noqa: E402
 from export.prune import PruneConfig  # noqa: E402
+from export.trim_vocab import TrimVocabConfig  # noqa: E402
 
-# name: (layer_ratio, mlp_ratio). SmolLM2-135M: 30 layers, MLP 1536 channels = 79.6M of its
-# 134.5M parameters, so MLP ratios 0.17 / 0.34 / 0.51 / 0.68 remove about 10 / 20 / 30 / 40% of
-# the parameters (kept widths rounded to multiples of 32). d2_m40 is the pruned recipe's shape.
-LEVELS: dict[str, tuple[float, float]] = {
-    "p0": (0.0, 0.0),
-    "m17": (0.0, 0.17),
-    "m34": (0.0, 0.34),
-    "m51": (0.0, 0.51),
-    "m68": (0.0, 0.68),
-    "d2_m40": (0.067, 0.40),
+# name: (vocabulary kept (0: all), layer_ratio, mlp_ratio). SmolLM2-135M: 30 layers of 3.54M
+# parameters, a tied 49,152 x 576 embedding (28.3M); MLP 1536 channels = 79.6M of its 134.5M, so
+# MLP ratios 0.17 / 0.34 / 0.51 / 0.68 remove about 10 / 20 / 30 / 40% (kept widths rounded to
+# multiples of 32). A 12,288-token vocabulary removes 15.8%, each layer 2.6% more; v12_d4 is the
+# pruned recipe's shape before distillation (configs/recipes/smollm2-pruned-int8.toml).
+LEVELS: dict[str, tuple[int, float, float]] = {
+    "p0": (0, 0.0, 0.0),
+    "v12": (12288, 0.0, 0.0),
+    "v12_d2": (12288, 0.067, 0.0),
+    "v12_d4": (12288, 0.134, 0.0),
+    "v12_d6": (12288, 0.2, 0.0),
+    "v8_d3": (8192, 0.1, 0.0),
+    "m17": (0, 0.0, 0.17),
+    "m34": (0, 0.0, 0.34),
+    "m51": (0, 0.0, 0.51),
+    "m68": (0, 0.0, 0.68),
+    "d2_m40": (0, 0.067, 0.40),
 }
+DEFAULT_LEVELS = ["p0", "v12", "v8_d3", "v12_d4", "v12_d6"]
 
 
 def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
@@ -69,9 +81,23 @@ def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
     return qa.scored(questions, qa.answer_torch(load_model(hf_dir), hf_dir, questions, 32))
 
 
-def build(name: str, ratios: tuple[float, float], args: argparse.Namespace, work: Path) -> Path:
+def answers_from(folder: Path | None, level: str, questions: list[qa.Question]) -> list[str] | None:
+    """A level's answers to the whole QA set from folder/qa_LEVEL.json, or None when absent."""
+    path = None if folder is None else folder / f"qa_{level}.json"
+    if path is None or not path.is_file():
+        return None
+    items = json.loads(path.read_text())["qa_items"]
+    if [r["question"] for r in items] != [q.question for q in questions]:
+        raise SystemExit(f"{path}: its answers are for another QA set")
+    return [r["answer"] for r in items]
+
+
+def build(name: str, ratios: tuple[int, float, float], args: argparse.Namespace, work: Path) -> Path:
     base = recipe_mod.load_recipe(ROOT / "configs" / "recipes" / "smollm2-int8.toml")
-    layer, mlp = ratios
+    vocab, layer, mlp = ratios
+    trim = None
+    if vocab:  # as the pruned recipe's [trim_vocab], so its cached stage is shared
+        trim = TrimVocabConfig(size=vocab, prior=4096, text=Path(args.text), span=(0.1, 1.0))
     prune = None
     if layer or mlp:
         prune = PruneConfig(
@@ -82,14 +108,21 @@ def build(name: str, ratios: tuple[float, float], args: argparse.Namespace, work
             span=(0.1, 1.0),
             calib_tokens=args.calib_tokens,
         )
-    recipe = replace(base, name=f"tradeoff-{name}", prune=prune, evaluate=None)
+    recipe = replace(base, name=f"tradeoff-{name}", trim_vocab=trim, prune=prune, evaluate=None)
     return recipe_mod.run(recipe, work / name, progress=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--levels", nargs="*", default=list(LEVELS), help=f"of {list(LEVELS)}")
+    ap.add_argument("--levels", nargs="*", default=DEFAULT_LEVELS, help=f"of {list(LEVELS)}")
+    ap.add_argument("--recipe-bundle", type=Path, help="a finished (distilled) bundle: one more row")
     ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
+    ap.add_argument(
+        "--qa-dir",
+        type=Path,
+        help="folder of `edge-llm eval --qa SET --json qa_LEVEL.json` results: those answers are rescored "
+        "instead of asked again (a loaded machine: run the levels' QA in parallel processes)",
+    )
     ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
     ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
     ap.add_argument("--tokens", type=int, default=8192, help="held-out perplexity tokens (span 0..0.1)")
@@ -106,6 +139,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         bundles = {n: build(n, LEVELS[n], args, work) for n in names}
+        shapes = dict(LEVELS)
+        if args.recipe_bundle is not None:
+            names.append("recipe")
+            bundles["recipe"] = args.recipe_bundle
+            shapes["recipe"] = (-1, -1.0, -1.0)  # its own recipe says (bundle.json)
         teacher = teacher_rows(args.teacher_qa, args.qa)
         # Only the questions the teacher answers correctly are asked: retention is the same
         # figure, at a fraction of the cost (the QA accuracy column is then over these).
@@ -116,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    for q in questions]  # fmt: skip
         kept_file.write_text("".join(json.dumps(records[i]) + "\n" for i in known))
         teacher = [teacher[i] for i in known]
+        kept = [questions[i] for i in known]
         cfg = evaluate.EvaluateConfig(
             text=Path(args.text), max_tokens=args.tokens, teacher=False, speed=False, qa=kept_file,
             threads=args.threads,
@@ -123,10 +162,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows = []
         for n in names:
             t0 = time.perf_counter()
-            r = evaluate.run(cfg, bundles[n], None, progress=False, teacher_qa=teacher)
+            given = answers_from(args.qa_dir, n, questions)
+            if given is None:
+                r = evaluate.run(cfg, bundles[n], None, progress=False, teacher_qa=teacher)
+            else:
+                r = evaluate.run(replace(cfg, qa=None), bundles[n], None, progress=False)
+                r |= evaluate.qa_result(cfg, qa.scored(kept, [given[i] for i in known]), teacher)
             r.pop("qa_items")
             r["qa_file"] = str(args.qa)
-            rows.append({"level": n, "layer_ratio": LEVELS[n][0], "mlp_ratio": LEVELS[n][1], **r})
+            vocab, layer, mlp = shapes[n]
+            rows.append({"level": n, "vocab": vocab, "layer_ratio": layer, "mlp_ratio": mlp, **r})
             print(f"{n}: {evaluate.headline(r)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         speeds = interleaved([bundles[n] for n in names], args.rounds, 128, args.threads)
     for row, s in zip(rows, speeds, strict=True):
@@ -137,20 +182,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     doc["calib_tokens"] = args.calib_tokens
     doc["rows"] = rows
     lines = [
-        f"No distillation; pruning calibrated on {args.calib_tokens} tokens. Perplexity: first "
-        f"{args.tokens} tokens of the held-out span, ctx 512, stride 512. "
+        f"No distillation (except the row `recipe`: the finished pruned recipe's bundle); pruning "
+        f"calibrated on {args.calib_tokens} tokens. Perplexity (per token: compares rows with the same "
+        f"vocabulary only) and bits per byte (compares all rows): first {args.tokens} tokens of the "
+        f"held-out span, ctx 512, stride 512. "
         f"QA: `{args.qa.name}`, the {rows[0]['qa_teacher_correct']} questions the teacher answers correctly "
         f"asked (retained = correct / {rows[0]['qa_teacher_correct']}). Decode: "
         f"{args.rounds} interleaved rounds, 128 tokens, {args.threads} threads, shared CPU (noisy).",
         "",
-        "| level | layers | MLP | params | removed | size MiB | perplexity | QA retained | retained exact "
-        "| answers kept | decode tok/s | decode x p0 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| level | vocab | layers | MLP | params | removed | size MiB | size x p0 | perplexity | bits/byte "
+        "| QA retained | retained exact | answers kept | decode tok/s | decode x p0 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        vocab = "see recipe" if r["vocab"] < 0 else (r["vocab"] or "49152")
+        layers = "" if r["layer_ratio"] < 0 else r["layer_ratio"]
+        mlp = "" if r["mlp_ratio"] < 0 else r["mlp_ratio"]
+        bpb = f"{r['bits_per_byte']:.3f}" if "bits_per_byte" in r else "—"
         lines.append(
-            f"| {r['level']} | {r['layer_ratio']} | {r['mlp_ratio']} | {r['parameters'] / 1e6:.1f}M "
-            f"| {1 - r['parameters'] / full:.1%} | {r['size_bytes'] / 2**20:.1f} | {r['perplexity']:.2f} "
+            f"| {r['level']} | {vocab} | {layers} | {mlp} | {r['parameters'] / 1e6:.1f}M "
+            f"| {1 - r['parameters'] / full:.1%} | {r['size_bytes'] / 2**20:.1f} "
+            f"| {r['size_bytes'] / rows[0]['size_bytes']:.3f} | {r['perplexity']:.2f} | {bpb} "
             f"| {_pct(r['qa_retained'])} | {_pct(r['qa_retained_exact'])} "
             f"| {r['qa_correct']}/{r['qa_questions']} | {r['decode_tok_s']:.1f} | {r['decode_x_p0']:.3f} |"
         )
@@ -175,7 +227,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     x = [r["parameters"] / 1e6 for r in rows]
     panels = [
         ("QA retained (%)", [100 * (r["qa_retained"] or 0) for r in rows]),
-        ("perplexity (held-out)", [r["perplexity"] for r in rows]),
+        ("bits per byte (held-out)", [r.get("bits_per_byte", float("nan")) for r in rows]),
         ("decode speed (x unpruned)", [r["decode_x_p0"] for r in rows]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
@@ -186,7 +238,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("parameters (M)")
         ax.invert_xaxis()  # left to right: more pruning
-    fig.suptitle("SmolLM2-135M pruned, INT8, no distillation")
+    fig.suptitle("SmolLM2-135M pruned, INT8, no distillation (row 'recipe': distilled)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

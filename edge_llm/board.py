@@ -35,6 +35,13 @@ class RunnerOptions:
     # bundle); "off": plain decoding, one token per forward.
     speculation: Literal["auto", "off", "draft", "lookup"] = "auto"
     draft_tokens: int = 6  # the most draft tokens one verify checks (the length adapts below it)
+    # Run every one-token forward of a lone sequence as two tokens (a dummy after it, its KV
+    # written past the length and never read). ORT's GroupQueryAttention rounds the last bit of
+    # a 1-token step differently from a multi-token one, and MatMulNBits' int8 activations
+    # (accuracy_level 4) blow that up to logit gaps of ~0.75 on SmolLM2; padded, a decode step
+    # runs the kernel path a speculative verify runs, so greedy speculation gives plain
+    # decoding's output bit for bit (edge_llm/speculate.py). Costs a wider forward per token.
+    pad_decode: bool = False
     # Memory budget in MB (0: none). `edge_llm.memory.plan_memory` derives max_batch,
     # max_context, prefill_chunk and [sessions] max_live from it (the configured values are upper
     # limits) and refuses at start-up a budget the bundle cannot fit.

@@ -129,6 +129,7 @@ class Engine:
         self.draft = speculate.Draft(bundle, self.options) if mode == "draft" else None
         self.lookup = (self.options.prompt_lookup or 4) if mode == "lookup" else 0
         self._grammars: Grammars | None = None  # built on the first JSON request (llguidance)
+        self.last_pos = -1  # where the latest slot forward's last real token sits (pad_decode: -2)
 
     @classmethod
     def load(cls, path: str | Path, options: RunnerOptions | None = None, verify: bool = True) -> Engine:
@@ -206,9 +207,32 @@ class Engine:
         return logits[0]
 
     def _forward_slot(self, tokens: np.ndarray, slot: Slot, all_logits: bool = False) -> np.ndarray:
+        self.last_pos = -1
+        if tokens.shape[1] == 1 and self._pads(slot):
+            # [token, token]: the second is a dummy whose KV lands past the length (cut off
+            # below, never read); the first's logits come from the multi-token kernel path.
+            logits = self._run_slot(np.repeat(tokens, 2, axis=1), slot, all_logits=True)
+            row = slot.row or 0
+            self.runner.truncate(slot.cache, int(slot.cache.lengths[row]) - 1, row)
+            self.last_pos = -2  # the real token's hidden state (the draft's input)
+            return logits[:, :1] if all_logits else logits[:, 0]
+        return self._run_slot(tokens, slot, all_logits)
+
+    def _run_slot(self, tokens: np.ndarray, slot: Slot, all_logits: bool) -> np.ndarray:
         if slot.row is None:
             return self.runner.forward(tokens, slot.cache, all_logits=all_logits)
         return self.runner.forward_rows(tokens, slot.cache, slot.row, all_logits=all_logits)
+
+    def _pads(self, slot: Slot) -> bool:
+        """Whether a one-token forward of `slot` runs padded to two ([runtime] pad_decode): on
+        the shared-KV graph with per-position logits, while the dummy's position fits."""
+        cache = slot.cache
+        return (
+            self.options.pad_decode
+            and self.all_logits
+            and isinstance(cache, SharedCache)
+            and int(cache.lengths[slot.row or 0]) + 2 <= cache.capacity
+        )
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), V] for every position of `ids` from an empty cache (perplexity).
@@ -302,7 +326,7 @@ class Engine:
                 q = group[0]
                 logits, q.cached = self.prefill(q.ids, q.slot)
                 q.take(logits)
-                q.hidden = self._hidden(0, -1)
+                q.hidden = self._hidden(0, self.last_pos)
                 continue
             counts = np.array([len(q.ids) for q in group], dtype=np.int64)
             tokens = np.full((len(group), int(counts.max())), self.bundle.tokenizer.pad_id, dtype=np.int64)
@@ -345,11 +369,12 @@ class Engine:
         for q in live:
             if (q.slot.row is None or alone) and self._speculate(q):
                 continue
-            if q.slot.row is not None:
+            # pad_decode: a lone row decodes through the padded slot path like an unbatched one.
+            if q.slot.row is not None and not (alone and self._pads(q.slot) and not batching.pending(q)):
                 rows.append(q)
                 continue
             q.take(self.decode_one_token(q.last, q.slot))
-            q.hidden = self._hidden(0, -1)
+            q.hidden = self._hidden(0, self.last_pos)
         if rows:
             self._step_rows(rows)
 

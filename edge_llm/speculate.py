@@ -11,8 +11,10 @@ nothing needs undoing when a draft is rejected; the main cache is cut back to wh
 Greedy requests keep the longest prefix of drafts equal to the main graph's argmax, plus its own
 next token: output identical to plain greedy decoding wherever the graph gives the same logits
 for a position whether a forward carries 1 token or k+1 (fp32: tested token for token). The int8
-MatMulNBits graph does not (up to 0.89 apart on SmolLM2, benchmarks/README.md), so there a
-near-tie can go the other way and the text part from plain decoding's. Sampled requests use rejection sampling
+MatMulNBits graph does not (up to 0.89 apart on SmolLM2: GroupQueryAttention's 1-token path
+differs in the last bit, int8 activations amplify it; benchmarks/README.md), so there a near-tie
+can go the other way, unless `[runtime] pad_decode` runs plain steps as 2-token forwards: then
+identical bit for bit (tests/edge_llm/test_pad_decode.py). Sampled requests use rejection sampling
 (Leviathan et al. 2023, Chen et al. 2023): draft token d ~ q is kept with probability
 min(1, p(d)/q(d)), the first rejected one is replaced by a sample of norm(max(0, p - q)), and
 after k kept ones the next token is sampled from p — so every token has exactly the

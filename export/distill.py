@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export import evaluate
+from export import evaluate, trim_vocab
 from export.hf import TOKENIZER_FILES
 from export.stage import Artifact, Stage
 from export.teacher import chats as teacher_chats
@@ -143,16 +143,22 @@ def training_ids(
     device: str,
     teacher_dir: Path | None = None,
     keep_dir: Path | None = None,
+    convert: Callable[[list[int]], list[int]] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Training sequences [N, seq_len] from the text span (+ teacher samples), and where from.
 
     What the teacher writes (text continuations, chats) is kept in `keep_dir` when given and read
     back from there: a resumed run trains on the same data, in the same order, without spending
-    the minutes to sample it again (sampling would not repeat across processes)."""
+    the minutes to sample it again (sampling would not repeat across processes). `convert` maps
+    what the teacher wrote (its ids) into `tok`'s ids when the student's vocabulary differs."""
     text, where = read_span(config.text, config.span, "distill.text")
     ids = tok.encode(text, add_special_tokens=False).ids
     where["text_tokens"] = len(ids)
     if config.teacher_tokens:
+        if convert is not None:
+            raise ExportError(
+                "distill.teacher_tokens: not supported for a trimmed vocabulary (use chat_tokens)"
+            )
         generated = _kept(keep_dir, TEACHER_TEXT, lambda: teacher_text(model, ids, config, device))
         where["teacher_tokens"] = len(generated)
         ids = ids + generated
@@ -169,6 +175,8 @@ def training_ids(
                 )
             ],
         )
+        if convert is not None:
+            chats = [convert(c) for c in chats]
         where["chat_tokens"] = sum(len(c) for c in chats)
         where["chat_turns"] = len(chats)
         where["chat_example"] = tok.decode(chats[0], skip_special_tokens=False)[:400]
@@ -289,8 +297,15 @@ def run(
     torch.manual_seed(config.seed)
     teacher = load_model(teacher_dir, device)
     student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).to(device)
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise ExportError("distill: teacher and student vocabularies differ")
+    # A trimmed vocabulary (export/trim_vocab.py): the student's ids are a subset of the
+    # teacher's; the teacher reads them mapped back and scores only the student's tokens.
+    vmap = trim_vocab.teacher_ids(student_dir)
+    if vmap is None and teacher.config.vocab_size != student.config.vocab_size:
+        raise ExportError("distill: teacher and student vocabularies differ (and no vocab_map.json)")
+    if vmap is not None and (
+        len(vmap) != student.config.vocab_size or vmap.max() >= teacher.config.vocab_size
+    ):
+        raise ExportError(f"distill: {student_dir}/{trim_vocab.MAP} does not match the two models")
     for p in teacher.parameters():
         p.requires_grad_(False)
     if config.freeze_embeddings:
@@ -298,8 +313,16 @@ def run(
         student.get_output_embeddings().weight.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    tok = load_tokenizer(teacher_dir)
-    data, where = training_ids(config, tok, teacher, device, teacher_dir, out_dir)
+    tok = load_tokenizer(student_dir)  # the teacher's own unless the vocabulary was trimmed
+    convert = None
+    if vmap is not None:
+        teacher_tok = load_tokenizer(teacher_dir)
+        convert = lambda ids: trim_vocab.retokenize(ids, teacher_tok, tok)  # noqa: E731
+    data, where = training_ids(config, tok, teacher, device, teacher_dir, out_dir, convert)
+    to_teacher = None
+    if vmap is not None:
+        trim_vocab.restrict_head(teacher, vmap)  # after the teacher wrote its chats
+        to_teacher = torch.from_numpy(vmap).to(device)
     held_out = held_out_ids(config, tok)
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": [], "curve": []}
@@ -327,7 +350,8 @@ def run(
             rows = _rows(data.shape[0], (step * per_step) + micro * config.batch, config.batch, config.seed)
             ids = torch.from_numpy(data[rows]).to(device)
             with torch.no_grad():
-                t_out = teacher(ids, output_hidden_states=want_hidden, use_cache=False)
+                t_ids = ids if to_teacher is None else to_teacher[ids]
+                t_out = teacher(t_ids, output_hidden_states=want_hidden, use_cache=False)
             s_out = student(ids, output_hidden_states=want_hidden, use_cache=False)
             parts = losses(config, s_out, t_out, ids)
             loss = sum(parts.values()) / config.grad_accum

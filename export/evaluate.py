@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export import hf, qa, teacher
+from export import hf, qa, teacher, trim_vocab
 from export.cache import stable_key
 from export.stage import Artifact, Stage
 from export.teacher import Logits, torch_logits
@@ -136,29 +136,101 @@ def score(
     teacher: Logits | None = None,
     progress: bool = False,
     label: str = "evaluate",
+    nbytes: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Perplexity of `model` on token ids (and KL / agreement / perplexity of `teacher`);
-    `label` names the progress bar."""
+    `label` names the progress bar. `nbytes` (UTF-8 bytes of each token id) adds bits per byte:
+    the figure that compares models whose tokenizers differ (a trimmed vocabulary)."""
     nll = t_nll = kl = 0.0
-    agree = count = 0
+    agree = count = scored_bytes = 0
     spans = list(windows(len(ids), context, stride))
     bar = _bar(len(spans), label, progress)
     for begin, end, first in spans:
         sums = _sums(ids[begin:end], first - begin, model, teacher)
         nll, t_nll, kl, agree = nll + sums[0], t_nll + sums[1], kl + sums[2], agree + sums[3]
         count += end - first
+        scored_bytes += 0 if nbytes is None else int(nbytes[ids[first:end]].sum())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
     if bar is not None:
         bar.close()
     out: dict[str, Any] = {"perplexity": math.exp(nll / count), "nll": nll / count, "scored_tokens": count}
+    if scored_bytes:
+        out |= {"bits_per_byte": nll / scored_bytes / math.log(2), "scored_bytes": scored_bytes}
     if teacher is not None:
         out |= {
             "teacher_perplexity": math.exp(t_nll / count),
             "kl_to_teacher": kl / count,
             "top1_agreement": agree / count,
         }
+        if scored_bytes:
+            out["teacher_bits_per_byte"] = t_nll / scored_bytes / math.log(2)
+    return out
+
+
+def restricted(teacher: Logits, ids: np.ndarray) -> Logits:
+    """The teacher over a trimmed vocabulary: it reads the student's ids mapped to its own and
+    scores only the student's tokens (log-softmax over them renormalises): the distribution the
+    student can match, compared token for token on the student's tokenization."""
+    return lambda x: teacher(ids[x])[:, ids]
+
+
+def text_scores(
+    config: EvaluateConfig,
+    encode: Callable[[str], list[int]],
+    tokenizer_file: Path,
+    logits: Logits,
+    t_logits: Logits | None,
+    teacher_dir: Path | None,
+    vmap: np.ndarray | None,
+    progress: bool,
+    label: str,
+) -> dict[str, Any]:
+    """Perplexity (and bits per byte) on the text span, with the teacher's KL / top-1 beside it.
+
+    For a trimmed vocabulary (`vmap`: the teacher id of each model id) KL and top-1 are against
+    the restricted teacher (`restricted`) on the model's tokens, and the teacher's perplexity /
+    bits per byte come from a second pass over its own tokenization of the same text: the
+    per-token perplexities of two tokenizers do not compare, bits per byte do."""
+    ids, where = tokenize_span(config, encode)
+    nbytes = trim_vocab.token_bytes(tokenizer_file)
+    teacher = t_logits if vmap is None or t_logits is None else restricted(t_logits, vmap)
+    out = {"text": where} | score(
+        ids, logits, config.context, config.stride, teacher, progress, label, nbytes
+    )
+    if vmap is not None and t_logits is not None and teacher_dir is not None:
+        from tokenizers import Tokenizer
+
+        t_tok = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
+        t_ids, _ = tokenize_span(config, lambda s: t_tok.encode(s, add_special_tokens=False).ids)
+        t_bytes = trim_vocab.token_bytes(teacher_dir / "tokenizer.json")
+        own = score(t_ids, t_logits, config.context, config.stride, None, progress, "teacher", t_bytes)
+        out |= {
+            "teacher_perplexity_restricted": out.pop("teacher_perplexity"),
+            "teacher_perplexity": own["perplexity"],
+            "teacher_scored_tokens": own["scored_tokens"],
+            "teacher_bits_per_byte": own.get("bits_per_byte"),
+            "vocab_trimmed": {
+                "vocab": len(vmap),
+                "teacher_vocab": t_tok.get_vocab_size(with_added_tokens=True),
+            },
+        }
+    return out
+
+
+def student_chats(
+    chats: list[tuple[list[int], int]], teacher_dir: Path, encode: Callable[[str], list[int]]
+) -> list[tuple[list[int], int]]:
+    """Teacher-written chats (teacher ids) re-encoded by a trimmed model's tokenizer, prompt and
+    answer each on its own so the answer still starts where the prompt ends."""
+    from tokenizers import Tokenizer
+
+    t_tok = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
+    out = []
+    for ids, n in chats:
+        prompt = encode(t_tok.decode(ids[:n], skip_special_tokens=False))
+        out.append((prompt + encode(t_tok.decode(ids[n:], skip_special_tokens=False)), len(prompt)))
     return out
 
 
@@ -278,13 +350,19 @@ def run(
             "quantization": engine.bundle.quantization.get("mode", engine.bundle.quantization.get("method")),
         }
         if config.text is not None:
-            ids, result["text"] = tokenize_span(config, engine.tokenizer.encode)
+            vmap = trim_vocab.teacher_ids(model_dir)
             logits = bundle_logits(engine)
-            result |= score(ids, logits, config.context, config.stride, t_logits, progress, label)
+            result |= text_scores(
+                config, engine.tokenizer.encode, engine.bundle.tokenizer_path, logits, t_logits,
+                teacher_hf_dir, vmap, progress, label,
+            )  # fmt: skip
             if chats:
-                result |= score_chats(chats, logits, t_logits, engine.max_context)
+                if vmap is not None and teacher_hf_dir is not None:
+                    chats = student_chats(chats, teacher_hf_dir, engine.tokenizer.encode)
+                teacher_on = t_logits if vmap is None else restricted(t_logits, vmap)
+                result |= score_chats(chats, logits, teacher_on, engine.max_context)
             if config.speed:
-                result |= measure_speed(engine, ids, config)
+                result |= measure_speed(engine, tokenize_span(config, engine.tokenizer.encode)[0], config)
         if questions is not None:
             rows = qa.scored(questions, qa.answer_bundle(engine, questions, config.qa_max_tokens))
     elif (model_dir / "config.json").is_file():
@@ -298,10 +376,16 @@ def run(
             "size_bytes": hf.weights_bytes(model_dir),
         }
         if config.text is not None:
-            ids, result["text"] = tokenize_span(config, lambda s: tok.encode(s, add_special_tokens=False).ids)
-            result |= score(ids, logits, config.context, config.stride, t_logits, progress, label)
+            vmap = trim_vocab.teacher_ids(model_dir)
+            encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+            result |= text_scores(
+                config, encode, model_dir / "tokenizer.json", logits, t_logits, teacher_hf_dir, vmap,
+                progress, label,
+            )  # fmt: skip
             if chats:
-                result |= score_chats(chats, logits, t_logits)
+                if vmap is not None and teacher_hf_dir is not None:
+                    chats = student_chats(chats, teacher_hf_dir, encode)
+                result |= score_chats(chats, logits, t_logits if vmap is None else restricted(t_logits, vmap))
         if questions is not None:
             rows = qa.scored(questions, qa.answer_torch(model, model_dir, questions, config.qa_max_tokens))
     else:

@@ -16,6 +16,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
     "edge_llm_source.json",
+    "vocab_map.json",  # a trimmed vocabulary's teacher ids (export/trim_vocab.py)
 )
 
 

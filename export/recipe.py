@@ -1,9 +1,10 @@
 """A recipe chains the stages: TOML (or flags) in, a verified bundle folder with its report out.
 
-load → prune → distill → to_onnx → quantize (→ variants → fix_shapes → compile_qnn) → bundle →
-evaluate → report (→ bundle again, with the report files inside). `Recipe` has one section per
-stage, each the stage's own frozen config; prune, distill, fuse (the variants stage), static and
-evaluate are optional (absent: skipped; compile_qnn runs for target qnn-htp). Unknown keys, wrong types,
+load → trim_vocab → prune → distill → to_onnx → quantize (→ variants → draft → fix_shapes →
+compile_qnn) → bundle → evaluate → report (→ bundle again, with the report files inside). `Recipe`
+has one section per stage, each the stage's own frozen config; trim_vocab, prune, distill, fuse
+(the variants stage), draft, static and evaluate are optional (absent: skipped; compile_qnn runs
+for target qnn-htp). Unknown keys, wrong types,
 impossible ratios, a missing text path and an evaluation span that overlaps the
 training/calibration text are rejected by `edge_llm.config` / the configs' checks before any work
 starts; ratios the model's shape cannot take are rejected right after load (cached), before
@@ -38,6 +39,7 @@ from export import quantize as quantize_stage
 from export import report as report_stage
 from export import to_onnx as to_onnx_stage
 from export import train_draft as draft_stage
+from export import trim_vocab as trim_vocab_stage
 from export import variants as variants_stage
 from export.cache import stable_key
 from export.stage import Artifact, StageLog
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 class Recipe:
     name: str = "model"
     load: load_stage.LoadConfig = field(default_factory=load_stage.LoadConfig)
+    trim_vocab: trim_vocab_stage.TrimVocabConfig | None = None  # a smaller vocabulary
     prune: prune_stage.PruneConfig | None = None
     distill: distill_stage.DistillConfig | None = None
     to_onnx: to_onnx_stage.ToOnnxConfig = field(default_factory=to_onnx_stage.ToOnnxConfig)
@@ -75,6 +78,7 @@ class Recipe:
         ):
             raise ValueError("[draft] needs the fused graph with logits 'tail' (and no [static])")
         texts = (
+            ("trim_vocab", self.trim_vocab),
             ("prune", self.prune),
             ("distill", self.distill),
             ("draft", self.draft),
@@ -90,7 +94,12 @@ class Recipe:
         ev = self.evaluate
         if ev is None:
             return
-        for stage_name, cfg in (("distill", self.distill), ("prune", self.prune), ("draft", self.draft)):
+        for stage_name, cfg in (
+            ("distill", self.distill),
+            ("prune", self.prune),
+            ("trim_vocab", self.trim_vocab),
+            ("draft", self.draft),
+        ):
             if cfg is None or not same_file(cfg.text, ev.text):
                 continue
             if overlaps(cfg.span, ev.span):
@@ -128,6 +137,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 # The pipeline after load, in order: (recipe section, stage). A section that is None is skipped.
 STAGES: list[tuple[Callable[[Recipe], Any], stage.Stage]] = [
+    (lambda r: r.trim_vocab, trim_vocab_stage.STAGE),
     (lambda r: r.prune, prune_stage.STAGE),
     (lambda r: r.distill, distill_stage.STAGE),
     (lambda r: r.to_onnx, to_onnx_stage.STAGE),
@@ -137,7 +147,8 @@ STAGES: list[tuple[Callable[[Recipe], Any], stage.Stage]] = [
     (lambda r: r.static, fix_shapes_stage.STAGE),
     (targets.compile_config, compile_qnn_stage.STAGE),  # target qnn-htp only
 ]
-HF_STAGES = ("load", "prune", "distill")  # outputs that are HF folders (evaluated with stage_evals)
+# Outputs that are HF folders (evaluated with stage_evals).
+HF_STAGES = ("load", "trim_vocab", "prune", "distill")
 
 
 def run(recipe: Recipe, out_dir: Path, progress: bool = False) -> Path:
@@ -201,7 +212,7 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
                 quantization=art.quantization["method"],
                 source=art.source,
                 recipe={**evaluate_stage.jsonable(asdict(recipe)), "stages": stages.stages},
-                extra_files={**art.extra_graphs, **extra},
+                extra_files={**art.extra_graphs, **_vocab_map(art.hf_dir), **extra},
                 target=recipe.target.name,
             ),
             out_dir,
@@ -226,6 +237,13 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
         f.unlink()
     report_dir.rmdir()
     return out
+
+
+def _vocab_map(hf_dir: Path) -> dict[str, Path]:
+    """A trimmed vocabulary's map to the teacher's ids travels in the bundle: evaluation compares
+    the bundle with the teacher through it (the runtime does not read it)."""
+    path = hf_dir / trim_vocab_stage.MAP
+    return {path.name: path} if path.is_file() else {}
 
 
 def _evaluate(recipe: Recipe, art: Artifact, stages: StageLog, progress: bool) -> Artifact:

@@ -65,6 +65,19 @@ def markdown(data: dict[str, Any], config: ReportConfig) -> str:
                 f"| {_fmt(r.get('chat_top1_agreement'), '.3f')} | {_fmt(r.get('decode_tok_s'), '.1f')} "
                 f"| {_fmt(None if ttft is None else 1000 * ttft, '.0f')} |"
             )
+        trimmed = next((r for r in evals.values() if "vocab_trimmed" in r), None)
+        if trimmed is not None:
+            v = trimmed["vocab_trimmed"]
+            lines += [
+                "",
+                f"Vocabulary trimmed to {v['vocab']} of the teacher's {v['teacher_vocab']} tokens: per-token "
+                f"perplexities of the two tokenizers do not compare, bits per byte do: this model "
+                f"{_fmt(trimmed.get('bits_per_byte'), '.4f')}, the teacher "
+                f"{_fmt(trimmed.get('teacher_bits_per_byte'), '.4f')} (its own tokenization: perplexity "
+                f"{trimmed['teacher_perplexity']:.3f} over {trimmed.get('teacher_scored_tokens')} tokens). "
+                "KL and top-1 compare with the teacher restricted to the kept tokens, on this model's "
+                "tokens.",
+            ]
         chat = next((r for r in evals.values() if "chat_turns" in r), None)
         if chat is not None:
             lines += [

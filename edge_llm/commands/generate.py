@@ -72,6 +72,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "draft when the bundle has one)",
     )
     p.add_argument("--draft-tokens", type=int, metavar="K", help="draft tokens one verify checks at most")
+    p.add_argument(
+        "--pad-decode",
+        action="store_true",
+        default=None,
+        help="run 1-token steps as 2-token forwards ([runtime] pad_decode): greedy speculation on an "
+        "int8 graph then gives plain decoding's output bit for bit",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) -> None:
@@ -108,6 +115,8 @@ def load_engine(args: argparse.Namespace, board: BoardConfig | None = None) -> t
         runtime = replace(runtime, speculation=args.speculation)
     if args.draft_tokens is not None:
         runtime = replace(runtime, draft_tokens=args.draft_tokens)
+    if args.pad_decode:
+        runtime = replace(runtime, pad_decode=True)
     if args.memory_mb is not None:
         if args.memory_mb < 0:
             raise ConfigError(f"--memory-mb must be ≥ 0, got {args.memory_mb}")

@@ -11,9 +11,11 @@ gRPC's own mechanisms map onto the protocol's: the call's deadline becomes `dead
 scheduler ends the request with `deadline` when it passes, as for any transport), and a call
 the client cancels (or whose connection drops) sends the protocol's `cancel` for its id.
 
-Identity: gRPC carries no user here (API keys are a separate mechanism), so all gRPC callers share
-the identity `grpc`, as TCP socket clients share `tcp`; each connection (its peer address) is
-one client for the in-flight limit.
+Identity: without an API key all gRPC callers share the identity `grpc`, as TCP socket clients
+share `tcp`; each connection (its peer address) is one client for the in-flight limit. With a
+keys file the call carries its key as HTTP does, in the `authorization: Bearer <key>` metadata
+(or the request's `key` field); the key gate then names the request's owner (`key:NAME`) and
+applies its rate limits, and a missing or wrong key ends the call UNAUTHENTICATED.
 
 Threads: the grpc server's pool runs each RPC on one thread, which blocks on the replies the
 scheduler's worker puts in its queue; the pool is sized so that what the scheduler can hold
@@ -131,6 +133,16 @@ class _Reply:
         self.replies.put(reply)
 
 
+def bearer_key(metadata: Any) -> str | None:
+    """The API key of `authorization: Bearer <key>` call metadata, as HTTP reads its header."""
+    for name, value in metadata or ():
+        if name.lower() == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
 class _Service(llm_pb2_grpc.LLMServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -141,6 +153,7 @@ class _Service(llm_pb2_grpc.LLMServiceServicer):
         deadline_at = time.monotonic() + remaining if remaining is not None else None
         fields = request_dict(request, remaining)
         address = _Reply(f"grpc:{next(self._ids)}", f"grpc:{context.peer()}")
+        key = bearer_key(context.invocation_metadata())
         done = threading.Event()
 
         def on_end() -> None:
@@ -150,10 +163,10 @@ class _Service(llm_pb2_grpc.LLMServiceServicer):
             if deadline_at is not None and time.monotonic() >= deadline_at - 0.01:
                 return  # its deadline_ms ends it on the server as `deadline`, not `cancelled`
             cancel = protocol.encode({"cancel": fields["id"]})
-            self.dispatcher.handle(cancel, lambda _to: address, accept="cancel", identity=IDENTITY)
+            self.dispatcher.handle(cancel, lambda _to: address, accept="cancel", identity=IDENTITY, key=key)
 
         context.add_callback(on_end)
-        self.dispatcher.handle(protocol.encode(fields), lambda _to: address, identity=IDENTITY)
+        self.dispatcher.handle(protocol.encode(fields), lambda _to: address, identity=IDENTITY, key=key)
         while True:
             try:
                 reply = address.replies.get(timeout=1.0)

@@ -261,3 +261,38 @@ def test_serve_flags_set_the_board() -> None:
     assert board.mqtt.metrics_interval_s == 5
     with pytest.raises(ConfigError, match="HOST:PORT"):
         board_with_overrides(build_parser().parse_args(["serve", "--bundle", "b", "--grpc", "50051"]))
+
+
+def test_api_keys_on_grpc(tiny_bundle: Path, tmp_path: Path) -> None:
+    """With a keys file a call carries its key as `authorization: Bearer` metadata: none or a
+    wrong one ends UNAUTHENTICATED, a key over its rate ends RESOURCE_EXHAUSTED, a good one streams."""
+    from edge_llm.board import KeysConfig
+    from edge_llm.keys import Limits, add_key
+
+    path = tmp_path / "keys.json"
+    key, slow = add_key(path, "app", Limits()), add_key(path, "slow", Limits(requests_per_minute=1))
+    board = BoardConfig(grpc=GrpcConfig(listen=f"127.0.0.1:{free_port()}"), keys=KeysConfig(file=str(path)))
+    s = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
+    s.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{s.grpc.port}")
+    stub = llm_pb2_grpc.LLMServiceStub(channel)
+
+    def call(token: str | None) -> list[Any]:
+        meta = [("authorization", f"Bearer {token}")] if token else None
+        return list(stub.Chat(llm_pb2.ChatRequest(messages=HELLO, max_tokens=3), metadata=meta, timeout=60))
+
+    try:
+        for token in (None, "not-a-key"):
+            with pytest.raises(grpc.RpcError) as err:
+                call(token)
+            assert (
+                err.value.code() == grpc.StatusCode.UNAUTHENTICATED and code_of(err.value) == "unauthorized"
+            )
+        assert call(key)[-1].final.finish_reason in ("length", "stop")
+        call(slow)
+        with pytest.raises(grpc.RpcError) as err:
+            call(slow)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and code_of(err.value) == "rate_limited"
+    finally:
+        channel.close()
+        s.stop()

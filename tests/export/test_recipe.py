@@ -38,6 +38,8 @@ T = "text = 't.txt'\n"  # a text path for the sections that read text (never ope
         (f"[distill]\nchat_tokens = 10\n{T}[evaluate]\nchat_tokens = 10\nchat_seed = 0\n{T}", "chat_seed 0"),
         ("[evaluate]\nspan = [0.0, 0.1]\n", "evaluate.text: give the text file"),
         ("[prune]\nlayer_ratio = 0.5\n", "prune.text: give the text file"),
+        ("[trim_vocab]\nsize = 1024\n", "trim_vocab.text: give the text file"),
+        (f"[trim_vocab]\nspan = [0.0, 0.5]\n{T}[evaluate]\nspan = [0.0, 0.1]\n{T}", "trim_vocab.span"),
         ("[quantize]\nmode = 'qdq'\n[to_onnx]\ngraph = 'optimum'\n", "quantize.calib_text"),
         ("[fuse]\nkv_cache = 'int8'\n", "fuse.calib_text"),
     ],
@@ -53,6 +55,7 @@ def test_shipped_recipes_parse() -> None:
     assert plain.prune is None and plain.distill is None and plain.quantize.mode == "int8"
     assert plain.fuse is not None and plain.fuse.kv_cache == "both" and plain.fuse.query_seqlens
     assert pruned.prune is not None and pruned.distill is not None and pruned.evaluate is not None
+    assert pruned.trim_vocab is not None and pruned.trim_vocab.size < 49152
     npu = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-qdq-npu.toml")
     assert npu.quantize.mode == "qdq" and npu.quantize.activation_bits == 16
     assert npu.static is not None and npu.static.past_length == 512
