@@ -64,6 +64,7 @@ def write_int8_variant(bundle: Path, out: Path, absmax: np.ndarray, calib: dict[
     exported without `[fuse] kv_cache`; the rewrite is the export stage's, `quantize_kv`)."""
     import onnx
 
+    from export.onnx_graph import link_or_copy
     from export.variants import quantize_kv
 
     meta = json.loads((bundle / "bundle.json").read_text())
@@ -74,11 +75,8 @@ def write_int8_variant(bundle: Path, out: Path, absmax: np.ndarray, calib: dict[
     onnx.save(model, str(out / graph_file))
     data = bundle / f"{graph_file}.data"
     link = out / data.name
-    if not link.exists():  # onnxruntime refuses a symlink out of the model's folder: link or copy
-        try:
-            os.link(data.resolve(), link)
-        except OSError:
-            shutil.copy2(data, link)
+    if not link.exists():
+        link_or_copy(data, link)
     shutil.copy2(bundle / meta["tokenizer"]["file"], out / meta["tokenizer"]["file"])
     keep = {graph_file, data.name, meta["tokenizer"]["file"]}
     meta["files"] = {k: v for k, v in meta["files"].items() if k in keep}

@@ -386,48 +386,11 @@ class Engine:
         return self.runner.hidden[row, pos].copy()
 
     def _speculate(self, q: Generation) -> bool:
-        """Speculative decoding for one sequence (the trained draft: `edge_llm.speculate`, else
-        prompt lookup for a greedy sequence); False if nothing to try.
-
-        Drafts are the tokens that followed the latest earlier occurrence of the context's last
-        n-gram; one forward scores [last, *draft] and we keep the longest draft prefix equal to
-        the greedy choice, plus the model's own next token — output identical to plain greedy.
-        """
+        """Speculative decoding for one sequence (`edge_llm.speculate`: the trained draft, else
+        prompt lookup for a greedy sequence); False if nothing to try."""
         if self.draft is not None:
             return speculate.advance(self, self.draft, q, self.options.draft_tokens)
-        k = min(self.lookup, q.params.max_tokens - len(q.generated) - 1)
-        if k < 1 or not q.params.greedy or q.params.repetition_penalty != 1.0 or not self.all_logits:
-            return False
-        if q.constraint is not None:  # drafts are verified against unmasked greedy: plain decoding
-            return False
-        if q.spec_wait > 0:  # recent drafts were all rejected: plain decoding for a while
-            q.spec_wait -= 1
-            return False
-        draft = lookup_draft([*q.ids, *q.generated], k, min_ngram=2)
-        if not draft:
-            return False
-        cached = len(q.slot.ids)
-        tokens = np.array([[q.last, *draft]], dtype=np.int64)
-        logits = self._forward_slot(tokens, q.slot, all_logits=True)[0]
-        greedy = logits.argmax(axis=-1)
-        accepted = 0
-        while accepted < len(draft) and greedy[accepted] == draft[accepted]:
-            accepted += 1
-        self.runner.truncate(q.slot.cache, cached + 1 + accepted, q.slot.row or 0)
-        q.slot.ids.extend(tokens[0, : 1 + accepted].tolist())
-        q.drafted += len(draft)
-        q.accepted += accepted
-        q.verifies += 1
-        # A rejected draft costs a wider forward for nothing: back off exponentially (novel text
-        # has few repeats), and speculate every step again as soon as drafts are being accepted.
-        q.spec_backoff = 0 if accepted else min(2 * q.spec_backoff + 1, 16)
-        q.spec_wait = q.spec_backoff
-        for i in range(accepted):
-            q.accept(int(draft[i]))
-            if q.finished:
-                return True
-        q.take(logits[accepted])
-        return True
+        return speculate.lookup(self, q, self.lookup)
 
     @property
     def all_logits(self) -> bool:
@@ -600,23 +563,6 @@ class Generation:
             usage=usage,
             token_ids=tuple(self.generated),
         )
-
-
-def lookup_draft(
-    context: Sequence[int], k: int, max_ngram: int = 3, window: int = 1024, min_ngram: int = 1
-) -> list[int]:
-    """Up to `k` tokens that followed the most recent earlier occurrence of the context's last
-    n-gram (longest n first, within the last `window` tokens): prompt-lookup's draft."""
-    arr = np.asarray(context[-window:], dtype=np.int64)
-    for n in range(min(max_ngram, arr.size - 1), min_ngram - 1, -1):
-        starts = arr.size - n  # candidate occurrences begin at 0 .. starts-1 (not the tail itself)
-        match = np.ones(starts, dtype=bool)
-        for j in range(n):
-            match &= arr[j : starts + j] == arr[starts + j]
-        hits = np.flatnonzero(match)
-        if hits.size:
-            return arr[hits[-1] + n : hits[-1] + n + k].tolist()
-    return []
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -36,10 +36,9 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from edge_llm import constrain, protocol
 from edge_llm.engine import Chunk, Engine, Generation
@@ -47,7 +46,7 @@ from edge_llm.errors import BusyError, ContextLengthError, EdgeLLMError, Request
 from edge_llm.protocol import Event, Request
 from edge_llm.runner import SharedCache
 from edge_llm.sampling import SamplingParams
-from edge_llm.sessions import Conversations, Prepared
+from edge_llm.sessions import Conversations, FinalStore, MemoryFinals, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -56,33 +55,6 @@ _SWEEP_S = 0.05
 _BEAT_S = 0.25  # an idle worker still wakes this often to show it is alive (the service watchdog)
 
 Sink = Callable[[Event], None]
-
-
-class FinalStore(Protocol):
-    """Finished requests by id: (the identity that owns it, its final or error event)."""
-
-    def get_final(self, request_id: str) -> tuple[str, Event] | None: ...
-    def put_final(self, request_id: str, owner: str, event: Event) -> None: ...
-
-
-class MemoryFinals:
-    """Bounded in-memory final store (the default when no database is given)."""
-
-    def __init__(self, max_finals: int = 1000) -> None:
-        self.max_finals = max_finals
-        self._finals: OrderedDict[str, tuple[str, Event]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_final(self, request_id: str) -> tuple[str, Event] | None:
-        with self._lock:
-            return self._finals.get(request_id)
-
-    def put_final(self, request_id: str, owner: str, event: Event) -> None:
-        with self._lock:
-            self._finals[request_id] = (owner, event)
-            self._finals.move_to_end(request_id)
-            while len(self._finals) > self.max_finals:
-                self._finals.popitem(last=False)
 
 
 class Ticket:

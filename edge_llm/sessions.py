@@ -3,7 +3,8 @@
 In: an `Engine`, an optional SQLite path, a system prompt. Out:
 - `StateDB`: one SQLite file (WAL, synchronous=FULL) holding each session's messages and the
   recent final replies (bounded) used to answer a repeated request id without generating again.
-  A restart of the runtime loses neither.
+  A restart of the runtime loses neither. `FinalStore` is what the scheduler asks of it;
+  `MemoryFinals` is the bounded in-memory store used when no database is given.
 - `Conversations`: turns a `Request` into prompt token ids plus the `Slot` to run them in. A
   session's next turn reuses that session's live Slot (bounded LRU), so only the new suffix is
   prefilled; a configured system prompt is prefilled once into a template Slot and each new
@@ -25,6 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from edge_llm.engine import Engine, Slot
 from edge_llm.errors import ConfigError, RequestError
@@ -48,6 +50,33 @@ CREATE TABLE IF NOT EXISTS finals (
     owner TEXT NOT NULL DEFAULT ''
 );
 """
+
+
+class FinalStore(Protocol):
+    """Finished requests by id: (the identity that owns it, its final or error event)."""
+
+    def get_final(self, request_id: str) -> tuple[str, Event] | None: ...
+    def put_final(self, request_id: str, owner: str, event: Event) -> None: ...
+
+
+class MemoryFinals:
+    """Bounded in-memory final store (the default when no database is given)."""
+
+    def __init__(self, max_finals: int = 1000) -> None:
+        self.max_finals = max_finals
+        self._finals: OrderedDict[str, tuple[str, Event]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_final(self, request_id: str) -> tuple[str, Event] | None:
+        with self._lock:
+            return self._finals.get(request_id)
+
+    def put_final(self, request_id: str, owner: str, event: Event) -> None:
+        with self._lock:
+            self._finals[request_id] = (owner, event)
+            self._finals.move_to_end(request_id)
+            while len(self._finals) > self.max_finals:
+                self._finals.popitem(last=False)
 
 
 class StateDB:

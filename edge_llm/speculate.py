@@ -26,10 +26,15 @@ Draft length adapts per request (the rule of Hugging Face's assisted generation)
 verify that kept every draft, -1 otherwise, within 1..`max_draft`; after verifies that keep
 nothing, speculation pauses for 1, 3, 7, ... plain steps, so text the draft cannot guess costs
 little.
+
+Without a trained draft, `lookup` speculates for greedy requests with prompt lookup: the draft is
+the tokens that followed the latest earlier occurrence of the context's last n-gram, verified the
+same way (output identical to plain greedy), with the same pause after rejected drafts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -108,21 +113,56 @@ def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool
         accepted, nxt = _verify_greedy(logits, drafts)
     else:
         accepted, nxt = _verify_sampled(logits, drafts, probs, draft.rows, q)
-    engine.runner.truncate(q.slot.cache, cached + 1 + accepted, q.slot.row or 0)
-    q.slot.ids.extend(tokens[0, : 1 + accepted].tolist())
-    q.drafted += k
-    q.accepted += accepted
-    q.verifies += 1
     q.draft_len = min(max_draft, k + 2) if accepted == k else max(1, k - 1)
-    q.spec_backoff = 0 if accepted else min(2 * q.spec_backoff + 1, MAX_BACKOFF)
-    q.spec_wait = q.spec_backoff
-    for d in drafts[:accepted]:
-        q.accept(int(d))
-        if q.finished:
-            return True
+    if _keep(engine, q, tokens, cached, accepted):
+        return True
     q.hidden = hidden[accepted].copy()
     q.accept(nxt)
     return True
+
+
+def lookup(engine: Engine, q: Generation, max_draft: int) -> bool:
+    """Prompt-lookup speculation for a greedy `q` (up to `max_draft` tokens; 0: off); False
+    (nothing done) when it should decode plainly."""
+    k = min(max_draft, q.params.max_tokens - len(q.generated) - 1)
+    if k < 1 or not q.params.greedy or q.params.repetition_penalty != 1.0 or not engine.all_logits:
+        return False
+    if q.constraint is not None:  # drafts are verified against unmasked greedy: plain decoding
+        return False
+    if q.spec_wait > 0:  # recent drafts were all rejected: plain decoding for a while
+        q.spec_wait -= 1
+        return False
+    drafts = lookup_draft([*q.ids, *q.generated], k, min_ngram=2)
+    if not drafts:
+        return False
+    cached = len(q.slot.ids)
+    tokens = np.array([[q.last, *drafts]], dtype=np.int64)
+    logits = engine._forward_slot(tokens, q.slot, all_logits=True)[0]
+    accepted, _ = _verify_greedy(logits, drafts)
+    if _keep(engine, q, tokens, cached, accepted):
+        return True
+    q.take(logits[accepted])
+    return True
+
+
+def _keep(engine: Engine, q: Generation, tokens: np.ndarray, cached: int, accepted: int) -> bool:
+    """After a verify of `tokens` = [[last, *drafts]]: the cache cut back to the kept ones, the
+    counts and the pause updated, the kept drafts accepted. True when that finished `q`."""
+    drafted = tokens.shape[1] - 1
+    engine.runner.truncate(q.slot.cache, cached + 1 + accepted, q.slot.row or 0)
+    q.slot.ids.extend(tokens[0, : 1 + accepted].tolist())
+    q.drafted += drafted
+    q.accepted += accepted
+    q.verifies += 1
+    # A rejected draft costs a wider forward for nothing: back off exponentially (novel text
+    # has few repeats), and speculate every step again as soon as drafts are being accepted.
+    q.spec_backoff = 0 if accepted else min(2 * q.spec_backoff + 1, MAX_BACKOFF)
+    q.spec_wait = q.spec_backoff
+    for d in tokens[0, 1 : 1 + accepted]:
+        q.accept(int(d))
+        if q.finished:
+            return True
+    return False
 
 
 def _draft(draft: Draft, q: Generation, k: int, greedy: bool) -> tuple[list[int], list[np.ndarray]]:
@@ -175,3 +215,20 @@ def _verify_sampled(
         return i, int(ids[q.rng.choice(ids.shape[0], p=residual)])
     ids, p = distribution(logits[len(drafts)], q.params)
     return len(drafts), int(ids[q.rng.choice(ids.shape[0], p=p)])
+
+
+def lookup_draft(
+    context: Sequence[int], k: int, max_ngram: int = 3, window: int = 1024, min_ngram: int = 1
+) -> list[int]:
+    """Up to `k` tokens that followed the most recent earlier occurrence of the context's last
+    n-gram (longest n first, within the last `window` tokens): prompt-lookup's draft."""
+    arr = np.asarray(context[-window:], dtype=np.int64)
+    for n in range(min(max_ngram, arr.size - 1), min_ngram - 1, -1):
+        starts = arr.size - n  # candidate occurrences begin at 0 .. starts-1 (not the tail itself)
+        match = np.ones(starts, dtype=bool)
+        for j in range(n):
+            match &= arr[j : starts + j] == arr[starts + j]
+        hits = np.flatnonzero(match)
+        if hits.size:
+            return arr[hits[-1] + n : hits[-1] + n + k].tolist()
+    return []

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import edge_llm
 from edge_llm.errors import ExportError
-from export.fix_shapes import DATA, _link_or_copy
+from export.fix_shapes import DATA
+from export.onnx_graph import link_or_copy
 from export.stage import Artifact, Stage
 
 REPORT = "compile_qnn.json"
@@ -86,7 +87,7 @@ def build(config: CompileConfig, art: Artifact, out: Path, progress: bool) -> No
     sources = {"model.onnx": art.graph, "prefill.onnx": art.extra_graphs["prefill.onnx"]}
     for name, path in {**sources, DATA: art.graph.with_name(DATA)}.items():
         if path.exists():
-            _link_or_copy(path, out / name)
+            link_or_copy(path, out / name)
     if progress:
         print(f"export: compile_qnn      compiling for QNN SoC {config.soc_model} (HTP)...", file=sys.stderr)
     facts = compile_graphs(config, out)

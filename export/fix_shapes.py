@@ -22,14 +22,13 @@ right-padded chunks of `prefill_length` (see `edge_llm/runner.py` StaticRunner).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from edge_llm.errors import ExportError
 from export import fp16_norm
+from export.onnx_graph import link_or_copy
 from export.stage import Artifact, Stage, chain_key
 
 REPORT = "fix_shapes.json"
@@ -75,7 +74,7 @@ def run(config: FixShapesConfig, model_path: Path, out_dir: Path) -> FixShapesRe
             f"{model_path}: weights in {locations.pop()!r}, expected {DATA!r} (quantize's layout)"
         )
     if locations:
-        _link_or_copy(model_path.with_name(DATA), out_dir / DATA)
+        link_or_copy(model_path.with_name(DATA), out_dir / DATA)
     norms = fp16_norm.rewrite(source) if config.fp16_norm else 0
     paths = {}
     for name, steps in (("model.onnx", 1), ("prefill.onnx", config.prefill_length)):
@@ -136,14 +135,6 @@ def _check_layout(model: Any, path: Path) -> None:
     dims = [d.dim_param for d in past.type.tensor_type.shape.dim]
     if dims[0] != BATCH or dims[2] != PAST:
         raise ExportError(f"{path}: past_key_values dims {dims}: not optimum's dynamic names")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 # --------------------------------------------------------------------------- as a recipe stage

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from export.onnx_graph import const_value, index
+
 # fp16's smallest normal number: the floor of the scale (a zero row stays zero, not NaN).
 MIN_SCALE = 2.0**-14
 # s = x * HEADROOM / max|x|, not x / max|x|: the HTP flushes fp16 subnormals to zero, and with
@@ -45,20 +47,6 @@ HEADROOM = 8.0
 VERSION = 2
 
 
-def const_value(name: str, producers: dict[str, Any], inits: dict[str, Any]) -> np.ndarray | None:
-    """The value of `name` when it is an initializer or a Constant node's output (graph passes)."""
-    from onnx import numpy_helper
-
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
-    node = producers.get(name)
-    if node is not None and node.op_type == "Constant":
-        for attr in node.attribute:
-            if attr.name == "value":
-                return numpy_helper.to_array(attr.t)
-    return None
-
-
 def rewrite(model: Any, headroom: float = HEADROOM) -> int:
     """In place: every RMSNorm of optimum's form computed on x / max|x|. Returns how many.
 
@@ -68,12 +56,7 @@ def rewrite(model: Any, headroom: float = HEADROOM) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {i.name: i for i in graph.initializer}
+    producers, consumers, inits = index(graph)
 
     def only_user(name: str, op: str) -> Any | None:
         users = consumers.get(name, [])
@@ -155,8 +138,7 @@ def _is_scaled(name: str, producers: dict[str, Any]) -> bool:
 
 def unsafe_squares(model: Any) -> list[str]:
     """Names of Pow(·, 2) nodes whose input is not bounded by 1 (not a rewritten norm's x / m)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name: i for i in model.graph.initializer}
+    producers, _, inits = index(model.graph)
     out = []
     for n in model.graph.node:
         if n.op_type != "Pow":

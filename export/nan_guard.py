@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from export.fp16_norm import const_value
+from export.onnx_graph import const_value, index
 
 LOWEST = float(np.finfo(np.float32).min)
 
@@ -37,12 +37,7 @@ def drop(model: Any) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {i.name: i for i in graph.initializer}
+    producers, consumers, inits = index(graph)
 
     def const(name: str) -> np.ndarray | None:
         return const_value(name, producers, inits)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +34,7 @@ import numpy as np
 from edge_llm.bundle import DraftSpec
 from edge_llm.errors import ExportError
 from export.hf import special_ids
+from export.onnx_graph import link_or_copy
 from export.stage import Artifact, Stage
 from export.text import check_span, overlaps, read_span
 
@@ -109,12 +109,7 @@ def expose_hidden(graph: Path, out: Path, hidden: int) -> None:
     data = graph.with_name(graph.name + ".data")
     onnx.save(model, str(out))
     if data.exists():
-        target = out.with_name(data.name)
-        target.unlink(missing_ok=True)
-        try:
-            os.link(data, target)  # same file system: no second copy of the weights
-        except OSError:
-            shutil.copy2(data, target)
+        link_or_copy(data, out.with_name(data.name))
 
 
 class MainGraph:

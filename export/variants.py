@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_llm.errors import ExportError
+from export.onnx_graph import link_or_copy
 from export.stage import Artifact, Stage
 from export.text import check_span
 
@@ -179,10 +179,7 @@ def build(config: FuseOptions, art: Artifact, out: Path, progress: bool) -> None
     data = source.with_name(source.name + ".data")
     out.mkdir(parents=True, exist_ok=True)
     if data.exists():  # the weights: one file for every variant, linked rather than copied
-        try:
-            os.link(data.resolve(), out / data.name)
-        except OSError:
-            shutil.copy2(data, out / data.name)
+        link_or_copy(data, out / data.name)
     base = onnx.load(str(source), load_external_data=False)
     record: dict[str, Any] = {"variants": {}}
     kinds = {"fp32": ["fp32"], "int8": ["int8"], "both": ["fp32", "int8"]}[config.kv_cache]

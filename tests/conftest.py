@@ -110,6 +110,27 @@ def export_bundle(
     return recipe_mod.run(recipe, out)
 
 
+def static_qdq_bundle(hf_dir: Path, text: Path, out: Path, name: str, target: object | None = None) -> Path:
+    """The tiny model's [static] QDQ16 bundle (past 96, prefill 16): the graphs target qnn-htp
+    compiles (`target`: an export.targets.TargetConfig, or None for the plain QDQ graphs)."""
+    from export import recipe as recipe_mod
+    from export.fix_shapes import FixShapesConfig
+    from export.load import LoadConfig
+    from export.quantize import QuantizeConfig
+
+    quant = QuantizeConfig(
+        mode="qdq", activation_bits=16, calib_tokens=256, calib_seq_len=32, calib_text=text, calib_span=(0, 1)
+    )
+    recipe = recipe_mod.Recipe(
+        name=name,
+        load=LoadConfig(model=str(hf_dir)),
+        quantize=quant,
+        static=FixShapesConfig(past_length=96, prefill_length=16),
+        **({"target": target} if target is not None else {}),  # type: ignore[arg-type]
+    )
+    return recipe_mod.run(recipe, out)
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 bundle of the tiny model (bit-for-bit comparable with transformers)."""

@@ -95,7 +95,7 @@ def test_score_matches_optimum_graph(kind: str, request: pytest.FixtureRequest, 
 
 
 def test_lookup_draft() -> None:
-    from edge_llm.engine import lookup_draft
+    from edge_llm.speculate import lookup_draft
 
     assert lookup_draft([1, 2, 3, 9, 9, 1, 2, 3], 3) == [9, 9, 1]
     assert lookup_draft([5, 1, 2, 7, 1, 2], 2) == [7, 1]  # bigram match

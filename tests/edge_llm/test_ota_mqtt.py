@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ pytest.importorskip("cryptography")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
 from mosquitto import Broker
-from mqtt_helpers import HELLO, Raw, client
+from mqtt_helpers import HELLO, Raw, broker, client
 from ota_helpers import bad_updates, make_update
 
 from edge_llm import ota
@@ -32,14 +31,9 @@ from edge_llm.errors import UpdateError
 from edge_llm.ota_send import Connection, UpdateSender, rollout
 from edge_llm.server import Server
 
+__all__ = ["broker"]  # the shared fixture (tests/mqtt_helpers.py), used by name
+
 DEVICE = "ota1"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture

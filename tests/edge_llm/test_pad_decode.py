@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_llm import engine as engine_mod
+from edge_llm import speculate
 from edge_llm.board import RunnerOptions
 from edge_llm.engine import Engine, Slot
 from edge_llm.sampling import SamplingParams
@@ -81,7 +81,7 @@ def test_greedy_speculation_equals_padded_plain_decoding(
             out.append(ref[pos] if calls[0] % 3 else (ref[pos] + 1) % 384)
         return out
 
-    monkeypatch.setattr(engine_mod, "lookup_draft", draft)
+    monkeypatch.setattr(speculate, "lookup_draft", draft)
     out = spec.complete(ids, params)
     assert list(out.token_ids) == ref
     assert out.usage.draft_verifies > 0 and out.usage.accepted_draft_tokens > 0

@@ -68,35 +68,19 @@ def test_a_given_provider_list_never_registers_plugins() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_qnn(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_qnn(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model as a qnn-htp bundle: static QDQ graphs (past 96, prefill 16) + contexts."""
     if QNN_PYTHON is None:
         pytest.skip("no onnxruntime-qnn (set EDGE_LLM_QNN_PYTHON)")
     pytest.importorskip("torch")
-    from export import recipe as recipe_mod
-    from export.fix_shapes import FixShapesConfig
-    from export.load import LoadConfig
-    from export.quantize import QuantizeConfig
     from export.targets import TargetConfig
-    from tests.conftest import TRAIN_TEXT
+    from tests.conftest import static_qdq_bundle
 
     folder = tmp_path_factory.mktemp("qnn")
-    text = folder / "calib.txt"
-    text.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    quant = QuantizeConfig(
-        mode="qdq", activation_bits=16, calib_tokens=256, calib_seq_len=32, calib_text=text, calib_span=(0, 1)
-    )
-    recipe = recipe_mod.Recipe(
-        name="tiny-qnn",
-        load=LoadConfig(model=str(tiny_hf)),
-        quantize=quant,
-        static=FixShapesConfig(past_length=96, prefill_length=16),
-        target=TargetConfig("qnn-htp"),
-    )
     old = os.environ.get("EDGE_LLM_QNN_PYTHON")
     os.environ["EDGE_LLM_QNN_PYTHON"] = QNN_PYTHON
     try:
-        return recipe_mod.run(recipe, folder / "bundle")
+        return static_qdq_bundle(tiny_hf, tiny_text, folder / "bundle", "tiny-qnn", TargetConfig("qnn-htp"))
     finally:
         if old is None:
             del os.environ["EDGE_LLM_QNN_PYTHON"]

@@ -15,13 +15,6 @@ from export import evaluate, text
 from tests.conftest import TRAIN_TEXT
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    return path
-
-
 @pytest.mark.parametrize(("n", "ctx", "stride"), [(100, 32, 32), (100, 32, 8), (31, 32, 16), (64, 16, 5)])
 def test_windows_score_every_token_once(n: int, ctx: int, stride: int) -> None:
     """Overlapping windows score every token after the first; stride == context skips window starts."""
@@ -47,9 +40,9 @@ def test_uniform_model_has_vocabulary_perplexity() -> None:
     assert both["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9) and both["top1_agreement"] == 1.0
 
 
-def test_bundle_perplexity_matches_transformers(tiny_hf: Path, tiny_bundle: Path, text_file: Path) -> None:
+def test_bundle_perplexity_matches_transformers(tiny_hf: Path, tiny_bundle: Path, tiny_text: Path) -> None:
     cfg = evaluate.EvaluateConfig(
-        text=text_file,
+        text=tiny_text,
         span=(0.0, 1.0),
         max_tokens=300,
         context=64,
@@ -69,9 +62,9 @@ def test_bundle_perplexity_matches_transformers(tiny_hf: Path, tiny_bundle: Path
     assert math.isfinite(onnx["nll"])
 
 
-def test_chat_answers_compared_with_the_teacher(tiny_hf: Path, tiny_bundle: Path, text_file: Path) -> None:
+def test_chat_answers_compared_with_the_teacher(tiny_hf: Path, tiny_bundle: Path, tiny_text: Path) -> None:
     cfg = evaluate.EvaluateConfig(
-        text=text_file,
+        text=tiny_text,
         span=(0.0, 1.0),
         max_tokens=100,
         context=64,
@@ -95,7 +88,7 @@ def test_chat_answers_compared_with_the_teacher(tiny_hf: Path, tiny_bundle: Path
 
 
 def test_eval_command_prints_and_writes_json(
-    tiny_bundle: Path, text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_bundle: Path, tiny_text: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "r.json"
     rc = main(
@@ -104,7 +97,7 @@ def test_eval_command_prints_and_writes_json(
             "--bundle",
             str(tiny_bundle),
             "--text",
-            str(text_file),
+            str(tiny_text),
             "--json",
             str(out),
             "--max-tokens",
@@ -122,14 +115,14 @@ def test_eval_command_prints_and_writes_json(
     assert result["scored_tokens"] == 200 - 4 and result["text"]["context"] == 64
 
 
-def test_eval_command_rejects_bad_window(tiny_bundle: Path, text_file: Path) -> None:
-    assert main(["eval", "--bundle", str(tiny_bundle), "--text", str(text_file), "--stride", "1000"]) == 2
+def test_eval_command_rejects_bad_window(tiny_bundle: Path, tiny_text: Path) -> None:
+    assert main(["eval", "--bundle", str(tiny_bundle), "--text", str(tiny_text), "--stride", "1000"]) == 2
 
 
 def test_eval_command_chat_needs_a_teacher(
-    tiny_bundle: Path, tiny_hf: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
+    tiny_bundle: Path, tiny_hf: Path, tiny_text: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    common = ["eval", "--bundle", str(tiny_bundle), "--text", str(text_file), "--no-speed"]
+    common = ["eval", "--bundle", str(tiny_bundle), "--text", str(tiny_text), "--no-speed"]
     common += ["--max-tokens", "100", "--context", "64", "--stride", "64", "--chat-tokens", "50"]
     assert main(common) == 2
     assert "--chat-tokens needs --teacher" in capsys.readouterr().err

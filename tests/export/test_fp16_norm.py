@@ -109,28 +109,13 @@ def test_opset_before_18_keeps_reduce_axes_as_attribute() -> None:
 
 
 @pytest.fixture(scope="module")
-def static_qdq(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def static_qdq(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's [static] QDQ bundle: the graphs target qnn-htp compiles."""
     pytest.importorskip("torch")
-    from export import recipe as recipe_mod
-    from export.fix_shapes import FixShapesConfig
-    from export.load import LoadConfig
-    from export.quantize import QuantizeConfig
-    from tests.conftest import TRAIN_TEXT
+    from tests.conftest import static_qdq_bundle
 
     folder = tmp_path_factory.mktemp("fp16norm")
-    text = folder / "calib.txt"
-    text.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    quant = QuantizeConfig(
-        mode="qdq", activation_bits=16, calib_tokens=256, calib_seq_len=32, calib_text=text, calib_span=(0, 1)
-    )
-    recipe = recipe_mod.Recipe(
-        name="tiny-static-qdq",
-        load=LoadConfig(model=str(tiny_hf)),
-        quantize=quant,
-        static=FixShapesConfig(past_length=96, prefill_length=16),
-    )
-    return recipe_mod.run(recipe, folder / "bundle")
+    return static_qdq_bundle(tiny_hf, tiny_text, folder / "bundle", "tiny-static-qdq")
 
 
 def test_static_npu_graphs_have_no_unbounded_square(static_qdq: Path) -> None:

@@ -25,7 +25,6 @@ from export import quantize
 from export import recipe as recipe_mod
 from export.evaluate import bundle_logits
 from export.load import LoadConfig
-from tests.conftest import TRAIN_TEXT
 
 CASES = {
     "int8": (quantize.QuantizeConfig(mode="int8"), 0.08, 0.6, 0.85),
@@ -45,13 +44,6 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "t.txt"
-    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def ids() -> np.ndarray:
     return np.random.default_rng(0).integers(3, 380, size=48)
 
@@ -63,11 +55,11 @@ def _build(tiny_hf: Path, out: Path, cfg: quantize.QuantizeConfig) -> Path:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_mode_loads_and_agrees_with_fp32(
-    case: str, tiny_hf: Path, tiny_bundle: Path, text_file: Path, tmp_path: Path, ids: np.ndarray
+    case: str, tiny_hf: Path, tiny_bundle: Path, tiny_text: Path, tmp_path: Path, ids: np.ndarray
 ) -> None:
     cfg, mean_tol, max_tol, agree = CASES[case]
     if cfg.mode == "qdq":
-        cfg = quantize.QuantizeConfig(**{**cfg.__dict__, "calib_text": text_file, "calib_span": (0.0, 1.0)})
+        cfg = quantize.QuantizeConfig(**{**cfg.__dict__, "calib_text": tiny_text, "calib_span": (0.0, 1.0)})
     bundle = _build(tiny_hf, tmp_path / case, cfg)
     ref = bundle_logits(Engine.load(tiny_bundle))(ids)
     got = bundle_logits(Engine.load(bundle))(ids)
