@@ -4,6 +4,7 @@ query_seqlens graph: the same tokens as running alone, and no batch-1 prefill fo
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,17 @@ def test_scheduler_folds_requests_that_arrive_mid_stream(engine: Engine) -> None
     prompts = [engine.encode_request(prompt=t) for t in TEXTS[:3]]
     solo = [engine.complete(ids, p).text for ids, p in zip(prompts, params, strict=True)]
     calls = _calls(engine)
+    # The worker's 4th forward waits until both newcomers are queued: on a loaded machine the test
+    # thread can sleep past the first request's 40 tokens, and the newcomers would prefill alone.
+    queued = threading.Event()
+    spied = engine.runner.forward_rows
+
+    def held(tokens: np.ndarray, *a: object, **k: object) -> np.ndarray:
+        if len(calls) == 3:
+            queued.wait(60)
+        return spied(tokens, *a, **k)
+
+    engine.runner.forward_rows = held  # type: ignore[method-assign]
     sched = Scheduler(engine, max_queue=4, max_inflight_per_client=4, max_batch=4)
     finals: dict[str, list[int]] = {}
     done = threading.Event()
@@ -157,10 +169,13 @@ def test_scheduler_folds_requests_that_arrive_mid_stream(engine: Engine) -> None
             sched.submit(request, sink)
 
         submit(0)
-        while sched.stats["batch_steps"] < 3:  # the first request is decoding
+        end = time.monotonic() + 60
+        while len(calls) < 3:  # the first request is decoding (prefill + 2 steps; the 4th waits)
+            assert time.monotonic() < end, "the first request never started decoding"
             threading.Event().wait(0.005)
         submit(1)
         submit(2)
+        queued.set()
         assert done.wait(60)
     finally:
         sched.close()
