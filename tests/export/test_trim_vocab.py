@@ -22,10 +22,8 @@ OTHER = ["Paris is the capital. Rome, München and naïve café 🙂", "return a
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    return path
+def text_file(tiny_text: Path) -> Path:
+    return tiny_text  # the session's training text file (conftest)
 
 
 @pytest.fixture(scope="module")
