@@ -45,6 +45,12 @@ _NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 _RELOAD_EVERY_S = 1.0  # how often a running server looks at the file's mtime
 
 
+def bearer_key(header: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` value (HTTP header, gRPC metadata); None without one."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from edge_llm import protocol
 from edge_llm.errors import ConfigError, TransportError
+from edge_llm.keys import bearer_key
 from edge_llm.transports.base import Dispatcher
 
 try:
@@ -133,13 +134,11 @@ class _Reply:
         self.replies.put(reply)
 
 
-def bearer_key(metadata: Any) -> str | None:
-    """The API key of `authorization: Bearer <key>` call metadata, as HTTP reads its header."""
+def metadata_key(metadata: Any) -> str | None:
+    """The API key of the call's `authorization: Bearer <key>` metadata, read as HTTP's header."""
     for name, value in metadata or ():
-        if name.lower() == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+        if name.lower() == "authorization" and isinstance(value, str) and (key := bearer_key(value)):
+            return key
     return None
 
 
@@ -153,7 +152,7 @@ class _Service(llm_pb2_grpc.LLMServiceServicer):
         deadline_at = time.monotonic() + remaining if remaining is not None else None
         fields = request_dict(request, remaining)
         address = _Reply(f"grpc:{next(self._ids)}", f"grpc:{context.peer()}")
-        key = bearer_key(context.invocation_metadata())
+        key = metadata_key(context.invocation_metadata())
         done = threading.Event()
 
         def on_end() -> None:

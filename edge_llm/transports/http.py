@@ -48,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 from edge_llm import protocol
 from edge_llm.board import HttpConfig
 from edge_llm.errors import EdgeLLMError, TransportError
+from edge_llm.keys import bearer_key
 from edge_llm.transports import openai_api
 from edge_llm.transports.base import Dispatcher
 from edge_llm.transports.openai_api import ApiError
@@ -240,9 +241,7 @@ class HttpTransport:
 
     def _authenticate(self, req: HttpRequest) -> str | None:
         """The bearer key (None without one); 401 when the server has keys and this is not one."""
-        header = req.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        key = bearer_key(req.headers.get("authorization", ""))
         gate = self.dispatcher.keys
         if gate is not None:
             try:
