@@ -36,7 +36,7 @@ from edge_llm.errors import ExportError
 from export.hf import special_ids
 from export.onnx_graph import link_or_copy
 from export.stage import Artifact, Stage
-from export.text import check_span, overlaps, read_span
+from export.text import check_span, first_tokens, overlaps, read_span
 
 log = logging.getLogger(__name__)
 HIDDEN = "hidden_states"  # the main graph's extra output
@@ -181,7 +181,7 @@ class Corpus:
 
 def text_rows(config: DraftConfig, tok: Any, span: tuple[float, float], tokens: int) -> list[list[int]]:
     text, _ = read_span(config.text, span, "draft.text")
-    ids = tok.encode(text[: tokens * 12], add_special_tokens=False).ids[:tokens]  # ~4 chars/token
+    ids = first_tokens(text, lambda t: tok.encode(t, add_special_tokens=False).ids, tokens)
     n = len(ids) // config.seq_len
     if n < 1:
         raise ExportError(f"draft: text span {list(span)} has fewer than {config.seq_len} tokens")

@@ -195,7 +195,8 @@ def run(config: TrimVocabConfig, hf_dir: Path, out_dir: Path) -> dict[str, Any]:
     for name in TOKENIZER_FILES:
         if name not in (*STALE, MAP) and (hf_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
-    (out_dir / "tokenizer.json").write_text(json.dumps(rewrite_tokenizer(tok, kept), ensure_ascii=False))
+    new_tok = rewrite_tokenizer(tok, kept)
+    (out_dir / "tokenizer.json").write_text(json.dumps(new_tok, ensure_ascii=False))
     shutil.copy2(hf_dir / "config.json", out_dir / "config.json")
     _remap_config(out_dir / "config.json", new_id, len(kept))
     for name in ("generation_config.json", "tokenizer_config.json"):
@@ -231,7 +232,7 @@ def run(config: TrimVocabConfig, hf_dir: Path, out_dir: Path) -> dict[str, Any]:
         "parameters_removed": removed,
         "parameters_after": after,
         "merges_before": len(tok["model"]["merges"]),
-        "merges_after": len(json.loads((out_dir / "tokenizer.json").read_text())["model"]["merges"]),
+        "merges_after": len(new_tok["model"]["merges"]),
         # How much longer the calibration text gets in tokens (the cost of the smaller vocabulary).
         "text_tokens_before": len(ids),
         "text_tokens_after": len(new_ids),

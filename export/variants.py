@@ -157,11 +157,11 @@ def kv_absmax(graph: Path, ids: np.ndarray, window: int, threads: int = 0) -> np
 def calibration_ids(config: FuseOptions, hf_dir: Path) -> tuple[np.ndarray, dict[str, Any]]:
     from tokenizers import Tokenizer
 
-    from export.text import read_span
+    from export.text import first_tokens, read_span
 
     text, record = read_span(config.calib_text, config.calib_span, "fuse.calib_text")
     tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-    ids = tok.encode(text[: config.calib_tokens * 12], add_special_tokens=False).ids[: config.calib_tokens]
+    ids = first_tokens(text, lambda t: tok.encode(t, add_special_tokens=False).ids, config.calib_tokens)
     if len(ids) < 2:
         raise ExportError("fuse.calib_text: the calibration span holds fewer than 2 tokens")
     return np.array(ids, np.int64), {**record, "tokens": len(ids), "window": config.calib_window}
