@@ -312,11 +312,9 @@ def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = N
     previous = slots.active()
     slot = slots.inactive()
     target, staging, kept = slots.root / slot, slots.root / ".staging", slots.root / ".kept"
-    if kept.exists():  # an earlier update stopped half-way: put the slot's old bundle back
-        if target.exists():
-            shutil.rmtree(kept)
-        else:
-            kept.rename(target)
+    if kept.exists():  # an earlier update stopped before its switch: put the slot's old bundle
+        shutil.rmtree(target, ignore_errors=True)  # back (commit removes .kept before switching)
+        kept.rename(target)
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -359,9 +357,10 @@ def commit(staged: Staged, state_dir: Path | None = None) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
     if state_dir is not None:
         _write_json(state_dir / BOOT_FILE, {"slot": staged.slot, "previous": staged.previous, "starts": 0})
-    staged.slots.switch(staged.slot)
+    # .kept goes before the switch, so a .kept found later always means "not switched" (above).
     if staged.kept is not None:
         shutil.rmtree(staged.kept, ignore_errors=True)
+    staged.slots.switch(staged.slot)
 
 
 def apply_update(

@@ -17,6 +17,9 @@ from edge_llm import ota
 from edge_llm.bundle import load_bundle, write_manifest
 from edge_llm.errors import UpdateError
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
+from ota_helpers import make_update
+
 
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
@@ -186,6 +189,23 @@ def test_a_refused_update_keeps_the_bundle_a_rollback_goes_back_to(
     assert _serving(prefix) == "b"
     load_bundle(prefix / "slots" / "a")  # still whole: what a rollback needs
     assert ota.rollback(prefix) == "a" and _serving(prefix) == "a"
+
+
+def test_an_update_stopped_before_its_switch_gives_the_slot_back(
+    prefix: Path, signed: Path, keys: tuple[Path, Path], tiny_bundle: Path
+) -> None:
+    """The process died between staging (slot a holds the untested update, its old bundle set
+    aside) and the switch: the next update puts the old bundle back first, so neither a refused
+    update nor a rollback ends on the untested one."""
+    assert ota.apply_update(prefix, signed, keys[1]).slot == "b"  # slot a: the first install
+    before = ota.manifest_sha256(prefix / "slots" / "a")
+    renamed = make_update(tiny_bundle, prefix.parent, keys[0], "untested", tar=False)
+    staged = ota.stage_update(prefix, renamed, keys[1])  # ... and then the process dies
+    assert staged.slot == "a" and ota.manifest_sha256(prefix / "slots" / "a") != before
+    with pytest.raises(UpdateError):
+        ota.stage_update(prefix, prefix.parent / "missing.tar", keys[1])
+    assert ota.manifest_sha256(prefix / "slots" / "a") == before
+    assert ota.rollback(prefix) == "a" and load_bundle(prefix / "bundle").name != "untested"
 
 
 def test_cli_keygen_sign_update(tiny_bundle: Path, prefix: Path, tmp_path: Path) -> None:
