@@ -31,7 +31,6 @@ signature is what makes an update trusted; the ACL keeps others from wasting a d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from typing import Any
 
 from edge_llm import ota
 from edge_llm.board import OtaConfig
+from edge_llm.bundle import sha256_file
 from edge_llm.errors import EdgeLLMError, UpdateError
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class OtaReceiver:
         outcome = ota.record_outcome(self.dir, {"outcome": stage, "transfer": sha, "error": error})
         self._last = {"state": stage, "transfer": sha, "error": error}
         self._state(self._last)
-        self.server.refresh_status(outcome)
+        self.server.refresh_status()  # status() reads the recorded outcome
 
     # -- applying (this module's thread) --
 
@@ -326,13 +326,10 @@ class OtaReceiver:
 
     def _apply_transfer(self, t: Transfer) -> None:
         self._state({"state": "verifying", "transfer": t.sha256})
-        digest = hashlib.sha256()
-        with self.part.open("rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        if digest.hexdigest() != t.sha256:
+        got = sha256_file(self.part)
+        if got != t.sha256:
             self._refuse(t.sha256, f"sha256 mismatch: the {t.size} bytes received hash to"
-                         f" {digest.hexdigest()[:16]}…, not the announced {t.sha256[:16]}…")  # fmt: skip
+                         f" {got[:16]}…, not the announced {t.sha256[:16]}…")  # fmt: skip
             return
         options = self.server.engine.options
         try:
@@ -364,6 +361,6 @@ class OtaReceiver:
              "previous": staged.previous, "switch_s": switch_s},
         )  # fmt: skip
         log.info("ota: serving %s from slot %s (switch %.3f s)", staged.bundle.name, staged.slot, switch_s)
-        self.server.refresh_status(outcome)
+        self.server.refresh_status()  # status() reads the recorded outcome
         self._last = {"state": outcome["outcome"], **outcome, "answer": answer}
         self._state(self._last)

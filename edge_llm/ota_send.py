@@ -35,13 +35,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edge_llm import mqtt_common
+from edge_llm.bundle import sha256_file
 from edge_llm.errors import TransportError, UpdateError
 from edge_llm.ota_mqtt import update_topics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 256 * 1024
-TERMINAL = ("done", "refused", "failed", "incomplete")
 
 
 def archive_of(source: Path, work: Path) -> Path:
@@ -70,14 +70,6 @@ def manifest_sha256_in(archive: Path) -> str:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UpdateError(f"{archive}: not a readable tar ({exc})") from None
     raise UpdateError(f"{archive}: no bundle.json in it")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -202,7 +194,7 @@ class UpdateSender:
         device's reason. `max_chunks`: stop after that many chunks and commit (what a sender cut
         off mid-way leaves; the device reports the transfer truncated)."""
         topics = update_topics(self.conn.topic_prefix, device)
-        sha, size = file_sha256(archive), archive.stat().st_size
+        sha, size = sha256_file(archive), archive.stat().st_size
         chunk_size = self._chunk_size(chunk_size)
         states = self._queue(device)
         while not states.empty():  # what was retained before this transfer

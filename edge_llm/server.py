@@ -128,7 +128,7 @@ class Server:
             digest = None
         return {"name": self.engine.bundle.name, "sha256": digest, "slot": ota.slot_of(self.bundle_path)}
 
-    def refresh_status(self, _outcome: dict[str, Any] | None = None) -> None:
+    def refresh_status(self) -> None:
         """Publish the status again (retained): after a swap, or an update's outcome."""
         if self.mqtt is not None:
             self.mqtt.set_status(self.status())
