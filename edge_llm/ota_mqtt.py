@@ -294,7 +294,7 @@ class OtaReceiver:
 
     def _refuse(self, sha: str, error: str, stage: str = "refused") -> None:
         log.error("ota: update %s… %s: %s", sha[:12], stage, error)
-        outcome = ota.record_outcome(self.dir, {"outcome": stage, "transfer": sha, "error": error})
+        ota.record_outcome(self.dir, {"outcome": stage, "transfer": sha, "error": error})
         self._last = {"state": stage, "transfer": sha, "error": error}
         self._state(self._last)
         self.server.refresh_status()  # status() reads the recorded outcome

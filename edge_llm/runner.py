@@ -117,6 +117,7 @@ class _SessionRunner:
             self.session_file,
             prefused=bundle.graph.kv_layout == "shared",
             extra_inputs=tuple({"query_seqlens"} - set(bundle.graph.inputs)) if self.ragged else (),
+            variant=self.graph_name != bundle.graph.file,
         )
         arch = bundle.architecture
         self.layers = arch.num_layers
@@ -166,7 +167,12 @@ class _SessionRunner:
                 Path(name).unlink(missing_ok=True)
 
     def open_session(
-        self, path: Path, prefused: bool = False, profile: bool = True, extra_inputs: tuple[str, ...] = ()
+        self,
+        path: Path,
+        prefused: bool = False,
+        profile: bool = True,
+        extra_inputs: tuple[str, ...] = (),
+        variant: bool = False,
     ) -> ort.InferenceSession:
         """An ORT session on the planned providers for a graph whose IO the manifest describes
         (`profile`: profile its first run to count node placement, see `profiled`)."""
@@ -186,6 +192,7 @@ class _SessionRunner:
             [i.name for i in session.get_inputs()],
             [o.name for o in session.get_outputs()],
             extra_inputs,
+            variant,
         )
         return session
 

@@ -220,3 +220,27 @@ def test_generate_chooses_speculation_on_the_command_line(tiny_draft: Path) -> N
     assert outs["off"][1]["draft_verifies"] == 0 and outs["draft"][1]["draft_verifies"] > 0
     bad = edge_llm("generate", "--bundle", str(tiny_draft), "--speculation", "fast", "hi")
     assert bad.returncode != 0 and "--speculation" in bad.stderr
+
+
+def test_a_draft_bundle_with_variants_loads_them_without_the_draft(
+    tiny_hf: Path, tiny_text: Path, tmp_path: Path
+) -> None:
+    """[fuse] variants and a [draft] in one bundle: only the main graph has hidden_states, so a
+    variant graph loads (its IO is checked without it) and plain decoding runs there."""
+    from export.variants import FuseOptions
+    from tests.conftest import export_bundle, tiny_draft_config
+
+    fuse = FuseOptions(
+        "both", calib_text=tiny_text, calib_span=(0.0, 1.0), calib_tokens=512, calib_window=128
+    )
+    bundle = export_bundle(
+        tiny_hf, tmp_path / "b", "none", "fused", fuse=fuse, draft=tiny_draft_config(tiny_text)
+    )
+    main = Engine.load(bundle, RunnerOptions(ragged=False))
+    assert main.draft is not None
+    int8 = Engine.load(bundle, RunnerOptions(kv_cache="int8", ragged=False))
+    assert int8.runner.graph_name != load_bundle(bundle).graph.file and int8.draft is None
+    ids = int8.encode_request(prompt="hello")
+    assert int8.complete(ids, SamplingParams(max_tokens=4, ignore_eos=True)).usage.completion_tokens == 4
+    with pytest.raises(BundleError, match="only on the main graph"):
+        Engine.load(bundle, RunnerOptions(kv_cache="int8", ragged=False, speculation="draft"))
