@@ -387,7 +387,10 @@ class Engine:
 
     def _speculate(self, q: Generation) -> bool:
         """Speculative decoding for one sequence (`edge_llm.speculate`: the trained draft, else
-        prompt lookup for a greedy sequence); False if nothing to try."""
+        prompt lookup for a greedy sequence); False if nothing to try. A folded newcomer whose
+        prompt is still being fed (`batching.pending`) has no last token to draft from."""
+        if batching.pending(q):
+            return False
         if self.draft is not None:
             return speculate.advance(self, self.draft, q, self.options.draft_tokens)
         return speculate.lookup(self, q, self.lookup)
