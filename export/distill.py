@@ -154,11 +154,7 @@ def training_ids(
     text, where = read_span(config.text, config.span, "distill.text")
     ids = tok.encode(text, add_special_tokens=False).ids
     where["text_tokens"] = len(ids)
-    if config.teacher_tokens:
-        if convert is not None:
-            raise ExportError(
-                "distill.teacher_tokens: not supported for a trimmed vocabulary (use chat_tokens)"
-            )
+    if config.teacher_tokens:  # (run refuses them for a trimmed vocabulary, before any work)
         generated = _kept(keep_dir, TEACHER_TEXT, lambda: teacher_text(model, ids, config, device))
         where["teacher_tokens"] = len(generated)
         ids = ids + generated
@@ -290,6 +286,14 @@ def run(
     import torch
     from transformers import AutoModelForCausalLM
 
+    # A trimmed vocabulary (export/trim_vocab.py): the student's ids are a subset of the
+    # teacher's; the teacher reads them mapped back and scores only the student's tokens.
+    vmap = trim_vocab.teacher_ids(student_dir)
+    if vmap is not None and config.teacher_tokens:  # before minutes of loading and sampling
+        raise ExportError(
+            "distill.teacher_tokens: not supported for a trimmed vocabulary ([trim_vocab]); "
+            "use distill.chat_tokens for teacher-written data"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config)
     if config.threads:
@@ -297,9 +301,6 @@ def run(
     torch.manual_seed(config.seed)
     teacher = load_model(teacher_dir, device)
     student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).to(device)
-    # A trimmed vocabulary (export/trim_vocab.py): the student's ids are a subset of the
-    # teacher's; the teacher reads them mapped back and scores only the student's tokens.
-    vmap = trim_vocab.teacher_ids(student_dir)
     if vmap is None and teacher.config.vocab_size != student.config.vocab_size:
         raise ExportError("distill: teacher and student vocabularies differ (and no vocab_map.json)")
     if vmap is not None and (
@@ -317,7 +318,8 @@ def run(
     convert = None
     if vmap is not None:
         teacher_tok = load_tokenizer(teacher_dir)
-        convert = lambda ids: trim_vocab.retokenize(ids, teacher_tok, tok)  # noqa: E731
+        encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+        convert = lambda ids: trim_vocab.retokenize(ids, teacher_tok, encode)  # noqa: E731
     data, where = training_ids(config, tok, teacher, device, teacher_dir, out_dir, convert)
     to_teacher = None
     if vmap is not None:

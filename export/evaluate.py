@@ -43,7 +43,7 @@ from edge_llm.errors import ExportError
 from export import hf, qa, teacher, trim_vocab
 from export.cache import stable_key
 from export.stage import Artifact, Stage
-from export.teacher import Logits, torch_logits
+from export.teacher import Logits, load_model, torch_logits
 from export.text import check_span, first_tokens, read_span, resolve_text
 
 log = logging.getLogger(__name__)
@@ -178,21 +178,27 @@ def restricted(teacher: Logits, ids: np.ndarray) -> Logits:
 
 def text_scores(
     config: EvaluateConfig,
+    model_dir: Path,
     encode: Callable[[str], list[int]],
     tokenizer_file: Path,
     logits: Logits,
     t_logits: Logits | None,
     teacher_dir: Path | None,
-    vmap: np.ndarray | None,
+    chats: list[tuple[list[int], int]] | None,
     progress: bool,
     label: str,
-) -> dict[str, Any]:
-    """Perplexity (and bits per byte) on the text span, with the teacher's KL / top-1 beside it.
+    max_len: int = 0,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Perplexity (and bits per byte) on the text span, with the teacher's KL / top-1 beside it,
+    and on the teacher's `chats` (`score_chats`, the first `max_len` tokens of each); and the
+    span's ids (the speed test's prompt).
 
-    For a trimmed vocabulary (`vmap`: the teacher id of each model id) KL and top-1 are against
-    the restricted teacher (`restricted`) on the model's tokens, and the teacher's perplexity /
-    bits per byte come from a second pass over its own tokenization of the same text: the
-    per-token perplexities of two tokenizers do not compare, bits per byte do."""
+    For a trimmed vocabulary (the teacher id of each model id in the model's folder) KL and top-1
+    are against the restricted teacher (`restricted`) on the model's tokens, the chats are
+    re-encoded by the model's tokenizer, and the teacher's perplexity / bits per byte come from a
+    second pass over its own tokenization of the same text: the per-token perplexities of two
+    tokenizers do not compare, bits per byte do."""
+    vmap = trim_vocab.teacher_ids(model_dir)
     ids, where = tokenize_span(config, encode)
     nbytes = trim_vocab.token_bytes(tokenizer_file)
     teacher = t_logits if vmap is None or t_logits is None else restricted(t_logits, vmap)
@@ -216,21 +222,22 @@ def text_scores(
                 "teacher_vocab": t_tok.get_vocab_size(with_added_tokens=True),
             },
         }
-    return out
+        if chats:
+            chats = student_chats(chats, t_tok, encode)
+    if chats and teacher is not None:
+        out |= score_chats(chats, logits, teacher, max_len)
+    return out, ids
 
 
 def student_chats(
-    chats: list[tuple[list[int], int]], teacher_dir: Path, encode: Callable[[str], list[int]]
+    chats: list[tuple[list[int], int]], t_tok: Any, encode: Callable[[str], list[int]]
 ) -> list[tuple[list[int], int]]:
     """Teacher-written chats (teacher ids) re-encoded by a trimmed model's tokenizer, prompt and
     answer each on its own so the answer still starts where the prompt ends."""
-    from tokenizers import Tokenizer
-
-    t_tok = Tokenizer.from_file(str(teacher_dir / "tokenizer.json"))
     out = []
     for ids, n in chats:
-        prompt = encode(t_tok.decode(ids[:n], skip_special_tokens=False))
-        out.append((prompt + encode(t_tok.decode(ids[n:], skip_special_tokens=False)), len(prompt)))
+        prompt = trim_vocab.retokenize(ids[:n], t_tok, encode)
+        out.append((prompt + trim_vocab.retokenize(ids[n:], t_tok, encode), len(prompt)))
     return out
 
 
@@ -322,13 +329,15 @@ def run(
     t0 = time.perf_counter()
     t_logits = chats = teacher_model = None
     questions = qa.load(resolve_text(config.qa, "evaluate.qa")) if config.qa is not None else None
-    need_teacher = config.text is not None or (questions is not None and teacher_qa is None)
-    if config.teacher and teacher_hf_dir is not None and need_teacher:
-        t_logits, teacher_model = torch_logits(teacher_hf_dir, config.threads)
+    teacher_dir = teacher_hf_dir if config.teacher else None
+    # The teacher runs here for text (logits, chats); its QA answers come from the cache or, on a
+    # miss, from this model or one loaded then.
+    if teacher_dir is not None and config.text is not None:
+        t_logits, teacher_model = torch_logits(teacher_dir, config.threads)
         if config.chat_tokens:
             chats = teacher.chats(
                 teacher_model,
-                teacher_hf_dir,
+                teacher_dir,
                 config.chat_tokens,
                 config.chat_max_answer,
                 config.chat_seed,
@@ -350,19 +359,14 @@ def run(
             "quantization": engine.bundle.quantization.get("mode", engine.bundle.quantization.get("method")),
         }
         if config.text is not None:
-            vmap = trim_vocab.teacher_ids(model_dir)
-            logits = bundle_logits(engine)
-            result |= text_scores(
-                config, engine.tokenizer.encode, engine.bundle.tokenizer_path, logits, t_logits,
-                teacher_hf_dir, vmap, progress, label,
+            encode, tok_file = engine.tokenizer.encode, engine.bundle.tokenizer_path
+            scores, ids = text_scores(
+                config, model_dir, encode, tok_file, bundle_logits(engine), t_logits, teacher_dir, chats,
+                progress, label, engine.max_context,
             )  # fmt: skip
-            if chats:
-                if vmap is not None and teacher_hf_dir is not None:
-                    chats = student_chats(chats, teacher_hf_dir, engine.tokenizer.encode)
-                teacher_on = t_logits if vmap is None else restricted(t_logits, vmap)
-                result |= score_chats(chats, logits, teacher_on, engine.max_context)
+            result |= scores
             if config.speed:
-                result |= measure_speed(engine, tokenize_span(config, engine.tokenizer.encode)[0], config)
+                result |= measure_speed(engine, ids, config)
         if questions is not None:
             rows = qa.scored(questions, qa.answer_bundle(engine, questions, config.qa_max_tokens))
     elif (model_dir / "config.json").is_file():
@@ -376,23 +380,25 @@ def run(
             "size_bytes": hf.weights_bytes(model_dir),
         }
         if config.text is not None:
-            vmap = trim_vocab.teacher_ids(model_dir)
             encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
-            result |= text_scores(
-                config, encode, model_dir / "tokenizer.json", logits, t_logits, teacher_hf_dir, vmap,
-                progress, label,
+            scores, _ = text_scores(
+                config, model_dir, encode, model_dir / "tokenizer.json", logits, t_logits, teacher_dir,
+                chats, progress, label,
             )  # fmt: skip
-            if chats:
-                if vmap is not None and teacher_hf_dir is not None:
-                    chats = student_chats(chats, teacher_hf_dir, encode)
-                result |= score_chats(chats, logits, t_logits if vmap is None else restricted(t_logits, vmap))
+            result |= scores
         if questions is not None:
-            rows = qa.scored(questions, qa.answer_torch(model, model_dir, questions, config.qa_max_tokens))
+            answers = qa.answers_cached(lambda: model, model_dir, questions, config.qa_max_tokens)
+            rows = qa.scored(questions, answers)
     else:
         raise ExportError(f"{model_dir}: neither a bundle (bundle.json) nor an HF folder (config.json)")
     if questions is not None:
-        if teacher_qa is None and teacher_model is not None and teacher_hf_dir is not None:
-            answers = qa.answer_torch(teacher_model, teacher_hf_dir, questions, config.qa_max_tokens)
+        if teacher_qa is None and teacher_dir is not None:
+            loaded, where = teacher_model, teacher_dir
+
+            def load() -> Any:  # the teacher: loaded here only when the cache misses
+                return loaded if loaded is not None else load_model(where, "cpu", config.threads)
+
+            answers = qa.answers_cached(load, teacher_dir, questions, config.qa_max_tokens)
             teacher_qa = qa.scored(questions, answers)
         # The teacher's answers when known: computed here (config.teacher) or handed in, which
         # costs nothing, so retention is reported even without the KL pass.

@@ -24,19 +24,31 @@ Retention (`summary`): of the questions the teacher answers correctly (normalise
 exact figure), the fraction the model also answers correctly. Questions the teacher misses say
 nothing about what compression lost, so they are left out of it; the absolute accuracy over all
 questions is reported too.
+
+Answers from torch are cached (`answers_cached`: stage folders `qa-answers-<key>` in the export
+cache): the teacher answering 125 questions costs minutes per export on a busy 2-core machine,
+and the same teacher is asked the same questions by every export and `edge-llm eval --teacher`.
+The key is the model folder's content (every file's sha256: the same weights and tokenizer under
+any path), the questions' text (accepted answers only change the scoring, which always reruns),
+`max_new_tokens`, and `ANSWERING`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_llm.bundle import sha256_file
 from edge_llm.errors import ExportError
+from export.cache import cached_stage, stable_key
 
+log = logging.getLogger(__name__)
 FIELDS = ("question", "answers", "category")
 
 
@@ -273,3 +285,46 @@ def answer_torch(model: Any, hf_dir: Path, items: Sequence[Question], max_new_to
         # As the runtime's stream decoder: an incomplete character at the very end is dropped.
         out.append(text.split("\n", 1)[0] if "\n" in text else text.rstrip("\ufffd"))
     return out
+
+
+# How `answer_torch` answers (template, greedy fp32 loop, stops, decoding): part of the cache key,
+# so answers written by an older loop are never reused. Change it with any change to that loop.
+ANSWERING = "torch-greedy-fp32-v1"
+ANSWERS = "answers.json"
+# Folder digests computed in this process, by folder and every file's (name, size, mtime): an
+# export asks for the teacher's several times, and hashing SmolLM2's 540 MB takes seconds.
+_DIGESTS: dict[tuple[str, tuple], str] = {}
+
+
+def model_digest(hf_dir: Path) -> str:
+    """sha256 over the names and contents of every file in an HF folder: the model's identity."""
+    root = Path(hf_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    stats = tuple((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    memo = (str(root.resolve()), stats)
+    if memo not in _DIGESTS:
+        lines = "".join(f"{name}\0{sha256_file(root / name)}\n" for name, _, _ in stats)
+        _DIGESTS[memo] = stable_key(lines)
+    return _DIGESTS[memo]
+
+
+def answers_cached(
+    model: Callable[[], Any], hf_dir: Path, items: Sequence[Question], max_new_tokens: int
+) -> list[str]:
+    """`answer_torch`'s answers, from the export cache when this model (by content) has answered
+    these questions with these settings before; `model()` gives the loaded model on a miss only."""
+    key = stable_key(model_digest(hf_dir), [q.question for q in items], max_new_tokens, ANSWERING)
+
+    def build(out: Path) -> None:
+        answers = answer_torch(model(), hf_dir, items, max_new_tokens)
+        tmp = out / (ANSWERS + ".tmp")
+        tmp.write_text(json.dumps(answers, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, out / ANSWERS)
+
+    folder, hit = cached_stage("qa-answers", key, build)
+    answers = json.loads((folder / ANSWERS).read_text(encoding="utf-8"))
+    if not isinstance(answers, list) or len(answers) != len(items):
+        raise ExportError(f"{folder}: cached QA answers are damaged (remove the folder to recompute)")
+    if hit:
+        log.info("qa: %s's answers to %d questions from the cache (%s)", hf_dir, len(items), folder)
+    return answers

@@ -33,6 +33,7 @@ import json
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -278,10 +279,10 @@ def result(config: TrimVocabConfig, art: Artifact, folder: Path) -> Artifact:
 STAGE = Stage("trim_vocab", build, result)
 
 
-def retokenize(ids: list[int], teacher_tok: Any, student_tok: Any) -> list[int]:
-    """Teacher-vocabulary ids (special tokens included) as the trimmed tokenizer encodes their text."""
-    text = teacher_tok.decode(ids, skip_special_tokens=False)
-    return student_tok.encode(text, add_special_tokens=False).ids
+def retokenize(ids: list[int], teacher_tok: Any, encode: Callable[[str], list[int]]) -> list[int]:
+    """Teacher-vocabulary ids (special tokens included) as the trimmed tokenizer's `encode`
+    encodes their text."""
+    return encode(teacher_tok.decode(ids, skip_special_tokens=False))
 
 
 def restrict_head(model: Any, ids: np.ndarray) -> None:

@@ -4,6 +4,8 @@ evaluate stage's qa fields (bundle through the runtime, teacher through torch) a
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,47 @@ def test_eval_command_qa(
 def test_eval_command_needs_text_or_qa(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "--bundle", str(tiny_bundle)]) != 0
     assert "--text FILE, --qa FILE" in capsys.readouterr().err
+
+
+def test_teacher_answers_come_from_the_cache(
+    tiny_hf: Path,
+    tiny_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    teacher_answers: list[str],
+) -> None:
+    """The teacher answers a QA set once: a second evaluation with the same weights (in another
+    folder), the same questions (other accepted answers) and settings loads no teacher; other
+    settings or other weights answer again."""
+
+    monkeypatch.setenv("EDGE_LLM_CACHE", str(tmp_path / "cache"))
+    calls: list[int] = []
+    real = qa.answer_torch
+
+    def counted(model: object, hf_dir: Path, items: list[qa.Question], n: int) -> list[str]:
+        calls.append(n)
+        return real(model, hf_dir, items, n)
+
+    monkeypatch.setattr(qa, "answer_torch", counted)
+    first = _qa_file(tmp_path / "qa.jsonl", [["Paris"], ["boards"], ["return"]])
+    cfg = evaluate.EvaluateConfig(qa=first, qa_max_tokens=8)
+    res = evaluate.run(cfg, tiny_bundle, tiny_hf, progress=False)
+    assert calls == [8] and [r["teacher_answer"] for r in res["qa_items"]] == teacher_answers
+
+    copy = shutil.copytree(tiny_hf, tmp_path / "teacher-copy")
+    load_model = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("teacher loaded on a cache hit"))
+    rescored = _qa_file(tmp_path / "qa2.jsonl", [["zzz"], ["boards"], ["return"]])
+    res = evaluate.run(replace(cfg, qa=rescored), tiny_bundle, copy, progress=False)
+    assert calls == [8] and [r["teacher_answer"] for r in res["qa_items"]] == teacher_answers
+    assert not res["qa_items"][0]["teacher_ok"]  # scored against the new accepted answers
+
+    monkeypatch.setattr(evaluate, "load_model", load_model)
+    evaluate.run(replace(cfg, qa_max_tokens=4), tiny_bundle, copy, progress=False)
+    assert calls == [8, 4]  # other generation settings: answered again
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # other weights (the last byte of the last tensor), the same folder
+    weights.write_bytes(bytes(data))
+    evaluate.run(cfg, tiny_bundle, copy, progress=False)
+    assert calls == [8, 4, 8]

@@ -110,14 +110,17 @@ def test_runtime_generates_from_the_trimmed_bundle(trimmed: Path, teacher: Path,
     # Against the teacher restricted to the kept tokens, an fp32 bundle of the trimmed model is the
     # same distribution; bits per byte (not per-token perplexity) compares the two tokenizers.
     cfg = evaluate.EvaluateConfig(
-        text=tmp_path / "t.txt", span=(0.0, 1.0), max_tokens=200, context=64, stride=64, speed=False
-    )
+        text=tmp_path / "t.txt", span=(0.0, 1.0), max_tokens=200, context=64, stride=64, speed=False,
+        chat_tokens=48, chat_max_answer=12,
+    )  # fmt: skip
     cfg.text.write_text("\n".join(TRAIN_TEXT[:8] + OTHER), encoding="utf-8")
     res = evaluate.run(cfg, bundle, teacher, progress=False)
     assert res["top1_agreement"] == 1.0 and res["kl_to_teacher"] < 1e-4
     assert res["vocab_trimmed"] == {"vocab": SIZE, "teacher_vocab": 384}
     assert res["scored_tokens"] > res["teacher_scored_tokens"]  # the smaller vocabulary splits more
     assert res["bits_per_byte"] > 0 and res["teacher_bits_per_byte"] > 0
+    # the teacher's chats, re-encoded by the trimmed tokenizer, score the same way
+    assert res["chat_top1_agreement"] == 1.0 and res["chat_kl_to_teacher"] < 1e-4
 
 
 def test_distillation_into_a_trimmed_student(
@@ -147,7 +150,9 @@ def test_distillation_into_a_trimmed_student(
     assert after < 0.8 * before  # closer to the restricted teacher on the student's own tokens
 
 
-def test_bad_input_is_rejected(teacher: Path, trimmed: Path, text_file: Path, tmp_path: Path) -> None:
+def test_bad_input_is_rejected(
+    teacher: Path, trimmed: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ValueError, match="size"):
         trim_vocab.TrimVocabConfig(size=1, text=text_file)
     small = trim_vocab.TrimVocabConfig(size=100, prior=0, text=text_file, span=(0.0, 1.0), multiple=1)
@@ -159,3 +164,9 @@ def test_bad_input_is_rejected(teacher: Path, trimmed: Path, text_file: Path, tm
     bigger = trim_vocab.TrimVocabConfig(size=4096, text=text_file, span=(0.0, 1.0))
     with pytest.raises(ExportError, match="not below"):
         trim_vocab.run(bigger, teacher, tmp_path / "c")
+    # teacher-sampled text cannot feed a trimmed student: refused before any model is loaded
+    monkeypatch.setattr(distill, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg = distill.DistillConfig(text=text_file, span=(0.0, 1.0), tokens=128, seq_len=32, teacher_tokens=64)
+    with pytest.raises(ExportError, match="teacher_tokens: not supported for a trimmed vocabulary"):
+        distill.run(cfg, teacher, trimmed, tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()
