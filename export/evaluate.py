@@ -27,7 +27,6 @@ that distillation never sees (`export/distill.py` trains on a disjoint span).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_llm.bundle import sha256_file
 from edge_llm.errors import ExportError
 from export import hf, qa, teacher, trim_vocab
 from export.cache import stable_key
@@ -484,10 +484,6 @@ def key(task: EvaluateTask, art: Artifact) -> str:
     # The QA set's content, not only its path: an edited set must not reuse old answers.
     digest = "" if task.config.qa is None else sha256_file(resolve_text(task.config.qa, "evaluate.qa"))
     return stable_key(art.key, task.config, str(task.teacher), digest)
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def loaded_qa(art: Artifact) -> list[dict[str, Any]] | None:
