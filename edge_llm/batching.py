@@ -43,8 +43,6 @@ def pending(q: Generation) -> bool:
 def defer(engine: Engine, seqs: list[Generation]) -> list[Generation]:
     """Leave the prompts of newcomers in batch rows pending (their KV prefix reused as a prefill
     would); return the others, which the caller prefills as before."""
-    from edge_llm.engine import _common_prefix as common_prefix  # engine imports this module
-
     if not engine.runner.ragged or not engine.options.fold_max:
         return seqs
     rest = []
@@ -53,8 +51,7 @@ def defer(engine: Engine, seqs: list[Generation]) -> list[Generation]:
         if s.row is None or not isinstance(s.cache, SharedCache):
             rest.append(q)
             continue
-        have = int(s.cache.lengths[s.row])
-        reuse = min(common_prefix(s.ids[:have], q.ids), len(q.ids) - 1)
+        reuse = engine.reusable(s, q.ids)
         if len(q.ids) - reuse > engine.options.fold_max:
             rest.append(q)
             continue

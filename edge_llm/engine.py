@@ -179,8 +179,7 @@ class Engine:
 
     def prefill(self, ids: list[int], slot: Slot) -> tuple[np.ndarray, int]:
         """Bring `slot` up to `ids`, reusing its longest matching prefix; return last logits."""
-        reuse = _common_prefix(slot.ids, ids) if slot.cache is not None else 0
-        reuse = min(reuse, len(ids) - 1)  # at least one token must run to get logits
+        reuse = self.reusable(slot, ids)
         if slot.cache is None:
             slot.cache = self.runner.empty(1)
         else:
@@ -188,6 +187,14 @@ class Engine:
         logits = self._feed(np.array([ids[reuse:]], dtype=np.int64), slot)
         slot.ids = list(ids)
         return logits[0], reuse
+
+    def reusable(self, slot: Slot, ids: Sequence[int]) -> int:
+        """How many leading tokens of `ids` the KV of `slot` holds already (a reused prefix),
+        leaving at least one to run: its logits give the next token."""
+        if slot.cache is None:
+            return 0
+        held = slot.ids[: int(slot.cache.lengths[slot.row or 0])]
+        return min(_common_prefix(held, ids), len(ids) - 1)
 
     def _feed(self, tokens: np.ndarray, slot: Slot) -> np.ndarray:
         """Last-position logits after feeding `tokens` [1, S], in pieces of `prefill_chunk` when
