@@ -376,8 +376,9 @@ class Engine:
         for q in live:
             if (q.slot.row is None or alone) and self._speculate(q):
                 continue
-            # pad_decode: a lone row decodes through the padded slot path like an unbatched one.
-            if q.slot.row is not None and not (alone and self._pads(q.slot) and not batching.pending(q)):
+            # A lone row decodes through the slot path like an unbatched one (the same forward,
+            # padded there under pad_decode); a folded newcomer's prompt goes in through step_rows.
+            if q.slot.row is not None and not (alone and not batching.pending(q)):
                 rows.append(q)
                 continue
             q.take(self.decode_one_token(q.last, q.slot))

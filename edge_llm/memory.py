@@ -181,12 +181,13 @@ def plan_memory(
 
 def _fit(bundle: Bundle, board: BoardConfig, budget: int, min_context: int) -> MemoryPlan | None:
     max_rows, max_sessions = _max_rows(bundle, board), board.sessions.max_live
+    kv_item = kv_bytes(bundle, board)  # bytes per cached element: the same at every context tried
     longest = _context_limit(bundle, board)
     floor = min(min_context, longest)
     ctx = longest
     while True:
         chunk = min(board.runtime.prefill_chunk or BUDGET_PREFILL_CHUNK, ctx)
-        probe = _plan(bundle, budget, ctx, 0, 0, chunk, kv_bytes(bundle, board), logits_rows=max_rows)
+        probe = _plan(bundle, budget, ctx, 0, 0, chunk, kv_item, logits_rows=max_rows)
         copies = probe.kv_copies
         # KV exists only after loading, so the start-up peak is a separate check.
         slots = int((budget - probe.fixed_mb) // probe.kv_row_mb)
@@ -197,7 +198,7 @@ def _fit(bundle: Bundle, board: BoardConfig, budget: int, min_context: int) -> M
             rows = min(want, slots // copies)
             sessions = min(max_sessions, slots - rows * copies)
             rows = min(max_rows, rows + (slots - rows * copies - sessions) // copies)
-            plan = _plan(bundle, budget, ctx, rows, sessions, chunk, kv_bytes(bundle, board))
+            plan = _plan(bundle, budget, ctx, rows, sessions, chunk, kv_item)
             return plan if plan.total_mb <= budget else None
         if ctx <= floor:
             return None
