@@ -395,9 +395,8 @@ class Engine:
 
     def _speculate(self, q: Generation) -> bool:
         """Speculative decoding for one sequence (`edge_llm.speculate`: the trained draft, else
-        prompt lookup for a greedy sequence); False if nothing to try. A folded newcomer whose
-        prompt is still being fed (`batching.pending`) has no last token to draft from."""
-        if batching.pending(q):
+        prompt lookup); False if nothing to try (`speculate.eligible` decides)."""
+        if not speculate.eligible(self, q, self.draft is not None):
             return False
         if self.draft is not None:
             return speculate.advance(self, self.draft, q, self.options.draft_tokens)

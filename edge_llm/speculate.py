@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from edge_llm import batching
 from edge_llm.bundle import Bundle
 from edge_llm.errors import BundleError
 from edge_llm.sampling import distribution
@@ -85,16 +86,24 @@ class Draft:
         return feature[0], logits[0, : self.vocab.size]
 
 
-def eligible(q: Generation) -> bool:
-    """Whether the draft may speculate for `q` (see the module docstring)."""
-    return q.hidden is not None and q.constraint is None and q.params.repetition_penalty == 1.0
+def eligible(engine: Engine, q: Generation, draft: bool) -> bool:
+    """Whether `q` may speculate now, with the trained draft (`draft`) or prompt lookup: the one
+    gate for both. Not a folded newcomer whose prompt is still going in (`batching.pending`: no
+    last token to draft from); a graph that returns every fed position's logits (to verify); no
+    JSON constraint or repetition penalty (drafts are verified against the plain distribution,
+    and a penalty changes it with every kept token); a token left after the draft. The trained
+    draft reads the hidden state of `q.last`; prompt lookup verifies greedy requests only."""
+    if batching.pending(q) or not engine.all_logits or q.params.max_tokens - len(q.generated) < 2:
+        return False
+    if q.constraint is not None or q.params.repetition_penalty != 1.0:
+        return False
+    return q.hidden is not None if draft else q.params.greedy
 
 
 def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool:
-    """Draft, verify and accept for `q`; False (nothing done) when it should decode plainly."""
+    """Draft, verify and accept for an `eligible` `q`; False (nothing done) when it should decode
+    plainly this step."""
     left = q.params.max_tokens - len(q.generated) - 1
-    if left < 1 or not eligible(q) or not engine.all_logits:
-        return False
     if q.spec_wait > 0:
         q.spec_wait -= 1
         return False
@@ -122,12 +131,10 @@ def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool
 
 
 def lookup(engine: Engine, q: Generation, max_draft: int) -> bool:
-    """Prompt-lookup speculation for a greedy `q` (up to `max_draft` tokens; 0: off); False
-    (nothing done) when it should decode plainly."""
+    """Prompt-lookup speculation for an `eligible` `q` (up to `max_draft` tokens; 0: off); False
+    (nothing done) when it should decode plainly this step."""
     k = min(max_draft, q.params.max_tokens - len(q.generated) - 1)
-    if k < 1 or not q.params.greedy or q.params.repetition_penalty != 1.0 or not engine.all_logits:
-        return False
-    if q.constraint is not None:  # drafts are verified against unmasked greedy: plain decoding
+    if k < 1:
         return False
     if q.spec_wait > 0:  # recent drafts were all rejected: plain decoding for a while
         q.spec_wait -= 1
