@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_llm import batching
+from edge_llm import batching, speculate
 from edge_llm.board import RunnerOptions
 from edge_llm.bundle import version_tuple
 from edge_llm.engine import Engine, Generation, Slot
@@ -112,6 +112,37 @@ def test_fold_reuses_a_sessions_cached_prefix(engine: Engine) -> None:
     while not q.finished:
         engine.step([runner, q])
     assert q.final().token_ids == want
+
+
+def test_a_newcomer_still_taking_its_prompt_does_not_speculate(
+    tiny_fused_variants: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompt lookup on: the running row finishes while a folded newcomer's prompt is half in, so
+    the newcomer is alone (a lone row may speculate) but has no last token to draft from: it
+    takes the rest of its prompt first, then speculates, with the tokens of a solo run."""
+    # Always a draft (the context's last tokens): every step that may speculate does.
+    monkeypatch.setattr(speculate, "lookup_draft", lambda context, k, **_: list(context[-k:]))
+    e = Engine.load(tiny_fused_variants, RunnerOptions(fold_max=FOLD, prompt_lookup=4))
+    assert e.runner.ragged and e.lookup and e.draft is None
+    ids = e.encode_request(prompt=TEXTS[3])
+    greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+    want = e.complete(ids, greedy)
+    assert want.usage.draft_verifies > 0
+    cache = e.runner.empty(2)
+    first = Generation(e, e.encode_request(prompt=TEXTS[0]), SamplingParams(max_tokens=2), Slot(cache, [], 0))
+    e.start_all([first])
+    q = Generation(e, ids, greedy, Slot(cache, [], 1))
+    e.start_all([q], fold=True)
+    steps = 0
+    while not first.finished:
+        e.step([first, q])
+        steps += 1
+    assert batching.pending(q) and len(q.slot.ids) == steps < len(ids)  # one prompt token a step
+    e.step([first, q])  # alone now, still pending: the rest of the prompt goes in, no verify
+    assert not batching.pending(q) and q.verifies == 0 and len(q.generated) == 1
+    while not q.finished:
+        e.step([first, q])
+    assert q.final().token_ids == want.token_ids and q.verifies > 0
 
 
 @pytest.mark.parametrize("fold_max", [0, 4])
