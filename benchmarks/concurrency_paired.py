@@ -14,8 +14,8 @@ round is every graph's 1 and 8; `ragged` = the query_seqlens graph, onnxruntime 
 arrivals: prefilled alone on the portable graph, folded into the decode step on the ragged one,
 with `[runtime] fold_max` 64 there)
 and also reports the median time to first token. `ragged:N` runs the ragged graph with a fold
-padding budget of N token-rows per step (edge_llm.batching.FOLD_PADDING; 0: one prompt token per
-step, no padding).
+padding budget of N token-rows per step (`[runtime] fold_padding`; 0: one prompt token per step, no
+padding).
 
     python benchmarks/concurrency_paired.py BUNDLE [--rounds 4] [--new-tokens 128] [--graphs ragged]
 """
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import write_results  # noqa: E402
-from edge_llm import batching, bench  # noqa: E402
+from edge_llm import bench  # noqa: E402
 from edge_llm.bundle import load_bundle  # noqa: E402
 from edge_llm.engine import Engine  # noqa: E402
 from edge_llm.runner import RunnerOptions  # noqa: E402
@@ -91,16 +91,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
     if not graphs or any(g.split(":")[0] not in ("portable", "ragged", "auto") for g in graphs):
         raise SystemExit("--graphs: a comma list of portable, ragged, ragged:PADDING (or auto)")
-    engines, padding = {}, {}
+    engines = {}
     for g in graphs:
         ragged = g != "portable"  # the ragged graph with folding on (prompts up to 64 tokens)
+        padding = int(g.split(":")[1]) if ":" in g else 0  # the fold's padding budget
         options = RunnerOptions(
-            threads=args.threads, max_batch=8, ragged=ragged, fold_max=64 if ragged else 0
-        )
+            threads=args.threads, max_batch=8, ragged=ragged, fold_max=64 if ragged else 0,
+            fold_padding=padding,
+        )  # fmt: skip
         engine = Engine(bundle, options)
         label = "ragged" if engine.runner.ragged else "portable"
-        if ":" in g and label == "ragged":  # the fold's padding budget for this engine's runs
-            label, padding[g] = g, int(g.split(":")[1])
+        if ":" in g and label == "ragged":
+            label = g
         if g.startswith("ragged") and not engine.runner.ragged:
             raise SystemExit(
                 f"{args.bundle}: no query_seqlens graph this onnxruntime runs ([fuse] query_seqlens)"
@@ -121,7 +123,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         engine.runner.forward_rows = wrapper  # type: ignore[method-assign]
 
-    default_padding = batching.FOLD_PADDING
     for g, engine in engines.items():
         timed(engine)
         for size in (1, 8):  # warm-up
@@ -131,7 +132,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         order = [(g, s) for g in graphs for s in (1, 8)]
         for g, size in order if r % 2 == 0 else order[::-1]:
             engine = engines[g]
-            batching.FOLD_PADDING = padding.get(g, default_padding)
             log.clear()
             load = os.getloadavg()[0]
             t0 = time.perf_counter()

@@ -12,7 +12,7 @@ The piece size is a cost trade: padding is computed like real tokens, so a piece
 makes the step cost about rows x c token-rows instead of rows. Measured on SmolLM2 (2 cores,
 benchmarks/README.md "Batched prefill"): a batch-8 step feeding 2 / 4 tokens per row cost 1.3x /
 2.0x a plain one, so a 21-token prompt folded 4 tokens a step cost the running rows ~4.4x the
-stall of prefilling it alone; one token per step (`FOLD_PADDING` 0, what is used) adds no
+stall of prefilling it alone; one token per step (`[runtime] fold_padding` 0, the default) adds no
 padding but delays the newcomer's first token by len(prompt) steps and keeps its row busy
 meanwhile — with 8 staggered arrivals it gave no more throughput than prefilling alone and ~9x
 the time to first token. So folding is off unless a board asks (`[runtime] fold_max`: prompts of
@@ -29,11 +29,6 @@ from edge_llm.runner import SharedCache
 
 if TYPE_CHECKING:
     from edge_llm.engine import Engine, Generation
-
-# Padding token-rows a folded step may add (beyond one token per row): bounds how much slower a
-# step gets while a newcomer's prompt goes in (0: one prompt token per step).
-FOLD_PADDING = 0
-
 
 def pending(q: Generation) -> bool:
     """Whether `q` still has prompt tokens to feed (deferred, no token sampled yet)."""
@@ -61,10 +56,11 @@ def defer(engine: Engine, seqs: list[Generation]) -> list[Generation]:
     return rest
 
 
-def fold_piece(rows: int, left: int, room: int) -> int:
+def fold_piece(rows: int, left: int, room: int, padding: int) -> int:
     """Prompt tokens a pending row feeds in a step of `rows` rows: >= 1, <= what is left, and
-    <= `room` (positions every row of the step still has: the forward is `rows` x piece)."""
-    return max(1, min(left, room, 1 + FOLD_PADDING // max(rows, 1)))
+    <= `room` (positions every row of the step still has: the forward is `rows` x piece), with
+    at most `padding` token-rows of padding (`[runtime] fold_padding`) in the step."""
+    return max(1, min(left, room, 1 + padding // max(rows, 1)))
 
 
 def step_rows(engine: Engine, seqs: list[Generation]) -> None:
@@ -83,7 +79,8 @@ def step_rows(engine: Engine, seqs: list[Generation]) -> None:
     for r, q in by_row.items():
         if pending(q):
             done, left = len(q.slot.ids), len(q.ids) - len(q.slot.ids)
-            feeds[r] = q.ids[done : done + (fold_piece(span, left, room) if waiting else min(left, room))]
+            piece = fold_piece(span, left, room, engine.options.fold_padding) if waiting else min(left, room)
+            feeds[r] = q.ids[done : done + piece]
         else:
             feeds[r] = [q.last]
     width = max(len(f) for f in feeds.values())

@@ -60,6 +60,11 @@ class RunnerOptions:
     # prefill forward of its own. 0 (default): always prefill alone, which measured cheaper on
     # SmolLM2 / 2 CPU cores in throughput and time to first token (benchmarks/README.md).
     fold_max: int = 0
+    # Padding token-rows a folding step may add, so a newcomer's prompt goes in several tokens a
+    # step (a step of r rows feeds up to 1 + fold_padding // r each; padding costs what real
+    # tokens do). 0 (default): one token a step, no padding; 2 / 4 tokens a row made a batch-8
+    # step 1.3x / 2.0x dearer on 2 CPU cores (benchmarks/README.md "Batched prefill").
+    fold_padding: int = 0
     providers: tuple[ProviderSpec, ...] = field(default=(ProviderSpec("cpu"),), metadata={"toml": False})
 
     def __post_init__(self) -> None:
@@ -73,8 +78,8 @@ class RunnerOptions:
             raise ValueError("runtime: draft_tokens must be in 1..16")
         if self.memory_mb < 0 or self.prefill_chunk < 0:
             raise ValueError("runtime: memory_mb and prefill_chunk must be ≥ 0")
-        if self.fold_max < 0:
-            raise ValueError("runtime: fold_max must be ≥ 0")
+        if self.fold_max < 0 or self.fold_padding < 0:
+            raise ValueError("runtime: fold_max and fold_padding must be ≥ 0")
         if self.kv_cache not in ("auto", "fp32", "int8"):
             raise ValueError(f"runtime: kv_cache must be 'auto', 'fp32' or 'int8', not {self.kv_cache!r}")
 

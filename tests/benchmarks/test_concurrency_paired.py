@@ -33,9 +33,10 @@ def test_staggered_arrivals_fold_on_the_ragged_graph(tiny_fused_variants: Path, 
     steps on the ragged one (no [1, S] forward after the first request's)."""
     out = tmp_path / "stagger"
     argv = [str(tiny_fused_variants), "--rounds", "1", "--new-tokens", "12", "--threads", "1"]
-    argv += ["--graphs", "portable,ragged", "--stagger", "2", "--out", str(out)]
+    argv += ["--graphs", "portable,ragged,ragged:24", "--stagger", "2", "--out", str(out)]
     result = concurrency_paired.main(argv)
     portable, ragged = result["runs"]["portable"][8][0], result["runs"]["ragged"][8][0]
+    assert result["runs"]["ragged:24"][8][0]["prefill_forwards"] > 0  # [runtime] fold_padding 24
     alone = [s for s in portable["prefill_shapes"] if s[0] == 1]
     assert len(alone) == 8  # every arrival prefilled in a forward of its own
     # folded: wider forwards; alone only when no other row was running

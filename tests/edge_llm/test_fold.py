@@ -64,15 +64,13 @@ def _params() -> list[SamplingParams]:
 
 
 @pytest.mark.parametrize("padding", [0, 24])
-def test_folded_newcomers_match_solo_runs(
-    engine: Engine, padding: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(batching, "FOLD_PADDING", padding)
+def test_folded_newcomers_match_solo_runs(tiny_fused_variants: Path, padding: int) -> None:
+    engine = Engine.load(tiny_fused_variants, RunnerOptions(fold_max=FOLD, fold_padding=padding))
     prompts = [engine.encode_request(prompt=t) for t in TEXTS]
     assert max(len(p) for p in prompts) <= FOLD
     params = _params()
     solo = [engine.complete(ids, p) for ids, p in zip(prompts, params, strict=True)]
-    assert len(prompts[3]) > batching.fold_piece(4, 10**6, 10**6)  # takes several folded steps
+    assert len(prompts[3]) > batching.fold_piece(4, 10**6, 10**6, padding)  # takes several folded steps
     cache = engine.runner.empty(4)
     seqs = [Generation(engine, prompts[0], params[0], Slot(cache=cache, row=0))]
     engine.start_all(seqs)
@@ -214,3 +212,16 @@ def test_scheduler_folds_requests_that_arrive_mid_stream(engine: Engine) -> None
         assert finals[f"r{i}"].text == solo[i]  # type: ignore[attr-defined]
     assert [c for c in calls if c[0] == 1 and c[1] > 1] == [(1, len(prompts[0]))]  # only the first
     engine.runner.forward_rows = type(engine.runner).forward_rows.__get__(engine.runner)
+
+
+def test_fold_options_come_from_the_board_profile(tmp_path: Path) -> None:
+    from edge_llm.board import load_board
+    from edge_llm.errors import ConfigError
+
+    board = tmp_path / "b.toml"
+    board.write_text("[runtime]\nfold_max = 32\nfold_padding = 8\n")
+    options = load_board(board).runner_options()
+    assert (options.fold_max, options.fold_padding) == (32, 8)
+    board.write_text("[runtime]\nfold_padding = -1\n")
+    with pytest.raises(ConfigError, match="fold_padding must be ≥ 0"):
+        load_board(board)
