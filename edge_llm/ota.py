@@ -35,7 +35,7 @@ import os
 import shutil
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -325,7 +325,7 @@ def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = N
         _check_listed(staging)
         try:
             # Sizes and hashes (tampered or truncated files), and a bundle for a newer runtime.
-            load_bundle(staging)
+            bundle = load_bundle(staging)
         except EdgeLLMError as exc:
             raise UpdateError(f"the update does not load: {exc}") from None
     except BaseException:
@@ -335,7 +335,8 @@ def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = N
     if moved:
         target.rename(kept)
     staging.rename(target)  # the engine is loaded from where it will be served
-    staged = Staged(slots, slot, previous, target, load_bundle(target, verify=False), manifest_sha256(target),
+    # The bundle as checked in staging, at its new place (bundle.json is read once).
+    staged = Staged(slots, slot, previous, target, replace(bundle, path=target), manifest_sha256(target),
                     kept if moved else None)  # fmt: skip
     problem = platform_problem(staged.bundle, options)
     if problem is not None:
