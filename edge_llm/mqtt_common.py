@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -37,6 +38,17 @@ FATAL_REFUSALS = {
     "Bad authentication method": "the broker does not support this authentication method",
     "Retain not supported": "the broker does not allow retained messages (the device status needs them)",
 }
+
+
+def read_password(path: str | None, option: str) -> str | None:
+    """The MQTT password in the file `path` (None: no file), stripped; a file that cannot be read
+    is a ConfigError naming `option`."""
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def new_client(

@@ -63,13 +63,11 @@ def _mqtt_args(p: argparse.ArgumentParser, what: str) -> None:
 
 def _sender(args: argparse.Namespace) -> object:
     from edge_llm.commands.serve import _host_port
+    from edge_llm.mqtt_common import read_password
     from edge_llm.ota_send import Connection, UpdateSender
 
     host, port = _host_port(args.mqtt)
-    password = None
-    if args.password_file:
-        with open(args.password_file, encoding="utf-8") as f:
-            password = f.read().strip()
+    password = read_password(args.password_file, "--password-file")
     conn = Connection(host, port, args.user, password, args.ca, args.cert, args.key)
     return UpdateSender(conn, timeout=args.timeout)
 

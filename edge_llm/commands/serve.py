@@ -191,11 +191,10 @@ def run_send(args: argparse.Namespace) -> int:
     if args.mqtt:
         if not args.fleet and not args.device:
             raise ConfigError("--mqtt needs --device ID or --fleet")
+        from edge_llm.mqtt_common import read_password
+
         host, port = _host_port(args.mqtt)
-        password = None
-        if args.password_file:
-            with open(args.password_file, encoding="utf-8") as f:
-                password = f.read().strip()
+        password = read_password(args.password_file, "--password-file")
         client = MqttClient(
             host,
             port,

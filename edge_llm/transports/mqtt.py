@@ -40,7 +40,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -76,11 +75,8 @@ class Topics:
 def make_client(cfg: MqttConfig, client_id: str, *, clean: bool = False) -> mqtt.Client:
     """A paho client set up from the `[mqtt]` config (see `mqtt_common.new_client`). Not connected."""
     password = cfg.password
-    if cfg.password_file:
-        try:
-            password = Path(cfg.password_file).expanduser().read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"mqtt.password_file: {exc}") from None
+    if cfg.password_file:  # read at start-up: the secret stays out of the profile
+        password = mqtt_common.read_password(cfg.password_file, "mqtt.password_file")
     client = mqtt_common.new_client(
         client_id,
         v5=cfg.protocol == "5",

@@ -226,3 +226,25 @@ def test_cache_lists_bundles_and_models_and_survives_a_closed_pipe(tmp_path: Pat
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_an_unreadable_password_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`send --password-file` and a profile's [mqtt] password_file are read by one function: an
+    error naming the option and the file, before any connection."""
+    from edge_llm.board import MqttConfig
+    from edge_llm.cli import main
+    from edge_llm.errors import ConfigError
+    from edge_llm.transports.mqtt import make_client
+
+    missing = tmp_path / "none.pw"
+    argv = ["send", "--mqtt", "127.0.0.1:9", "--device", "d", "--password-file", str(missing), "hi"]
+    assert main(argv) == 2
+    assert f"--password-file: cannot read {missing}: No such file or directory" in capsys.readouterr().err
+    cfg = MqttConfig(host="h", device="d", username="u", password_file=str(missing))
+    with pytest.raises(ConfigError, match=f"mqtt.password_file: cannot read {missing}"):
+        make_client(cfg, "c")
+    pw = tmp_path / "ok.pw"
+    pw.write_text("secret\n")
+    assert make_client(MqttConfig(host="h", device="d", username="u", password_file=str(pw)), "c")
