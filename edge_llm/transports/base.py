@@ -130,7 +130,9 @@ class Dispatcher:
             try:
                 grant = self.keys.admit(identity or "", given)
             except EdgeLLMError as exc:  # refused before queueing: this is its one final reply
-                self.stats[protocol.error_code(exc)] += 1
+                code = protocol.error_code(exc)
+                self.stats[code] += 1
+                self._observe(address, protocol.Event("error", message.id, code=code), arrived)
                 send(protocol.exception_reply(message.id, exc))
                 return
             if given is not None:  # a key names its holder better than the connection does
@@ -158,10 +160,17 @@ class Dispatcher:
             self._observe(address, protocol.Event("error", message.id, code="internal"), arrived)
             send(protocol.error_reply(message.id, "internal", f"{type(exc).__name__} while queueing"))
 
-    def _observe(self, address: Address, event: protocol.Event, arrived: float) -> None:
+    def refused(self, transport: str, code: str, arrived: float) -> None:
+        """Count a request its transport refused before handing it here (HTTP's 401 for a bad
+        `Authorization` header): metrics see every answered request, refusals included."""
+        self.stats[code] += 1
+        self._observe(transport, protocol.Event("error", "", code=code), arrived)
+
+    def _observe(self, address: Address | str, event: protocol.Event, arrived: float) -> None:
         if self.observer is None:
             return
+        transport = address if isinstance(address, str) else getattr(address, "transport", "other")
         try:
-            self.observer(getattr(address, "transport", "other"), event, time.monotonic() - arrived)
+            self.observer(transport, event, time.monotonic() - arrived)
         except Exception:  # metrics must never cost a reply
             log.exception("the metrics observer failed")

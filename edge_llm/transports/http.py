@@ -217,7 +217,12 @@ class HttpTransport:
         return await self._complete(req, chat=False)
 
     async def _complete(self, req: HttpRequest, chat: bool) -> Response:
-        key = self._authenticate(req)
+        arrived = time.monotonic()
+        try:
+            key = self._authenticate(req)
+        except ApiError:  # refused here, before the dispatcher: counted like its refusals
+            self.dispatcher.refused(_Exchange.transport, "unauthorized", arrived)
+            raise
         body = await self._read_json(req)
         mapped = openai_api.to_protocol(body, chat, self.model_id)
         rid = uuid.uuid4().hex

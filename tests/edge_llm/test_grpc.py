@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from edge_llm.engine import Engine
 from edge_llm.proto import llm_pb2, llm_pb2_grpc
 from edge_llm.server import Server
 from edge_llm.transports.grpc import ERROR_CODE_KEY, STATUS, request_dict
+from tests.prom_text import requests_total
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
 from mosquitto import free_port
@@ -271,7 +273,11 @@ def test_api_keys_on_grpc(tiny_bundle: Path, tmp_path: Path) -> None:
 
     path = tmp_path / "keys.json"
     key, slow = add_key(path, "app", Limits()), add_key(path, "slow", Limits(requests_per_minute=1))
-    board = BoardConfig(grpc=GrpcConfig(listen=f"127.0.0.1:{free_port()}"), keys=KeysConfig(file=str(path)))
+    board = BoardConfig(
+        grpc=GrpcConfig(listen=f"127.0.0.1:{free_port()}"),
+        keys=KeysConfig(file=str(path)),
+        metrics=MetricsConfig(listen=f"127.0.0.1:{free_port()}"),
+    )
     s = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
     s.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{s.grpc.port}")
@@ -293,6 +299,11 @@ def test_api_keys_on_grpc(tiny_bundle: Path, tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             call(slow)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and code_of(err.value) == "rate_limited"
+        # Refusals are counted by outcome on /metrics, beside the answered calls.
+        with urllib.request.urlopen(f"http://{board.metrics.listen}/metrics", timeout=30) as r:
+            counts = requests_total(r.read().decode())
+        assert counts[("grpc", "unauthorized")] == 2 and counts[("grpc", "rate_limited")] == 1
+        assert counts[("grpc", "completed")] == 2
     finally:
         channel.close()
         s.stop()

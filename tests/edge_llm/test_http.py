@@ -27,6 +27,7 @@ from edge_llm.board import BoardConfig, HttpConfig, KeysConfig, ServerConfig  # 
 from edge_llm.engine import Engine  # noqa: E402
 from edge_llm.keys import Limits, add_key  # noqa: E402
 from edge_llm.server import Server  # noqa: E402
+from tests.prom_text import requests_total  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,6 +257,12 @@ def test_keys_on_http(keyed: tuple[Server, str, str]) -> None:
     assert outcomes == [200, 200, 429, 429]
     ready = raw(server, "GET", "/readyz")[0]
     assert ready == 200  # health endpoints need no key
+    # Refusals are answered requests too: /metrics counts them by outcome (the error code).
+    status, _, text = raw(server, "GET", "/metrics")
+    counts = requests_total(text.decode())
+    assert status == 200 and counts[("http", "unauthorized")] == 3  # completions only, not /v1/models
+    assert counts[("http", "rate_limited")] == 2 and counts[("http", "completed")] == 3
+
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
