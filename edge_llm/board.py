@@ -4,7 +4,8 @@ In: a TOML path. Out: a frozen `BoardConfig` — execution providers in order of
 their options, and the `[runtime]` table (`RunnerOptions`: threads, limits, memory budget) that
 the engine takes.
 Serving sections (`[server]`, `[sessions]`, `[socket]`, `[mqtt]`, `[mqtt.tls]`, `[http]`,
-`[http.tls]`, `[keys]`, `[metrics]`, `[grpc]`) configure `edge-llm serve`; every one is optional.
+`[http.tls]`, `[keys]`, `[metrics]`, `[grpc]`, `[grpc.tls]`) configure `edge-llm serve`; every
+one is optional.
 Unknown keys and wrong types fail with the file and dotted key named.
 """
 
@@ -206,25 +207,28 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
-class GrpcConfig:
-    listen: str = ""  # HOST:PORT for the gRPC LLMService (extra `grpc`); "" = off
+class ServerTlsConfig:
+    """TLS of a server transport ([http.tls], [grpc.tls])."""
 
-    def __post_init__(self) -> None:
-        if self.listen:
-            parse_listen(self.listen, "grpc: listen")
-
-
-@dataclass(frozen=True)
-class HttpTlsConfig:
-    cert: str = ""  # server certificate chain (PEM); set with key to serve HTTPS
+    cert: str = ""  # server certificate chain (PEM); set with key to serve over TLS
     key: str = ""
     ca: str = ""  # when set, clients must present a certificate signed by this CA (mutual TLS)
 
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
-            raise ValueError("http.tls: cert and key go together")
+            raise ValueError("cert and key go together")
         if self.ca and not self.cert:
-            raise ValueError("http.tls: ca (client certificates) needs cert and key")
+            raise ValueError("ca (client certificates) needs cert and key")
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    listen: str = ""  # HOST:PORT for the gRPC LLMService (extra `grpc`); "" = off
+    tls: ServerTlsConfig = field(default_factory=ServerTlsConfig)
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_listen(self.listen, "grpc: listen")
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ class HttpConfig:
     host: str = ""  # "" = HTTP off; "127.0.0.1" local only, "0.0.0.0" every interface
     port: int = 8080
     model: str = ""  # the id /v1/models reports and requests may name; "" = the bundle's name
-    tls: HttpTlsConfig = field(default_factory=HttpTlsConfig)
+    tls: ServerTlsConfig = field(default_factory=ServerTlsConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

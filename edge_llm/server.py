@@ -202,7 +202,8 @@ class Server:
 
                 # Enough calls for everything the scheduler can hold; more are refused at once.
                 calls = self.board.server.max_queue + self.scheduler.max_batch + 4
-                self.grpc = GrpcTransport(self.dispatcher, *parse_listen(grpc_cfg.listen, "grpc"), calls)
+                where = parse_listen(grpc_cfg.listen, "grpc")
+                self.grpc = GrpcTransport(self.dispatcher, *where, calls, tls=grpc_cfg.tls)
                 self.grpc.start()
         except BaseException:
             self.stop()

@@ -17,6 +17,10 @@ keys file the call carries its key as HTTP does, in the `authorization: Bearer <
 (or the request's `key` field); the key gate then names the request's owner (`key:NAME`) and
 applies its rate limits, and a missing or wrong key ends the call UNAUTHENTICATED.
 
+TLS: `[grpc.tls] cert`, `key` serve over TLS (the files checked with Python's ssl first, so a
+bad or mismatched pair is a clear error at start-up, not a failed handshake later), and `ca`
+requires client certificates signed by it, as `[http.tls]` does. `channel` is the client side.
+
 Threads: the grpc server's pool runs each RPC on one thread, which blocks on the replies the
 scheduler's worker puts in its queue; the pool is sized so that what the scheduler can hold
 (queue + batch rows) fits, and a call beyond that is refused at once (RESOURCE_EXHAUSTED).
@@ -28,17 +32,22 @@ import itertools
 import json
 import logging
 import queue
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edge_llm import protocol
 from edge_llm.errors import ConfigError, TransportError
 from edge_llm.keys import bearer_key
 from edge_llm.transports.base import Dispatcher
+
+if TYPE_CHECKING:
+    from edge_llm.board import ServerTlsConfig
 
 try:
     import grpc
@@ -186,8 +195,55 @@ class _Service(llm_pb2_grpc.LLMServiceServicer):
             context.abort(STATUS.get(code, grpc.StatusCode.INTERNAL), error["message"])
 
 
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise TransportError(f"grpc.tls: cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:
+    """gRPC server credentials from `[grpc.tls]` (cert and key set; ca: client certificates)."""
+    cert, key = _read_pem(tls.cert, "cert"), _read_pem(tls.key, "key")
+    ca = _read_pem(tls.ca, "ca") if tls.ca else None
+    try:  # grpc says nothing useful about bad PEM until a handshake fails: ask ssl now
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls.cert, tls.key)
+        if tls.ca:
+            ctx.load_verify_locations(tls.ca)
+    except (ssl.SSLError, ValueError) as exc:
+        raise TransportError(f"grpc.tls: {tls.cert} / {tls.key} / {tls.ca or '-'}: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def channel(target: str, ca: str = "", cert: str = "", key: str = "") -> grpc.Channel:
+    """A client channel to `target` (HOST:PORT): TLS trusting `ca` when given (with `cert` and
+    `key`: a client certificate for a server with `[grpc.tls] ca`), else plaintext."""
+    if not ca:
+        if cert or key:
+            raise ConfigError("grpc: a client certificate needs the server's CA (ca) for TLS")
+        return grpc.insecure_channel(target)
+    if bool(cert) != bool(key):
+        raise ConfigError("grpc: cert and key go together")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca, "ca"),
+        private_key=_read_pem(key, "key") if key else None,
+        certificate_chain=_read_pem(cert, "cert") if cert else None,
+    )
+    return grpc.secure_channel(target, creds)
+
+
 class GrpcTransport:
-    def __init__(self, dispatcher: Dispatcher, host: str, port: int, max_calls: int = 32) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        host: str,
+        port: int,
+        max_calls: int = 32,
+        tls: ServerTlsConfig | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.host = host
         self.max_calls = max_calls
@@ -198,8 +254,13 @@ class GrpcTransport:
             options=[("grpc.max_receive_message_length", max_message)],
         )
         llm_pb2_grpc.add_LLMServiceServicer_to_server(_Service(dispatcher), self.server)
+        self.tls = tls is not None and bool(tls.cert)
+        creds = server_credentials(tls) if tls is not None and tls.cert else None
         try:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+            if creds is not None:
+                self.port = self.server.add_secure_port(f"{host}:{port}", creds)
+            else:
+                self.port = self.server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as exc:
             raise TransportError(f"grpc: cannot listen on {host}:{port}: {exc}") from None
         if self.port == 0:  # grpc reports a failed bind as port 0 in some versions
@@ -207,7 +268,7 @@ class GrpcTransport:
 
     def start(self) -> None:
         self.server.start()
-        log.info("gRPC LLMService on %s:%d", self.host, self.port)
+        log.info("gRPC LLMService on %s:%d%s", self.host, self.port, " (TLS)" if self.tls else "")
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.server.stop(grace_s).wait(grace_s + 1.0)

@@ -25,7 +25,7 @@ from edge_llm.transports.grpc import ERROR_CODE_KEY, STATUS, request_dict
 from tests.prom_text import requests_total
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (pytest runs in importlib mode)
-from mosquitto import free_port
+from mosquitto import free_port, make_certs
 
 HELLO = [llm_pb2.Message(role="user", content="hello")]
 
@@ -307,3 +307,46 @@ def test_api_keys_on_grpc(tiny_bundle: Path, tmp_path: Path) -> None:
     finally:
         channel.close()
         s.stop()
+
+
+def test_tls_and_client_certificates(tiny_bundle: Path, tmp_path: Path) -> None:
+    """[grpc.tls] cert/key serve TLS; with ca, only a client with a certificate that CA signed
+    gets in. Certificates made here with openssl; `channel` is the client side."""
+    from edge_llm.board import ServerTlsConfig, load_board
+    from edge_llm.errors import ConfigError, TransportError
+    from edge_llm.transports.grpc import channel
+
+    certs = make_certs(tmp_path / "pki")
+    req = llm_pb2.ChatRequest(messages=HELLO, max_tokens=3)
+    for ca in ("", str(certs.ca)):
+        tls = ServerTlsConfig(cert=str(certs.server_cert), key=str(certs.server_key), ca=ca)
+        board = BoardConfig(grpc=GrpcConfig(listen=f"127.0.0.1:{free_port()}", tls=tls))
+        s = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / f"state{bool(ca)}.sqlite")
+        s.start()
+        target = f"127.0.0.1:{s.grpc.port}"
+        mutual = (str(certs.ca), str(certs.client_cert), str(certs.client_key))
+        try:
+            with channel(target, *mutual) as ch:  # a client certificate: always accepted
+                assert list(llm_pb2_grpc.LLMServiceStub(ch).Chat(req, timeout=60))[-1].HasField("final")
+            with channel(target, ca=str(certs.ca)) as ch:  # TLS, no client certificate
+                stub = llm_pb2_grpc.LLMServiceStub(ch)
+                if ca:
+                    with pytest.raises(grpc.RpcError) as err:
+                        list(stub.Chat(req, timeout=20))
+                    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                else:
+                    assert list(stub.Chat(req, timeout=60))[-1].final.finish_reason in ("length", "stop")
+            with channel(target) as ch, pytest.raises(grpc.RpcError) as err:  # plaintext on a TLS port
+                list(llm_pb2_grpc.LLMServiceStub(ch).Chat(req, timeout=20))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            s.stop()
+    # A key that is not the certificate's: refused at start-up, naming the files.
+    wrong = ServerTlsConfig(cert=str(certs.server_cert), key=str(certs.client_key))
+    board = BoardConfig(grpc=GrpcConfig(listen=f"127.0.0.1:{free_port()}", tls=wrong))
+    with pytest.raises(TransportError, match=r"grpc\.tls: .*server\.crt"):
+        Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "bad.sqlite").start()
+    profile = tmp_path / "b.toml"
+    profile.write_text(f'[grpc]\nlisten = "127.0.0.1:0"\n[grpc.tls]\ncert = "{certs.server_cert}"\n')
+    with pytest.raises(ConfigError, match=r"grpc\.tls: cert and key go together"):
+        load_board(profile)

@@ -327,10 +327,10 @@ def test_https_from_the_board_profile(tiny_bundle: Path, tmp_path: Path) -> None
     sys.path.insert(0, str(ROOT / "tests"))
     from mosquitto import make_certs
 
-    from edge_llm.board import HttpTlsConfig
+    from edge_llm.board import ServerTlsConfig
 
     certs = make_certs(tmp_path / "certs")
-    tls = HttpTlsConfig(cert=str(certs.server_cert), key=str(certs.server_key), ca=str(certs.ca))
+    tls = ServerTlsConfig(cert=str(certs.server_cert), key=str(certs.server_key), ca=str(certs.ca))
     cfg = BoardConfig(http=HttpConfig(host="127.0.0.1", port=0, tls=tls))
     server = Server(Engine.load(tiny_bundle), cfg, state_path=tmp_path / "state.sqlite")
     server.start()
