@@ -8,7 +8,10 @@ VmRSS / VmHWM from /proc/self/status after each step:
 - `tokenizer`: loading tokenizer.json (compared with its size);
 - `session`: creating the ORT session (the weights as ORT holds them; VmHWM: the loading peak);
 - `workspace C@T`: after feeding T prompt tokens in pieces of C into one fresh row, RSS minus the
-  session's and minus the KV pages written (ORT's arena keeps its largest workspace).
+  session's and minus the KV pages written (ORT's arena keeps its largest workspace);
+- `structured` (where llguidance is installed): importing it, building its view of the tokenizer
+  (what the engine does on the first JSON request and keeps), and one json_object constraint's
+  first token mask.
 Out: printed, and `benchmarks/results/memory_costs.{json,md}`.
 
     python benchmarks/memory_costs.py [--bundle DIR] [--points 16@16,256@256,256@2000,...]
@@ -58,6 +61,19 @@ tok = Tokenizer(bundle)
 steps["tokenizer"] = status()
 engine = Engine(bundle, RunnerOptions(threads=2, max_batch=1))
 steps["session"] = status()
+try:
+    import llguidance
+except ImportError:
+    llguidance = None
+if llguidance is not None and sys.argv[3] == "0":
+    from edge_llm.constrain import Grammars
+    from edge_llm.structured import ResponseFormat
+    steps["structured_import"] = status()
+    grammars = Grammars(bundle.tokenizer_path.read_text(encoding="utf-8"), bundle.architecture.vocab_size,
+                        engine.tokenizer.eos_ids)
+    steps["structured_tokenizer"] = status()
+    grammars.constraint(ResponseFormat("json_object")).allowed()
+    steps["structured_constraint"] = status()
 chunk, total = int(sys.argv[2]), int(sys.argv[3])
 if total:
     cache = engine.runner.empty(1)
@@ -114,6 +130,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_transient_mb": base["session"]["VmHWM"] - rss["session"],
         "workspace": [],
     }
+    if "structured_constraint" in rss:
+        out["structured_mb"] = {
+            "import": rss["structured_import"] - rss["session"],
+            "tokenizer": rss["structured_tokenizer"] - rss["structured_import"],
+            "constraint": rss["structured_constraint"] - rss["structured_tokenizer"],
+        }
     for point in args.points.split(","):
         chunk, total = (int(x) for x in point.split("@"))
         got = measure(bundle_dir, chunk, total)
@@ -132,6 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"| tokenizer | {out['tokenizer_mb']:.1f} | tokenizer.json {tokenizer_mb:.2f} MB |",
         f"| weights after session creation | {out['weights_mb']:.1f} | graph files {graph_mb:.1f} MB |",
         f"| loading transient (VmHWM - VmRSS) | {out['load_transient_mb']:.1f} | start-up only |",
+        *[
+            f"| structured output: {part} | {mb:.1f} | llguidance, on the first JSON request |"
+            for part, mb in out.get("structured_mb", {}).items()
+        ],
         *[
             f"| workspace, {w['chunk']}-token pieces over {w['context']} | {w['workspace_mb']:.1f} "
             f"| minus {w['kv_mb']:.1f} MB of KV pages |"

@@ -20,7 +20,10 @@ onnxruntime 1.32, SmolLM2-135M INT8 fused bundle, RSS from /proc/self/status):
 - ORT's workspace for one forward, which its arena keeps at the largest ever needed: it grows
   with the tokens fed at once times the context they attend to. A budget therefore feeds prompts
   in pieces (`prefill_chunk`);
-- the runner's logits buffers (one [rows, vocab] float32 per batch width used).
+- the runner's logits buffers (one [rows, vocab] float32 per batch width used);
+- structured output, where llguidance (extra `structured`) is installed so a request may ask
+  for JSON: the engine builds llguidance's view of the tokenizer on the first such request and
+  keeps it, proportional to tokenizer.json, plus its import and a compiled schema.
 Other boards, providers and onnxruntime builds differ; the headroom covers the rest (SQLite,
 sockets, Python objects, allocator slack) and the soak (`benchmarks/soak.py`) checks the sum.
 """
@@ -28,6 +31,7 @@ sockets, Python objects, allocator slack) and the soak (`benchmarks/soak.py`) ch
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -52,6 +56,12 @@ WORKSPACE_PER_TOKEN_MB = 0.093 / 576  # per token fed, per unit of hidden size
 WORKSPACE_PER_TOKEN_POSITION_MB = 3.7e-5 / 9  # per token fed x context position, per head
 PAGE = 4096  # KV buffers commit whole pages of each (layer, K/V, head) region
 
+# llguidance (benchmarks/memory_costs.py, "structured" step: import, LLTokenizer, one json_object
+# constraint's first mask): SmolLM2 (3.36 MiB tokenizer.json) 4.8 + 60.4 + 1.0 = 66.2 MiB; the
+# tests' tiny tokenizer (13 KB) 4.8 + 2.4 + 2.2. A fixed part and a part per byte through both.
+STRUCTURED_FIXED_MB = 9.5
+STRUCTURED_PER_FILE = 17.3
+
 BUDGET_PREFILL_CHUNK = 256  # prompt piece under a budget: 47 MiB of workspace vs 143 whole (T=2000)
 MIN_CONTEXT = 256  # a budget never plans a shorter context than this (or the bundle's, if shorter)
 HEADROOM_MIN_MB = 16.0
@@ -71,6 +81,7 @@ class MemoryPlan:
     workspace_mb: float
     logits_mb: float
     headroom_mb: float
+    structured_mb: float  # llguidance, when installed (0 without): see the module docstring
     kv_token_kib: float  # one token of one row, all layers, K and V
     kv_row_mb: float  # one row (or one live session) at the planned context, page-rounded
     rows: int  # batch KV cache rows (concurrent sequences)
@@ -87,7 +98,7 @@ class MemoryPlan:
     def fixed_mb(self) -> float:
         """Everything but the KV cache, once serving."""
         parts = (self.baseline_mb, self.tokenizer_mb, self.weights_mb, self.workspace_mb, self.logits_mb)
-        return sum(parts) + self.headroom_mb
+        return sum(parts) + self.structured_mb + self.headroom_mb
 
     @property
     def total_mb(self) -> float:
@@ -125,6 +136,7 @@ class MemoryPlan:
             ("weights (as onnxruntime holds them)", self.weights_mb),
             (f"prefill workspace ({piece} over {self.context} tokens)", self.workspace_mb),
             ("logits buffers", self.logits_mb),
+            ("structured output (llguidance, built on the first JSON request)", self.structured_mb),
             (f"KV cache: {kv} x {self.kv_row_mb:.1f} MB", self.rows * self.kv_copies * self.kv_row_mb),
             (f"live sessions: {self.sessions} x {self.kv_row_mb:.1f} MB", self.sessions * self.kv_row_mb),
             ("headroom", self.headroom_mb),
@@ -142,10 +154,17 @@ class MemoryPlan:
 
 
 def plan_memory(
-    bundle: Bundle, board: BoardConfig, memory_mb: int | None = None, *, min_context: int = MIN_CONTEXT
+    bundle: Bundle,
+    board: BoardConfig,
+    memory_mb: int | None = None,
+    *,
+    min_context: int = MIN_CONTEXT,
+    structured: bool | None = None,
 ) -> MemoryPlan:
     """Size rows, context and live sessions to fit `memory_mb` (default: the board's
     `[runtime] memory_mb`; 0: no budget, the plan shows what the configured limits need).
+    `structured`: count llguidance (default: whether it is installed, i.e. whether a request
+    can ask for JSON).
 
     Policy, in order: the longest context (the configured one, halved down to `min_context`) at
     which two batch rows fit (one when max_batch is 1, or at the shortest context); then live
@@ -155,21 +174,24 @@ def plan_memory(
     budget = board.runtime.memory_mb if memory_mb is None else memory_mb
     if budget < 0:
         raise ConfigError(f"memory_mb must be ≥ 0, got {budget}")
+    if structured is None:
+        structured = importlib.util.find_spec("llguidance") is not None
     if not budget:
         r = board.runtime
         ctx = _context_limit(bundle, board)
         rows, sessions = _max_rows(bundle, board), board.sessions.max_live
-        return _plan(bundle, 0, ctx, rows, sessions, r.prefill_chunk, kv_bytes(bundle, board))
-    plan = _fit(bundle, board, budget, min_context)
+        return _plan(bundle, 0, ctx, rows, sessions, r.prefill_chunk, kv_bytes(bundle, board), structured)
+    plan = _fit(bundle, board, budget, min_context, structured)
     if plan is not None:
         return plan
     low, high = budget, max(2 * budget, 64)
-    while _fit(bundle, board, high, min_context) is None:
+    while _fit(bundle, board, high, min_context, structured) is None:
         low, high = high, 2 * high
     while high - low > 1:  # the smallest budget that fits: more budget never fits less
         mid = (low + high) // 2
-        low, high = (low, mid) if _fit(bundle, board, mid, min_context) is not None else (mid, high)
-    smallest = _fit(bundle, board, high, min_context)
+        fits = _fit(bundle, board, mid, min_context, structured) is not None
+        low, high = (low, mid) if fits else (mid, high)
+    smallest = _fit(bundle, board, high, min_context, structured)
     assert smallest is not None
     raise ConfigError(
         f"memory_mb = {budget} is too small for {bundle.name}: the smallest budget that works is "
@@ -179,7 +201,9 @@ def plan_memory(
     )
 
 
-def _fit(bundle: Bundle, board: BoardConfig, budget: int, min_context: int) -> MemoryPlan | None:
+def _fit(
+    bundle: Bundle, board: BoardConfig, budget: int, min_context: int, structured: bool
+) -> MemoryPlan | None:
     max_rows, max_sessions = _max_rows(bundle, board), board.sessions.max_live
     kv_item = kv_bytes(bundle, board)  # bytes per cached element: the same at every context tried
     longest = _context_limit(bundle, board)
@@ -187,7 +211,7 @@ def _fit(bundle: Bundle, board: BoardConfig, budget: int, min_context: int) -> M
     ctx = longest
     while True:
         chunk = min(board.runtime.prefill_chunk or BUDGET_PREFILL_CHUNK, ctx)
-        probe = _plan(bundle, budget, ctx, 0, 0, chunk, kv_item, logits_rows=max_rows)
+        probe = _plan(bundle, budget, ctx, 0, 0, chunk, kv_item, structured, logits_rows=max_rows)
         copies = probe.kv_copies
         # KV exists only after loading, so the start-up peak is a separate check.
         slots = int((budget - probe.fixed_mb) // probe.kv_row_mb)
@@ -198,7 +222,7 @@ def _fit(bundle: Bundle, board: BoardConfig, budget: int, min_context: int) -> M
             rows = min(want, slots // copies)
             sessions = min(max_sessions, slots - rows * copies)
             rows = min(max_rows, rows + (slots - rows * copies - sessions) // copies)
-            plan = _plan(bundle, budget, ctx, rows, sessions, chunk, kv_item)
+            plan = _plan(bundle, budget, ctx, rows, sessions, chunk, kv_item, structured)
             return plan if plan.total_mb <= budget else None
         if ctx <= floor:
             return None
@@ -213,6 +237,7 @@ def _plan(
     sessions: int,
     chunk: int,
     kv_item: int = 4,
+    structured: bool = False,
     logits_rows: int | None = None,
 ) -> MemoryPlan:
     arch, graph = bundle.architecture, bundle.graph
@@ -244,6 +269,7 @@ def _plan(
         workspace_mb=workspace,
         logits_mb=logits,
         headroom_mb=max(HEADROOM_MIN_MB, HEADROOM_SHARE * budget),
+        structured_mb=(STRUCTURED_FIXED_MB + STRUCTURED_PER_FILE * tokenizer_bytes / MIB) * structured,
         kv_token_kib=token_bytes / 1024,
         kv_row_mb=regions * strip / MIB,
         rows=rows,

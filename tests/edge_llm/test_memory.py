@@ -59,11 +59,11 @@ def test_too_small_a_budget_is_refused_with_the_smallest_that_works(tiny_fused: 
 
 def test_a_smaller_budget_gives_fewer_rows_or_a_shorter_context(tiny_fused: Path) -> None:
     bundle = smollm2_sized(load_bundle(tiny_fused))
-    roomy = plan_memory(bundle, BOARD, 4000)
+    roomy = plan_memory(bundle, BOARD, 4000, structured=False)
     assert (roomy.rows, roomy.context, roomy.sessions) == (8, 2048, 2)
-    tight = plan_memory(bundle, BOARD, 400)
+    tight = plan_memory(bundle, BOARD, 400, structured=False)
     assert tight.context < roomy.context and tight.rows <= roomy.rows
-    mid = plan_memory(bundle, BOARD, 1024)
+    mid = plan_memory(bundle, BOARD, 1024, structured=False)
     assert mid.rows < roomy.rows and mid.context == 2048
     # the KV per token comes from the layout: layers x K,V x kv heads x head_dim x float32
     assert tight.kv_token_kib == 30 * 2 * 3 * 64 * 4 / 1024
@@ -94,6 +94,26 @@ def test_no_budget_shows_what_the_limits_need(tiny_fused: Path) -> None:
     assert (plan.rows, plan.context, plan.sessions, plan.prefill_chunk) == (8, 2048, 2, 0)
     assert plan.kv_mb == pytest.approx(10 * 90.0)  # 8 rows + 2 sessions at 45 KiB x 2048 tokens
     assert any("total" in line for line in plan.lines())
+
+
+def test_structured_output_is_costed_where_llguidance_is_installed(tiny_fused: Path) -> None:
+    """llguidance's ~66 MiB for SmolLM2's tokenizer (measured: benchmarks/memory_costs.py) counts
+    when a request can ask for JSON; a budget then fits less."""
+    import importlib.util
+
+    bundle = smollm2_sized(load_bundle(tiny_fused))
+    off, on = (plan_memory(bundle, BOARD, 0, structured=s) for s in (False, True))
+    assert off.structured_mb == 0 and 66 <= on.structured_mb <= 70
+    assert on.fixed_mb - off.fixed_mb == pytest.approx(on.structured_mb)
+    assert any(line.lstrip().startswith("structured output") for line in on.lines())
+    installed = importlib.util.find_spec("llguidance") is not None
+    assert (plan_memory(bundle, BOARD, 0).structured_mb > 0) == installed  # the default
+    with pytest.raises(ConfigError) as exc:
+        plan_memory(bundle, BOARD, 10, structured=False)
+    smallest = smallest_in(exc)
+    with pytest.raises(ConfigError) as exc:  # what fitted without llguidance does not with it
+        plan_memory(bundle, BOARD, smallest, structured=True)
+    assert smallest_in(exc) >= smallest + 60
 
 
 def test_the_planned_engine_allocates_no_more_kv_than_planned(tiny_fused: Path) -> None:
