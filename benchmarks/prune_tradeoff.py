@@ -66,7 +66,8 @@ DEFAULT_LEVELS = ["p0", "v12", "v8_d3", "v12_d4", "v12_d6"]
 
 
 def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
-    """The teacher's scored answers: from an eval JSON, or answered now with torch."""
+    """The teacher's scored answers: from an eval JSON, or from torch (the export cache's, when
+    the teacher has answered these questions before)."""
     questions = qa.load(qa_file)
     if path is not None:
         items = json.loads(Path(path).read_text())["qa_items"]
@@ -78,7 +79,7 @@ def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
     from export.teacher import load_model
 
     hf_dir = load.run(load.LoadConfig()).hf_dir  # the loaded teacher (cached)
-    return qa.scored(questions, qa.answer_torch(load_model(hf_dir), hf_dir, questions, 32))
+    return qa.scored(questions, qa.answers_cached(lambda: load_model(hf_dir), hf_dir, questions, 32))
 
 
 def answers_from(folder: Path | None, level: str, questions: list[qa.Question]) -> list[str] | None:
