@@ -56,9 +56,11 @@ WORKSPACE_PER_TOKEN_MB = 0.093 / 576  # per token fed, per unit of hidden size
 WORKSPACE_PER_TOKEN_POSITION_MB = 3.7e-5 / 9  # per token fed x context position, per head
 PAGE = 4096  # KV buffers commit whole pages of each (layer, K/V, head) region
 
-# llguidance (benchmarks/memory_costs.py, "structured" step: import, LLTokenizer, one json_object
-# constraint's first mask): SmolLM2 (3.36 MiB tokenizer.json) 4.8 + 60.4 + 1.0 = 66.2 MiB; the
-# tests' tiny tokenizer (13 KB) 4.8 + 2.4 + 2.2. A fixed part and a part per byte through both.
+# llguidance: import, LLTokenizer, one json_object constraint's first mask. benchmarks/
+# memory_costs.py ("structured" step, after the bundle's tokenizer and session; results/
+# memory_costs_structured.md): SmolLM2 (3.36 MiB tokenizer.json) 4.0 + 52.6 + 1.0 = 57.6 MiB
+# (57.8 again); with only the engine imported before it 4.8 + 60.4 + 1.0 = 66.2; the tests' tiny
+# tokenizer (13 KB) 4.3 + 2.6 + 2.3. A fixed part and a part per byte above all of them.
 STRUCTURED_FIXED_MB = 9.5
 STRUCTURED_PER_FILE = 17.3
 
@@ -197,8 +199,16 @@ def plan_memory(
         f"memory_mb = {budget} is too small for {bundle.name}: the smallest budget that works is "
         f"{high} MB (weights {smallest.weights_mb:.0f} MB, baseline and tokenizer "
         f"{smallest.baseline_mb + smallest.tokenizer_mb:.0f} MB, one row of {smallest.context} "
-        f"tokens {smallest.kv_row_mb:.0f} MB; `edge-llm doctor --bundle ... --memory-mb N` shows the plan)"
+        f"tokens {smallest.kv_row_mb:.0f} MB{_structured_note(smallest)}; "
+        f"`edge-llm doctor --bundle ... --memory-mb N` shows the plan)"
     )
+
+
+def _structured_note(plan: MemoryPlan) -> str:
+    if not plan.structured_mb:
+        return ""
+    mb = plan.structured_mb
+    return f", structured output {mb:.0f} MB (llguidance is installed: without it, that much less)"
 
 
 def _fit(

@@ -113,7 +113,7 @@ def test_structured_output_is_costed_where_llguidance_is_installed(tiny_fused: P
     smallest = smallest_in(exc)
     with pytest.raises(ConfigError) as exc:  # what fitted without llguidance does not with it
         plan_memory(bundle, BOARD, smallest, structured=True)
-    assert smallest_in(exc) >= smallest + 60
+    assert smallest_in(exc) >= smallest + 60 and "structured output 68 MB (llguidance" in str(exc.value)
 
 
 def test_the_planned_engine_allocates_no_more_kv_than_planned(tiny_fused: Path) -> None:
