@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.qnn_bundle import token_ids  # noqa: E402
 from benchmarks.results_io import write_results  # noqa: E402
 from edge_llm.board import RunnerOptions  # noqa: E402
 from edge_llm.engine import Engine  # noqa: E402
@@ -58,14 +59,6 @@ ROWS: dict[str, ProviderSpec] = {
         "openvino", {"precision": "FP32", "load_config": _cpu_config("INFERENCE_PRECISION_HINT", "bf16")}
     ),
 }
-
-
-def text_ids(engine: Engine, text: Path | None, n: int) -> list[int]:
-    """The first `n` tokens of `text` (seeded ids from the vocabulary without one)."""
-    if text is None:
-        vocab = engine.bundle.architecture.vocab_size
-        return [int(i) for i in np.random.default_rng(0).integers(3, vocab - 1, size=n)]
-    return engine.tokenizer.encode(text.read_text(encoding="utf-8")[: n * 8])[:n]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     first = next(iter(engines.values()))
     prompt = first.encode_request(messages=[{"role": "user", "content": args.prompt}])
-    ids = text_ids(first, args.text, max(args.positions, args.ppl_tokens))
+    ids = token_ids(first, args.text, max(args.positions, args.ppl_tokens))
     rows: dict[str, dict[str, Any]] = {}
     logits: dict[str, np.ndarray] = {}
     for name, engine in engines.items():

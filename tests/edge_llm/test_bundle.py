@@ -217,5 +217,5 @@ def test_provider_options_round_trip_and_are_written_only_when_set(bundle_copy: 
 )
 def test_malformed_provider_options_are_refused(bundle_copy: Path, bad: object) -> None:
     _edit_manifest(bundle_copy, lambda d: d.update(provider_options=bad))
-    with pytest.raises(BundleError, match="malformed manifest.*provider_options"):
+    with pytest.raises(BundleError, match=r"malformed manifest.*provider_options"):
         load_bundle(bundle_copy)

@@ -13,9 +13,7 @@ so it lives in a venv of its own), the tiny model runs on the real EP: the bundl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -24,6 +22,7 @@ import pytest
 from edge_llm.board import RunnerOptions
 from edge_llm.engine import Engine
 from edge_llm.providers import ProviderSpec
+from tests.conftest import run_python, venv_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,17 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HAS_EP = "OpenVINOExecutionProvider" in ort.get_available_providers()
 
 
-def _openvino_python() -> str | None:
-    if HAS_EP:
-        return sys.executable
-    cached = ROOT / ".venvs" / "openvino" / "bin" / "python"
-    for python in (os.environ.get("EDGE_LLM_OPENVINO_PYTHON", ""), str(cached)):
-        if python and Path(python).is_file():
-            return python
-    return None
-
-
-OV_PYTHON = _openvino_python()
+OV_PYTHON = venv_python(HAS_EP, "EDGE_LLM_OPENVINO_PYTHON", "openvino")
 needs_openvino = pytest.mark.skipif(
     OV_PYTHON is None, reason="no onnxruntime-openvino (set EDGE_LLM_OPENVINO_PYTHON)"
 )
@@ -49,8 +38,7 @@ needs_openvino = pytest.mark.skipif(
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     assert OV_PYTHON is not None
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([OV_PYTHON, *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return run_python(OV_PYTHON, *args)
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,8 @@ def test_bundle_options_lie_beneath_the_profiles(caplog: pytest.LogCaptureFixtur
 def test_provider_option_overrides_parse_and_overlay() -> None:
     overrides = parse_option_overrides(["openvino.precision=FP32", "OpenVINO.device=CPU", "cpu.arena=0"])
     assert overrides == {"openvino": {"precision": "FP32", "device": "CPU"}, "cpu": {"arena": "0"}}
-    specs = overlay((ProviderSpec("openvino", {"device": "GPU", "threads": 2}), ProviderSpec("cpu")), overrides)
+    board = (ProviderSpec("openvino", {"device": "GPU", "threads": 2}), ProviderSpec("cpu"))
+    specs = overlay(board, overrides)
     assert specs[0].options == {"device": "CPU", "threads": 2, "precision": "FP32"}
     assert specs[1].options == {"arena": "0"}
 
