@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_sizes": [1, 2, 4, 8],
     "prompt_lookup": 0,
     "provider": "cpu",
+    "provider_options": {},  # over the bundle's own (bundle.json provider_options)
 }
 
 
@@ -124,7 +125,7 @@ def measure(
 
     provider = str(s["provider"])
     options = RunnerOptions(
-        providers=(ProviderSpec(provider),),
+        providers=(ProviderSpec(provider, dict(s["provider_options"])),),
         threads=int(s["threads"]),
         max_batch=max(sizes),
         prompt_lookup=lookup,
@@ -169,14 +170,19 @@ def measure(
 
     from edge_llm.bandwidth import weight_bytes_per_token
 
+    applied = engine.runner.plan.provider_options[0]
+
     return {
         "system": "edge-llm"
         + (f"+lookup{lookup}" if lookup else "")
         + (f"+{provider}" if provider != "cpu" else ""),
         "label": f"edge-llm ({b.graph.kv_layout} KV, {quant}"
         + (f", {provider}" if provider != "cpu" else "")
+        + "".join(f" {k}={v}" for k, v in applied.items())
         + (f", prompt lookup {lookup})" if lookup else ")"),
         "provider": engine.runner.session.get_providers()[0],
+        # what the session was given (the bundle's options under the row's own), in ORT's names
+        "provider_options": applied,
         "skipped": None,
         "bundle": str(b.path),
         "bundle_bytes": b.size_bytes(),

@@ -168,6 +168,10 @@ class Bundle:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     # None in bundles written before requirements were recorded: they load unchecked.
     requirements: Requirements | None = None
+    # Execution-provider options the graph was measured with, by short name ({"openvino":
+    # {"precision": "ACCURACY"}}: export/targets.py says why). The runtime puts a board profile's
+    # and --provider-option's values over them; a hint, so an older runtime may ignore it.
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"omit_empty": True})
 
     @property
     def graph_path(self) -> Path:
@@ -224,6 +228,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
             recipe=dict(raw.get("recipe", {})),
             files=dict(raw["files"]),
             requirements=_requirements(raw["requirements"]) if "requirements" in raw else None,
+            provider_options=_provider_options(raw.get("provider_options", {})),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise BundleError(f"{manifest}: malformed manifest ({exc!s})") from None
@@ -341,6 +346,18 @@ def _graph_spec(raw: dict[str, Any], ignored: list[str]) -> GraphSpec:
             f"graph.kv_layout must be 'concat', 'shared' or 'static', not {raw.get('kv_layout')!r}"
         )
     return _known(GraphSpec, raw, "graph", ignored)
+
+
+def _provider_options(raw: Any) -> dict[str, dict[str, Any]]:
+    """{provider: {option: scalar}}; what the options mean is checked where they are applied
+    (`edge_llm.providers.with_bundle_defaults`), since a newer exporter may know more of them."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise TypeError("provider_options must map provider names to objects of options")
+    for name, opts in raw.items():
+        for key, value in opts.items():
+            if not isinstance(value, str | int | float | bool):
+                raise TypeError(f"provider_options.{name}.{key}: expected a scalar, got {value!r}")
+    return {str(k): dict(v) for k, v in raw.items()}
 
 
 def _requirements(raw: dict[str, Any]) -> Requirements:
@@ -478,7 +495,11 @@ def write_manifest(bundle: Bundle) -> Path:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(root).as_posix()
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    data = {f.name: getattr(bundle, f.name) for f in fields(bundle) if f.name != "path"}
+    data = {
+        f.name: getattr(bundle, f.name)
+        for f in fields(bundle)
+        if f.name != "path" and (getattr(bundle, f.name) or not f.metadata.get("omit_empty"))
+    }
     data["files"] = files
     out = root / MANIFEST
     out.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n", encoding="utf-8")

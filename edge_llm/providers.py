@@ -61,6 +61,9 @@ _PROVIDERS: dict[str, tuple[str, dict[str, str]]] = {
             "precision": "precision",
             "threads": "num_of_threads",
             "cache_dir": "cache_dir",
+            # OpenVINO properties per device as a JSON object ('{"CPU": {"KEY": "VALUE"}}'):
+            # what the EP has no option of its own for.
+            "load_config": "load_config",
         },
     ),
     "qnn": (
@@ -84,6 +87,8 @@ _PROVIDERS: dict[str, tuple[str, dict[str, str]]] = {
 _QNN_BACKENDS = {"htp": "libQnnHtp.so", "cpu": "libQnnCpu.so", "gpu": "libQnnGpu.so"}
 _ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("openvino", "device"): ("CPU", "GPU", "NPU", "AUTO"),
+    # What the EP accepts (CPU: FP32 or ACCURACY; GPU: FP16, FP32, ACCURACY; NPU: FP16, ACCURACY).
+    ("openvino", "precision"): ("FP32", "FP16", "ACCURACY"),
     ("coreml", "compute_units"): ("ALL", "CPUOnly", "CPUAndGPU", "CPUAndNeuralEngine"),
     ("qnn", "performance_mode"): (
         "burst",
@@ -230,3 +235,57 @@ def parse_provider_list(items: Sequence[Mapping[str, Any]]) -> tuple[ProviderSpe
         ort_options(spec)
         specs.append(spec)
     return tuple(specs)
+
+
+def with_bundle_defaults(
+    specs: Sequence[ProviderSpec], defaults: Mapping[str, Mapping[str, OptionValue]]
+) -> tuple[ProviderSpec, ...]:
+    """The specs over the bundle's own provider options (bundle.json `provider_options`, which
+    the export target writes: e.g. openvino precision ACCURACY), so a board profile's or
+    `--provider-option`'s value wins. The bundle's options are hints: one this runtime does not
+    know (a newer exporter's) is skipped with a warning, never a failed load."""
+    out = []
+    for spec in specs:
+        base: dict[str, OptionValue] = {}
+        for opt, value in defaults.get(spec.name.lower(), {}).items():
+            try:
+                ort_options(ProviderSpec(spec.name, {opt: value}))
+            except ConfigError as exc:
+                log.warning("providers: bundle.json provider_options skipped: %s", exc)
+                continue
+            base[opt] = value
+        out.append(ProviderSpec(spec.name, {**base, **spec.options}) if base else spec)
+    return tuple(out)
+
+
+def parse_option_overrides(items: Sequence[str]) -> dict[str, dict[str, OptionValue]]:
+    """`--provider-option openvino.precision=FP32` (repeatable) as {"openvino": {"precision":
+    "FP32"}}; a malformed item, an unknown provider or option, or a value outside its choices is
+    refused."""
+    out: dict[str, dict[str, OptionValue]] = {}
+    for item in items:
+        name, dot, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not (name and dot and key and eq and value):
+            raise ConfigError(
+                f"--provider-option {item!r}: expected NAME.OPTION=VALUE (e.g. openvino.precision=FP32)"
+            )
+        out.setdefault(name.strip().lower(), {})[key.strip()] = value.strip()
+    for name, opts in out.items():
+        ort_options(ProviderSpec(name, opts))
+    return out
+
+
+def overlay(
+    specs: Sequence[ProviderSpec], overrides: Mapping[str, Mapping[str, OptionValue]]
+) -> tuple[ProviderSpec, ...]:
+    """The specs with `--provider-option` values over their own; an override for a provider that
+    is not in the list is refused (it would silently do nothing)."""
+    names = [spec.name.lower() for spec in specs]
+    missing = sorted(set(overrides) - set(names))
+    if missing:
+        raise ConfigError(
+            f"--provider-option for {', '.join(missing)}, which is not among the providers "
+            f"({', '.join(names) or 'none'}): name it in --provider or the board profile"
+        )
+    return tuple(ProviderSpec(s.name, {**s.options, **overrides.get(s.name.lower(), {})}) for s in specs)

@@ -18,6 +18,7 @@ Layouts (bundle.json `graph.kv_layout`):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import mmap
 import os
@@ -33,9 +34,10 @@ from edge_llm import plugin_eps
 from edge_llm.board import RunnerOptions
 from edge_llm.bundle import Bundle, check_graph_io, check_requirements, choose_graph
 from edge_llm.errors import BundleError, ContextLengthError
-from edge_llm.providers import ProviderPlan, placement_from_profile, plan_providers
+from edge_llm.providers import ProviderPlan, placement_from_profile, plan_providers, with_bundle_defaults
 
 log = logging.getLogger(__name__)
+_PROFILE_IDS = itertools.count()
 
 
 @dataclass
@@ -106,7 +108,9 @@ class _SessionRunner:
         self.bundle = bundle
         self.options = options
         check_requirements(bundle, ort.__version__)  # a one-line refusal instead of INVALID_GRAPH
-        self.plan: ProviderPlan = plan_providers(options.providers)
+        # The bundle's provider options (its target's, measured) beneath the profile's own.
+        specs = with_bundle_defaults(options.providers, bundle.provider_options)
+        self.plan: ProviderPlan = plan_providers(specs)
         # Which of the bundle's graphs (KV type, query_seqlens where this onnxruntime has it).
         self.graph_name, variant = choose_graph(bundle, options.kv_cache, options.ragged, ort.__version__)
         # query_seqlens: rows of one forward may feed different numbers of tokens over any past.
@@ -179,7 +183,11 @@ class _SessionRunner:
         so = session_options(self.options, prefused=prefused)
         if profile and self.plan.chosen != "CPUExecutionProvider":
             so.enable_profiling = True
-            so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edge-llm-placement-{os.getpid()}")
+            # One name per session: onnxruntime opens the file when the session starts and adds
+            # only the second, so two sessions started within a second (several engines in one
+            # process) wrote one path, and the first to read its profile removed the other's.
+            name = f"edge-llm-placement-{os.getpid()}-{next(_PROFILE_IDS)}"
+            so.profile_file_prefix = str(Path(tempfile.gettempdir()) / name)
         try:
             args = self.plan.session_args(so)
             # A plugin's native code may print on stdout, which carries answers and JSON.

@@ -144,6 +144,7 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
                     set(inputs.layout.get("variants", {})),
                 )
             ),
+            provider_options=targets.provider_options(inputs.target),
         )
     )
     tmp.rename(out_dir)

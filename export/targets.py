@@ -68,6 +68,25 @@ class TargetConfig:
             raise ValueError("target.soc_model must be a QNN SoC id (> 0)")
 
 
+# bundle.json `provider_options` per target: the execution-provider settings the target's graph
+# was measured with, applied by the runtime beneath a board profile's (edge_llm.providers).
+# openvino, precision ACCURACY: with its default (FP32) the OpenVINO CPU plugin quantizes the
+# activations of int8-weight MatMuls to int8 on the fly (DYNAMIC_QUANTIZATION_GROUP_SIZE 32), and
+# SmolLM2's first answer token to "What is the capital of France?" flipped from "The" (+0.17 with
+# fp32 activations) to "L" (-0.18): "L'Étoile…" instead of Paris. ACCURACY (execution mode
+# ACCURACY) turns that off; its logits there were bit-identical to DYNAMIC_QUANTIZATION_GROUP_SIZE
+# 0 (benchmarks/openvino_precision.py, onnxruntime-openvino 1.24.1 / OpenVINO 2025.4.1). Valid on
+# every OpenVINO device (CPU, GPU, NPU).
+PROVIDER_OPTIONS: dict[str, dict[str, dict[str, str]]] = {
+    "openvino": {"openvino": {"precision": "ACCURACY"}},
+}
+
+
+def provider_options(target: str) -> dict[str, dict[str, str]]:
+    """bundle.json `provider_options` for a bundle built for `target` (empty: EP defaults)."""
+    return {name: dict(opts) for name, opts in PROVIDER_OPTIONS.get(target, {}).items()}
+
+
 def compile_config(recipe: Any) -> Any:
     """The compile_qnn stage's config for a qnn-htp recipe (None for other targets: skipped)."""
     if recipe.target.name != "qnn-htp":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,27 @@ import pytest
 _KEEP = os.environ.get("EDGE_LLM_TEST_CACHE")
 _CACHE = Path(_KEEP) if _KEEP else Path(tempfile.mkdtemp(prefix="edge-llm-test-cache-"))
 os.environ["EDGE_LLM_CACHE"] = str(_CACHE)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def venv_python(here: bool, env_var: str, venv: str) -> str | None:
+    """An interpreter with an onnxruntime build this venv lacks (its wheel replaces the
+    `onnxruntime` module, so it lives in a venv of its own): this one when `here`, else $env_var,
+    else `.venvs/<venv>/bin/python` under the repo root (what .ci/run caches); None: none found."""
+    if here:
+        return sys.executable
+    for python in (os.environ.get(env_var, ""), str(ROOT / ".venvs" / venv / "bin" / "python")):
+        if python and Path(python).is_file():
+            return python
+    return None
+
+
+def run_python(python: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """`python *args` from the repo root with this checkout on PYTHONPATH, output captured."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
+    return subprocess.run([python, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

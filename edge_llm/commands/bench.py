@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     """The options shared by `edge-llm bench` and `benchmarks/bench.py` (which adds --peers and
     names the output files itself: `outputs=False`)."""
-    from edge_llm.commands.generate import BUNDLE_HELP
+    from edge_llm.commands.generate import BUNDLE_HELP, add_provider_option_arg
 
     p.add_argument("--bundle", help=BUNDLE_HELP)
     p.add_argument("--runs", type=int, default=5, help="each figure is the median of this many runs")
@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser, outputs: bool = True) -> None:
         default="cpu",
         help="execution provider(s), comma-separated: one row each, in the same run (e.g. cpu,openvino)",
     )
+    add_provider_option_arg(p)
     p.add_argument("--batch-sizes", default="1,2,4,8", help="concurrent requests to measure, comma-separated")
     wikitext = os.environ.get("EDGE_LLM_WIKITEXT")
     p.add_argument(
@@ -86,13 +87,22 @@ def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
     # Each system takes from seconds to minutes: one line as it starts and one as it ends, so a
     # silent terminal never has to be guessed at.
     from edge_llm.commands.generate import provider_specs
+    from edge_llm.providers import overlay, parse_option_overrides
 
     specs = provider_specs(args.provider)
+    if args.provider_option:
+        specs = overlay(specs, parse_option_overrides(args.provider_option))
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         (
             "edge-llm" if len(specs) == 1 else f"edge-llm ({spec.name})",
             lambda spec=spec: _isolated(
-                bench.measure, bundle, ids, batch_sizes=sizes, provider=spec.name, **common
+                bench.measure,
+                bundle,
+                ids,
+                batch_sizes=sizes,
+                provider=spec.name,
+                provider_options=spec.options,
+                **common,
             ),
         )
         for spec in specs  # one row per provider, in the same run

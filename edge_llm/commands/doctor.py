@@ -147,6 +147,12 @@ def bundle_section(args: argparse.Namespace) -> dict[str, Any] | None:
         "contrib_ops": list(req.contrib_ops) if req else [],
         "requirements_met": problem is None,
         **({"problem": problem} if problem else {}),
+        # the options its target was measured with, applied beneath a board profile's own
+        **(
+            {"provider_options": [f"{n}: {json.dumps(o)}" for n, o in bundle.provider_options.items()]}
+            if bundle.provider_options
+            else {}
+        ),
     }
 
 

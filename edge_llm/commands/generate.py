@@ -15,7 +15,7 @@ from edge_llm.engine import Engine, Slot
 from edge_llm.errors import ConfigError, RequestError
 from edge_llm.memory import plan_memory
 from edge_llm.paths import resolve_bundle
-from edge_llm.providers import ProviderSpec, ort_options
+from edge_llm.providers import ProviderSpec, ort_options, overlay, parse_option_overrides
 from edge_llm.sampling import SamplingParams
 
 BUNDLE_HELP = (
@@ -50,6 +50,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="execution provider (cpu, cuda, openvino, qnn, ...): overrides the board profile's list",
     )
+    add_provider_option_arg(p)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files")
     p.add_argument(
         "--memory-mb",
@@ -130,6 +131,9 @@ def load_engine(args: argparse.Namespace, board: BoardConfig | None = None) -> t
     options = board.runner_options()
     if args.provider:
         options = replace(options, providers=provider_specs(args.provider))
+    if args.provider_option:
+        overrides = parse_option_overrides(args.provider_option)
+        options = replace(options, providers=overlay(options.providers, overrides))
     return Engine(bundle, options), board
 
 
@@ -165,6 +169,17 @@ def prompt_text(prompt: str) -> str:
     if not prompt.strip():
         raise RequestError("the prompt is empty")
     return prompt
+
+
+def add_provider_option_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--provider-option",
+        action="append",
+        default=[],
+        metavar="NAME.OPTION=VALUE",
+        help="a provider option over the board profile's and the bundle's (repeatable), e.g. "
+        "openvino.precision=FP32",
+    )
 
 
 def provider_specs(names: str) -> tuple[ProviderSpec, ...]:

@@ -197,3 +197,25 @@ def test_the_runtime_requirement_is_written_only_when_set(bundle_copy: Path) -> 
     write_manifest(newer)
     assert json.loads((bundle_copy / "bundle.json").read_text())["requirements"]["edge_llm"] == "0.0.9"
     assert load_bundle(bundle_copy) == newer
+
+
+def test_provider_options_round_trip_and_are_written_only_when_set(bundle_copy: Path) -> None:
+    bundle = load_bundle(bundle_copy)
+    assert bundle.provider_options == {}
+    write_manifest(bundle)
+    assert "provider_options" not in json.loads((bundle_copy / "bundle.json").read_text())
+    tuned = dataclasses.replace(bundle, provider_options={"openvino": {"precision": "ACCURACY"}})
+    write_manifest(tuned)
+    assert json.loads((bundle_copy / "bundle.json").read_text())["provider_options"] == {
+        "openvino": {"precision": "ACCURACY"}
+    }
+    assert load_bundle(bundle_copy) == tuned
+
+
+@pytest.mark.parametrize(
+    "bad", [["precision"], {"openvino": "ACCURACY"}, {"openvino": {"precision": ["ACCURACY"]}}]
+)
+def test_malformed_provider_options_are_refused(bundle_copy: Path, bad: object) -> None:
+    _edit_manifest(bundle_copy, lambda d: d.update(provider_options=bad))
+    with pytest.raises(BundleError, match=r"malformed manifest.*provider_options"):
+        load_bundle(bundle_copy)

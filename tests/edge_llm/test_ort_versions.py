@@ -21,6 +21,8 @@ PROBE = ROOT / "tests" / "ort_probe.py"
 sys.path.insert(0, str(PROBE.parent))
 from ort_probe import probe  # noqa: E402
 
+from tests.conftest import run_python  # noqa: E402
+
 
 def _pythons() -> list[str]:
     listed = [p for p in os.environ.get("EDGE_LLM_ORT_PYTHONS", "").split(os.pathsep) if p]
@@ -29,8 +31,7 @@ def _pythons() -> list[str]:
 
 
 def _run(python: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([python, *args], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return run_python(python, *args, timeout=300)
 
 
 PYTHONS = _pythons()

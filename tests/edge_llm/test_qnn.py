@@ -16,37 +16,22 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from edge_llm.providers import ProviderSpec, plan_providers
+from tests.conftest import run_python, venv_python
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_PLUGIN = importlib.util.find_spec("onnxruntime_qnn") is not None
 
 
-def _qnn_python() -> str | None:
-    if HAS_PLUGIN:
-        return sys.executable
-    for python in (
-        os.environ.get("EDGE_LLM_QNN_PYTHON", ""),
-        str(ROOT / ".venvs" / "qnn" / "bin" / "python"),
-    ):
-        if python and Path(python).is_file():
-            return python
-    return None
-
-
-QNN_PYTHON = _qnn_python()
+QNN_PYTHON = venv_python(HAS_PLUGIN, "EDGE_LLM_QNN_PYTHON", "qnn")
 needs_qnn = pytest.mark.skipif(QNN_PYTHON is None, reason="no onnxruntime-qnn (set EDGE_LLM_QNN_PYTHON)")
 
 
-def _run(python: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([python, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+_run = run_python
 
 
 @pytest.mark.skipif(HAS_PLUGIN, reason="this interpreter has the plugin")

@@ -47,3 +47,15 @@ def test_qnn_htp_needs_static_qdq() -> None:
         static=FixShapesConfig(past_length=64, prefill_length=16),
     )
     assert targets.adapt(ok) == ok
+
+
+def test_only_the_openvino_target_records_provider_options() -> None:
+    """OpenVINO's CPU default quantizes int8-weight MatMul activations on the fly, which flipped
+    SmolLM2's answer: the openvino target's bundle asks for precision ACCURACY."""
+    assert targets.provider_options("openvino") == {"openvino": {"precision": "ACCURACY"}}
+    for name in ("cpu", "qnn-htp", "cuda"):
+        assert targets.provider_options(name) == {}
+    from edge_llm.providers import ProviderSpec, ort_options
+
+    for name, opts in targets.provider_options("openvino").items():
+        ort_options(ProviderSpec(name, opts))  # options the runtime accepts
