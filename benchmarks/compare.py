@@ -10,17 +10,22 @@ run r+1 of any, and each ratio is the median of the per-round ratios.
 
     python benchmarks/compare.py UNPRUNED_BUNDLE PRUNED_BUNDLE [--rounds 9]
     python benchmarks/compare.py BUNDLE --pad-decode   # [runtime] pad_decode's cost
+    python benchmarks/compare.py BUNDLE --portable     # query_seqlens graph vs the portable one
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402
 
 from benchmarks.results_io import write_results  # noqa: E402
 from edge_llm import bench  # noqa: E402
@@ -29,13 +34,23 @@ from edge_llm.runner import RunnerOptions  # noqa: E402
 
 
 def interleaved(
-    bundles: list[Path], rounds: int, new_tokens: int, threads: int, pad_decode: bool = False
+    bundles: list[Path],
+    rounds: int,
+    new_tokens: int,
+    threads: int,
+    pad_decode: bool = False,
+    portable: bool = False,
 ) -> list[dict]:
     """Per bundle: median decode tok/s and the median per-round ratio to the first bundle.
-    `pad_decode`: each bundle also runs with [runtime] pad_decode (a row after its plain one)."""
-    runs = [(b, pad) for b in bundles for pad in ((False, True) if pad_decode else (False,))]
-    engines = [Engine.load(b, RunnerOptions(threads=threads, max_batch=1, pad_decode=p)) for b, p in runs]
-    labels = [f"{b.name}{' +pad_decode' if p else ''}" for b, p in runs]
+    `pad_decode`: each bundle also runs with [runtime] pad_decode (a row after its plain one);
+    `portable`: also with [runtime] ragged = false (the graph without query_seqlens, which the
+    runtime picks on an onnxruntime that lacks it; the default row runs what this one picks)."""
+    modes = [{}] + ([{"pad_decode": True}] if pad_decode else []) + ([{"ragged": False}] if portable else [])
+    runs = [(b, m) for b in bundles for m in modes]
+    engines = [Engine.load(b, RunnerOptions(threads=threads, max_batch=1, **m)) for b, m in runs]
+    labels = [b.name + "".join(f" +{k}={v}" for k, v in m.items()) for b, m in runs]
+    for e, label in zip(engines, labels, strict=True):
+        print(f"{label}: graph {e.runner.graph_name}", flush=True)
     # Each bundle encodes the prompt with its own tokenizer: a trimmed vocabulary has other ids.
     ids = [bench.prompts(e)["short"] for e in engines]
     for e, x in zip(engines, ids, strict=True):  # warm-up: first-run allocations, page faults
@@ -46,13 +61,14 @@ def interleaved(
             ttft, total, _ = bench.timed_generation(e, ids[i], new_tokens)
             speeds[i].append((new_tokens - 1) / (total - ttft))
     rows = []
-    for (b, pad), label, s in zip(runs, labels, speeds, strict=True):
+    for (b, m), label, e, s in zip(runs, labels, engines, speeds, strict=True):
         ratios = [x / r for x, r in zip(s, speeds[0], strict=True)]
         rows.append(
             {
                 "bundle": str(b),
                 "label": label,
-                "pad_decode": pad,
+                "pad_decode": bool(m.get("pad_decode")),
+                "graph": e.runner.graph_name,
                 "decode_tok_s": statistics.median(s),
                 "decode_runs": s,
                 "ratio_to_first": statistics.median(ratios),
@@ -70,14 +86,24 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pad-decode", action="store_true", help="also run each bundle with pad_decode")
+    ap.add_argument("--portable", action="store_true", help="also run each bundle on its portable graph")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
     args = ap.parse_args()
-    if len(args.bundles) < 2 and not args.pad_decode:
-        ap.error("give at least two bundles (the first is the reference), or --pad-decode")
-    rows = interleaved(args.bundles, args.rounds, args.new_tokens, args.threads, args.pad_decode)
-    doc = {"rounds": args.rounds, "new_tokens": args.new_tokens, "threads": args.threads, "rows": rows}
+    if len(args.bundles) < 2 and not (args.pad_decode or args.portable):
+        ap.error("give at least two bundles (the first is the reference), or --pad-decode / --portable")
+    rows = interleaved(
+        args.bundles, args.rounds, args.new_tokens, args.threads, args.pad_decode, args.portable
+    )
+    doc = {
+        "onnxruntime": ort.__version__,
+        "rounds": args.rounds,
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "rows": rows,
+    }
     lines = [
-        f"Interleaved decode, {args.rounds} rounds, {args.new_tokens} new tokens, {args.threads} threads.",
+        f"Interleaved decode on onnxruntime {ort.__version__}, {args.rounds} rounds, "
+        f"{args.new_tokens} new tokens, {args.threads} threads.",
         "",
         "| bundle | decode tok/s (median) | x first (median of per-round ratios) |",
         "|---|---:|---:|",
