@@ -251,14 +251,24 @@ class UpdateResult:
     answer: str
 
 
+AB_DIR = "ota"  # install.sh: PREFIX/bundle → ota/bundle, and PREFIX/ota is the service's to write
+
+
+def ab_root(prefix: Path) -> Path:
+    """The folder whose `bundle` entry an update switches: `PREFIX/ota` in an install.sh layout
+    (the unit's one writable path under the prefix, `ReadWritePaths`), else `PREFIX` itself."""
+    inner = prefix / AB_DIR
+    return inner if os.path.lexists(inner / "bundle") else prefix
+
+
 class Slots:
-    """`PREFIX/bundle` → `slots/<a|b>`; a plain `PREFIX/bundle` folder (the first install) is moved
-    into slot a on the first update."""
+    """`ROOT/bundle` → `slots/<a|b>`, ROOT = `ab_root(prefix)`; a plain `ROOT/bundle` folder (the
+    first install) is moved into slot a on the first update."""
 
     def __init__(self, prefix: Path) -> None:
-        self.prefix = prefix
-        self.link = prefix / "bundle"
-        self.root = prefix / "slots"
+        self.prefix = ab_root(prefix)
+        self.link = self.prefix / "bundle"
+        self.root = self.prefix / "slots"
 
     def active(self) -> str | None:
         if self.link.is_symlink():

@@ -187,6 +187,8 @@ def test_pack_then_install_offline_then_generate(tiny_bundle: Path, tmp_path: Pa
     assert not (site / "pip").exists()  # slimmed
     for path in (prefix / "bundle").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    # The A/B area OTA writes (the unit's ReadWritePaths): PREFIX/bundle links into it.
+    assert (prefix / "bundle").readlink() == Path("ota/bundle") and (prefix / "ota" / "bundle").is_dir()
     gen = subprocess.run(
         [
             str(prefix / "bin" / "edge-llm"),
