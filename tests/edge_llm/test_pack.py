@@ -130,6 +130,9 @@ def test_requirements_keep_floors_and_take_tokenizers_alone() -> None:
     assert not any("jinja2" in r for r in with_deps)
     with_jinja, _ = pack_mod.runtime_requirements("onnxruntime", need_jinja=True)
     assert any(r.startswith("jinja2") for r in with_jinja)
+    assert not any(r.startswith("cryptography") for r in with_deps + with_jinja)
+    with_ota, _ = pack_mod.runtime_requirements("onnxruntime", need_jinja=False, need_ota=True)
+    assert any(r.startswith("cryptography") for r in with_ota)  # a board that verifies signed updates
 
 
 def test_bundle_files_are_world_readable(tiny_bundle: Path) -> None:
