@@ -24,6 +24,7 @@ the device-reported switch time, each refusal's message, the rollback; printed a
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -156,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config.write_text("[ota]\nfailed_starts = 2\n")
     broker = Broker(work / "broker").start()
     doc: dict[str, Any] = {"device": DEVICE, "clients": args.clients, "max_tokens": args.max_tokens,
-                           "update_bytes": update.stat().st_size, "bundle": str(bundle)}  # fmt: skip
+                           "update_bytes": update.stat().st_size, "bundle": str(bundle),
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "load_avg_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     proc = serve(prefix, broker.port, public, config)
     logs: list[str] = []
     try:
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc.terminate()
         proc.wait(60)
         doc["rollback"] = rollback_phase(prefix, broker.port, public, config)
+        doc["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -248,7 +252,8 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         "# OTA under load",
         "",
         f"`python benchmarks/ota_load.py --clients {args.clients} --seconds {args.seconds:g} "
-        f"--max-tokens {args.max_tokens}` ({doc['bundle']}; 2 shared cores, other jobs running)",
+        f"--max-tokens {args.max_tokens}` ({doc['bundle']}; {doc['date']}; 2 shared cores, load average"
+        f" (1/5/15 min) {doc['load_avg_start']} at the start, {doc['load_avg_end']} at the end)",
         "",
         "| requests sent | answered exactly once | answered twice | failed | lost |",
         "|---|---|---|---|---|",
