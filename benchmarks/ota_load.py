@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (work / "updates").mkdir()
     update = make_update(bundle, work / "updates", private)
     bad = bad_updates(bundle, work / "updates", (private, public))
+    fresh = make_update(bundle, work / "updates", private, "update-v3")
     config = work / "board.toml"
     config.write_text("[ota]\nfailed_starts = 2\n")
     broker = Broker(work / "broker").start()
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "around_switch_max": round(max(around), 4) if around else None,
             }
             refusals: dict[str, Any] = {}
-            cases = {**bad, "truncated transfer": (update, "truncated transfer")}
+            # Not `update`: the device serves it now and answers its `begin` with `done` at once.
+            cases = {**bad, "truncated transfer": (fresh, "truncated transfer")}
             for name, (archive, _words) in cases.items():
                 kw = {"max_chunks": 1, "chunk_size": 4096} if name == "truncated transfer" else {}
                 try:

@@ -134,7 +134,8 @@ class OtaReceiver:
         self.transfer: Transfer | None = self._load_partial()
         self._busy: str | None = None  # the transfer being applied
         self._current: dict[str, Any] = {}  # its latest state message (a sender asking again gets it)
-        self._last: dict[str, Any] = self._applied_before()  # the last outcome's state message
+        self._last: dict[str, Any] = {}  # the last outcome's state message (a late commit gets it)
+        self._applied: dict[str, Any] = self._applied_before()  # `done` of the update served now
         self._apply = threading.Event()
         self._stop = threading.Event()
         self._last_progress = 0.0
@@ -159,11 +160,11 @@ class OtaReceiver:
         self._thread.join(5.0)
 
     def _applied_before(self) -> dict[str, Any]:
-        """The recorded outcome of the update this device serves now (a restart keeps a sender's
-        `begin` for it from starting a second transfer), else {}. A `switching` outcome whose
-        bundle is the one served finished its switch by the restart: it is `done`."""
-        rec = ota.last_outcome(self.dir) or {}
-        if rec.get("outcome") not in ("done", "switching") or not self._serving(rec.get("sha256")):
+        """The recorded switch to the bundle this device serves now (a restart keeps a sender's
+        `begin` for it from starting a second transfer), else {}. One recorded as `switching`
+        finished by the restart: it is `done`."""
+        rec = ota.last_applied(self.dir) or {}
+        if not self._serving(rec.get("sha256")):
             return {}
         return {**rec, "state": "done", "outcome": "done"}
 
@@ -230,11 +231,11 @@ class OtaReceiver:
                 elif self._current.get("transfer") == sha:
                     self._state(self._current)  # a sender asking again: where it stands (its outcome follows)
                 return
-            last = self._last
-            if last.get("transfer") == sha and self._serving(last.get("sha256")):
+            applied = self._applied
+            if applied.get("transfer") == sha and self._serving(applied.get("sha256")):
                 # Applied and still served: the same outcome again. Taking the archive again would
                 # stage it into the inactive slot, the bundle a rollback goes back to.
-                self._state(last)
+                self._state(applied)
                 return
             t = self.transfer
             if t is None or (t.sha256, t.size, t.chunk_size) != (sha, size, chunk_size):
@@ -388,11 +389,11 @@ class OtaReceiver:
             self._refuse(t.sha256, str(exc))
             return
         self._say({"state": "switching", "transfer": t.sha256})
-        applied = {"transfer": t.sha256, "bundle": staged.bundle.name, "sha256": staged.sha256,
-                   "slot": staged.slot, "previous": staged.previous}  # fmt: skip
+        switched = {"transfer": t.sha256, "bundle": staged.bundle.name, "sha256": staged.sha256,
+                    "slot": staged.slot, "previous": staged.previous}  # fmt: skip
         # Recorded before the link moves: a device restarted from here on serves the new slot and
         # answers this transfer's `begin` with its outcome (`_applied_before`).
-        ota.record_outcome(self.dir, {"outcome": "switching", **applied})
+        ota.record_outcome(self.dir, {"outcome": "switching", **switched}, applied=True)
         ota.commit(staged, self.dir)  # the link first: a crash from here on restarts on the new slot
         t0 = time.monotonic()
         try:
@@ -411,9 +412,10 @@ class OtaReceiver:
             self._refuse(t.sha256, f"switch failed: {exc}", "failed")
             return
         switch_s = round(time.monotonic() - t0, 3)
-        outcome = ota.record_outcome(self.dir, {"outcome": "done", **applied, "switch_s": switch_s})
+        done = {"outcome": "done", **switched, "switch_s": switch_s}
+        outcome = ota.record_outcome(self.dir, done, applied=True)
         log.info("ota: serving %s from slot %s (switch %.3f s)", staged.bundle.name, staged.slot, switch_s)
         self.server.refresh_status()  # status() reads the recorded outcome
         with self._lock:
-            self._last = {"state": "done", **outcome, "answer": answer}
+            self._last = self._applied = {"state": "done", **outcome, "answer": answer}
         self._state(self._last)

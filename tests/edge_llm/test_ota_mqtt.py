@@ -196,12 +196,22 @@ def test_a_switch_slower_than_the_sender_is_neither_sent_again_nor_staged_over_t
         gate.set()
         held.join(60)
         server.stop()
-    # A restart keeps the answer: the same update once more is `done`, not a new transfer.
+    # A restart and a refused update later, the same update once more is `done`, not a transfer.
     server = start_device(prefix, broker, keys[1])
+    qnn = make_update(
+        tiny_bundle,
+        tmp_path,
+        keys[0],
+        "qnn",
+        lambda raw: raw.setdefault("requirements", {}).update(target="qnn-htp"),
+    )
     try:
         with sender(broker) as s:
+            with pytest.raises(UpdateError, match="wrong architecture"):
+                s.send(DEVICE, qnn, chunk_size=4096)
+            sent = s.stats["chunks_sent"]
             assert s.send(DEVICE, update, chunk_size=4096)["state"] == "done"
-            assert s.stats["chunks_sent"] == 0
+            assert s.stats["chunks_sent"] == sent
         assert ota.manifest_sha256(prefix / "slots" / "a") == old_sha
     finally:
         server.stop()
