@@ -221,8 +221,10 @@ class UpdateSender:
                 self._client.publish(topics["begin"], begin, qos=1)
                 asked = True
                 continue
-            if state.get("transfer") != sha and state.get("state") != "refused":
-                continue  # about an earlier transfer
+            if state.get("transfer", sha) != sha:
+                # About an earlier transfer, e.g. its refusal published again for a late commit
+                # (no transfer: our begin itself was refused).
+                continue
             kind = state.get("state")
             if kind == "done":
                 return state
