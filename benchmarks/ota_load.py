@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prefix.mkdir()
     shutil.copytree(bundle, prefix / "bundle")
     (work / "updates").mkdir()
-    update = make_update(bundle, work / "updates", private)
+    update = make_update(bundle, work / "updates", private, "update-v2")
     bad = bad_updates(bundle, work / "updates", (private, public))
     fresh = make_update(bundle, work / "updates", private, "update-v3")
     config = work / "board.toml"
@@ -303,7 +303,9 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         "# OTA under load",
         "",
         f"`python benchmarks/ota_load.py --clients {args.clients} --seconds {args.seconds:g} "
-        f"--max-tokens {args.max_tokens}` ({doc['bundle']}; {doc['date']}; 2 shared cores, load average"
+        f"--max-tokens {args.max_tokens}{' --bundle B' if args.bundle else ''}"
+        f"{f' --hold-tokens {args.hold_tokens}' if args.hold_tokens else ''}` ({doc['bundle']};"
+        f" {doc['date']}; 2 shared cores, load average"
         f" (1/5/15 min) {doc['load_avg_start']} at the start, {doc['load_avg_end']} at the end)",
         "",
         "| requests sent | answered exactly once | answered twice | failed | lost |",
