@@ -24,6 +24,7 @@ the device-reported switch time, each refusal's message, the rollback; printed a
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -106,6 +107,46 @@ class Load:
                     "failed": failed, "lost": lost}  # fmt: skip
 
 
+class Hold:
+    """One long request (started now) that holds the old engine while the update is switched."""
+
+    def __init__(self, port: int, tokens: int) -> None:
+        self.port, self.tokens, self.result, self.error = port, tokens, None, None
+        self.t0 = time.monotonic()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        time.sleep(1.0)  # admitted before the transfer starts
+
+    def run(self) -> None:
+        from edge_llm.client import MqttClient
+
+        try:
+            with MqttClient("127.0.0.1", self.port, device=DEVICE, timeout=600) as c:
+                self.result = c.generate("Tell a long story.", max_tokens=self.tokens, ignore_eos=True,
+                                         request_id="hold")  # fmt: skip
+                self.seconds = time.monotonic() - self.t0
+        except Exception as exc:  # counted, never hidden
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def report(self, sender: Any, update: Path, prefix: Path, bundle: Path, done: dict[str, Any],
+               args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+        self.thread.join(600)
+        previous = prefix / "slots" / str(done.get("previous"))
+        return {
+            "hold_tokens": self.tokens,
+            "swap_timeout_s": args.swap_timeout_s,
+            "sender_idle_s": args.idle_s,
+            "hold_completion_tokens": self.result.usage["completion_tokens"] if self.result else None,
+            "hold_seconds": round(self.seconds, 2) if self.result else None,
+            "hold_error": self.error,
+            "sender_requeried": sender.stats["requeried"],
+            "switching_states_seen": sender.stats["switching"],
+            "chunks_sent": sender.stats["chunks_sent"],
+            "chunks_in_archive": -(-update.stat().st_size // 65536),
+            "rollback_slot_keeps_old_bundle": ota.manifest_sha256(previous) == ota.manifest_sha256(bundle),
+        }
+
+
 def serve(prefix: Path, port: int, key: Path, config: Path) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "edge_llm.cli", "serve", "--bundle", str(prefix / "bundle")]
     cmd += ["--mqtt", f"127.0.0.1:{port}", "--device", DEVICE, "--trusted-key", str(key)]
@@ -141,6 +182,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seconds", type=float, default=6.0, help="load before and after the update")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ota_load")
+    slow_help = "a slow switch: one request of this many tokens runs while the update goes in, with"
+    slow_help += " [ota] swap_timeout_s = --swap-timeout-s and the sender's idle_s = --idle-s"
+    ap.add_argument("--hold-tokens", type=int, default=0, help=slow_help)
+    ap.add_argument("--swap-timeout-s", type=float, default=1.0)
+    ap.add_argument("--idle-s", type=float, default=2.0)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="edge-llm-ota-load-"))
     bundle = args.bundle or tiny_bundle(work)
@@ -150,13 +196,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prefix.mkdir()
     shutil.copytree(bundle, prefix / "bundle")
     (work / "updates").mkdir()
-    update = make_update(bundle, work / "updates", private)
+    update = make_update(bundle, work / "updates", private, "update-v2")
     bad = bad_updates(bundle, work / "updates", (private, public))
+    fresh = make_update(bundle, work / "updates", private, "update-v3")
     config = work / "board.toml"
-    config.write_text("[ota]\nfailed_starts = 2\n")
+    slow = f"swap_timeout_s = {args.swap_timeout_s}\n" if args.hold_tokens else ""
+    config.write_text(f"[ota]\nfailed_starts = 2\n{slow}")
     broker = Broker(work / "broker").start()
     doc: dict[str, Any] = {"device": DEVICE, "clients": args.clients, "max_tokens": args.max_tokens,
-                           "update_bytes": update.stat().st_size, "bundle": str(bundle)}  # fmt: skip
+                           "update_bytes": update.stat().st_size, "bundle": str(bundle),
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "load_avg_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     proc = serve(prefix, broker.port, public, config)
     logs: list[str] = []
     try:
@@ -166,10 +216,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         load.start()
         time.sleep(args.seconds)
         conn = Connection("127.0.0.1", broker.port)
-        with UpdateSender(conn, timeout=600) as sender:
+        hold = Hold(broker.port, args.hold_tokens) if args.hold_tokens else None
+        with UpdateSender(conn, timeout=600, idle_s=args.idle_s if hold else 20.0) as sender:
             t0 = time.monotonic()
             done = sender.send(DEVICE, update, chunk_size=64 * 1024)
             t1 = time.monotonic()
+            if hold is not None:
+                doc["slow_switch"] = hold.report(sender, update, prefix, bundle, done, args)
             chunks = sender.stats["chunks_sent"]
             time.sleep(args.seconds)
             phase1 = load.counts()
@@ -184,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "around_switch_max": round(max(around), 4) if around else None,
             }
             refusals: dict[str, Any] = {}
-            cases = {**bad, "truncated transfer": (update, "truncated transfer")}
+            # Not `update`: the device serves it now and answers its `begin` with `done` at once.
+            cases = {**bad, "truncated transfer": (fresh, "truncated transfer")}
             for name, (archive, _words) in cases.items():
                 kw = {"max_chunks": 1, "chunk_size": 4096} if name == "truncated transfer" else {}
                 try:
@@ -203,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         proc.terminate()
         proc.wait(60)
         doc["rollback"] = rollback_phase(prefix, broker.port, public, config)
+        doc["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -248,7 +303,10 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         "# OTA under load",
         "",
         f"`python benchmarks/ota_load.py --clients {args.clients} --seconds {args.seconds:g} "
-        f"--max-tokens {args.max_tokens}` ({doc['bundle']}; 2 shared cores, other jobs running)",
+        f"--max-tokens {args.max_tokens}{' --bundle B' if args.bundle else ''}"
+        f"{f' --hold-tokens {args.hold_tokens}' if args.hold_tokens else ''}` ({doc['bundle']};"
+        f" {doc['date']}; 2 shared cores, load average"
+        f" (1/5/15 min) {doc['load_avg_start']} at the start, {doc['load_avg_end']} at the end)",
         "",
         "| requests sent | answered exactly once | answered twice | failed | lost |",
         "|---|---|---|---|---|",
@@ -266,6 +324,18 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     for name, x in doc["refusals"].items():
         reason = str(x.get("error", x.get("state")))[:140].replace("|", "/")
         lines.append(f"| {name} | {x['refused']} | {x['serving_after']} | {x['answers_after']} | {reason} |")
+    sw = doc.get("slow_switch")
+    if sw:
+        lines += [
+            "",
+            f"Slow switch: a {sw['hold_tokens']}-token request held the old engine ({sw['hold_seconds']} s,"
+            f" {sw['hold_completion_tokens']} tokens, error {sw['hold_error']});"
+            f" `swap_timeout_s = {sw['swap_timeout_s']:g}`, sender idle {sw['sender_idle_s']:g} s: the"
+            f" sender asked again {sw['sender_requeried']} times and heard `switching`"
+            f" {sw['switching_states_seen']} times; chunks sent {sw['chunks_sent']} of"
+            f" {sw['chunks_in_archive']} in the archive; the rollback slot keeps the old bundle:"
+            f" {sw['rollback_slot_keeps_old_bundle']}.",
+        ]
     rb = doc["rollback"]
     lines += ["", f"Rollback: slot {rb['damaged_slot']} damaged on disk, `[ota] failed_starts = 2`:"]
     for i, s in enumerate(rb["starts"], 1):

@@ -252,7 +252,7 @@ sh /mnt/pkg/pkg/install.sh 2>&1
 rc=$?
 say install rc=$rc seconds=$(since "$t") routes=$(ip route | wc -l)
 [ $rc = 0 ] || exit 1
-say size venv=$(du -sb /opt/edge-llm/venv | cut -f1) bundle=$(du -sb /opt/edge-llm/bundle | cut -f1) prefix=$(du -sb /opt/edge-llm | cut -f1)
+say size venv=$(du -sb /opt/edge-llm/venv | cut -f1) bundle=$(du -sbL /opt/edge-llm/bundle | cut -f1) prefix=$(du -sb /opt/edge-llm | cut -f1)
 echo "service user: $(id edge-llm); /etc/edge-llm: $(ls /etc/edge-llm); state: $(stat -c '%U %a' /var/lib/edge-llm); enabled: $(systemctl is-enabled edge-llm)"
 out=$(systemd-analyze verify /etc/systemd/system/edge-llm.service 2>&1); vrc=$?
 echo "$out"

@@ -47,6 +47,7 @@ SLOTS = ("a", "b")
 PROBE = "What is the capital of France?"
 BOOT_FILE = "ota-boot.json"  # in the state directory: a switch not yet confirmed by a READY start
 LAST_FILE = "ota-last.json"  # in the state directory: the last update's outcome (status topic)
+APPLIED_FILE = "ota-applied.json"  # in the state directory: the update that installed the last switch
 # The execution provider each export target's graph is built for (export/targets.py TARGETS).
 TARGET_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -251,14 +252,24 @@ class UpdateResult:
     answer: str
 
 
+AB_DIR = "ota"  # install.sh: PREFIX/bundle → ota/bundle, and PREFIX/ota is the service's to write
+
+
+def ab_root(prefix: Path) -> Path:
+    """The folder whose `bundle` entry an update switches: `PREFIX/ota` in an install.sh layout
+    (the unit's one writable path under the prefix, `ReadWritePaths`), else `PREFIX` itself."""
+    inner = prefix / AB_DIR
+    return inner if os.path.lexists(inner / "bundle") else prefix
+
+
 class Slots:
-    """`PREFIX/bundle` → `slots/<a|b>`; a plain `PREFIX/bundle` folder (the first install) is moved
-    into slot a on the first update."""
+    """`ROOT/bundle` → `slots/<a|b>`, ROOT = `ab_root(prefix)`; a plain `ROOT/bundle` folder (the
+    first install) is moved into slot a on the first update."""
 
     def __init__(self, prefix: Path) -> None:
-        self.prefix = prefix
-        self.link = prefix / "bundle"
-        self.root = prefix / "slots"
+        self.prefix = ab_root(prefix)
+        self.link = self.prefix / "bundle"
+        self.root = self.prefix / "slots"
 
     def active(self) -> str | None:
         if self.link.is_symlink():
@@ -419,15 +430,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def record_outcome(state_dir: Path, outcome: dict[str, Any]) -> dict[str, Any]:
-    """Remember the last update's outcome (shown on the status topic); return it, timestamped."""
+def record_outcome(state_dir: Path, outcome: dict[str, Any], applied: bool = False) -> dict[str, Any]:
+    """Remember the last update's outcome (shown on the status topic); return it, timestamped.
+    `applied`: also as the update switched to (kept when later updates are refused)."""
     doc = {**outcome, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_json(state_dir / LAST_FILE, doc)
+    if applied:
+        _write_json(state_dir / APPLIED_FILE, doc)
     return doc
 
 
 def last_outcome(state_dir: Path) -> dict[str, Any] | None:
     return _read_json(state_dir / LAST_FILE)
+
+
+def last_applied(state_dir: Path) -> dict[str, Any] | None:
+    return _read_json(state_dir / APPLIED_FILE)
 
 
 def slot_of(bundle_path: Path) -> str | None:

@@ -13,7 +13,12 @@ update's outcome.
 Resumable both ways: chunks go straight to `STATE/update.part` and a one-byte-per-chunk map
 (`.have`) beside it, so a device restarted mid-transfer keeps what it has (and says so in its
 retained state); a sender restarted mid-way sends `begin` again and the device answers with the
-chunks it is missing. A `begin` for another archive discards the partial one. Sizes are bounded
+chunks it is missing. A `begin` for another archive discards the partial one. A `begin` for the
+transfer being applied gets its current state again (`switching` while running requests hold the
+old engine past `[ota] swap_timeout_s`; `done` follows when they end), and one for the transfer
+that installed the bundle served now gets its `done` again, also after a restart: a sender asking
+again never makes the device stage the same archive into the inactive slot, the rollback one.
+Held chunks are counted as they arrive (O(1) per chunk). Sizes are bounded
 (`[ota] max_bytes`, `max_chunk_bytes`); each chunk's length is checked, and the whole archive's
 sha256 once it is complete.
 
@@ -85,6 +90,11 @@ class Transfer:
     size: int
     chunk_size: int
     have: bytearray
+    held: int = -1  # chunks held: counted as they arrive, so `complete` is O(1) per chunk
+
+    def __post_init__(self) -> None:
+        if self.held < 0:
+            self.held = sum(self.have)
 
     @property
     def chunks(self) -> int:
@@ -92,7 +102,12 @@ class Transfer:
 
     @property
     def complete(self) -> bool:
-        return all(self.have)
+        return self.held == len(self.have)
+
+    def mark(self, index: int) -> None:
+        if not self.have[index]:
+            self.have[index] = 1
+            self.held += 1
 
     def chunk_bytes(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
@@ -118,7 +133,9 @@ class OtaReceiver:
         self._lock = threading.Lock()  # guards transfer, files and _busy (paho thread vs ours)
         self.transfer: Transfer | None = self._load_partial()
         self._busy: str | None = None  # the transfer being applied
+        self._current: dict[str, Any] = {}  # its latest state message (a sender asking again gets it)
         self._last: dict[str, Any] = {}  # the last outcome's state message (a late commit gets it)
+        self._applied: dict[str, Any] = self._applied_before()  # `done` of the update served now
         self._apply = threading.Event()
         self._stop = threading.Event()
         self._last_progress = 0.0
@@ -142,6 +159,18 @@ class OtaReceiver:
         self._apply.set()
         self._thread.join(5.0)
 
+    def _applied_before(self) -> dict[str, Any]:
+        """The recorded switch to the bundle this device serves now (a restart keeps a sender's
+        `begin` for it from starting a second transfer), else {}. One recorded as `switching`
+        finished by the restart: it is `done`."""
+        rec = ota.last_applied(self.dir) or {}
+        if not self._serving(rec.get("sha256")):
+            return {}
+        return {**rec, "state": "done", "outcome": "done"}
+
+    def _serving(self, manifest_sha: Any) -> bool:
+        return manifest_sha is not None and self.server.bundle_info().get("sha256") == manifest_sha
+
     # -- partial transfer on disk --
 
     def _load_partial(self) -> Transfer | None:
@@ -157,7 +186,7 @@ class OtaReceiver:
             log.warning("ota: the partial update on disk is inconsistent; discarded")
             self._discard_files()
             return None
-        log.info("ota: resuming transfer %s… (%d of %d chunks held)", t.sha256[:12], sum(have), t.chunks)
+        log.info("ota: resuming transfer %s… (%d of %d chunks held)", t.sha256[:12], t.held, t.chunks)
         return t
 
     def _discard_files(self) -> None:
@@ -199,7 +228,15 @@ class OtaReceiver:
             if self._busy is not None:
                 if self._busy != sha:
                     self._refuse(sha, f"busy: applying update {self._busy[:12]}…; send again after it")
-                return  # the one being applied: its outcome follows
+                elif self._current.get("transfer") == sha:
+                    self._state(self._current)  # a sender asking again: where it stands (its outcome follows)
+                return
+            applied = self._applied
+            if applied.get("transfer") == sha and self._serving(applied.get("sha256")):
+                # Applied and still served: the same outcome again. Taking the archive again would
+                # stage it into the inactive slot, the bundle a rollback goes back to.
+                self._state(applied)
+                return
             t = self.transfer
             if t is None or (t.sha256, t.size, t.chunk_size) != (sha, size, chunk_size):
                 if t is not None:
@@ -240,7 +277,7 @@ class OtaReceiver:
                 except OSError as exc:
                     log.error("ota: cannot store chunk %d: %s", index, exc)
                     return
-                t.have[index] = 1
+                t.mark(index)
             if t.complete:
                 self._apply.set()
             else:
@@ -262,7 +299,7 @@ class OtaReceiver:
                     self._state({"state": "incomplete", "transfer": sha, "error": "truncated transfer: no"
                                  " chunks of this update are held (send begin first)"})  # fmt: skip
                 return
-            missing = t.chunks - sum(t.have)
+            missing = t.chunks - t.held
             self._state(
                 {**self._progress(t), "state": "incomplete",
                  "error": f"truncated transfer: {missing} of {t.chunks} chunks missing; the chunks held"
@@ -277,7 +314,7 @@ class OtaReceiver:
             "size": t.size,
             "chunk_size": t.chunk_size,
             "chunks": t.chunks,
-            "have": sum(t.have),
+            "have": t.held,
             "missing": missing_ranges(t.have),
         }
 
@@ -291,6 +328,12 @@ class OtaReceiver:
     def _state(self, doc: dict[str, Any]) -> None:
         payload = json.dumps({"device": self.transport.cfg.device, **doc}).encode()
         self.transport.publish(self.topics["state"], payload, retain=True)
+
+    def _say(self, doc: dict[str, Any]) -> None:
+        """A state of the transfer being applied (this module's thread)."""
+        with self._lock:
+            self._current = doc
+        self._state(doc)
 
     def _refuse(self, sha: str, error: str, stage: str = "refused") -> None:
         log.error("ota: update %s… %s: %s", sha[:12], stage, error)
@@ -325,7 +368,7 @@ class OtaReceiver:
                         self._discard_files()
 
     def _apply_transfer(self, t: Transfer) -> None:
-        self._state({"state": "verifying", "transfer": t.sha256})
+        self._say({"state": "verifying", "transfer": t.sha256})
         got = sha256_file(self.part)
         if got != t.sha256:
             self._refuse(t.sha256, f"sha256 mismatch: the {t.size} bytes received hash to"
@@ -337,7 +380,7 @@ class OtaReceiver:
         except UpdateError as exc:
             self._refuse(t.sha256, str(exc))
             return
-        self._state({"state": "testing", "transfer": t.sha256, "bundle": staged.bundle.name})
+        self._say({"state": "testing", "transfer": t.sha256, "bundle": staged.bundle.name})
         try:
             engine = ota.load_for_test(staged.path, options)
             answer = ota.probe_engine(engine)
@@ -345,22 +388,34 @@ class OtaReceiver:
             ota.discard(staged)
             self._refuse(t.sha256, str(exc))
             return
-        self._state({"state": "switching", "transfer": t.sha256})
+        self._say({"state": "switching", "transfer": t.sha256})
+        switched = {"transfer": t.sha256, "bundle": staged.bundle.name, "sha256": staged.sha256,
+                    "slot": staged.slot, "previous": staged.previous}  # fmt: skip
+        # Recorded before the link moves: a device restarted from here on serves the new slot and
+        # answers this transfer's `begin` with its outcome (`_applied_before`).
+        ota.record_outcome(self.dir, {"outcome": "switching", **switched}, applied=True)
         ota.commit(staged, self.dir)  # the link first: a crash from here on restarts on the new slot
         t0 = time.monotonic()
         try:
-            swapped = self.server.swap(engine, timeout=self.cfg.swap_timeout_s)
+            if not self.server.swap(engine, timeout=self.cfg.swap_timeout_s):
+                # Running requests hold the old engine past swap_timeout_s. The swap still happens
+                # when they end; until then a sender asking again hears `switching`, then `done`.
+                log.warning("ota: running requests still hold the old bundle after %g s; switching when"
+                            " they finish", self.cfg.swap_timeout_s)  # fmt: skip
+                self.server.refresh_status()
+                self._say({"state": "switching", "transfer": t.sha256, "waiting_s": self.cfg.swap_timeout_s,
+                           "note": "running requests finish on the old bundle first"})  # fmt: skip
+                while not self.server.scheduler.wait_swap(1.0):
+                    if self._stop.is_set():  # stopping: the next start serves the new slot
+                        return
         except EdgeLLMError as exc:
             self._refuse(t.sha256, f"switch failed: {exc}", "failed")
             return
         switch_s = round(time.monotonic() - t0, 3)
-        outcome = ota.record_outcome(
-            self.dir,
-            {"outcome": "done" if swapped else "switching", "transfer": t.sha256,
-             "bundle": staged.bundle.name, "sha256": staged.sha256, "slot": staged.slot,
-             "previous": staged.previous, "switch_s": switch_s},
-        )  # fmt: skip
+        done = {"outcome": "done", **switched, "switch_s": switch_s}
+        outcome = ota.record_outcome(self.dir, done, applied=True)
         log.info("ota: serving %s from slot %s (switch %.3f s)", staged.bundle.name, staged.slot, switch_s)
         self.server.refresh_status()  # status() reads the recorded outcome
-        self._last = {"state": outcome["outcome"], **outcome, "answer": answer}
+        with self._lock:
+            self._last = self._applied = {"state": "done", **outcome, "answer": answer}
         self._state(self._last)

@@ -8,7 +8,9 @@ carrying the device's own reason (bad signature, wrong architecture, truncated, 
 Sending is resumable: `begin` is answered with the chunks the device is missing, so a sender
 started again after a crash sends only those; a device that restarted mid-transfer says what it
 kept. At most `window` chunks are unacknowledged (PUBACK) at once, so neither side buffers the
-whole archive. A device that stops answering gets `begin` again (a query) every `idle_s`.
+whole archive. A device that stops answering gets `begin` again (a query) every `idle_s`; it
+answers with where the transfer stands. `switching` means accepted (checked, self-tested, the
+slot link moved; running requests finish on the old bundle): the sender waits for `done`.
 
 Rollout: a fleet group (devices whose retained status names the group) or a list, canaries first.
 Each device is updated, then must show the new bundle.json sha256 on its status topic and answer
@@ -204,9 +206,13 @@ class UpdateSender:
         deadline = time.monotonic() + self.timeout
         sent_total = rounds = 0
         asked = True  # a `receiving` state answers our begin (else it is progress: ignored)
+        switching = False
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                if switching:
+                    raise UpdateError(f"{device}: accepted, but still switching after {self.timeout:g} s"
+                                      " (its running requests hold the old bundle)")  # fmt: skip
                 raise UpdateError(f"{device}: no outcome within {self.timeout:g} s (offline or stuck?)")
             try:
                 state = states.get(timeout=min(left, self.idle_s))
@@ -215,11 +221,16 @@ class UpdateSender:
                 self._client.publish(topics["begin"], begin, qos=1)
                 asked = True
                 continue
-            if state.get("transfer") != sha and state.get("state") != "refused":
-                continue  # about an earlier transfer
+            if state.get("transfer", sha) != sha:
+                # About an earlier transfer, e.g. its refusal published again for a late commit
+                # (no transfer: our begin itself was refused).
+                continue
             kind = state.get("state")
             if kind == "done":
                 return state
+            if kind == "switching":  # accepted: checked, self-tested, the link switched; `done` follows
+                switching = True
+                self.stats["switching"] += 1
             if kind in ("refused", "failed"):
                 raise UpdateError(f"{device}: update {kind}: {state.get('error')}")
             if kind == "incomplete" and (max_chunks is not None or rounds > resends):

@@ -125,13 +125,17 @@ def ort_package(board_path: Path) -> str:
     return packages.pop() if packages else "onnxruntime"
 
 
-def runtime_requirements(ort: str, need_jinja: bool) -> tuple[list[str], list[str]]:
+def runtime_requirements(ort: str, need_jinja: bool, need_ota: bool = False) -> tuple[list[str], list[str]]:
     """(resolved with dependencies, taken without) from pyproject's runtime dependencies, keeping
-    their version floors; onnxruntime is swapped for `ort` with the same floor."""
+    their version floors; onnxruntime is swapped for `ort` with the same floor. `need_ota`: the
+    board takes signed updates ([ota] trusted_key), which are verified with the `ota` extra."""
     pyproject = load_pyproject()
     deps: list[str] = list(pyproject["project"]["dependencies"])
+    extras = pyproject["project"]["optional-dependencies"]
     if need_jinja:
-        deps += pyproject["project"]["optional-dependencies"]["templates"]
+        deps += extras["templates"]
+    if need_ota:
+        deps += extras["ota"]
     with_deps, without = [], []
     for req in deps:
         name = re.match(r"[A-Za-z0-9_.-]+", req)
@@ -249,7 +253,7 @@ def pack(bundle: Path, board: Path, arch: str, python: str, out: Path, tar: bool
         raise PackError(f"{out}: exists and is not empty; choose a new --out")
     ort = ort_package(board)  # loads the profile: unknown keys etc. fail before any download
     need_jinja = load_bundle(bundle, verify=False).tokenizer.chat_format is None
-    with_deps, without = runtime_requirements(ort, need_jinja)
+    with_deps, without = runtime_requirements(ort, need_jinja, bool(load_board(board).ota.trusted_key))
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)

@@ -152,6 +152,8 @@ class Scheduler:
         self._last_sweep = 0.0
         self._beat = time.monotonic()  # the worker's last sign of life: `alive()`
         self._swap: tuple[Engine, Conversations, threading.Event] | None = None
+        self._swapped = threading.Event()  # the last swap's: set once the worker took it
+        self._swapped.set()
         self._thread: threading.Thread | None = None
         # Read by metrics from other threads (plain reads of values the worker replaces whole).
         self.active_rows = 0
@@ -244,8 +246,14 @@ class Scheduler:
                 self.max_batch = self._batch_rows(engine)
                 return True
             self._swap = (engine, conversations, done)
+            self._swapped = done
             self._cond.notify_all()
         return done.wait(timeout)
+
+    def wait_swap(self, timeout: float | None = None) -> bool:
+        """Whether the last `swap_engine` has happened, waiting up to `timeout` for it (a swap
+        that timed out still happens once the old engine's running requests finish)."""
+        return self._swapped.wait(timeout)
 
     def alive(self, within_s: float) -> bool:
         """Whether the worker thread runs and has come round its loop within `within_s`: False

@@ -31,7 +31,7 @@ def make_update(
 
 
 def bad_updates(tiny_bundle: Path, folder: Path, keys: tuple[Path, Path]) -> dict[str, tuple[Path, str]]:
-    """name -> (archive, the refusal's words)."""
+    """name -> (archive, the refusal's words). `tiny_bundle`: any bundle (ota_load: the real one)."""
     other_key = folder / "other.key"
     ota.keygen(other_key, folder / "other.pub")
     tampered = make_update(tiny_bundle, folder, keys[0], "tampered", tar=False)
@@ -41,9 +41,11 @@ def bad_updates(tiny_bundle: Path, folder: Path, keys: tuple[Path, Path]) -> dic
     cut = folder / "cut.tar"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     broken = make_update(tiny_bundle, folder, keys[0], "broken", tar=False)
-    (broken / "model.onnx").write_bytes(b"not an onnx graph")
     raw = json.loads((broken / MANIFEST).read_text())
-    raw["files"]["model.onnx"] = {"bytes": 17, "sha256": hashlib.sha256(b"not an onnx graph").hexdigest()}
+    junk = b"not an onnx graph"
+    for name in [n for n in raw["files"] if n.endswith(".onnx")]:  # every graph: a bundle with
+        (broken / name).write_bytes(junk)  # variants (ragged, int8 KV) would load one of those
+        raw["files"][name] = {"bytes": len(junk), "sha256": hashlib.sha256(junk).hexdigest()}
     (broken / MANIFEST).write_text(json.dumps(raw))
     ota.sign(broken, keys[0])
 

@@ -7,9 +7,10 @@
 #    are the ones the package was built for; nothing is touched if that fails.
 # 2. PREFIX/venv: a virtual environment with the wheelhouse installed with no network
 #    (pip --no-index, --no-deps: the wheelhouse is the complete, resolved set).
-# 3. PREFIX/bin/edge-llm, PREFIX/bundle (files 0644), PREFIX/board.toml, PREFIX/docs.
+# 3. PREFIX/bin/edge-llm, PREFIX/bundle (→ ota/bundle, files 0644), PREFIX/board.toml, PREFIX/docs.
 # 4. Unless --no-service (needs root): the edge-llm system user, /etc/edge-llm/board.toml (an
-#    existing one is kept), /var/lib/edge-llm, the unit in /etc/systemd/system, enabled.
+#    existing one is kept), /var/lib/edge-llm, PREFIX/ota owned by edge-llm (OTA writes its
+#    A/B slots there), the unit in /etc/systemd/system, enabled.
 # A failed step leaves the previous installation in place.
 set -eu
 umask 022
@@ -66,14 +67,21 @@ rm -rf "$SITE/onnxruntime/transformers" "$SITE/onnxruntime/quantization" "$SITE/
 rm -rf "$PREFIX/venv.old"
 ln -sf "$PREFIX/venv/bin/edge-llm" "$PREFIX/bin/edge-llm"
 
-# The bundle: copied next to the old one, then swapped in.
-rm -rf "$PREFIX/bundle.new" "$PREFIX/bundle.old"
-cp -R "$HERE/bundle" "$PREFIX/bundle.new"
-find "$PREFIX/bundle.new" -type d -exec chmod 0755 {} +
-find "$PREFIX/bundle.new" -type f -exec chmod 0644 {} +
-[ -d "$PREFIX/bundle" ] && mv "$PREFIX/bundle" "$PREFIX/bundle.old"
-mv "$PREFIX/bundle.new" "$PREFIX/bundle"
-rm -rf "$PREFIX/bundle.old"
+# The bundle: PREFIX/ota/bundle, copied next to the old one, then swapped in; PREFIX/bundle is a
+# link to it. Updates (edge_llm/ota.py) write only PREFIX/ota (the A/B slots and the `bundle`
+# link they switch): the service may write that folder (its owner, the unit's ReadWritePaths)
+# and nothing else of the prefix. Slots of an earlier package go: this package's bundle is slot a.
+AB="$PREFIX/ota"
+mkdir -p "$AB"
+rm -rf "$AB/bundle.new" "$AB/bundle.old"
+cp -R "$HERE/bundle" "$AB/bundle.new"
+find "$AB/bundle.new" -type d -exec chmod 0755 {} +
+find "$AB/bundle.new" -type f -exec chmod 0644 {} +
+if [ -e "$AB/bundle" ] || [ -L "$AB/bundle" ]; then mv "$AB/bundle" "$AB/bundle.old"; fi
+mv "$AB/bundle.new" "$AB/bundle"
+rm -rf "$AB/bundle.old" "$AB/slots"
+if [ -d "$PREFIX/bundle" ] && [ ! -L "$PREFIX/bundle" ]; then rm -rf "$PREFIX/bundle"; fi  # an older layout
+ln -sfn ota/bundle "$PREFIX/bundle"
 cp "$HERE/board.toml" "$PREFIX/board.toml"
 mkdir -p "$PREFIX/docs"
 cp "$HERE/docs/boards.md" "$PREFIX/docs/boards.md"
@@ -94,6 +102,7 @@ else
     install -m 0644 "$HERE/board.toml" /etc/edge-llm/board.toml
 fi
 install -d -o edge-llm -g edge-llm -m 0700 /var/lib/edge-llm
+chown -R edge-llm:edge-llm "$AB"  # the A/B slots: updates over MQTT run as the service user
 sed "s#/opt/edge-llm#$PREFIX#g" "$HERE/edge-llm.service" > /etc/systemd/system/edge-llm.service
 chmod 0644 /etc/systemd/system/edge-llm.service
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then

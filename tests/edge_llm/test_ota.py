@@ -247,3 +247,23 @@ def test_the_start_counter_rolls_back_after_n_starts_without_ready(
     assert ota.Slots(prefix).active() == "b" and ota.boot_check(state, link, 2) is None
     last = ota.last_outcome(state)
     assert last is not None and last["outcome"] == "rolled_back" and last["slot"] == "b"
+
+
+def test_updates_in_the_install_layout_write_only_under_prefix_ota(
+    tiny_bundle: Path, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    # install.sh: PREFIX/bundle → ota/bundle; the unit's one writable path under the prefix is
+    # PREFIX/ota (ReadWritePaths), owned by the service user. Nothing else of PREFIX may change.
+    root = tmp_path / "prefix"
+    (root / "ota").mkdir(parents=True)
+    shutil.copytree(tiny_bundle, root / "ota" / "bundle")
+    (root / "bundle").symlink_to("ota/bundle")
+    before = sorted(p.name for p in root.iterdir()), root.stat().st_mtime_ns
+    first = ota.apply_update(root, make_update(tiny_bundle, tmp_path, keys[0]), keys[1])
+    second = ota.apply_update(root, make_update(tiny_bundle, tmp_path, keys[0], "tiny-v3"), keys[1])
+    assert (first.slot, second.slot) == ("b", "a")
+    assert (sorted(p.name for p in root.iterdir()), root.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in (root / "ota").iterdir()) == ["bundle", "slots"]
+    assert (root / "bundle").readlink() == Path("ota/bundle") and ota.slot_of(root / "bundle") == "a"
+    assert load_bundle(root / "bundle").name == "tiny-v3"
+    assert ota.rollback(root) == "b" and load_bundle(root / "bundle").name == "tiny-v2"

@@ -50,14 +50,14 @@ def device_prefix(tiny_bundle: Path, folder: Path) -> Path:
     return folder
 
 
-def start_device(prefix: Path, broker: Broker, public: Path, device: str = DEVICE) -> Server:
+def start_device(prefix: Path, broker: Broker, public: Path, device: str = DEVICE, **ota_kw: Any) -> Server:
     cfg = MqttConfig(
         host=broker.host, port=broker.port, device=device, reconnect_min_s=0.1, reconnect_max_s=0.5
     )
     board = BoardConfig(
         mqtt=cfg,
         server=ServerConfig(max_queue=64, max_inflight_per_client=64),
-        ota=OtaConfig(trusted_key=str(public)),
+        ota=OtaConfig(trusted_key=str(public), **ota_kw),
     )
     server = Server(Engine.load(prefix / "bundle"), board, state_path=prefix / "state.sqlite")
     server.start()
@@ -132,6 +132,88 @@ def test_an_update_over_mqtt_switches_the_running_server_and_loses_no_request(
         assert not (prefix / "state.ota" / "update.part").exists()  # the archive is not kept
     finally:
         stop.set()
+        server.stop()
+
+
+def test_a_switch_slower_than_the_sender_is_neither_sent_again_nor_staged_over_the_rollback_slot(
+    tiny_bundle: Path, tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    # A request holds the old engine (its decode steps wait on `gate`) past the device's
+    # swap_timeout_s and the sender's idle_s: the sender asks again (begin) while the device
+    # is switching; it must hear `switching`, send no chunk twice, and get `done` once the
+    # request ends. The rollback slot (a) keeps the old bundle. (Before the mend, the sender's
+    # second begin started a new transfer, staged into slot a: the old bundle was gone.)
+    prefix = device_prefix(tiny_bundle, tmp_path / "board")
+    server = start_device(prefix, broker, keys[1], swap_timeout_s=0.5)
+    update = make_update(tiny_bundle, tmp_path, keys[0])
+    old_sha = ota.manifest_sha256(tiny_bundle)
+    old_engine = server.engine
+    gate, stepping = threading.Event(), threading.Event()
+    step = old_engine.step
+
+    def held_step(seqs: Any) -> None:
+        stepping.set()
+        gate.wait(60)
+        step(seqs)
+
+    old_engine.step = held_step  # type: ignore[method-assign]
+    result: dict[str, Any] = {}
+
+    def long_request() -> None:
+        with client(broker, device=DEVICE, timeout=120) as c:
+            result["r"] = c.generate(messages=HELLO, max_tokens=4, ignore_eos=True, request_id="held")
+
+    held = threading.Thread(target=long_request)
+    try:
+        held.start()
+        assert stepping.wait(30)  # the request runs on the old engine
+        with sender(broker, idle_s=1.0, timeout=60) as s:
+            outcome: dict[str, Any] = {}
+            t = threading.Thread(target=lambda: outcome.update(s.send(DEVICE, update, chunk_size=4096)))
+            t.start()
+            end = time.monotonic() + 60
+            while s.stats["requeried"] < 3 and time.monotonic() < end:  # asked again while switching
+                time.sleep(0.2)
+            assert s.stats["requeried"] >= 3 and s.stats["switching"] >= 2 and t.is_alive()
+            assert ota.Slots(prefix).active() == "b"  # the link moved; the engine waits
+            assert ota.manifest_sha256(prefix / "slots" / "a") == old_sha  # rollback slot intact
+            assert ota.last_outcome(prefix / "state.ota")["outcome"] == "switching"
+            gate.set()
+            t.join(60)
+            held.join(60)
+            chunks = -(-update.stat().st_size // 4096)
+            assert outcome["state"] == "done" and outcome["slot"] == "b"
+            assert s.stats["chunks_sent"] == chunks  # the archive went once
+            assert result["r"].id == "held" and result["r"].usage["completion_tokens"] == 4
+            # The same update again: its outcome at once, no chunk, no second swap.
+            again = s.send(DEVICE, update, chunk_size=4096)
+            assert again["state"] == "done" and again["sha256"] == outcome["sha256"]
+            assert s.stats["chunks_sent"] == chunks
+        assert server.scheduler.stats["engine_swaps"] == 1 and server.engine.bundle.name == "tiny-v2"
+        assert ota.manifest_sha256(prefix / "slots" / "a") == old_sha
+        assert retained_status(broker)["last_update"]["outcome"] == "done"
+    finally:
+        gate.set()
+        held.join(60)
+        server.stop()
+    # A restart and a refused update later, the same update once more is `done`, not a transfer.
+    server = start_device(prefix, broker, keys[1])
+    qnn = make_update(
+        tiny_bundle,
+        tmp_path,
+        keys[0],
+        "qnn",
+        lambda raw: raw.setdefault("requirements", {}).update(target="qnn-htp"),
+    )
+    try:
+        with sender(broker) as s:
+            with pytest.raises(UpdateError, match="wrong architecture"):
+                s.send(DEVICE, qnn, chunk_size=4096)
+            sent = s.stats["chunks_sent"]
+            assert s.send(DEVICE, update, chunk_size=4096)["state"] == "done"
+            assert s.stats["chunks_sent"] == sent
+        assert ota.manifest_sha256(prefix / "slots" / "a") == old_sha
+    finally:
         server.stop()
 
 
@@ -338,3 +420,13 @@ def test_only_the_operator_account_may_publish_updates(
             server.stop()
     finally:
         b.stop()
+
+
+def test_chunk_bookkeeping_counts_each_chunk_once() -> None:
+    from edge_llm.ota_mqtt import Transfer, missing_ranges
+
+    t = Transfer("0" * 64, 10 * 1024 + 1, 1024, bytearray([1, 0, 1] + [0] * 8))  # resumed: 2 held
+    assert t.held == 2 and not t.complete
+    for i in [1, 1, 3, *range(4, 11), 10]:  # QoS 1 redelivers: a chunk held twice counts once
+        t.mark(i)
+    assert t.held == 11 and t.complete and missing_ranges(t.have) == []

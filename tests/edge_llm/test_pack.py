@@ -130,6 +130,9 @@ def test_requirements_keep_floors_and_take_tokenizers_alone() -> None:
     assert not any("jinja2" in r for r in with_deps)
     with_jinja, _ = pack_mod.runtime_requirements("onnxruntime", need_jinja=True)
     assert any(r.startswith("jinja2") for r in with_jinja)
+    assert not any(r.startswith("cryptography") for r in with_deps + with_jinja)
+    with_ota, _ = pack_mod.runtime_requirements("onnxruntime", need_jinja=False, need_ota=True)
+    assert any(r.startswith("cryptography") for r in with_ota)  # a board that verifies signed updates
 
 
 def test_bundle_files_are_world_readable(tiny_bundle: Path) -> None:
@@ -187,6 +190,8 @@ def test_pack_then_install_offline_then_generate(tiny_bundle: Path, tmp_path: Pa
     assert not (site / "pip").exists()  # slimmed
     for path in (prefix / "bundle").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    # The A/B area OTA writes (the unit's ReadWritePaths): PREFIX/bundle links into it.
+    assert (prefix / "bundle").readlink() == Path("ota/bundle") and (prefix / "ota" / "bundle").is_dir()
     gen = subprocess.run(
         [
             str(prefix / "bin" / "edge-llm"),

@@ -168,6 +168,7 @@ def test_unit_has_the_service_settings() -> None:
         "StateDirectory=edge-llm",
         "RuntimeDirectory=edge-llm",
         "ProtectSystem=strict",
+        "ReadWritePaths=/opt/edge-llm/ota",  # OTA writes its A/B slots there (install.sh owns it to the user)
         "ProtectHome=true",
         "PrivateTmp=true",
         "NoNewPrivileges=true",
