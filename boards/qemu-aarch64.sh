@@ -21,7 +21,8 @@
 #
 # Environment: BUNDLE (default ~/.cache/edge-llm/bundles/default), MAX_TOKENS (8), QEMU_MEM (MiB,
 # 3072), QEMU_SMP (2), QEMU_CPU (cortex-a72), DEBIAN_MIRROR, SEND_TIMEOUT (s, 3600),
-# BOOT_TIMEOUT (s, 1800), STAGE2 (auto | chroot | vm: where the second stage runs), RESULTS (benchmarks/results/qemu_aarch64, without suffix).
+# BOOT_TIMEOUT (s, 1800), STAGE2 (auto | chroot | vm: where the second stage runs), RESULTS
+# (benchmarks/results/qemu_aarch64, without suffix).
 set -euo pipefail
 
 QUESTION=${1:-"What is the capital of France?"}
@@ -133,6 +134,7 @@ if [ -f "$BASE" ] && [ -f "$CACHE/vmlinuz" ] && [ -f "$CACHE/initrd.img" ]; then
     log "cached root image $BASE (delete it to rebuild)"
     # The slow phases' times are the ones measured when the cache was built.
     sed 's/ / cached:/' "$CACHE/build-phases.txt" >>"$PHASES" 2>/dev/null || true
+    STAGE2_IN=$(cat "$CACHE/build-stage2.txt" 2>/dev/null || echo unknown)
 else
     log "debootstrap --foreign (Debian 12 bookworm, arm64) into $CACHE/rootfs"
     FS=$CACHE/rootfs
@@ -215,6 +217,7 @@ EOF
         unmount_rootfs
         grep -qa "EDGE-QEMU stage2 ok" "$RUN/stage2.log" || { tail -n 40 "$RUN/stage2.log"; die "second stage failed"; }
         phase second_stage "$(since "$t")"
+        STAGE2_IN="chroot (qemu-user via binfmt_misc)"
         t=$(now)
         mkfs.ext4 -q -F -L edge-root -d "$FS" "$CACHE/stage.img" 4G >/dev/null
         phase image "$(since "$t")"
@@ -269,6 +272,7 @@ EOF
         QEMU_PID=""
         grep -qa "EDGE-QEMU stage2 ok" "$RUN/stage2.log" || { tail -n 40 "$RUN/stage2.log"; die "second stage failed"; }
         phase second_stage "$(since "$t")"
+        STAGE2_IN="VM (TCG, as PID 1)"
         # The installed kernel and the initrd its postinst built, for every later boot.
         debugfs -R "dump -p /boot/vmlinuz-$KVER $CACHE/vmlinuz" "$CACHE/stage.img" 2>/dev/null
         debugfs -R "dump -p /boot/initrd.img-$KVER $CACHE/initrd.img" "$CACHE/stage.img" 2>/dev/null
@@ -276,6 +280,7 @@ EOF
         rm -rf "$STAGE"
     fi
     cp "$PHASES" "$CACHE/build-phases.txt"
+    echo "$STAGE2_IN" >"$CACHE/build-stage2.txt"
     mv "$CACHE/stage.img" "$BASE"
     rm -rf "$FS"
 fi
@@ -339,6 +344,9 @@ systemctl start edge-llm
 rc=$?
 say service_start rc=$rc seconds=$(since "$t") active=$(systemctl is-active edge-llm)
 systemctl show -p Type -p ActiveState -p SubState -p WatchdogUSec -p StatusErrno edge-llm | tr '\n' ' '; echo
+# ExecReload on this minimal root (no /bin/kill): SIGHUP reloads the bundle and swaps it in.
+systemctl reload edge-llm
+say reload rc=$? active=$(systemctl is-active edge-llm)
 journalctl -u edge-llm --no-pager -o cat | tail -n 20
 say ready
 EOF
@@ -376,6 +384,9 @@ wait_for "$C" "EDGE-QEMU service_start" "$BOOT_TIMEOUT"
 SIZE=$(marker "$C" size)
 VERIFY=$(marker "$C" verify)
 SERVICE=$(marker "$C" service_start)
+wait_for "$C" "EDGE-QEMU reload" "$BOOT_TIMEOUT"
+RELOAD=$(marker "$C" reload)
+echo "$RELOAD"
 echo "$SIZE"
 echo "$VERIFY"
 echo "$SERVICE"
@@ -398,7 +409,7 @@ wait "$QEMU_PID" 2>/dev/null || true
 QEMU_PID=""
 
 # --- 4. results -----------------------------------------------------------------------------------
-export QUESTION ANSWER STATS BOOTED SIZE VERIFY SERVICE PHASES RESULTS CPU SMP MEM MAX_TOKENS RUN
+export QUESTION ANSWER STATS BOOTED SIZE VERIFY SERVICE RELOAD STAGE2_IN PHASES RESULTS CPU SMP MEM MAX_TOKENS RUN
 "$PY" - <<'EOF'
 import json, os, platform, subprocess
 from pathlib import Path
@@ -425,9 +436,11 @@ doc = {
     "guest": fields(env["BOOTED"]),
     "phases_s": phases,
     "phases_from_cache_build": cached,
+    "second_stage_in": env["STAGE2_IN"],
     "installed_bytes": size,
     "systemd_analyze_verify": fields(env["VERIFY"]),
     "service": fields(env["SERVICE"]),
+    "reload": fields(env["RELOAD"]),
     "wheels": wheels,
     "question": env["QUESTION"],
     "answer": env["ANSWER"],
@@ -444,7 +457,8 @@ md = ["# qemu-aarch64: an emulated board (boards/qemu-aarch64.sh)", "",
       f"host {os.cpu_count()} CPUs shared with other jobs (load average at the end {load[0]:.2f}).", "",
       "| phase | wall s |", "| --- | --- |"]
 md += [f"| {k} | {v}{' (when the cache was built)' if k in cached else ''} |" for k, v in phases.items()]
-md += ["", f"Question: {env['QUESTION']!r} (max_tokens {env['MAX_TOKENS']}, greedy) → {env['ANSWER']!r}", "",
+md += ["", f"Second stage: {env['STAGE2_IN']}. `systemctl reload edge-llm` (SIGHUP, bundle swapped in): "
+       f"rc {doc['reload'].get('rc')}, then {doc['reload'].get('active')}.", "", f"Question: {env['QUESTION']!r} (max_tokens {env['MAX_TOKENS']}, greedy) → {env['ANSWER']!r}", "",
        f"Emulated: TTFT {usage.get('ttft_s')} s, prefill {usage.get('prefill_s')} s for {usage.get('prompt_tokens')} tokens, "
        f"decode {usage.get('decode_tok_s')} tok/s, {usage.get('completion_tokens')} tokens in {phases['first_answer']} s end to end.", "",
        f"Installed in the guest: venv {size['venv'] / 1e6:.1f} MB, bundle {size['bundle'] / 1e6:.1f} MB, "

@@ -92,6 +92,8 @@ def test_results_writer(tmp_path: Path) -> None:
         "SIZE": "EDGE-QEMU size venv=150000000 bundle=170000000 prefix=320000000",
         "VERIFY": "EDGE-QEMU verify rc=0 lines=0",
         "SERVICE": "EDGE-QEMU service_start rc=0 seconds=300.0 active=active",
+        "RELOAD": "EDGE-QEMU reload rc=0 active=active",
+        "STAGE2_IN": "chroot (qemu-user via binfmt_misc)",
         "CPU": "cortex-a72",
         "SMP": "2",
         "MEM": "3072",
@@ -103,6 +105,8 @@ def test_results_writer(tmp_path: Path) -> None:
     assert doc["phases_from_cache_build"] == ["debootstrap", "second_stage", "image"]
     assert doc["guest"] == {"uptime": "95.2", "arch": "aarch64", "python": "3.11.2"}
     assert doc["installed_bytes"]["venv"] == 150000000
+    assert doc["reload"] == {"rc": "0", "active": "active"}
+    assert doc["second_stage_in"] == "chroot (qemu-user via binfmt_misc)"
     assert doc["wheels"] == wheels
     assert doc["emulated_decode_tok_s"] == 0.5
     assert doc["emulated_e2e_tok_s"] == 0.2  # 8 tokens in the 40 s of first_answer
