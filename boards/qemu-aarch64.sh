@@ -457,8 +457,9 @@ md = ["# qemu-aarch64: an emulated board (boards/qemu-aarch64.sh)", "",
       f"host {os.cpu_count()} CPUs shared with other jobs (load average at the end {load[0]:.2f}).", "",
       "| phase | wall s |", "| --- | --- |"]
 md += [f"| {k} | {v}{' (when the cache was built)' if k in cached else ''} |" for k, v in phases.items()]
-md += ["", f"Second stage: {env['STAGE2_IN']}. `systemctl reload edge-llm` (SIGHUP, bundle swapped in): "
-       f"rc {doc['reload'].get('rc')}, then {doc['reload'].get('active')}.", "", f"Question: {env['QUESTION']!r} (max_tokens {env['MAX_TOKENS']}, greedy) → {env['ANSWER']!r}", "",
+md += ["", f"Second stage: {env['STAGE2_IN']}. `systemctl reload edge-llm` (ExecReload, SIGHUP): "
+       f"rc {doc['reload'].get('rc')}, then {doc['reload'].get('active')}.", "",
+       f"Question: {env['QUESTION']!r} (max_tokens {env['MAX_TOKENS']}, greedy) → {env['ANSWER']!r}", "",
        f"Emulated: TTFT {usage.get('ttft_s')} s, prefill {usage.get('prefill_s')} s for {usage.get('prompt_tokens')} tokens, "
        f"decode {usage.get('decode_tok_s')} tok/s, {usage.get('completion_tokens')} tokens in {phases['first_answer']} s end to end.", "",
        f"Installed in the guest: venv {size['venv'] / 1e6:.1f} MB, bundle {size['bundle'] / 1e6:.1f} MB, "
