@@ -195,8 +195,8 @@ StandardError=journal+console
 WantedBy=multi-user.target
 EOF
     # The guest's initrd needs only what mounts its root: a virtio disk with ext4. Debian's default
-    # (MODULES=most: every storage and network driver) took 25 min per build under qemu-user on
-    # a busy host, and the second stage builds it twice (kernel postinst, then initramfs-tools').
+    # (MODULES=most: every storage and network driver) took ~26 min for one build under qemu-user
+    # on a busy host, and the second stage builds it twice (kernel postinst, then initramfs-tools').
     mkdir -p "$FS/etc/initramfs-tools/conf.d" "$FS/usr/share/initramfs-tools/modules.d"
     echo MODULES=list >"$FS/etc/initramfs-tools/conf.d/edge-llm-qemu"
     printf '%s\n' virtio_pci virtio_blk crc32c_generic ext4 >"$FS/usr/share/initramfs-tools/modules.d/edge-llm-qemu"
