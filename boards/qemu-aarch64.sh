@@ -5,11 +5,11 @@
 #
 # Builds a Debian 12 arm64 root filesystem (debootstrap --foreign on this host; the second stage
 # in a chroot through qemu-user + binfmt_misc when that works here, else as PID 1 inside the VM),
-# boots it under qemu-system-aarch64 (TCG software emulation) with systemd as PID 1, packs the default bundle for aarch64 / Python 3.11 with
-# `edge-llm pack`, installs it in the guest with install.sh while the guest's network is down,
-# starts edge-llm.service under systemd and asks the question over MQTT through a mosquitto on
-# this host (the guest reaches it as 10.0.2.2). Prints each phase's wall time and the emulated
-# tok/s and writes benchmarks/results/qemu_aarch64.{json,md}.
+# boots it under qemu-system-aarch64 (TCG software emulation) with systemd as PID 1, packs the
+# default bundle for aarch64 / Python 3.11 with `edge-llm pack`, installs it in the guest with
+# install.sh while the guest's network is down, starts edge-llm.service under systemd and asks the
+# question over MQTT through a mosquitto on this host (the guest reaches it as 10.0.2.2). Prints
+# each phase's wall time and the emulated tok/s and writes benchmarks/results/qemu_aarch64.{json,md}.
 #
 # Needs root (debootstrap, mkfs.ext4 -d keeps owners) and, on Debian/Ubuntu:
 #   apt-get install debootstrap qemu-system-arm qemu-utils e2fsprogs cpio mosquitto
