@@ -4,6 +4,7 @@ evaluate stage's qa fields (bundle through the runtime, teacher through torch) a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -237,7 +238,13 @@ def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_an
         to_onnx=ToOnnxConfig(graph="optimum", max_context=256),
         quantize=QuantizeConfig(mode="none"),
         evaluate=evaluate.EvaluateConfig(
-            text=text, span=(0.0, 1.0), max_tokens=100, context=64, stride=64, speed=False, qa=path,
+            text=text,
+            span=(0.0, 1.0),
+            max_tokens=100,
+            context=64,
+            stride=64,
+            speed=False,
+            qa=path,
             qa_max_tokens=8,
         ),
         report=report.ReportConfig(chart=False),
@@ -250,6 +257,55 @@ def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_an
     assert bundle_eval["qa_same_answer"] == 1.0
     assert bundle_eval["qa_teacher_correct"] == load_eval["qa_correct"]
     assert "## Knowledge (QA)" in (out / "report.md").read_text()
+
+
+def test_teacher_answers_are_one_cached_stage(
+    tiny_hf: Path, tmp_path: Path, teacher_answers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the loaded model's evaluation (report.stage_evals false), the bundle's evaluation
+    takes the teacher's answers from the teacher_qa stage; another recipe over the same teacher
+    and set reuses them (the teacher does not answer again)."""
+    from export import recipe as recipe_mod
+    from export.load import LoadConfig
+    from export.quantize import QuantizeConfig
+    from export.to_onnx import ToOnnxConfig
+    from tests.conftest import TRAIN_TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(TRAIN_TEXT))
+    accepted = [[next((w for w in a.split() if qa.normalise(w)), "zzz")] for a in teacher_answers]
+    path = _qa_file(tmp_path / "qa.jsonl", accepted)
+    recipe = recipe_mod.Recipe(
+        name="tiny-qa-cached",
+        load=LoadConfig(model=str(tiny_hf)),
+        to_onnx=ToOnnxConfig(graph="optimum", max_context=256),
+        quantize=QuantizeConfig(mode="none"),
+        evaluate=evaluate.EvaluateConfig(
+            text=text,
+            span=(0.0, 1.0),
+            max_tokens=64,
+            context=32,
+            stride=32,
+            speed=False,
+            qa=path,
+            qa_max_tokens=8,
+        ),
+        report=report.ReportConfig(chart=False, stage_evals=False),
+    )
+    out = recipe_mod.run(recipe, tmp_path / "a")
+    first = json.loads((out / "report.json").read_text())["evaluations"]["bundle"]
+    assert [r["teacher_answer"] for r in first["qa_items"]] == teacher_answers
+    assert first["qa_same_answer"] == 1.0
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("the teacher answered again")
+
+    monkeypatch.setattr(qa, "answer_torch", never)
+    other = recipe_mod.run(
+        replace(recipe, to_onnx=ToOnnxConfig(graph="optimum", max_context=128)), tmp_path / "b"
+    )
+    again = json.loads((other / "report.json").read_text())["evaluations"]["bundle"]
+    assert again["qa_teacher_correct"] == first["qa_teacher_correct"]
 
 
 def test_eval_command_qa(
