@@ -81,6 +81,20 @@ def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
     return qa.scored(questions, qa.answer_torch(load_model(hf_dir), hf_dir, questions, 32))
 
 
+def teacher_known(
+    teacher: list[dict[str, Any]], qa_file: Path, work: Path
+) -> tuple[list[int], Path, list[dict[str, Any]]]:
+    """Only the questions the teacher answers correctly are asked: retention is the same figure
+    at a fraction of the cost (the QA accuracy is then over these). Returns their indices in the
+    set, a QA file of them in `work`, and the teacher's rows for them."""
+    known = [i for i, r in enumerate(teacher) if r["ok"]]
+    records = [{"question": q.question, "answers": list(q.answers), "category": q.category}
+               for q in qa.load(qa_file)]  # fmt: skip
+    kept_file = work / "qa-teacher-correct.jsonl"
+    kept_file.write_text("".join(json.dumps(records[i]) + "\n" for i in known))
+    return known, kept_file, [teacher[i] for i in known]
+
+
 def answers_from(folder: Path | None, level: str, questions: list[qa.Question]) -> list[str] | None:
     """A level's answers to the whole QA set from folder/qa_LEVEL.json, or None when absent."""
     path = None if folder is None else folder / f"qa_{level}.json"
@@ -144,16 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             names.append("recipe")
             bundles["recipe"] = args.recipe_bundle
             shapes["recipe"] = (-1, -1.0, -1.0)  # its own recipe says (bundle.json)
-        teacher = teacher_rows(args.teacher_qa, args.qa)
-        # Only the questions the teacher answers correctly are asked: retention is the same
-        # figure, at a fraction of the cost (the QA accuracy column is then over these).
-        known = [i for i, r in enumerate(teacher) if r["ok"]]
         questions = qa.load(args.qa)
-        kept_file = work / "qa-teacher-correct.jsonl"
-        records = [{"question": q.question, "answers": list(q.answers), "category": q.category}
-                   for q in questions]  # fmt: skip
-        kept_file.write_text("".join(json.dumps(records[i]) + "\n" for i in known))
-        teacher = [teacher[i] for i in known]
+        known, kept_file, teacher = teacher_known(teacher_rows(args.teacher_qa, args.qa), args.qa, work)
         kept = [questions[i] for i in known]
         cfg = evaluate.EvaluateConfig(
             text=Path(args.text), max_tokens=args.tokens, teacher=False, speed=False, qa=kept_file,
