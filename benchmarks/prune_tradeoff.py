@@ -126,25 +126,30 @@ def build(name: str, ratios: tuple[int, float, float], args: argparse.Namespace,
     return recipe_mod.run(recipe, work / name, progress=True)
 
 
+def common_args(ap: argparse.ArgumentParser, tokens: int, threads: int, out: str) -> None:
+    """The options this script shares with benchmarks/quant_qa.py (teacher, QA set, text, decode)."""
+    ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
+    ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
+    ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
+    ap.add_argument("--tokens", type=int, default=tokens, help="held-out perplexity tokens (span 0..0.1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--work", type=Path, help="where the bundles go (default: a temporary folder)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--levels", nargs="*", default=DEFAULT_LEVELS, help=f"of {list(LEVELS)}")
     ap.add_argument("--recipe-bundle", type=Path, help="a finished (distilled) bundle: one more row")
-    ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
     ap.add_argument(
         "--qa-dir",
         type=Path,
         help="folder of `edge-llm eval --qa SET --json qa_LEVEL.json` results: those answers are rescored "
         "instead of asked again (a loaded machine: run the levels' QA in parallel processes)",
     )
-    ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
-    ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
-    ap.add_argument("--tokens", type=int, default=8192, help="held-out perplexity tokens (span 0..0.1)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
     ap.add_argument("--calib-tokens", type=int, default=8192, help="pruning calibration (the recipe's 8192)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", type=Path, help="where the bundles go (default: a temporary folder)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_tradeoff"))
+    common_args(ap, tokens=8192, threads=2, out="prune_tradeoff")
     args = ap.parse_args(argv)
     unknown = [n for n in args.levels if n not in LEVELS]
     if unknown or not args.levels:

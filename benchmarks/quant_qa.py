@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare import interleaved  # noqa: E402
-from benchmarks.prune_tradeoff import teacher_known, teacher_rows  # noqa: E402
+from benchmarks.prune_tradeoff import common_args, teacher_known, teacher_rows  # noqa: E402
 from benchmarks.results_io import write_results  # noqa: E402
 from export import evaluate  # noqa: E402
 from export import recipe as recipe_mod  # noqa: E402
@@ -58,14 +58,7 @@ def build(name: str, work: Path) -> Path:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
-    ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
-    ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
-    ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
-    ap.add_argument("--tokens", type=int, default=2048, help="held-out perplexity tokens (span 0..0.1)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work", type=Path, help="where the bundles go (default: a temporary folder)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quant_qa"))
+    common_args(ap, tokens=2048, threads=1, out="quant_qa")
     args = ap.parse_args(argv)
     unknown = [n for n in args.variants if n not in VARIANTS]
     if unknown or not args.variants:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,9 +220,10 @@ def test_report_has_the_qa_section() -> None:
     assert "| d | 1 | 1 | 1 | 1 |" in md  # per category, the last model
 
 
-def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_answers: list[str]) -> None:
-    """[evaluate] qa = FILE: the loaded model's answers are the teacher's; the bundle's evaluation
-    reports retention against them; report.json / report.md carry it."""
+def _qa_recipe(
+    tiny_hf: Path, tmp_path: Path, teacher_answers: list[str], name: str, stage_evals: bool
+) -> Any:
+    """A tiny recipe whose [evaluate] asks a QA set the tiny teacher answers correctly."""
     from export import recipe as recipe_mod
     from export.load import LoadConfig
     from export.quantize import QuantizeConfig
@@ -232,23 +234,25 @@ def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_an
     text.write_text("\n".join(TRAIN_TEXT))
     accepted = [[next((w for w in a.split() if qa.normalise(w)), "zzz")] for a in teacher_answers]
     path = _qa_file(tmp_path / "qa.jsonl", accepted)
-    recipe = recipe_mod.Recipe(
-        name="tiny-qa",
+    return recipe_mod.Recipe(
+        name=name,
         load=LoadConfig(model=str(tiny_hf)),
         to_onnx=ToOnnxConfig(graph="optimum", max_context=256),
         quantize=QuantizeConfig(mode="none"),
         evaluate=evaluate.EvaluateConfig(
-            text=text,
-            span=(0.0, 1.0),
-            max_tokens=100,
-            context=64,
-            stride=64,
-            speed=False,
-            qa=path,
+            text=text, span=(0.0, 1.0), max_tokens=100, context=64, stride=64, speed=False, qa=path,
             qa_max_tokens=8,
         ),
-        report=report.ReportConfig(chart=False),
-    )
+        report=report.ReportConfig(chart=False, stage_evals=stage_evals),
+    )  # fmt: skip
+
+
+def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_answers: list[str]) -> None:
+    """[evaluate] qa = FILE: the loaded model's answers are the teacher's; the bundle's evaluation
+    reports retention against them; report.json / report.md carry it."""
+    from export import recipe as recipe_mod
+
+    recipe = _qa_recipe(tiny_hf, tmp_path, teacher_answers, "tiny-qa", stage_evals=True)
     out = recipe_mod.run(recipe, tmp_path / "bundle")
     data = json.loads((out / "report.json").read_text())
     load_eval, bundle_eval = data["evaluations"]["load"], data["evaluations"]["bundle"]
@@ -266,32 +270,9 @@ def test_teacher_answers_are_one_cached_stage(
     takes the teacher's answers from the teacher_qa stage; another recipe over the same teacher
     and set reuses them (the teacher does not answer again)."""
     from export import recipe as recipe_mod
-    from export.load import LoadConfig
-    from export.quantize import QuantizeConfig
     from export.to_onnx import ToOnnxConfig
-    from tests.conftest import TRAIN_TEXT
 
-    text = tmp_path / "t.txt"
-    text.write_text("\n".join(TRAIN_TEXT))
-    accepted = [[next((w for w in a.split() if qa.normalise(w)), "zzz")] for a in teacher_answers]
-    path = _qa_file(tmp_path / "qa.jsonl", accepted)
-    recipe = recipe_mod.Recipe(
-        name="tiny-qa-cached",
-        load=LoadConfig(model=str(tiny_hf)),
-        to_onnx=ToOnnxConfig(graph="optimum", max_context=256),
-        quantize=QuantizeConfig(mode="none"),
-        evaluate=evaluate.EvaluateConfig(
-            text=text,
-            span=(0.0, 1.0),
-            max_tokens=64,
-            context=32,
-            stride=32,
-            speed=False,
-            qa=path,
-            qa_max_tokens=8,
-        ),
-        report=report.ReportConfig(chart=False, stage_evals=False),
-    )
+    recipe = _qa_recipe(tiny_hf, tmp_path, teacher_answers, "tiny-qa-cached", stage_evals=False)
     out = recipe_mod.run(recipe, tmp_path / "a")
     first = json.loads((out / "report.json").read_text())["evaluations"]["bundle"]
     assert [r["teacher_answer"] for r in first["qa_items"]] == teacher_answers
