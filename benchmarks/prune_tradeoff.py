@@ -82,6 +82,20 @@ def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
     return qa.scored(questions, qa.answers_cached(lambda: load_model(hf_dir), hf_dir, questions, 32))
 
 
+def teacher_known(
+    teacher: list[dict[str, Any]], qa_file: Path, work: Path
+) -> tuple[list[int], Path, list[dict[str, Any]]]:
+    """Only the questions the teacher answers correctly are asked: retention is the same figure
+    at a fraction of the cost (the QA accuracy is then over these). Returns their indices in the
+    set, a QA file of them in `work`, and the teacher's rows for them."""
+    known = [i for i, r in enumerate(teacher) if r["ok"]]
+    records = [{"question": q.question, "answers": list(q.answers), "category": q.category}
+               for q in qa.load(qa_file)]  # fmt: skip
+    kept_file = work / "qa-teacher-correct.jsonl"
+    kept_file.write_text("".join(json.dumps(records[i]) + "\n" for i in known))
+    return known, kept_file, [teacher[i] for i in known]
+
+
 def answers_from(folder: Path | None, level: str, questions: list[qa.Question]) -> list[str] | None:
     """A level's answers to the whole QA set from folder/qa_LEVEL.json, or None when absent."""
     path = None if folder is None else folder / f"qa_{level}.json"
@@ -113,25 +127,30 @@ def build(name: str, ratios: tuple[int, float, float], args: argparse.Namespace,
     return recipe_mod.run(recipe, work / name, progress=True)
 
 
+def common_args(ap: argparse.ArgumentParser, tokens: int, threads: int, out: str) -> None:
+    """The options this script shares with benchmarks/quant_qa.py (teacher, QA set, text, decode)."""
+    ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
+    ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
+    ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
+    ap.add_argument("--tokens", type=int, default=tokens, help="held-out perplexity tokens (span 0..0.1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--work", type=Path, help="where the bundles go (default: a temporary folder)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out))
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--levels", nargs="*", default=DEFAULT_LEVELS, help=f"of {list(LEVELS)}")
     ap.add_argument("--recipe-bundle", type=Path, help="a finished (distilled) bundle: one more row")
-    ap.add_argument("--teacher-qa", type=Path, help="eval JSON holding the teacher's QA answers")
     ap.add_argument(
         "--qa-dir",
         type=Path,
         help="folder of `edge-llm eval --qa SET --json qa_LEVEL.json` results: those answers are rescored "
         "instead of asked again (a loaded machine: run the levels' QA in parallel processes)",
     )
-    ap.add_argument("--qa", type=Path, default=ROOT / "configs" / "qa" / "general-v1.jsonl")
-    ap.add_argument("--text", default="../shared/data/wikitext-2/valid.txt", help="cwd, then the repo root")
-    ap.add_argument("--tokens", type=int, default=8192, help="held-out perplexity tokens (span 0..0.1)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
     ap.add_argument("--calib-tokens", type=int, default=8192, help="pruning calibration (the recipe's 8192)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--work", type=Path, help="where the bundles go (default: a temporary folder)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prune_tradeoff"))
+    common_args(ap, tokens=8192, threads=2, out="prune_tradeoff")
     args = ap.parse_args(argv)
     unknown = [n for n in args.levels if n not in LEVELS]
     if unknown or not args.levels:
@@ -145,16 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             names.append("recipe")
             bundles["recipe"] = args.recipe_bundle
             shapes["recipe"] = (-1, -1.0, -1.0)  # its own recipe says (bundle.json)
-        teacher = teacher_rows(args.teacher_qa, args.qa)
-        # Only the questions the teacher answers correctly are asked: retention is the same
-        # figure, at a fraction of the cost (the QA accuracy column is then over these).
-        known = [i for i, r in enumerate(teacher) if r["ok"]]
         questions = qa.load(args.qa)
-        kept_file = work / "qa-teacher-correct.jsonl"
-        records = [{"question": q.question, "answers": list(q.answers), "category": q.category}
-                   for q in questions]  # fmt: skip
-        kept_file.write_text("".join(json.dumps(records[i]) + "\n" for i in known))
-        teacher = [teacher[i] for i in known]
+        known, kept_file, teacher = teacher_known(teacher_rows(args.teacher_qa, args.qa), args.qa, work)
         kept = [questions[i] for i in known]
         cfg = evaluate.EvaluateConfig(
             text=Path(args.text), max_tokens=args.tokens, teacher=False, speed=False, qa=kept_file,

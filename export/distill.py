@@ -39,17 +39,19 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export import evaluate, trim_vocab
+from export import evaluate, qa, trim_vocab
 from export.hf import TOKENIZER_FILES
 from export.stage import Artifact, Stage
+from export.teacher import answers as teacher_answers
 from export.teacher import chats as teacher_chats
 from export.teacher import load_model, model_logits
-from export.text import check_span, overlaps, read_span
+from export.text import check_span, overlaps, read_span, resolve_text
 
 log = logging.getLogger(__name__)
 REPORT = "distill.json"
 CHECKPOINT = "checkpoint.pt"
 CHATS = "chats.json"  # the teacher-written conversations trained on (token ids)
+QUESTIONS = "questions.json"  # the teacher's answers to the `questions` file (token ids)
 TEACHER_TEXT = "teacher_text.json"  # the teacher's text continuations trained on (token ids)
 
 
@@ -60,6 +62,13 @@ class DistillConfig:
     teacher_tokens: int = 0  # extra training text sampled from the teacher (0: none)
     chat_tokens: int = 0  # chat turns (question + answer) the teacher writes itself (0: none)
     chat_max_answer: int = 160  # tokens per generated answer at most
+    # QA-style turns: a file of user questions, one a line (# comments), that the teacher
+    # answers (sampled as the chats); none of them may ask an `exclude_qa` question again.
+    questions: Path | None = None
+    # An evaluation QA set (export/qa.py) kept out of training: teacher-written chats asking one
+    # of its questions again (qa.unlike) are not trained on, and a `questions` file that does is
+    # refused. A small teacher's self-written questions include "What is the capital of France?".
+    exclude_qa: Path | None = None
     tokens: int = 100_000  # token budget: student tokens trained on
     seq_len: int = 256
     batch: int = 4  # sequences per micro-batch
@@ -158,23 +167,42 @@ def training_ids(
         generated = _kept(keep_dir, TEACHER_TEXT, lambda: teacher_text(model, ids, config, device))
         where["teacher_tokens"] = len(generated)
         ids = ids + generated
+    keep = None
+    if config.exclude_qa is not None:
+        keep = qa.unlike(qa.load(resolve_text(config.exclude_qa, "distill.exclude_qa")))
+    if (config.chat_tokens or config.questions is not None) and teacher_dir is None:
+        raise ExportError("distill.chat_tokens / questions need the teacher's folder (its chat template)")
+    chats: list[list[int]] = []
     if config.chat_tokens:
-        if teacher_dir is None:
-            raise ExportError("distill.chat_tokens needs the teacher's folder (its chat template)")
         chats = _kept(
             keep_dir,
             CHATS,
             lambda: [
                 c
                 for c, _ in teacher_chats(
-                    model, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device
+                    model, teacher_dir, config.chat_tokens, config.chat_max_answer, config.seed, device, keep
                 )
             ],
         )
+        where["chat_turns"] = len(chats)
+    if config.questions is not None:
+        asked = read_questions(config.questions, keep)
+        turns = _kept(
+            keep_dir,
+            QUESTIONS,
+            lambda: [
+                c
+                for c, _ in teacher_answers(
+                    model, teacher_dir, asked, config.chat_max_answer, config.seed, device
+                )
+            ],
+        )
+        where["question_turns"] = len(turns)
+        chats = chats + turns
+    if chats:
         if convert is not None:
             chats = [convert(c) for c in chats]
         where["chat_tokens"] = sum(len(c) for c in chats)
-        where["chat_turns"] = len(chats)
         where["chat_example"] = tok.decode(chats[0], skip_special_tokens=False)[:400]
         # One stream after the text, cut into seq_len rows like it; rows are shuffled per epoch.
         ids = ids + [i for c in chats for i in c]
@@ -184,6 +212,22 @@ def training_ids(
             f"distill: {where['file']} span {config.span} has fewer than {config.seq_len} tokens"
         )
     return np.asarray(ids[: n * config.seq_len], dtype=np.int64).reshape(n, config.seq_len), where
+
+
+def read_questions(path: Path, keep: Callable[[str], bool] | None) -> list[str]:
+    """The `questions` file's questions (blank lines and # comments skipped); refused when one
+    asks an excluded QA question again (`keep` False)."""
+    where = resolve_text(path, "distill.questions")
+    lines = [s.strip() for s in where.read_text(encoding="utf-8").splitlines()]
+    asked = [s for s in lines if s and not s.startswith("#")]
+    if not asked:
+        raise ExportError(f"distill.questions: {where} holds no question")
+    clash = [q for q in asked if keep is not None and not keep(q)]
+    if clash:
+        raise ExportError(
+            f"distill.questions: {where} asks evaluation questions again (distill.exclude_qa): {clash[:3]}"
+        )
+    return asked
 
 
 def _kept(folder: Path | None, name: str, make: Callable[[], Any]) -> Any:

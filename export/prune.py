@@ -5,7 +5,11 @@ the runtime handle like any other:
 - depth: whole decoder layers are dropped. Importance is the angular distance between the hidden
   state entering and leaving the layers, averaged over calibration tokens: "block" (Gromov et
   al., 2024) drops the n consecutive layers whose input and output are most alike; "single"
-  (ShortGPT's block influence) drops the n layers that individually change the state least.
+  (ShortGPT's block influence) drops the n layers that individually change the state least;
+  "kl" measures what each removal does to the output: greedily, one layer at a time, the layer
+  whose removal moves the next-token distribution least (mean KL(model ‖ model without it) over
+  the calibration tokens). A small hidden-state change can still matter to the answer: on
+  SmolLM2 the angular pick kept 9.5% of the QA answers (issue 16), hence a measured choice.
 - width: MLP intermediate channels. Channel j's importance is activation-aware:
   sqrt(E[x_j^2]) * ||W_down[:, j]|| with x the input of down_proj (the channel's contribution
   to the layer output), ranked per layer; the same count is kept in every layer (HF configs
@@ -43,7 +47,10 @@ REPORT = "prune.json"
 @dataclass(frozen=True)
 class PruneConfig:
     layer_ratio: float = 0.0  # fraction of decoder layers dropped (rounded to a whole layer)
-    layer_method: Literal["block", "single"] = "block"
+    layer_method: Literal["block", "single", "kl"] = "block"
+    # "kl": after the first pass over all layers, later greedy steps try only the `shortlist`
+    # layers that cost least alone (each try is most of a forward; 30 per step cost too much).
+    shortlist: int = 8
     keep_last_layer: bool = True  # the last layer maps into the vocabulary space; never drop it
     mlp_ratio: float = 0.0  # fraction of MLP intermediate channels removed
     head_ratio: float = 0.0  # fraction of query heads removed within each KV group
@@ -65,8 +72,8 @@ class PruneConfig:
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"prune.{name} must be in [0, 1) (a fraction removed), not {value}")
         check_span(self.span, "prune.span")
-        if self.multiple < 1 or self.calib_tokens < 1 or self.seq_len < 2:
-            raise ValueError("prune: multiple >= 1, calib_tokens >= 1, seq_len >= 2")
+        if self.multiple < 1 or self.calib_tokens < 1 or self.seq_len < 2 or self.shortlist < 1:
+            raise ValueError("prune: multiple >= 1, calib_tokens >= 1, seq_len >= 2, shortlist >= 1")
         if self.damp <= 0:
             raise ValueError(f"prune.damp must be > 0, not {self.damp}")
 
@@ -268,6 +275,80 @@ def choose_layers(config: PruneConfig, scores: dict[str, Any], n: int, drop: int
     return sorted(order[:drop])
 
 
+def kl_layers(
+    model: Any, batches: list[Any], drop: int, last: int, shortlist: int, progress: bool = False
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """The `drop` layers (of the first `last`) to remove, chosen greedily by measured KL.
+
+    Each step removes the layer whose removal, on top of those already removed, gives the
+    smallest mean KL(full model ‖ pruned model) of the next-token distributions over all
+    calibration tokens. A try re-runs only the layers after the tried one, from the hidden
+    state entering it (kept from one pass of the current model). Returns the dropped layers
+    (sorted) and each step's tried layers with their KL (the report's `layer_kl`).
+    """
+    import torch
+
+    layers, norm, head = model.model.layers, model.model.norm, model.get_output_embeddings()
+    kwargs: dict[str, Any] = {}
+
+    def grab(_m: Any, args: Any, kw: Any) -> None:
+        kwargs.update(kw)  # mask, positions, rotary embeddings: the same for every layer
+
+    full_logp, per_batch = [], []
+    hook = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                kwargs.clear()
+                full_logp.append(torch.log_softmax(model(ids, use_cache=False).logits.float(), -1))
+                per_batch.append((model.model.embed_tokens(ids), dict(kwargs)))
+    finally:
+        hook.remove()
+    tokens = sum(ids.numel() for ids in batches)
+
+    def run_from(h: Any, kw: dict, order: list[int]) -> Any:
+        for j in order:
+            h = layers[j](h, **kw)
+            h = h[0] if isinstance(h, tuple) else h  # older transformers return a tuple
+        return h
+
+    dropped: list[int] = []
+    steps: list[dict[str, Any]] = []
+    first: dict[int, float] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=drop, desc="prune: layers by KL", unit="layer", dynamic_ncols=True)
+    with torch.inference_mode():
+        for _ in range(drop):
+            kept = [i for i in range(len(layers)) if i not in dropped]
+            pool = [i for i in kept if i < last]
+            if first:  # later steps: the shortlist of the first step's cheapest layers
+                pool = sorted(pool, key=first.__getitem__)[:shortlist]
+            kl = dict.fromkeys(pool, 0.0)
+            for (emb, kw), ref in zip(per_batch, full_logp, strict=True):
+                h, entering = emb, {}
+                for j in kept:  # the hidden state entering each kept layer, once per step
+                    entering[j] = h
+                    h = run_from(h, kw, [j])
+                for c in pool:
+                    out = run_from(entering[c], kw, [j for j in kept if j > c])
+                    logp = torch.log_softmax(head(norm(out)).float(), -1)
+                    kl[c] += float((ref.exp() * (ref - logp)).sum())
+            kl = {c: v / tokens for c, v in kl.items()}
+            if not first:
+                first = dict(kl)
+            best = min(kl, key=kl.__getitem__)
+            dropped.append(best)
+            steps.append({"dropped": best, "kl": {str(c): round(v, 5) for c, v in kl.items()}})
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return sorted(dropped), steps
+
+
 def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False) -> dict[str, Any]:
     """Prune the model in `hf_dir` into `out_dir`; returns (and writes) the prune report."""
     import torch
@@ -292,7 +373,13 @@ def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False
         report["calibration"] = {**where, "tokens": scores["tokens"], "seq_len": config.seq_len}
     else:
         scores = None
-    dropped = choose_layers(config, scores, n, target.drop_layers) if scores else []
+    if scores and config.layer_method == "kl" and target.drop_layers:
+        last = n - 1 if config.keep_last_layer else n
+        dropped, report["layer_kl"] = kl_layers(
+            model, batches, target.drop_layers, last, config.shortlist, progress
+        )
+    else:
+        dropped = choose_layers(config, scores, n, target.drop_layers) if scores else []
     kept_layers = [i for i in range(n) if i not in dropped]
     state = model.state_dict()
     new_state: dict[str, Any] = {k: v for k, v in state.items() if not k.startswith("model.layers.")}

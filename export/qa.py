@@ -155,6 +155,30 @@ def first_sentence(text: str) -> str:
     return text
 
 
+# Words that say what kind of question it is, not what it is about.
+_QUESTION_WORDS = "what whats which who whom how many much is are was were do does did of in on to for "
+QUESTION_WORDS = frozenset((_QUESTION_WORDS + "by it its s there called").split())
+
+
+def topic(text: str) -> frozenset[str]:
+    """The words of a question that name what it asks about (`normalise`d, question words out)."""
+    return frozenset(w for w in normalise(text) if w not in QUESTION_WORDS)
+
+
+def unlike(items: Sequence[Question], overlap: float = 0.75) -> Callable[[str], bool]:
+    """A test that is False for text asking one of `items` again: all of an item's topic words
+    in it, or topic words shared at Jaccard >= `overlap`. Training data that must not hold the
+    evaluation questions (export/distill.py) is filtered with it; it catches copies and close
+    rewordings, not paraphrases with other words."""
+    topics = [t for t in (topic(q.question) for q in items) if t]
+
+    def ok(text: str) -> bool:
+        words = topic(text)
+        return not any(t <= words or len(t & words) / len(t | words) >= overlap for t in topics)
+
+    return ok
+
+
 def _contains(words: Sequence[str], part: Sequence[str]) -> bool:
     n = len(part)
     return n > 0 and any(list(words[i : i + n]) == list(part) for i in range(len(words) - n + 1))

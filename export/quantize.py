@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +54,11 @@ class QuantizeConfig:
     # 4: int8 activations x n-bit weights inside the kernel; on x86 CPUs levels 1-3 run a slow
     # dequantize-then-fp32 path (measured ~5x slower per token on SmolLM2).
     accuracy_level: int = 4
+    # MatMuls (node-name substrings, e.g. "lm_head", "down_proj") that run with accuracy_level 0
+    # (fp32 activations) whatever `accuracy_level` says: int8 activations lost 8 of the teacher's
+    # 74 correct QA answers on SmolLM2 (benchmarks/quant_qa.py), and not every MatMul need pay
+    # the slow path to win them back.
+    exact_activations: tuple[str, ...] = ()
     # "auto": int8 with the CPU weight-only modes (int8, grid), fp32 with the others (none, and
     # the standard-op graphs that ORT's quantizers and NPUs take). SmolLM2, int8 block 64: bundle
     # 249 -> 170 MB, ppl 19.870 -> 19.887 (fp32 19.752), same decode speed and peak RSS (ORT maps
@@ -120,7 +126,7 @@ def run(
             encode = nbits.encode_int8 if config.mode == "int8" else nbits.encode_auto
             users = _weight_users(model)
             errors = nbits.rewrite_matmuls(
-                model, functools.partial(encode, block=config.block_size), config.accuracy_level
+                model, functools.partial(encode, block=config.block_size), _levels(config)
             )
             errors = {users.get(w, w): e for w, e in errors.items()}
             if not errors:
@@ -131,6 +137,7 @@ def run(
                 "bits": sorted({int(e["bits"]) for e in errors.values()}),
                 "block_size": config.block_size,
                 "accuracy_level": config.accuracy_level,
+                **({"exact_activations": list(config.exact_activations)} if config.exact_activations else {}),
             }
     if embeddings(config) == "int8":
         errors |= quantize_embeddings(model, config.block_size)
@@ -140,6 +147,13 @@ def run(
     save(model, out)
     (out_dir / REPORT).write_text(json.dumps({"method": method, "errors": errors}, indent=2) + "\n")
     return QuantizeResult(out, method, errors)
+
+
+def _levels(config: QuantizeConfig) -> int | Callable[[str], int]:
+    """The accuracy level of each MatMulNBits node, by name (see `exact_activations`)."""
+    if not config.exact_activations:
+        return config.accuracy_level
+    return lambda name: 0 if any(p in name for p in config.exact_activations) else config.accuracy_level
 
 
 def _weight_users(model: Any) -> dict[str, str]:

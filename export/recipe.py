@@ -113,6 +113,16 @@ class Recipe:
                 f"evaluate.chat_seed {ev.chat_seed} equals distill.seed: the chat turns evaluated on "
                 f"would be the ones distillation trained on"
             )
+        teaches_chats = d is not None and (d.chat_tokens or d.questions is not None)
+        if (
+            teaches_chats
+            and ev.qa is not None
+            and (d.exclude_qa is None or not same_file(d.exclude_qa, ev.qa))
+        ):
+            raise ValueError(
+                f"distill trains on teacher-written chats while evaluate asks {ev.qa}: set "
+                f"distill.exclude_qa to that file, so its questions are not trained on"
+            )
         if (
             self.quantize.mode == "qdq"
             and self.quantize.calib_text is not None

@@ -48,11 +48,18 @@ def torch_logits(hf_dir: Path, threads: int = 0) -> tuple[Logits, Any]:
 
 
 def chats(
-    teacher: Any, teacher_dir: Path, tokens: int, max_answer: int, seed: int, device: str
+    teacher: Any,
+    teacher_dir: Path,
+    tokens: int,
+    max_answer: int,
+    seed: int,
+    device: str,
+    keep: Callable[[str], bool] | None = None,
 ) -> list[tuple[list[int], int]]:
     """Conversations of about `tokens` tokens in all, each the templated user question the
     teacher wrote (prompted with its template up to an empty user turn) and its own answer
-    (at most `max_answer` tokens, sampled with `seed`): (ids, prompt length) each."""
+    (at most `max_answer` tokens, sampled with `seed`): (ids, prompt length) each. `keep`: a
+    question it returns False for is not answered (e.g. one of an evaluation set)."""
     import torch
 
     hf_tok = hf_tokenizer(teacher_dir)
@@ -65,39 +72,73 @@ def chats(
     prefix = hf_tok(rendered[: rendered.index(mark)], add_special_tokens=False)["input_ids"]
     torch.manual_seed(seed)  # generate() samples from torch's global generator
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else stop[0]
-    sample = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "eos_token_id": stop, "pad_token_id": pad}
     out_chats: list[tuple[list[int], int]] = []
     total = empty_rounds = 0
     while total < tokens:
         start = torch.tensor([prefix] * CHAT_ROWS, device=device)
         with torch.inference_mode():
             asked = teacher.generate(
-                start, attention_mask=torch.ones_like(start), max_new_tokens=48, **sample
+                start, attention_mask=torch.ones_like(start), max_new_tokens=48, **_sampling(stop, pad)
             )[:, len(prefix) :].tolist()
         questions = [hf_tok.decode(until(q, stop), skip_special_tokens=True).strip() for q in asked]
-        prompts = [
-            hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-            for q in questions
-            if q
-        ]
-        if not prompts:
+        questions = [q for q in questions if q and (keep is None or keep(q))]
+        if not questions:
             empty_rounds += 1
             if empty_rounds == 10:
                 raise ExportError("chat_tokens: the teacher wrote no user question in 10 tries")
             continue
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        with torch.inference_mode():
-            out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **sample)[
-                :, width:
-            ].tolist()
-        for p, answer in zip(prompts, out, strict=True):
-            kept = until(answer, stop)
-            chat = p + kept + ([stop[0]] if len(kept) < len(answer) else [])  # with its end of turn
-            out_chats.append((chat, len(p)))
-            total += len(chat)
+        for chat in _answer(teacher, hf_tok, questions, max_answer, stop, pad, device):
+            out_chats.append(chat)
+            total += len(chat[0])
     return out_chats
+
+
+def answers(
+    teacher: Any, teacher_dir: Path, questions: list[str], max_answer: int, seed: int, device: str
+) -> list[tuple[list[int], int]]:
+    """Chat turns of the given user `questions` with the teacher's answers (sampled as in
+    `chats`, with `seed`): (ids, prompt length) each, in the questions' order."""
+    import torch
+
+    hf_tok = hf_tokenizer(teacher_dir)
+    if not hf_tok.chat_template:
+        raise ExportError(f"questions: {teacher_dir} has no chat template")
+    stop = special_ids(Path(teacher_dir))[1]
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else stop[0]
+    torch.manual_seed(seed)
+    out: list[tuple[list[int], int]] = []
+    for i in range(0, len(questions), CHAT_ROWS):
+        out += _answer(teacher, hf_tok, questions[i : i + CHAT_ROWS], max_answer, stop, pad, device)
+    return out
+
+
+def _sampling(stop: list[int], pad: int) -> dict[str, Any]:
+    return {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "eos_token_id": stop, "pad_token_id": pad}
+
+
+def _answer(
+    teacher: Any, hf_tok: Any, questions: list[str], max_answer: int, stop: list[int], pad: int, device: str
+) -> list[tuple[list[int], int]]:
+    """One batch: each question templated as a user turn, answered by the teacher (left-padded
+    prompts), with its end of turn when the answer ended before `max_answer`."""
+    import torch
+
+    prompts = [
+        hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in questions
+    ]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **_sampling(stop, pad))[
+            :, width:
+        ].tolist()
+    chats = []
+    for p, answer in zip(prompts, out, strict=True):
+        kept = until(answer, stop)
+        chats.append((p + kept + ([stop[0]] if len(kept) < len(answer) else []), len(p)))
+    return chats
 
 
 def until(ids: list[int], stop: list[int]) -> list[int]:

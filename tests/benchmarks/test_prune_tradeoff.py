@@ -36,3 +36,25 @@ def test_teacher_answers_from_an_eval_json(tmp_path: Path) -> None:
     other.write_text(json.dumps({"question": "Other?", "answers": ["x"], "category": "g"}) + "\n")
     with pytest.raises(SystemExit, match="another QA set"):
         prune_tradeoff.teacher_rows(own, other)
+
+
+def test_teacher_known_asks_only_what_the_teacher_got_right(tmp_path: Path) -> None:
+    qa_file = tmp_path / "qa.jsonl"
+    rows = [{"question": "Capital of France?", "answers": ["Paris"], "category": "g"},
+            {"question": "Days in a week?", "answers": ["7"], "category": "g"}]  # fmt: skip
+    qa_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher = qa.scored(qa.load(qa_file), ["Five.", "Seven days."])
+    known, kept_file, kept = prune_tradeoff.teacher_known(teacher, qa_file, tmp_path)
+    assert known == [1] and [q.question for q in qa.load(kept_file)] == ["Days in a week?"]
+    assert [r["answer"] for r in kept] == ["Seven days."]
+
+
+def test_quant_qa_variants_are_valid_quantize_configs() -> None:
+    from dataclasses import replace
+
+    from benchmarks import quant_qa
+    from export.quantize import QuantizeConfig
+
+    for name, keys in quant_qa.VARIANTS.items():
+        assert replace(QuantizeConfig(), **keys), name
+    assert quant_qa.VARIANTS["default"] == {}

@@ -10,7 +10,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from export import distill, evaluate, prune
+from edge_llm.errors import ExportError
+from export import distill, evaluate, prune, qa
+from export.teacher import CHAT_ROWS
 from export.text import read_span
 from tests.conftest import TRAIN_TEXT, build_tiny_hf
 
@@ -162,6 +164,54 @@ def test_teacher_written_chats_are_added(
     monkeypatch.setattr(distill, "teacher_chats", never)
     again = distill.run(cfg, teacher, student, tmp_path / "c", progress=False)
     assert again["text"]["chat_tokens"] == report["text"]["chat_tokens"]
+
+
+def test_question_turns_and_excluded_qa(
+    pair: tuple[Path, Path], text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A questions file: the teacher answers each (kept beside the student); a file asking an
+    evaluation question again is refused, and teacher-written chats that ask one are dropped."""
+    teacher, student = pair
+    qa_set = tmp_path / "qa.jsonl"
+    qa_set.write_text(
+        '{"question": "What is the capital of France?", "answers": ["Paris"], "category": "g"}\n'
+        '{"question": "How many legs does a spider have?", "answers": ["8"], "category": "s"}\n'
+    )
+    asked = tmp_path / "q.txt"
+    asked.write_text("# training only\nWhat is the capital of Norway?\n\nHow many legs does a dog have?\n")
+    cfg = _config(text_file, tokens=32 * 4 * 2, questions=asked, exclude_qa=qa_set, chat_max_answer=8)
+    report = distill.run(cfg, teacher, student, tmp_path / "c", progress=False)
+    assert report["text"]["question_turns"] == 2 and "chat_turns" not in report["text"]
+    tok = distill.load_tokenizer(teacher)
+    turns = json.loads((tmp_path / "c" / distill.QUESTIONS).read_text())
+    assert "What is the capital of Norway?" in tok.decode(turns[0], skip_special_tokens=False)
+    assert report["text"]["chat_tokens"] == sum(len(t) for t in turns)
+
+    asked.write_text("What is the capital of Norway?\nWhat's the capital of France, please?\n")
+    with pytest.raises(ExportError, match=r"asks evaluation questions again.*France"):
+        distill.run(cfg, teacher, student, tmp_path / "d", progress=False)
+
+    # Chats: the teacher's questions pass the same test before they are answered.
+    from export import teacher as teacher_mod
+
+    seen: list[str] = []
+    monkeypatch.setattr(
+        teacher_mod.hf_tokenizer(teacher).__class__, "decode", _fixed_questions(seen), raising=True
+    )
+    keep = qa.unlike(qa.load(qa_set))
+    chats = teacher_mod.chats(_model(teacher), teacher, 20, 8, 0, "cpu", keep)
+    assert seen and len(chats) == CHAT_ROWS // 2  # every other question was the spider one
+
+
+def _fixed_questions(seen: list[str]) -> object:
+    """A tokenizer decode that makes the teacher's questions alternate between an evaluation
+    question and another one (the random tiny teacher writes no real questions)."""
+
+    def decode(self: object, ids: object, **_k: object) -> str:
+        seen.append("x")
+        return "How many legs does a spider have?" if len(seen) % 2 else "How many legs does a cat have?"
+
+    return decode
 
 
 def _model(path: Path) -> object:

@@ -67,7 +67,7 @@ def test_prune_shrinks_the_right_shapes_and_loads(tiny4: Path, text_file: Path, 
 
 
 def test_layer_choice_follows_importance_not_index(tiny4: Path, text_file: Path, tmp_path: Path) -> None:
-    """A layer made (nearly) the identity is the one dropped, by both methods."""
+    """A layer made (nearly) the identity is the one dropped, by every method."""
     model = AutoModelForCausalLM.from_pretrained(str(tiny4))
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)
@@ -76,7 +76,7 @@ def test_layer_choice_follows_importance_not_index(tiny4: Path, text_file: Path,
     model.save_pretrained(src)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (src / name).write_bytes((tiny4 / name).read_bytes())
-    for method in ("single", "block"):
+    for method in ("single", "block", "kl"):
         cfg = prune.PruneConfig(
             layer_ratio=0.25,
             layer_method=method,
@@ -88,6 +88,23 @@ def test_layer_choice_follows_importance_not_index(tiny4: Path, text_file: Path,
         report = prune.run(cfg, src, tmp_path / method)
         assert report["dropped_layers"] == [1], method
         assert min(report["layer_distance"]["single"]) == report["layer_distance"]["single"][1]
+    kl = report["layer_kl"][0]["kl"]  # the last run: "kl"; the last layer is never tried
+    assert set(kl) == {"0", "1", "2"} and min(kl, key=kl.__getitem__) == "1" and kl["1"] < 1e-3
+
+
+def test_kl_choice_is_greedy_over_the_shortlist(tiny4: Path, text_file: Path, tmp_path: Path) -> None:
+    """Two layers by KL: the second step tries only the shortlist, on top of the first drop."""
+    cfg = prune.PruneConfig(
+        layer_ratio=0.5, layer_method="kl", shortlist=2, text=text_file, span=(0.0, 1.0),
+        calib_tokens=128, seq_len=64,
+    )  # fmt: skip
+    report = prune.run(cfg, tiny4, tmp_path / "p")
+    first, second = report["layer_kl"]
+    assert len(first["kl"]) == 3 and len(second["kl"]) == 2 and str(first["dropped"]) not in second["kl"]
+    assert report["dropped_layers"] == sorted([first["dropped"], second["dropped"]])
+    assert min(first["kl"].values()) <= min(second["kl"].values())  # removing more moves more
+    with pytest.raises(ValueError, match="shortlist"):
+        prune.PruneConfig(shortlist=0)
 
 
 def test_mlp_channels_ranked_by_activation(tiny4: Path, text_file: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,9 +221,10 @@ def test_report_has_the_qa_section() -> None:
     assert "| d | 1 | 1 | 1 | 1 |" in md  # per category, the last model
 
 
-def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_answers: list[str]) -> None:
-    """[evaluate] qa = FILE: the loaded model's answers are the teacher's; the bundle's evaluation
-    reports retention against them; report.json / report.md carry it."""
+def _qa_recipe(
+    tiny_hf: Path, tmp_path: Path, teacher_answers: list[str], name: str, stage_evals: bool
+) -> Any:
+    """A tiny recipe whose [evaluate] asks a QA set the tiny teacher answers correctly."""
     from export import recipe as recipe_mod
     from export.load import LoadConfig
     from export.quantize import QuantizeConfig
@@ -233,8 +235,8 @@ def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_an
     text.write_text("\n".join(TRAIN_TEXT))
     accepted = [[next((w for w in a.split() if qa.normalise(w)), "zzz")] for a in teacher_answers]
     path = _qa_file(tmp_path / "qa.jsonl", accepted)
-    recipe = recipe_mod.Recipe(
-        name="tiny-qa",
+    return recipe_mod.Recipe(
+        name=name,
         load=LoadConfig(model=str(tiny_hf)),
         to_onnx=ToOnnxConfig(graph="optimum", max_context=256),
         quantize=QuantizeConfig(mode="none"),
@@ -242,8 +244,16 @@ def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_an
             text=text, span=(0.0, 1.0), max_tokens=100, context=64, stride=64, speed=False, qa=path,
             qa_max_tokens=8,
         ),
-        report=report.ReportConfig(chart=False),
-    )
+        report=report.ReportConfig(chart=False, stage_evals=stage_evals),
+    )  # fmt: skip
+
+
+def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_answers: list[str]) -> None:
+    """[evaluate] qa = FILE: the loaded model's answers are the teacher's; the bundle's evaluation
+    reports retention against them; report.json / report.md carry it."""
+    from export import recipe as recipe_mod
+
+    recipe = _qa_recipe(tiny_hf, tmp_path, teacher_answers, "tiny-qa", stage_evals=True)
     out = recipe_mod.run(recipe, tmp_path / "bundle")
     data = json.loads((out / "report.json").read_text())
     load_eval, bundle_eval = data["evaluations"]["load"], data["evaluations"]["bundle"]
@@ -252,6 +262,32 @@ def test_recipe_stage_writes_qa_fields(tiny_hf: Path, tmp_path: Path, teacher_an
     assert bundle_eval["qa_same_answer"] == 1.0
     assert bundle_eval["qa_teacher_correct"] == load_eval["qa_correct"]
     assert "## Knowledge (QA)" in (out / "report.md").read_text()
+
+
+def test_teacher_answers_are_one_cached_stage(
+    tiny_hf: Path, tmp_path: Path, teacher_answers: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the loaded model's evaluation (report.stage_evals false), the bundle's evaluation
+    takes the teacher's answers from the qa-answers cache; another recipe over the same teacher
+    and set reuses them (the teacher does not answer again)."""
+    from export import recipe as recipe_mod
+    from export.to_onnx import ToOnnxConfig
+
+    recipe = _qa_recipe(tiny_hf, tmp_path, teacher_answers, "tiny-qa-cached", stage_evals=False)
+    out = recipe_mod.run(recipe, tmp_path / "a")
+    first = json.loads((out / "report.json").read_text())["evaluations"]["bundle"]
+    assert [r["teacher_answer"] for r in first["qa_items"]] == teacher_answers
+    assert first["qa_same_answer"] == 1.0
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("the teacher answered again")
+
+    monkeypatch.setattr(qa, "answer_torch", never)
+    other = recipe_mod.run(
+        replace(recipe, to_onnx=ToOnnxConfig(graph="optimum", max_context=128)), tmp_path / "b"
+    )
+    again = json.loads((other / "report.json").read_text())["evaluations"]["bundle"]
+    assert again["qa_teacher_correct"] == first["qa_teacher_correct"]
 
 
 def test_eval_command_qa(

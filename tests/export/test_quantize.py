@@ -96,6 +96,25 @@ def test_embedding_gather_becomes_8bit(tiny_hf: Path, tmp_path: Path) -> None:
     assert not any(n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight" for n in graph.node)
 
 
+def test_exact_activations_pick_matmuls_by_name(tiny_hf: Path, tmp_path: Path) -> None:
+    """exact_activations: the named MatMuls run with accuracy_level 0, the others at the recipe's."""
+    import onnx
+
+    cfg = quantize.QuantizeConfig(mode="int8", exact_activations=("lm_head", "down_proj"))
+    bundle = _build(tiny_hf, tmp_path / "x", cfg)
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    levels = {
+        n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    exact = {n for n in levels if "lm_head" in n or "down_proj" in n}
+    assert exact and len(exact) < len(levels)
+    assert all(levels[n] == (0 if n in exact else 4) for n in levels), levels
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["quantization"]["exact_activations"] == ["lm_head", "down_proj"]
+
+
 def test_bad_quantize_config() -> None:
     with pytest.raises(ValueError, match=r"quantize\.mode"):
         quantize.QuantizeConfig(mode="int4")  # type: ignore[arg-type]

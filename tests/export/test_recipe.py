@@ -36,6 +36,10 @@ T = "text = 't.txt'\n"  # a text path for the sections that read text (never ope
         (f"[distill]\n{T}[evaluate]\nspan = [0.05, 0.2]\n{T}", "overlaps distill.span"),
         ("[load]\nmodel = 3\n", "load.model: expected str"),
         (f"[distill]\nchat_tokens = 10\n{T}[evaluate]\nchat_tokens = 10\nchat_seed = 0\n{T}", "chat_seed 0"),
+        (
+            f"[distill]\nchat_tokens = 10\n{T}[evaluate]\nqa = 'configs/qa/general-v1.jsonl'\n{T}",
+            "set distill.exclude_qa",
+        ),
         ("[evaluate]\nspan = [0.0, 0.1]\n", "evaluate.text: give the text file"),
         ("[prune]\nlayer_ratio = 0.5\n", "prune.text: give the text file"),
         ("[trim_vocab]\nsize = 1024\n", "trim_vocab.text: give the text file"),
@@ -56,6 +60,7 @@ def test_shipped_recipes_parse() -> None:
     assert plain.fuse is not None and plain.fuse.kv_cache == "both" and plain.fuse.query_seqlens
     assert pruned.prune is not None and pruned.distill is not None and pruned.evaluate is not None
     assert pruned.trim_vocab is not None and pruned.trim_vocab.size < 49152
+    assert pruned.distill.questions is not None and pruned.distill.exclude_qa is not None
     npu = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-qdq-npu.toml")
     assert npu.quantize.mode == "qdq" and npu.quantize.activation_bits == 16
     assert npu.static is not None and npu.static.past_length == 512
