@@ -16,6 +16,7 @@ so a sweep would otherwise fill a workstation's disk. `edge-llm cache` lists and
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -72,15 +73,25 @@ def cached_stage(stage: str, key: str, build: Callable[[Path], None]) -> tuple[P
     if (final / DONE).exists():
         os.utime(final / DONE)  # its mtime is the last use that `evict` goes by
         return final, True
-    tmp = final.with_name(final.name + PARTIAL)
-    # A partial folder may hold a resumable checkpoint (distillation): keep it, build into it.
-    tmp.mkdir(parents=True, exist_ok=True)
-    build(tmp)
-    (tmp / DONE).write_text("ok\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final, False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Two exports missing the same entry (the cache is shared, and the teacher's QA answers are
+    # one entry for every recipe over that teacher) would build into the same partial folder and
+    # one would lose it to the other's rename: the second waits for the first's result instead.
+    # The lock file stays (removing it would race a waiter); `stage_entries` lists folders only.
+    with open(final.with_name(final.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / DONE).exists():
+            os.utime(final / DONE)
+            return final, True
+        tmp = final.with_name(final.name + PARTIAL)
+        # A partial folder may hold a resumable checkpoint (distillation): keep it, build into it.
+        tmp.mkdir(parents=True, exist_ok=True)
+        build(tmp)
+        (tmp / DONE).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final, False
 
 
 @dataclass(frozen=True)

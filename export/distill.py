@@ -145,6 +145,12 @@ def load_tokenizer(teacher_dir: Path) -> Any:
     return Tokenizer.from_file(str(Path(teacher_dir) / "tokenizer.json"))
 
 
+TEACHER_TOKENS_TRIMMED = (
+    "distill.teacher_tokens: not supported for a trimmed vocabulary ([trim_vocab]); "
+    "use distill.chat_tokens for teacher-written data"
+)
+
+
 def training_ids(
     config: DistillConfig,
     tok: Any,
@@ -163,7 +169,9 @@ def training_ids(
     text, where = read_span(config.text, config.span, "distill.text")
     ids = tok.encode(text, add_special_tokens=False).ids
     where["text_tokens"] = len(ids)
-    if config.teacher_tokens:  # (run refuses them for a trimmed vocabulary, before any work)
+    if config.teacher_tokens and convert is not None:  # run refuses this earlier, before any work
+        raise ExportError(TEACHER_TOKENS_TRIMMED)
+    if config.teacher_tokens:
         generated = _kept(keep_dir, TEACHER_TEXT, lambda: teacher_text(model, ids, config, device))
         where["teacher_tokens"] = len(generated)
         ids = ids + generated
@@ -334,10 +342,7 @@ def run(
     # teacher's; the teacher reads them mapped back and scores only the student's tokens.
     vmap = trim_vocab.teacher_ids(student_dir)
     if vmap is not None and config.teacher_tokens:  # before minutes of loading and sampling
-        raise ExportError(
-            "distill.teacher_tokens: not supported for a trimmed vocabulary ([trim_vocab]); "
-            "use distill.chat_tokens for teacher-written data"
-        )
+        raise ExportError(TEACHER_TOKENS_TRIMMED)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config)
     if config.threads:

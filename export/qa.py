@@ -35,6 +35,7 @@ any path), the questions' text (accepted answers only change the scoring, which 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -337,7 +338,10 @@ def answers_cached(
 ) -> list[str]:
     """`answer_torch`'s answers, from the export cache when this model (by content) has answered
     these questions with these settings before; `model()` gives the loaded model on a miss only."""
-    key = stable_key(model_digest(hf_dir), [q.question for q in items], max_new_tokens, ANSWERING)
+    # torch / transformers versions too: answers hang on near ties that another kernel may break
+    # the other way, so an upgrade answers again.
+    versions = [importlib.metadata.version(m) for m in ("torch", "transformers")]
+    key = stable_key(model_digest(hf_dir), [q.question for q in items], max_new_tokens, ANSWERING, versions)
 
     def build(out: Path) -> None:
         answers = answer_torch(model(), hf_dir, items, max_new_tokens)
@@ -346,9 +350,13 @@ def answers_cached(
         os.replace(tmp, out / ANSWERS)
 
     folder, hit = cached_stage("qa-answers", key, build)
-    answers = json.loads((folder / ANSWERS).read_text(encoding="utf-8"))
+    damaged = ExportError(f"{folder}: cached QA answers are damaged (remove the folder to recompute)")
+    try:
+        answers = json.loads((folder / ANSWERS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise damaged from None
     if not isinstance(answers, list) or len(answers) != len(items):
-        raise ExportError(f"{folder}: cached QA answers are damaged (remove the folder to recompute)")
+        raise damaged
     if hit:
         log.info("qa: %s's answers to %d questions from the cache (%s)", hf_dir, len(items), folder)
     return answers

@@ -230,7 +230,11 @@ def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
 
     t = time.perf_counter()
     out = write_bundle({})
-    art = replace(art, key=stable_key(art.key, bcfg), key_parts=(), last="bundle", bundle=out)
+    # The target's provider options (openvino: precision ACCURACY) change what an evaluation on
+    # that EP measures; a target without any keeps the key it had before they existed.
+    opts = targets.provider_options(recipe.target.name)
+    key = stable_key(art.key, bcfg, opts) if opts else stable_key(art.key, bcfg)
+    art = replace(art, key=key, key_parts=(), last="bundle", bundle=out)
     stages.add("bundle", time.perf_counter() - t, False, path=str(out))
     art = _evaluate(recipe, art, stages, progress)
     t = time.perf_counter()

@@ -41,7 +41,7 @@ def candidates(path: Path) -> list[Path]:
 def resolve_text(path: Path | None, where: str = "text") -> Path:
     """The file a recipe's text path names (see the module docstring); it must exist."""
     if path is None:
-        raise ExportError(f"{where}: no text file given (set it in the recipe: text = \"PATH\")")
+        raise ExportError(f'{where}: no text file given (set it in the recipe: text = "PATH")')
     looked = candidates(path)
     for full in looked:
         if full.is_file():

@@ -151,3 +151,30 @@ def test_cli_clear_leaves_what_a_live_run_uses(root: Path, capsys: pytest.Captur
         assert main(["cache", "--clear"]) == 0
     assert not old.exists() and in_use.exists()
     assert "1 export run(s) in progress" in capsys.readouterr().out
+
+
+def test_two_builders_of_one_entry_build_it_once(root: Path) -> None:
+    """Two exports missing the same entry at once (a shared cache): the second waits for the
+    first's folder instead of building into the same partial folder and losing it to a rename."""
+    import threading
+
+    started = threading.Event()
+    calls: list[str] = []
+
+    def build(out: Path) -> None:
+        calls.append(out.name)
+        started.set()
+        time.sleep(0.3)  # the other builder arrives while this one is still building
+        (out / "answers.json").write_text("[]")
+
+    results: list[tuple[Path, bool]] = []
+    first = threading.Thread(target=lambda: results.append(cache.cached_stage("qa-answers", "k", build)))
+    first.start()
+    assert started.wait(10)
+    second = cache.cached_stage("qa-answers", "k", build)
+    first.join()
+    assert len(calls) == 1
+    assert results == [(cache.stage_dir("qa-answers", "k"), False)]
+    assert second == (cache.stage_dir("qa-answers", "k"), True)
+    assert (second[0] / "answers.json").read_text() == "[]"
+    assert [e.path.name for e in cache.stage_entries()] == ["qa-answers-k"]  # the lock file is no entry

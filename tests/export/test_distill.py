@@ -257,3 +257,15 @@ def test_learning_curve_on_held_out_text(pair: tuple[Path, Path], text_file: Pat
     assert curve[0]["perplexity"] == pytest.approx(
         evaluate.score(ids, logits, 64, 64)["perplexity"], rel=1e-3
     )
+
+
+def test_training_ids_refuses_teacher_tokens_for_a_trimmed_vocabulary(
+    pair: tuple[Path, Path], text_file: Path
+) -> None:
+    """`run` refuses this before loading anything; `training_ids` (public) keeps its own guard so a
+    direct caller never gets teacher-vocabulary ids appended to a trimmed student's data."""
+    teacher, _ = pair
+    cfg = _config(text_file, tokens=32 * 4 * 2, teacher_tokens=100)
+    tok = distill.load_tokenizer(teacher)
+    with pytest.raises(ExportError, match="trimmed vocabulary"):
+        distill.training_ids(cfg, tok, None, "cpu", teacher, None, convert=lambda ids: ids)

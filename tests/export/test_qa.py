@@ -351,3 +351,17 @@ def test_teacher_answers_come_from_the_cache(
     weights.write_bytes(bytes(data))
     evaluate.run(cfg, tiny_bundle, copy, progress=False)
     assert calls == [8, 4, 8]
+
+
+def test_a_damaged_answers_entry_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_LLM_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    items = [qa.Question(question="What is 2 + 2?", answers=("4",), category="arithmetic")]
+    monkeypatch.setattr(qa, "answer_torch", lambda *_a: ["4"])
+    assert qa.answers_cached(lambda: None, hf, items, 8) == ["4"]
+    (folder,) = (p for p in (tmp_path / "cache" / "stages").glob("qa-answers-*") if p.is_dir())
+    (folder / qa.ANSWERS).write_text("[not json")
+    with pytest.raises(ExportError, match="cached QA answers are damaged"):
+        qa.answers_cached(lambda: None, hf, items, 8)
