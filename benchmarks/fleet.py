@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     rng = random.Random(args.seed)
+    # When and how busy the host was: timings on 2 shared cores mean little without it.
+    when = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_avg_start": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="edge-llm-fleet-"))
     bundle = args.bundle or str(tiny_bundle(work))
     shape = netns.Netem(args.delay_ms, args.jitter_ms, args.loss_pct)
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mark("clients finished")
             elapsed = time.monotonic() - t0
             time.sleep(2.0)  # late finals (a board that got a request twice) reach the tap
+            when["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         finally:
             if tap is not None:
                 tap.close()
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             broker.stop()
         leftovers_before = net.leftovers()
     left = net.leftovers()
-    doc = report(args, net, boards, clients, tap, ids, events, elapsed, boot_s, bundle, rtt)
+    doc = report(args, net, boards, clients, tap, ids, events, elapsed, boot_s, bundle, rtt, when)
     doc["cleanup"] = {"stale_removed_at_start": stale, "present_before_cleanup": len(leftovers_before),
                       "left_after_cleanup": left}  # fmt: skip
     write_results(args.out, doc, doc.pop("_markdown"))
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], clients: Clients, tap: Any,
            ids: list[str], events: list[dict[str, Any]], elapsed: float, boot_s: float,
-           bundle: str, rtt: list[float]) -> dict[str, Any]:  # fmt: skip
+           bundle: str, rtt: list[float], when: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     lost = [rid for rid in ids if clients.results[rid] == 0]
     once = sum(1 for rid in ids if clients.results[rid] == 1)
     dup = sum(max(0, n - 1) for n in clients.results.values()) + clients.wrong_id
@@ -336,6 +340,7 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
     mixed = sum(1 for t in tap.texts.values() if len(t) > 1)
     resent = sum(1 for r in ids if tap.sent[r] > 1)
     doc: dict[str, Any] = {
+        **when,
         "boards": args.boards, "requests": args.requests, "clients": args.clients, "bundle": bundle,
         "max_tokens": args.max_tokens, "link": net.describe(), "cpu_limit": net.cpu.describe(),
         "shaper": net.shaper, "link_rtt_ms_median_max": rtt, "resend_after_s": args.resend_after_s,
@@ -366,7 +371,8 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
         f"{', streamed' if args.stream else ''}); "
         f"links: {doc['link']}; "
         f"{doc['cpu_limit']}; SDK resend after {args.resend_after_s:g} s of silence; "
-        f"{doc['elapsed_s']} s of requests (boards booted in {doc['boot_s']} s)",
+        f"{doc['elapsed_s']} s of requests (boards booted in {doc['boot_s']} s); {when['date']}; load "
+        f"average (1/5/15 min) {when['load_avg_start']} at the start, {when['load_avg_end']} at the end",
         "",
         "| figure | value |",
         "|---|---|",

@@ -61,11 +61,13 @@ tok = Tokenizer(bundle)
 steps["tokenizer"] = status()
 engine = Engine(bundle, RunnerOptions(threads=2, max_batch=1))
 steps["session"] = status()
-try:
-    import llguidance
-except ImportError:
-    llguidance = None
-if llguidance is not None and sys.argv[3] == "0":
+llguidance = None
+if sys.argv[3] == "0":  # only the base run: the workspace runs must not carry its ~4 MiB
+    try:
+        import llguidance
+    except ImportError:
+        pass
+if llguidance is not None:
     from edge_llm.constrain import Grammars
     from edge_llm.structured import ResponseFormat
     steps["structured_import"] = status()

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         for ref in ("cpu", "ACCURACY"):
             if ref in logits and ref != name:
                 rows[name][f"max_diff_vs_{ref}"] = round(float(np.abs(logits[name] - logits[ref]).max()), 5)
+                # Rounded to 5 decimals above: only this says "bit for bit".
+                rows[name][f"bit_identical_to_{ref}"] = bool(np.array_equal(logits[name], logits[ref]))
     if args.decode:
         speeds: dict[str, list[float]] = {n: [] for n in names}
         params = SamplingParams(max_tokens=args.decode, ignore_eos=True)

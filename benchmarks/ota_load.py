@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             chunks = sender.stats["chunks_sent"]
             time.sleep(args.seconds)
             phase1 = load.counts()
+            # A snapshot while the clients still run: what is unanswered is in flight, not lost
+            # (the final counts, after `finish`, say what was lost).
+            phase1["in_flight"] = phase1.pop("lost")
             around = [s for at, s in load.latency if t0 - 2 <= at <= t1 + 2]
             before = [s for at, s in load.latency if at < t0 - 2]
             doc["update"] = {"transfer_and_switch_s": round(t1 - t0, 3), "chunks": chunks,

@@ -99,7 +99,7 @@ cleanup() {
     # Only the processes this script started, by pid; the run's package and overlay go, logs stay.
     [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
     [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null && wait "$BROKER_PID" 2>/dev/null
-    unmount_rootfs || true
+    ( unmount_rootfs ) || true # a subshell: its `die` (exit) must not end this trap early
     [ -n "$BINFMT_REGISTERED" ] && echo -1 >"$BINFMT/qemu-aarch64"
     rm -rf "$RUN/pkg" "$RUN/pkg.partial" "$RUN/disk" "$RUN/pkg.img" "$RUN/root.qcow2"
     echo "logs: $RUN"

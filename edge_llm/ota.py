@@ -314,10 +314,31 @@ def manifest_sha256(bundle: Path) -> str:
     return hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
 
 
+def _own_like(path: Path, ref: Path, tree: bool = True) -> None:
+    """As root, give `path` (with `tree`, all under it) to `ref`'s owner: a root-run `edge-llm
+    update` on the install.sh layout (PREFIX/ota owned by the service user) must leave slots the
+    service can still write, or its next update over MQTT cannot stage."""
+    if os.geteuid() != 0:
+        return
+    st = ref.stat()
+    for p in [path, *(path.rglob("*") if tree else ())]:
+        os.chown(p, st.st_uid, st.st_gid, follow_symlinks=False)
+
+
 def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = None) -> Staged:
     """Unpack `source` beside the slots, check it, and only then move it into the inactive slot
     (what that slot held is kept aside until `commit` or `discard`): a refused update never
     costs the bundle a rollback would go back to."""
+    try:
+        return _stage_update(prefix, source, trusted_key, options)
+    except OSError as exc:  # the slots not writable (owner, read-only, full): a clear refusal
+        raise UpdateError(
+            f"cannot stage the update under {ab_root(prefix)}: {exc.strerror or exc}"
+            f"{f': {exc.filename}' if exc.filename else ''} (is that folder writable by this user?)"
+        ) from None
+
+
+def _stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any) -> Staged:
     slots = Slots(prefix)
     slots.adopt_plain_folder()
     previous = slots.active()
@@ -328,6 +349,7 @@ def stage_update(prefix: Path, source: Path, trusted_key: Path, options: Any = N
         kept.rename(target)
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
+    _own_like(slots.root, slots.prefix, tree=False)
     try:
         _unpack(source, staging)
         if not (staging / MANIFEST).is_file():
@@ -367,6 +389,7 @@ def commit(staged: Staged, state_dir: Path | None = None) -> None:
     """Switch `PREFIX/bundle` to the staged slot; with `state_dir`, count the starts from here."""
     for path in staged.path.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
+    _own_like(staged.path, staged.slots.prefix)
     if state_dir is not None:
         _write_json(state_dir / BOOT_FILE, {"slot": staged.slot, "previous": staged.previous, "starts": 0})
     # .kept goes before the switch, so a .kept found later always means "not switched" (above).

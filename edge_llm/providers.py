@@ -104,6 +104,14 @@ _ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+# On/off options: ORT reads "1"/"0" and takes any other string without a word, so a profile's
+# or --provider-option's "false" must become "0" here, and "maybe" an error.
+_BOOLS = {("cpu", "arena"), ("cuda", "use_tf32"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
+          ("tensorrt", "engine_cache"), ("qnn", "context_cache")}  # fmt: skip
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+               "false": False, "no": False, "off": False, "0": False}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ProviderPlan:
     providers: list[str]
@@ -165,6 +173,11 @@ def ort_options(spec: ProviderSpec) -> tuple[str, dict[str, str]]:
             if value not in _QNN_BACKENDS:
                 raise ConfigError(f"provider qnn: backend={value!r} is not one of htp, cpu, gpu")
             value = _QNN_BACKENDS[str(value)]
+        if (key, opt) in _BOOLS:
+            flag = value if isinstance(value, bool) else _BOOL_WORDS.get(str(value).strip().lower())
+            if flag is None:
+                raise ConfigError(f"provider {key}: {opt}={value!r} is not a boolean (true/false, 1/0)")
+            value = flag
         if isinstance(value, bool):
             value = "1" if value else "0"
         out[mapping[opt]] = str(value)

@@ -74,8 +74,8 @@ class TargetConfig:
 # activations of int8-weight MatMuls to int8 on the fly (DYNAMIC_QUANTIZATION_GROUP_SIZE 32), and
 # SmolLM2's first answer token to "What is the capital of France?" flipped from "The" (+0.17 with
 # fp32 activations) to "L" (-0.18): "L'Étoile…" instead of Paris. ACCURACY (execution mode
-# ACCURACY) turns that off; its logits there were bit-identical to DYNAMIC_QUANTIZATION_GROUP_SIZE
-# 0 (benchmarks/openvino_precision.py, onnxruntime-openvino 1.24.1 / OpenVINO 2025.4.1). Valid on
+# ACCURACY) turns that off; its logits there equalled DYNAMIC_QUANTIZATION_GROUP_SIZE 0's to 5
+# decimals (benchmarks/openvino_precision.py, onnxruntime-openvino 1.24.1 / OpenVINO 2025.4.1). Valid on
 # every OpenVINO device (CPU, GPU, NPU).
 PROVIDER_OPTIONS: dict[str, dict[str, dict[str, str]]] = {
     "openvino": {"openvino": {"precision": "ACCURACY"}},

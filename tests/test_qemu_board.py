@@ -113,3 +113,28 @@ def test_results_writer(tmp_path: Path) -> None:
     md = (tmp_path / "out" / "qemu_aarch64.md").read_text()
     assert "| second_stage | 900.5 (when the cache was built) |" in md
     assert "'The capital of France is Paris.'" in md
+
+
+def test_cleanup_goes_on_when_unmounting_fails(tmp_path: Path) -> None:
+    # unmount_rootfs ends in `die` (exit 1) when something stays mounted; run in the EXIT trap,
+    # that exit would skip the rest of cleanup: the binfmt entry and the run's disk images.
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    found = re.search(r"^cleanup\(\) \{\n.*?^\}$", SCRIPT.read_text(), re.M | re.S)
+    assert found, "the script's cleanup is not where the test expects it"
+    run = tmp_path / "run"
+    (run / "disk").mkdir(parents=True)
+    (run / "pkg.img").write_text("image")
+    program = "\n".join([
+        "set -euo pipefail",
+        'die() { echo "error: $*" >&2; exit 1; }',
+        'unmount_rootfs() { die "still mounted under /x"; }',
+        'QEMU_PID=""; BROKER_PID=""; BINFMT_REGISTERED=""; RUN="$1"',
+        found.group(0),
+        "trap cleanup EXIT",
+    ])  # fmt: skip
+    done = subprocess.run([bash, "-c", program, "sh", str(run)], capture_output=True, text=True)
+    assert "still mounted" in done.stderr
+    assert f"logs: {run}" in done.stdout, done.stdout + done.stderr
+    assert not (run / "disk").exists() and not (run / "pkg.img").exists()

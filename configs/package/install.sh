@@ -80,8 +80,12 @@ find "$AB/bundle.new" -type f -exec chmod 0644 {} +
 if [ -e "$AB/bundle" ] || [ -L "$AB/bundle" ]; then mv "$AB/bundle" "$AB/bundle.old"; fi
 mv "$AB/bundle.new" "$AB/bundle"
 rm -rf "$AB/bundle.old" "$AB/slots"
-if [ -d "$PREFIX/bundle" ] && [ ! -L "$PREFIX/bundle" ]; then rm -rf "$PREFIX/bundle"; fi  # an older layout
+# Older layouts: a plain PREFIX/bundle folder, or PREFIX/bundle -> slots/X with the A/B slots
+# (up to two bundles) and the switch's temporary link in PREFIX itself; ota/ holds them now.
+# The slots go once the link no longer points into them.
+if [ -d "$PREFIX/bundle" ] && [ ! -L "$PREFIX/bundle" ]; then rm -rf "$PREFIX/bundle"; fi
 ln -sfn ota/bundle "$PREFIX/bundle"
+rm -rf "$PREFIX/slots" "$PREFIX/.bundle.switch"
 cp "$HERE/board.toml" "$PREFIX/board.toml"
 mkdir -p "$PREFIX/docs"
 cp "$HERE/docs/boards.md" "$PREFIX/docs/boards.md"

@@ -19,7 +19,8 @@ applies its rate limits, and a missing or wrong key ends the call UNAUTHENTICATE
 
 TLS: `[grpc.tls] cert`, `key` serve over TLS (the files checked with Python's ssl first, so a
 bad or mismatched pair is a clear error at start-up, not a failed handshake later), and `ca`
-requires client certificates signed by it, as `[http.tls]` does. `channel` is the client side.
+requires client certificates signed by it, as `[http.tls]` does. A client over TLS:
+`grpc.secure_channel(target, grpc.ssl_channel_credentials(ca[, key, cert]))` (docs/protocol.md).
 
 Threads: the grpc server's pool runs each RPC on one thread, which blocks on the replies the
 scheduler's worker puts in its queue; the pool is sized so that what the scheduler can hold
@@ -197,42 +198,28 @@ class _Service(llm_pb2_grpc.LLMServiceServicer):
 
 def _read_pem(path: str, what: str) -> bytes:
     try:
-        return Path(path).expanduser().read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise TransportError(f"grpc.tls: cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def server_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:
     """gRPC server credentials from `[grpc.tls]` (cert and key set; ca: client certificates)."""
-    cert, key = _read_pem(tls.cert, "cert"), _read_pem(tls.key, "key")
-    ca = _read_pem(tls.ca, "ca") if tls.ca else None
+    # `~` expanded once: grpc and the ssl check below must read the same files.
+    cert_path, key_path = str(Path(tls.cert).expanduser()), str(Path(tls.key).expanduser())
+    ca_path = str(Path(tls.ca).expanduser()) if tls.ca else ""
+    cert, key = _read_pem(cert_path, "cert"), _read_pem(key_path, "key")
+    ca = _read_pem(ca_path, "ca") if ca_path else None
     try:  # grpc says nothing useful about bad PEM until a handshake fails: ask ssl now
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(tls.cert, tls.key)
-        if tls.ca:
-            ctx.load_verify_locations(tls.ca)
-    except (ssl.SSLError, ValueError) as exc:
-        raise TransportError(f"grpc.tls: {tls.cert} / {tls.key} / {tls.ca or '-'}: {exc}") from None
+        ctx.load_cert_chain(cert_path, key_path)
+        if ca_path:
+            ctx.load_verify_locations(ca_path)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        raise TransportError(f"grpc.tls: {cert_path} / {key_path} / {ca_path or '-'}: {exc}") from None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
-
-
-def channel(target: str, ca: str = "", cert: str = "", key: str = "") -> grpc.Channel:
-    """A client channel to `target` (HOST:PORT): TLS trusting `ca` when given (with `cert` and
-    `key`: a client certificate for a server with `[grpc.tls] ca`), else plaintext."""
-    if not ca:
-        if cert or key:
-            raise ConfigError("grpc: a client certificate needs the server's CA (ca) for TLS")
-        return grpc.insecure_channel(target)
-    if bool(cert) != bool(key):
-        raise ConfigError("grpc: cert and key go together")
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(ca, "ca"),
-        private_key=_read_pem(key, "key") if key else None,
-        certificate_chain=_read_pem(cert, "cert") if cert else None,
-    )
-    return grpc.secure_channel(target, creds)
 
 
 class GrpcTransport:

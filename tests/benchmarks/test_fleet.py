@@ -57,6 +57,7 @@ def test_fleet_answers_each_request_once_through_a_kill_and_a_dropped_link(
     assert got["cleanup"]["present_before_cleanup"] > 0 and got["cleanup"]["left_after_cleanup"] == []
     assert _ours(os.getpid()) == []
     assert "| lost | 0" in out.with_suffix(".md").read_text()
+    assert got["date"].endswith("UTC") and len(got["load_avg_start"]) == len(got["load_avg_end"]) == 3
 
 
 @needs_netns

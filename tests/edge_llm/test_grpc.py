@@ -309,12 +309,24 @@ def test_api_keys_on_grpc(tiny_bundle: Path, tmp_path: Path) -> None:
         s.stop()
 
 
+def channel(target: str, ca: str = "", cert: str = "", key: str = "") -> grpc.Channel:
+    """A client channel to `target`: TLS trusting `ca` when given (with `cert`, `key`: a client
+    certificate), else plaintext."""
+    if not ca:
+        return grpc.insecure_channel(target)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(target, creds)
+
+
 def test_tls_and_client_certificates(tiny_bundle: Path, tmp_path: Path) -> None:
     """[grpc.tls] cert/key serve TLS; with ca, only a client with a certificate that CA signed
     gets in. Certificates made here with openssl; `channel` is the client side."""
     from edge_llm.board import ServerTlsConfig, load_board
     from edge_llm.errors import ConfigError, TransportError
-    from edge_llm.transports.grpc import channel
 
     certs = make_certs(tmp_path / "pki")
     req = llm_pb2.ChatRequest(messages=HELLO, max_tokens=3)
@@ -350,3 +362,29 @@ def test_tls_and_client_certificates(tiny_bundle: Path, tmp_path: Path) -> None:
     profile.write_text(f'[grpc]\nlisten = "127.0.0.1:0"\n[grpc.tls]\ncert = "{certs.server_cert}"\n')
     with pytest.raises(ConfigError, match=r"grpc\.tls: cert and key go together"):
         load_board(profile)
+
+
+def test_tls_paths_with_a_tilde_are_read_from_home(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~/...` in [grpc.tls] names the same files for grpc and for the ssl check at start; a
+    missing one is a TransportError naming it, not a FileNotFoundError."""
+    from edge_llm.board import ServerTlsConfig
+    from edge_llm.errors import TransportError
+
+    certs = make_certs(tmp_path / "home" / "pki")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tls = ServerTlsConfig(cert="~/pki/" + certs.server_cert.name, key="~/pki/" + certs.server_key.name)
+    board = BoardConfig(grpc=GrpcConfig(listen=f"127.0.0.1:{free_port()}", tls=tls))
+    s = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
+    s.start()
+    try:
+        with channel(f"127.0.0.1:{s.grpc.port}", ca=str(certs.ca)) as ch:
+            req = llm_pb2.ChatRequest(messages=HELLO, max_tokens=2)
+            assert list(llm_pb2_grpc.LLMServiceStub(ch).Chat(req, timeout=60))[-1].HasField("final")
+    finally:
+        s.stop()
+    missing = ServerTlsConfig(cert="~/pki/" + certs.server_cert.name, key="~/pki/none.key")
+    board = BoardConfig(grpc=GrpcConfig(listen=f"127.0.0.1:{free_port()}", tls=missing))
+    with pytest.raises(TransportError, match=r"grpc\.tls: cannot read key .*none\.key"):
+        Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "bad.sqlite").start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -267,3 +268,31 @@ def test_updates_in_the_install_layout_write_only_under_prefix_ota(
     assert (root / "bundle").readlink() == Path("ota/bundle") and ota.slot_of(root / "bundle") == "a"
     assert load_bundle(root / "bundle").name == "tiny-v3"
     assert ota.rollback(root) == "b" and load_bundle(root / "bundle").name == "tiny-v2"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+def test_a_root_run_update_leaves_the_slots_to_the_service_user(
+    tiny_bundle: Path, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    # install.sh gives PREFIX/ota to the service user; `edge-llm update` run as root must not
+    # leave root-owned slots there, or the service's next update over MQTT cannot stage.
+    nobody = 65534
+    root = tmp_path / "prefix"
+    (root / "ota").mkdir(parents=True)
+    shutil.copytree(tiny_bundle, root / "ota" / "bundle")
+    (root / "bundle").symlink_to("ota/bundle")
+    for p in [root / "ota", *(root / "ota").rglob("*")]:
+        os.chown(p, nobody, nobody)
+    ota.apply_update(root, make_update(tiny_bundle, tmp_path, keys[0]), keys[1])
+    slots = root / "ota" / "slots"
+    owners = {(p.relative_to(root).as_posix(), p.lstat().st_uid) for p in [slots, *slots.rglob("*")]}
+    assert {uid for _, uid in owners} == {nobody}, sorted(o for o in owners if o[1] != nobody)
+    assert (slots / "b" / "bundle.json").is_file()
+
+
+def test_a_slots_folder_that_cannot_be_written_is_a_clear_refusal(
+    prefix: Path, signed: Path, keys: tuple[Path, Path]
+) -> None:
+    (prefix / "slots").write_text("not a folder")  # stands for any OSError at staging
+    with pytest.raises(UpdateError, match="cannot stage the update under"):
+        ota.stage_update(prefix, signed, keys[1])

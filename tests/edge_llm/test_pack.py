@@ -176,6 +176,12 @@ def test_pack_then_install_offline_then_generate(tiny_bundle: Path, tmp_path: Pa
     assert "wheels" in pack_mod.describe(result) or "runtime (" in pack_mod.describe(result)
 
     prefix = tmp_path / "prefix"
+    # An install of the older layout (PREFIX/bundle -> slots/a, both slots in PREFIX): replaced,
+    # and its slots removed, not left beside the new ota/ (up to two bundles of disk).
+    for slot in ("a", "b"):
+        shutil.copytree(tiny_bundle, prefix / "slots" / slot)
+    (prefix / "bundle").symlink_to("slots/a")
+    (prefix / ".bundle.switch").symlink_to("slots/b")
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("PYTHONPATH", None)  # the installed venv, not this checkout, must answer
     done = subprocess.run(
@@ -192,6 +198,7 @@ def test_pack_then_install_offline_then_generate(tiny_bundle: Path, tmp_path: Pa
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     # The A/B area OTA writes (the unit's ReadWritePaths): PREFIX/bundle links into it.
     assert (prefix / "bundle").readlink() == Path("ota/bundle") and (prefix / "ota" / "bundle").is_dir()
+    assert not (prefix / "slots").exists() and not (prefix / ".bundle.switch").is_symlink()
     gen = subprocess.run(
         [
             str(prefix / "bin" / "edge-llm"),

@@ -144,11 +144,24 @@ def test_provider_option_overrides_parse_and_overlay() -> None:
         (["openvino.precison=FP32"], "unknown option 'precison'"),
         (["openvino.precision=fp64"], "precision='fp64' is not one of"),
         (["tpu.x=1"], "unknown execution provider 'tpu'"),
+        (["cpu.arena=maybe"], "arena='maybe' is not a boolean"),
+        (["tensorrt.fp16=2"], "fp16='2' is not a boolean"),
     ],
 )
 def test_bad_provider_option_is_refused(items: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_option_overrides(items)
+
+
+@pytest.mark.parametrize(
+    ("word", "ort"),
+    [("false", "0"), ("No", "0"), ("0", "0"), ("off", "0"), ("true", "1"), ("YES", "1"), ("1", "1")],
+)
+def test_a_boolean_option_given_as_a_word_reaches_ort_as_1_or_0(word: str, ort: str) -> None:
+    # ORT takes use_arena="false" without complaint; it reads only "1"/"0".
+    overrides = parse_option_overrides([f"cpu.arena={word}", f"qnn.context_cache={word}"])
+    assert ort_options(ProviderSpec("cpu", overrides["cpu"]))[1] == {"use_arena": ort}
+    assert ort_options(ProviderSpec("qnn", overrides["qnn"]))[1] == {"ep.context_enable": ort}
 
 
 def test_provider_option_for_a_provider_not_in_the_list_is_refused() -> None:
