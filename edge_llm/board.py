@@ -53,8 +53,8 @@ class RunnerOptions:
     # The KV cache type, among the bundle's graphs (export [fuse] kv_cache): "auto" = the main
     # graph's; "int8" = a quarter of the fp32 bytes per token (per-channel scales, +0.6% ppl).
     kv_cache: Literal["auto", "fp32", "int8"] = "auto"
-    # Use the bundle's query_seqlens ("ragged") graph where this onnxruntime runs it (>= 1.32);
-    # false: the portable graph.
+    # Use the bundle's query_seqlens ("ragged") graph where this onnxruntime runs it (>= 1.32)
+    # and the engine batches (max_batch > 1: one row is never ragged); false: the portable graph.
     ragged: bool = True
     # On that graph, a request arriving while others decode with at most this many prompt tokens
     # to feed (after a reused prefix) joins their decode steps, one token per step, instead of a

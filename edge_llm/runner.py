@@ -111,8 +111,12 @@ class _SessionRunner:
         # The bundle's provider options (its target's, measured) beneath the profile's own.
         specs = with_bundle_defaults(options.providers, bundle.provider_options)
         self.plan: ProviderPlan = plan_providers(specs)
-        # Which of the bundle's graphs (KV type, query_seqlens where this onnxruntime has it).
-        self.graph_name, variant = choose_graph(bundle, options.kv_cache, options.ragged, ort.__version__)
+        # Which of the bundle's graphs (KV type, query_seqlens where this onnxruntime has it). One
+        # row is never ragged, so a single-stream engine takes the portable graph: on onnxruntime
+        # 1.32 its batch-1 decode was 1.10-1.17x the query_seqlens graph's (compare.py --portable,
+        # two quiet runs of 15 interleaved rounds; benchmarks/README.md).
+        ragged = options.ragged and options.max_batch > 1
+        self.graph_name, variant = choose_graph(bundle, options.kv_cache, ragged, ort.__version__)
         # query_seqlens: rows of one forward may feed different numbers of tokens over any past.
         self.ragged = bool(variant["query_seqlens"])
         self.kv_cache = str(variant["kv_cache"])

@@ -74,6 +74,16 @@ def test_ragged_graph_gives_the_portable_graphs_tokens(tiny_fused_variants: Path
 
 
 @pytest.mark.skipif(not RAGGED_ORT, reason="query_seqlens needs onnxruntime >= 1.32")
+def test_a_single_stream_engine_takes_the_portable_graph(tiny_fused_variants: Path) -> None:
+    """One row is never ragged: with max_batch 1 the runner loads the portable graph even with
+    [runtime] ragged on (it decoded faster on 1.32); a batching engine loads the ragged one."""
+    single = Engine.load(tiny_fused_variants, RunnerOptions(max_batch=1))
+    batched = Engine.load(tiny_fused_variants, RunnerOptions(max_batch=2))
+    assert (single.runner.graph_name, single.runner.ragged) == ("model.onnx", False)
+    assert batched.runner.ragged and batched.runner.graph_name != "model.onnx"
+
+
+@pytest.mark.skipif(not RAGGED_ORT, reason="query_seqlens needs onnxruntime >= 1.32")
 def test_ragged_rows_over_different_pasts(tiny_fused_variants: Path) -> None:
     """What the portable graph refuses (counts over a past, uniform chunks over unequal pasts)
     the ragged one runs, each row equal to the same tokens fed alone."""
