@@ -102,12 +102,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) 
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens tokens")
 
 
-def load_engine(args: argparse.Namespace, board: BoardConfig | None = None) -> tuple[Engine, BoardConfig]:
+def load_engine(
+    args: argparse.Namespace, board: BoardConfig | None = None, single_stream: bool = False
+) -> tuple[Engine, BoardConfig]:
     """The engine for `--bundle`, and the board profile as planned: with a memory budget
     (`--memory-mb` or `[runtime] memory_mb`) its rows, context and live sessions are the plan's,
-    and a budget the bundle cannot fit is refused before the graph is loaded."""
+    and a budget the bundle cannot fit is refused before the graph is loaded. `single_stream`
+    (generate, chat: one conversation): one KV row, and so the portable graph (runner.py)."""
     board = board if board is not None else load_board(args.config)
     runtime = board.runtime
+    if single_stream:
+        runtime = replace(runtime, max_batch=1)
     if args.threads is not None:
         runtime = replace(runtime, threads=args.threads)
     if args.prompt_lookup is not None:
@@ -211,7 +216,7 @@ def messages_for(prompt: str, system: str | None) -> list[dict[str, Any]]:
 def run_generate(args: argparse.Namespace) -> int:
     prompt_text(args.prompt)
     params = sampling_params(args)
-    engine, _ = load_engine(args)
+    engine, _ = load_engine(args, single_stream=True)
     if args.raw:
         ids = engine.encode_request(prompt=args.prompt)
     else:
@@ -237,7 +242,7 @@ def stream_to(engine: Engine, ids: list[int], params: SamplingParams, slot: Slot
 
 def run_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
-    engine, _ = load_engine(args)
+    engine, _ = load_engine(args, single_stream=True)
     history = [{"role": "system", "content": args.system}] if args.system else []
     slot = Slot()  # one KV slot for the whole conversation: each turn prefills only what is new
     interactive = sys.stdin.isatty()

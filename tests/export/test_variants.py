@@ -81,6 +81,15 @@ def test_a_single_stream_engine_takes_the_portable_graph(tiny_fused_variants: Pa
     batched = Engine.load(tiny_fused_variants, RunnerOptions(max_batch=2))
     assert (single.runner.graph_name, single.runner.ragged) == ("model.onnx", False)
     assert batched.runner.ragged and batched.runner.graph_name != "model.onnx"
+    # generate / chat are single-stream (one KV row); serve batches with the profile's rows
+    from edge_llm.cli import build_parser
+    from edge_llm.commands.generate import load_engine
+
+    args = build_parser().parse_args(["generate", "--bundle", str(tiny_fused_variants), "hi"])
+    engine, _ = load_engine(args, single_stream=True)
+    assert (engine.options.max_batch, engine.runner.graph_name) == (1, "model.onnx")
+    engine, _ = load_engine(args)
+    assert engine.options.max_batch == 8 and engine.runner.ragged
 
 
 @pytest.mark.skipif(not RAGGED_ORT, reason="query_seqlens needs onnxruntime >= 1.32")
