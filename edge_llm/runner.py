@@ -173,6 +173,15 @@ class _SessionRunner:
             self.placement = placement_from_profile(name) if name else {}
             if name:
                 Path(name).unlink(missing_ok=True)
+            if self.placement and not self.placement.get(self.plan.chosen):
+                # onnxruntime does not say so: e.g. OpenVINO asked for an NPU that this machine
+                # lacks took no node, and the whole graph ran on CPU.
+                log.warning(
+                    "runner: %s took none of the graph's %d nodes: everything runs on CPU (its device"
+                    " may be absent here; `edge-llm doctor` lists what this machine offers)",
+                    self.plan.chosen,
+                    sum(self.placement.values()),
+                )
 
     def open_session(
         self,

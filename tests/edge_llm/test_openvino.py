@@ -118,3 +118,21 @@ def test_doctor_lists_the_openvino_provider(tiny_openvino: Path) -> None:
     assert "OpenVINOExecutionProvider" in doctor["providers"]
     assert doctor["smoke"]["OpenVINOExecutionProvider"].startswith("ok on OpenVINOExecutionProvider")
     assert doctor["bundle"]["provider_options"] == ['openvino: {"precision": "ACCURACY"}']
+
+
+@needs_openvino
+def test_a_provider_that_takes_no_node_is_named(tiny_openvino: Path) -> None:
+    """OpenVINO asked for its NPU on a machine without one: onnxruntime runs every node on CPU
+    without a word; the runner says so once it has counted the placement."""
+    res = _run(
+        "-m", "edge_llm.cli", "generate", "--bundle", str(tiny_openvino), "--provider", "openvino",
+        "--provider-option", "openvino.device=NPU", "--stats", "--raw", "--max-tokens", "2",
+        "--threads", "1", "The capital of France",
+    )  # fmt: skip
+    if res.returncode != 0 and "NPU" in res.stderr:
+        pytest.skip(f"this onnxruntime-openvino refuses a missing NPU outright: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = json.loads(res.stderr.strip().splitlines()[-1])
+    if stats["cpu_fallback_nodes"] == 0:
+        pytest.skip("this machine has an NPU that OpenVINO uses")
+    assert "OpenVINOExecutionProvider took none of the graph's" in res.stderr
