@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from edge_llm import constrain, protocol
 from edge_llm.engine import Chunk, Engine, Generation
-from edge_llm.errors import BusyError, ContextLengthError, EdgeLLMError, RequestError
+from edge_llm.errors import BusyError, ConfigError, ContextLengthError, EdgeLLMError, RequestError
 from edge_llm.protocol import Event, Request
 from edge_llm.runner import SharedCache
 from edge_llm.sampling import SamplingParams
@@ -120,6 +120,12 @@ class _Running:
     gen: Generation
 
 
+class _SwapDone(threading.Event):
+    """Set once the worker took the swap, or once a newer swap replaced it (`superseded`)."""
+
+    superseded = False
+
+
 class Scheduler:
     def __init__(
         self,
@@ -151,7 +157,7 @@ class Scheduler:
         self._abort_at = float("inf")  # after close(): when running requests are interrupted
         self._last_sweep = 0.0
         self._beat = time.monotonic()  # the worker's last sign of life: `alive()`
-        self._swap: tuple[Engine, Conversations, threading.Event] | None = None
+        self._swap: tuple[Engine, Conversations, _SwapDone] | None = None
         self._swapped = threading.Event()  # the last swap's: set once the worker took it
         self._swapped.set()
         self._thread: threading.Thread | None = None
@@ -239,16 +245,24 @@ class Scheduler:
         """Serve with `engine` (a new bundle) from now on. Requests already running finish on the
         old engine; queued and new ones wait for them, then run on the new one: none is refused
         or lost. Returns once the worker has switched (False if `timeout` passed first)."""
-        done = threading.Event()
+        done = _SwapDone()
         with self._cond:
             if self._thread is None:  # not serving yet: nothing to drain
                 self.engine, self.conversations = engine, conversations
                 self.max_batch = self._batch_rows(engine)
                 return True
+            if self._swap is not None:
+                # A swap still waiting for the old engine's rows (a reload meeting an OTA switch):
+                # the newer one replaces it, and its waiter is told so instead of waiting forever.
+                self._swap[2].superseded = True
+                self._swap[2].set()
             self._swap = (engine, conversations, done)
             self._swapped = done
             self._cond.notify_all()
-        return done.wait(timeout)
+        finished = done.wait(timeout)
+        if done.superseded:
+            raise ConfigError("engine swap replaced by a newer one before it happened")
+        return finished
 
     def wait_swap(self, timeout: float | None = None) -> bool:
         """Whether the last `swap_engine` has happened, waiting up to `timeout` for it (a swap

@@ -16,7 +16,7 @@ import pytest
 
 from edge_llm.board import BoardConfig, ServerConfig, SocketConfig
 from edge_llm.engine import Engine
-from edge_llm.errors import BundleError
+from edge_llm.errors import BundleError, ConfigError
 from edge_llm.server import Server
 
 
@@ -120,3 +120,61 @@ def test_sighup_reloads_a_running_serve(tiny_bundle: Path, tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_newer_swap_replaces_a_waiting_one_and_releases_its_waiter(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload (no timeout) still waiting for a running request meets a second swap (an OTA
+    switch): the second replaces it, the first's waiter is told so at once instead of blocking
+    forever, and the server ends on the second engine."""
+    path = tmp_path / "edge.sock"
+    board = BoardConfig(socket=SocketConfig(path=str(path)))
+    server = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
+    server.start()
+    old = server.engine
+    gate, stepping = threading.Event(), threading.Event()
+    real_step = old.step
+
+    def gated_step(gens):  # type: ignore[no-untyped-def]
+        stepping.set()
+        gate.wait(30)
+        return real_step(gens)
+
+    monkeypatch.setattr(old, "step", gated_step)
+    replies: list[dict[str, Any]] = []
+    try:
+        running = threading.Thread(
+            target=lambda: replies.append(_ask(path, {"id": "r", "prompt": "Hi", "max_tokens": 4}))
+        )
+        running.start()
+        assert stepping.wait(30)
+        first: list[BaseException | bool] = []
+
+        def reload_forever() -> None:
+            try:
+                first.append(server.swap(Engine.load(tiny_bundle)))
+            except ConfigError as exc:
+                first.append(exc)
+
+        waiting = threading.Thread(target=reload_forever)
+        waiting.start()
+        waiting.join(1.0)
+        assert waiting.is_alive()  # held by the running request
+        newer = Engine.load(tiny_bundle)
+        second: list[bool] = []
+        swapper = threading.Thread(target=lambda: second.append(server.swap(newer, timeout=30)))
+        swapper.start()
+        waiting.join(10)
+        assert not waiting.is_alive() and isinstance(first[0], ConfigError)
+        assert "replaced by a newer one" in str(first[0])
+        gate.set()
+        swapper.join(30)
+        running.join(30)
+        assert second == [True]
+        assert server.engine is newer is server.scheduler.engine
+        assert server.scheduler.stats["engine_swaps"] == 1
+        assert replies and "error" not in replies[0]
+    finally:
+        gate.set()
+        server.stop()
