@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,20 @@ def tiny_draft(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPath
     """Fused fp32 bundle with a trained speculative draft (and the hidden-state output)."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-draft"
     return export_bundle(tiny_hf, out, "none", "fused", draft=tiny_draft_config(tiny_text))
+
+
+def gate_method(
+    obj: Any, name: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Hold calls of `obj.name` until the returned gate is set (30 s at most); the second event
+    says a call began. For an engine mid-answer (a reload waiting, a wedged serving loop)."""
+    gate, entered = threading.Event(), threading.Event()
+    real = getattr(obj, name)
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, gated)
+    return gate, entered

@@ -18,6 +18,7 @@ from edge_llm.board import BoardConfig, ServerConfig, SocketConfig
 from edge_llm.engine import Engine
 from edge_llm.errors import BundleError, ConfigError
 from edge_llm.server import Server
+from tests.conftest import gate_method
 
 
 def _ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
@@ -40,15 +41,7 @@ def test_reload_waits_for_running_requests_and_loses_none(
     server.start()
     old = server.engine
     # The old engine's decode steps wait at a gate: its requests are mid-answer during the reload.
-    gate, stepping = threading.Event(), threading.Event()
-    real_step = old.step
-
-    def gated_step(gens):  # type: ignore[no-untyped-def]
-        stepping.set()
-        gate.wait(30)
-        return real_step(gens)
-
-    monkeypatch.setattr(old, "step", gated_step)
+    gate, stepping = gate_method(old, "step", monkeypatch)
     replies: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -133,15 +126,7 @@ def test_a_newer_swap_replaces_a_waiting_one_and_releases_its_waiter(
     server = Server(Engine.load(tiny_bundle), board, state_path=tmp_path / "state.sqlite")
     server.start()
     old = server.engine
-    gate, stepping = threading.Event(), threading.Event()
-    real_step = old.step
-
-    def gated_step(gens):  # type: ignore[no-untyped-def]
-        stepping.set()
-        gate.wait(30)
-        return real_step(gens)
-
-    monkeypatch.setattr(old, "step", gated_step)
+    gate, stepping = gate_method(old, "step", monkeypatch)
     replies: list[dict[str, Any]] = []
     try:
         running = threading.Thread(

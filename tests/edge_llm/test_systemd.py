@@ -20,6 +20,7 @@ from edge_llm import systemd
 from edge_llm.board import BoardConfig, ServerConfig, SocketConfig
 from edge_llm.engine import Engine
 from edge_llm.server import Server
+from tests.conftest import gate_method
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "configs" / "systemd" / "edge-llm.service"
@@ -112,16 +113,7 @@ def test_ready_after_the_socket_accepts_and_watchdog_stops_while_the_engine_is_w
         assert healthy.count("WATCHDOG=1") >= 3, healthy
 
         # Wedge the engine: the next prefill blocks until released.
-        release = threading.Event()
-        entered = threading.Event()
-        real_start_all = engine.start_all
-
-        def wedged(gens):  # type: ignore[no-untyped-def]
-            entered.set()
-            release.wait(30)
-            return real_start_all(gens)
-
-        monkeypatch.setattr(engine, "start_all", wedged)
+        release, entered = gate_method(engine, "start_all", monkeypatch)
         request = {"id": "stuck", "prompt": "The capital of France is", "max_tokens": 3}
         client.sendall(json.dumps(request).encode() + b"\n")
         assert entered.wait(10)
