@@ -393,13 +393,7 @@ def run(
         raise ExportError(f"{model_dir}: neither a bundle (bundle.json) nor an HF folder (config.json)")
     if questions is not None:
         if teacher_qa is None and teacher_dir is not None:
-            loaded, where = teacher_model, teacher_dir
-
-            def load() -> Any:  # the teacher: loaded here only when the cache misses
-                return loaded if loaded is not None else load_model(where, "cpu", config.threads)
-
-            answers = qa.answers_cached(load, teacher_dir, questions, config.qa_max_tokens)
-            teacher_qa = qa.scored(questions, answers)
+            teacher_qa = teacher_answers(config, teacher_dir, teacher_model)
         # The teacher's answers when known: computed here (config.teacher) or handed in, which
         # costs nothing, so retention is reported even without the KL pass.
         result |= qa_result(config, rows, teacher_qa)
@@ -493,14 +487,15 @@ def loaded_qa(art: Artifact) -> list[dict[str, Any]] | None:
     return None if rows is None or art.last == "load" else rows
 
 
-def teacher_answers(config: EvaluateConfig, teacher_dir: Path) -> list[dict[str, Any]]:
+def teacher_answers(config: EvaluateConfig, teacher_dir: Path, loaded: Any = None) -> list[dict[str, Any]]:
     """The teacher's scored answers to `config.qa`, from the export cache when this teacher (by
     content) answered the set before (`qa.answers_cached`), so every recipe over the same teacher
     and set shares them: answering 125 questions with the teacher in torch took 19 min on a loaded
-    2-core host, more than the bundle's whole evaluation. The teacher loads on a miss only."""
+    2-core host, more than the bundle's whole evaluation. On a miss the teacher answers: `loaded`
+    (already in memory), else loaded here."""
     questions = qa.load(resolve_text(config.qa, "evaluate.qa"))
     answers = qa.answers_cached(
-        lambda: teacher.load_model(teacher_dir, "cpu", config.threads),
+        lambda: loaded if loaded is not None else load_model(teacher_dir, "cpu", config.threads),
         teacher_dir,
         questions,
         config.qa_max_tokens,
