@@ -19,6 +19,11 @@ class ConfigError(EdgeLLMError):
     code = "bad_config"
 
 
+class SwapSupersededError(ConfigError):
+    """An engine swap still waiting for running requests was replaced by a newer swap (a SIGHUP
+    reload meeting an OTA switch): the newer engine is the one that will serve."""
+
+
 class BundleError(EdgeLLMError):
     """A bundle folder is missing a file, fails its checksum, or disagrees with its graph."""
 

@@ -49,7 +49,7 @@ from typing import Any
 from edge_llm import ota
 from edge_llm.board import OtaConfig
 from edge_llm.bundle import sha256_file
-from edge_llm.errors import EdgeLLMError, UpdateError
+from edge_llm.errors import EdgeLLMError, SwapSupersededError, UpdateError
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +408,18 @@ class OtaReceiver:
                 while not self.server.scheduler.wait_swap(1.0):
                     if self._stop.is_set():  # stopping: the next start serves the new slot
                         return
+        except SwapSupersededError:
+            # A newer swap replaced this one before it happened (a SIGHUP reload, which loads the
+            # slot link committed above): the update is applied if the engine it brings serves
+            # this slot, so wait for it instead of calling a committed switch failed.
+            while not self.server.scheduler.wait_swap(1.0):
+                if self._stop.is_set():
+                    return
+            serving = Path(self.server.scheduler.engine.bundle.path).resolve()
+            if serving != Path(staged.path).resolve():
+                self._refuse(t.sha256, f"switch replaced by a swap to {serving}; the link names slot"
+                             f" {staged.slot}, which the next start serves", "failed")  # fmt: skip
+                return
         except EdgeLLMError as exc:
             self._refuse(t.sha256, f"switch failed: {exc}", "failed")
             return

@@ -42,7 +42,13 @@ from dataclasses import dataclass
 
 from edge_llm import constrain, protocol
 from edge_llm.engine import Chunk, Engine, Generation
-from edge_llm.errors import BusyError, ConfigError, ContextLengthError, EdgeLLMError, RequestError
+from edge_llm.errors import (
+    BusyError,
+    ContextLengthError,
+    EdgeLLMError,
+    RequestError,
+    SwapSupersededError,
+)
 from edge_llm.protocol import Event, Request
 from edge_llm.runner import SharedCache
 from edge_llm.sampling import SamplingParams
@@ -261,7 +267,7 @@ class Scheduler:
             self._cond.notify_all()
         finished = done.wait(timeout)
         if done.superseded:
-            raise ConfigError("engine swap replaced by a newer one before it happened")
+            raise SwapSupersededError("engine swap replaced by a newer one before it happened")
         return finished
 
     def wait_swap(self, timeout: float | None = None) -> bool:

@@ -30,6 +30,7 @@ from edge_llm.engine import Engine
 from edge_llm.errors import UpdateError
 from edge_llm.ota_send import Connection, UpdateSender, rollout
 from edge_llm.server import Server
+from tests.conftest import gate_method
 
 __all__ = ["broker"]  # the shared fixture (tests/mqtt_helpers.py), used by name
 
@@ -214,6 +215,61 @@ def test_a_switch_slower_than_the_sender_is_neither_sent_again_nor_staged_over_t
             assert s.stats["chunks_sent"] == sent
         assert ota.manifest_sha256(prefix / "slots" / "a") == old_sha
     finally:
+        server.stop()
+
+
+def test_a_reload_that_replaces_the_updates_waiting_swap_still_ends_done(
+    tiny_bundle: Path,
+    tmp_path: Path,
+    broker: Broker,
+    keys: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The update's swap waits for a running request (within swap_timeout_s) when a SIGHUP reload
+    # swaps too: the reload replaces the update's swap and loads the slot link, already moved to
+    # the update's slot. The update is applied, so the sender hears `done`, not a failed switch
+    # (before the mend: "switch failed: engine swap replaced by a newer one", link committed).
+    prefix = device_prefix(tiny_bundle, tmp_path / "board")
+    server = start_device(prefix, broker, keys[1], swap_timeout_s=60)
+    update = make_update(tiny_bundle, tmp_path, keys[0])
+    gate, stepping = gate_method(server.engine, "step", monkeypatch)
+    result: dict[str, Any] = {}
+
+    def long_request() -> None:
+        with client(broker, device=DEVICE, timeout=120) as c:
+            result["r"] = c.generate(messages=HELLO, max_tokens=4, ignore_eos=True, request_id="held")
+
+    held = threading.Thread(target=long_request)
+    try:
+        held.start()
+        assert stepping.wait(30)
+        with sender(broker, timeout=90) as s:
+            outcome: dict[str, Any] = {}
+            t = threading.Thread(target=lambda: outcome.update(s.send(DEVICE, update, chunk_size=4096)))
+            t.start()
+            end = time.monotonic() + 60
+            while server.scheduler._swap is None and time.monotonic() < end:  # the update's swap waits
+                time.sleep(0.1)
+            first = server.scheduler._swap
+            assert first is not None and ota.Slots(prefix).active() == "b"
+            reloaded: list[Any] = []
+            reload = threading.Thread(target=lambda: reloaded.append(server.reload()))
+            reload.start()
+            while server.scheduler._swap is first and reload.is_alive():  # the reload replaces it
+                time.sleep(0.1)
+            time.sleep(1.0)  # the update's waiter hears it was replaced
+            gate.set()
+            reload.join(60)
+            t.join(60)
+            held.join(60)
+        assert outcome["state"] == "done" and outcome["slot"] == "b"
+        assert reloaded and server.scheduler.engine is reloaded[0]
+        assert server.engine.bundle.name == "tiny-v2" and server.scheduler.stats["engine_swaps"] == 1
+        assert ota.last_outcome(prefix / "state.ota")["outcome"] == "done"
+        assert result["r"].usage["completion_tokens"] == 4
+    finally:
+        gate.set()
+        held.join(60)
         server.stop()
 
 
