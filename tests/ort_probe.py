@@ -1,6 +1,7 @@
 """Drive a fused bundle the ways the runtime does and save the logits (run under any onnxruntime).
 
     python tests/ort_probe.py BUNDLE OUT.npz   (PYTHONPATH = the repo root)
+    python tests/ort_probe.py --gap BUNDLE ROWS   prints decode_verify_gap (max_batch ROWS)
 
 Ragged first prompts in one batch, a batched decode step, and a multi-token step over a past
 (a chat's next turn): GroupQueryAttention's three paths. tests/edge_llm/test_ort_versions.py
@@ -14,7 +15,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from edge_llm.engine import Engine
+from edge_llm.engine import Engine, Slot
 from edge_llm.runner import RunnerOptions
 
 
@@ -31,5 +32,31 @@ def probe(bundle: str) -> dict[str, np.ndarray]:
     return {"prefill": prefill, "decode": decode, "turn": turn, "ort": np.array(ort.__version__)}
 
 
-if __name__ == "__main__":
+def decode_verify_gap(engine: Engine, steps: int = 14) -> float:
+    """Largest |logit| difference between `engine`'s greedy plain decode (1-token forwards) and
+    verify forwards of k = 2, 3, 7 tokens over the same tokens from the same state: 0.0 where
+    1-token forwards take the verify's kernel path ([fuse] pad_query_row, [runtime] pad_decode)."""
+    ids = engine.encode_request(prompt="The capital of France is")
+    slot = Slot()
+    logits, _ = engine.prefill(ids, slot)
+    tokens, rows = [], []
+    for _ in range(steps):
+        tokens.append(int(logits.argmax()))
+        logits = engine.decode_one_token(tokens[-1], slot)
+        rows.append(logits)
+    gap = 0.0
+    for k in (2, 3, 7):
+        verify = Slot()
+        engine.prefill(ids, verify)
+        for start in range(0, steps - k + 1, k):
+            chunk = np.array([tokens[start : start + k]], dtype=np.int64)
+            got = engine._forward_slot(chunk, verify, all_logits=True)[0]
+            gap = max(gap, max(float(np.abs(got[j] - rows[start + j]).max()) for j in range(k)))
+    return gap
+
+
+if __name__ == "__main__" and sys.argv[1] == "--gap":
+    options = RunnerOptions(threads=1, max_batch=int(sys.argv[3]), speculation="off")
+    print(repr(decode_verify_gap(Engine.load(sys.argv[2], options))))
+elif __name__ == "__main__":
     np.savez(sys.argv[2], **probe(sys.argv[1]))
