@@ -326,7 +326,7 @@ def result(config: FuseOptions, art: Artifact, folder: Path) -> Artifact:
             "variants": variants,
             **({"kv_spare": record["kv_spare"]} if record.get("kv_spare") else {}),
         },
-        facts={"kv_cache": config.kv_cache, "variants": sorted(variants), "pad_query_row": config.pad_query_row},
+        facts={"kv_cache": config.kv_cache, "variants": sorted(variants), PAD: config.pad_query_row},
     )
 
 

@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-from edge_llm.engine import Engine, Slot
+from benchmarks.exact_decode import decode_verify_gap
+from edge_llm.engine import Engine
 from edge_llm.runner import RunnerOptions
 
 
@@ -30,29 +31,6 @@ def probe(bundle: str) -> dict[str, np.ndarray]:
     runner.forward(np.array([[5, 17, 42, 9]], np.int64), single)
     turn = runner.forward(np.array([[30, 31, 32]], np.int64), single, all_logits=True)
     return {"prefill": prefill, "decode": decode, "turn": turn, "ort": np.array(ort.__version__)}
-
-
-def decode_verify_gap(engine: Engine, steps: int = 14) -> float:
-    """Largest |logit| difference between `engine`'s greedy plain decode (1-token forwards) and
-    verify forwards of k = 2, 3, 7 tokens over the same tokens from the same state: 0.0 where
-    1-token forwards take the verify's kernel path ([fuse] pad_query_row, [runtime] pad_decode)."""
-    ids = engine.encode_request(prompt="The capital of France is")
-    slot = Slot()
-    logits, _ = engine.prefill(ids, slot)
-    tokens, rows = [], []
-    for _ in range(steps):
-        tokens.append(int(logits.argmax()))
-        logits = engine.decode_one_token(tokens[-1], slot)
-        rows.append(logits)
-    gap = 0.0
-    for k in (2, 3, 7):
-        verify = Slot()
-        engine.prefill(ids, verify)
-        for start in range(0, steps - k + 1, k):
-            chunk = np.array([tokens[start : start + k]], dtype=np.int64)
-            got = engine._forward_slot(chunk, verify, all_logits=True)[0]
-            gap = max(gap, max(float(np.abs(got[j] - rows[start + j]).max()) for j in range(k)))
-    return gap
 
 
 if __name__ == "__main__" and sys.argv[1] == "--gap":

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.exact_decode import decode_verify_gap
 from edge_llm import speculate
 from edge_llm.board import RunnerOptions
 from edge_llm.engine import Engine, Slot
 from edge_llm.sampling import SamplingParams
-from tests.ort_probe import decode_verify_gap
 
 PROMPT = "The capital of France is"
 

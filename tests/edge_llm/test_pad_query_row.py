@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from benchmarks.exact_decode import decode_verify_gap
 from edge_llm import speculate
 from edge_llm.board import RunnerOptions
 from edge_llm.bundle import load_bundle, version_tuple
@@ -26,7 +27,6 @@ from edge_llm.errors import ContextLengthError
 from edge_llm.sampling import SamplingParams
 from tests.conftest import export_bundle, run_python, tiny_draft_config
 from tests.edge_llm.test_ort_versions import PROBE, PYTHONS
-from tests.ort_probe import decode_verify_gap
 
 RAGGED_ORT = version_tuple(ort.__version__) >= (1, 32)
 PROMPT = "The capital of France is"
