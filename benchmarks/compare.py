@@ -12,6 +12,12 @@ run r+1 of any, and each ratio is the median of the per-round ratios.
     python benchmarks/compare.py BUNDLE --pad-decode   # [runtime] pad_decode's cost
     python benchmarks/compare.py BUNDLE --portable     # query_seqlens graph vs the portable one
     python benchmarks/compare.py PLAIN PADDED --ragged  # + each on its query_seqlens graph (max_batch 2)
+    python benchmarks/compare.py PLAIN PADDED --ragged --step-pairs 400   # + single steps, interleaved
+
+`--step-pairs N` also times N single decode steps per row, every row's step before the next
+step of any (the cache cut back to the prompt each time: the same past for every step): a drift
+of the host's speed over seconds then hits all rows alike, which whole 128-token runs (tens of
+seconds apart) do not get on a loaded VM.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +37,7 @@ import onnxruntime as ort  # noqa: E402
 
 from benchmarks.results_io import write_results  # noqa: E402
 from edge_llm import bench  # noqa: E402
-from edge_llm.engine import Engine  # noqa: E402
+from edge_llm.engine import Engine, Slot  # noqa: E402
 from edge_llm.runner import RunnerOptions  # noqa: E402
 
 
@@ -42,6 +49,7 @@ def interleaved(
     pad_decode: bool = False,
     portable: bool = False,
     ragged: bool = False,
+    step_pairs: int = 0,
 ) -> list[dict]:
     """Per bundle: median decode tok/s and the median per-round ratio to the first bundle.
     `pad_decode`: each bundle also runs with [runtime] pad_decode (a row after its plain one);
@@ -66,6 +74,7 @@ def interleaved(
         for i, e in enumerate(engines):
             ttft, total, _ = bench.timed_generation(e, ids[i], new_tokens)
             speeds[i].append((new_tokens - 1) / (total - ttft))
+    steps = single_steps(engines, ids, step_pairs) if step_pairs else [[] for _ in engines]
     rows = []
     for i, ((b, m), label, e, s) in enumerate(zip(runs, labels, engines, speeds, strict=True)):
         ratios = [x / r for x, r in zip(s, speeds[0], strict=True)]
@@ -83,12 +92,38 @@ def interleaved(
                 "ratio_to_first_same_mode": statistics.median(same),
             }
         )
+        if step_pairs:  # speed ratio per step pair: the first bundle's step time / this one's
+            pairs = [r / x for x, r in zip(steps[i], steps[i % len(modes)], strict=True)]
+            rows[-1] |= {
+                "step_ms": 1e3 * statistics.median(steps[i]),
+                "step_ratio_same_mode": statistics.median(pairs),
+            }
         print(
             f"{label:40s} {statistics.median(s):7.1f} tok/s  x{statistics.median(ratios):.3f}"
             f"  (x{statistics.median(same):.3f} of the first bundle in this mode)",
             flush=True,
         )
     return rows
+
+
+def single_steps(engines: list[Engine], ids: list[list[int]], count: int) -> list[list[float]]:
+    """Seconds of `count` 1-token decode steps per engine, interleaved step by step, each over the
+    prompt `ids[i]` (the cache is cut back to it before every step)."""
+    slots = []
+    for e, x in zip(engines, ids, strict=True):
+        slot = Slot()
+        e.prefill(x, slot)
+        slots.append(slot)
+    times: list[list[float]] = [[] for _ in engines]
+    for n in range(count + 1):
+        for i, (e, slot) in enumerate(zip(engines, slots, strict=True)):
+            e.runner.truncate(slot.cache, len(ids[i]))
+            del slot.ids[len(ids[i]) :]
+            t = time.perf_counter()
+            e.decode_one_token(5 + n % 7, slot)
+            if n:  # the first step per engine warms its binding up
+                times[i].append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
@@ -100,6 +135,7 @@ def main() -> None:
     ap.add_argument("--pad-decode", action="store_true", help="also run each bundle with pad_decode")
     ap.add_argument("--portable", action="store_true", help="also run each bundle on its portable graph")
     ap.add_argument("--ragged", action="store_true", help="also run each bundle with max_batch 2")
+    ap.add_argument("--step-pairs", type=int, default=0, help="also time N single steps, interleaved")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare"))
     args = ap.parse_args()
     if len(args.bundles) < 2 and not (args.pad_decode or args.portable or args.ragged):
@@ -108,7 +144,14 @@ def main() -> None:
         )
     load = [os.getloadavg()[0]]
     rows = interleaved(
-        args.bundles, args.rounds, args.new_tokens, args.threads, args.pad_decode, args.portable, args.ragged
+        args.bundles,
+        args.rounds,
+        args.new_tokens,
+        args.threads,
+        args.pad_decode,
+        args.portable,
+        args.ragged,
+        args.step_pairs,
     )
     load.append(os.getloadavg()[0])
     doc = {
@@ -117,6 +160,7 @@ def main() -> None:
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,
         "threads": args.threads,
+        "step_pairs": args.step_pairs,
         "rows": rows,
     }
     lines = [
@@ -134,6 +178,15 @@ def main() -> None:
             f"| {r['label']} | {r['graph']} | {r['decode_tok_s']:.1f} | {r['ratio_to_first']:.3f} "
             f"| {r['ratio_to_first_same_mode']:.3f} |"
         )
+    if args.step_pairs:
+        lines += [
+            "",
+            f"Single decode steps, {args.step_pairs} per row, interleaved step by step:",
+            "",
+            "| bundle | ms per step (median) | speed x first bundle, same mode (median of per-step ratios) |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {r['label']} | {r['step_ms']:.2f} | {r['step_ratio_same_mode']:.3f} |" for r in rows]
     write_results(Path(args.out), doc, lines)
 
 
