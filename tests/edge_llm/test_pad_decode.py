@@ -4,6 +4,8 @@ speculative verify takes and greedy speculation equals plain decoding bit for bi
 Cause, measured on SmolLM2 int8 (benchmarks/README.md): GroupQueryAttention's output for the
 first new token differs in the last bit between a 1-token and a multi-token forward, and
 MatMulNBits' int8 activations (accuracy_level 4) amplify that to logit gaps of ~0.75.
+Bundles exported with `[fuse] pad_query_row` pad inside the graph instead (test_pad_query_row.py);
+pad_decode is for the bundles exported without it.
 """
 
 from __future__ import annotations

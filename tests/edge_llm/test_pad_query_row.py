@@ -179,3 +179,16 @@ def test_padded_graph_is_exact_on_other_ort(python: str, tiny_fused_padded: Path
     assert float(res.stdout.strip().splitlines()[-1]) == 0.0
     version = run_python(python, "-c", "import onnxruntime; print(onnxruntime.__version__)").stdout.strip()
     assert version != ort.__version__, "the venv imports this suite's onnxruntime"
+
+
+def test_padding_is_idempotent_and_refuses_other_graphs(tiny_fused_padded: Path, tiny_bundle: Path) -> None:
+    from edge_llm.errors import ExportError
+    from export.variants import pad_query_row
+
+    model = onnx.load(str(tiny_fused_padded / "model.onnx"), load_external_data=False)
+    before = len(model.graph.node)
+    pad_query_row(model)  # padded already: unchanged
+    assert len(model.graph.node) == before
+    optimum = onnx.load(str(tiny_bundle / "model.onnx"), load_external_data=False)
+    with pytest.raises(ExportError, match="not a fused graph"):
+        pad_query_row(optimum)
