@@ -118,6 +118,13 @@ class GraphSpec:
     # `Requirements.graphs`); absent: `file` is the only graph.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     draft: DraftSpec | None = None  # a trained speculative draft (absent: none in the bundle)
+    # KV positions each forward writes past its new tokens, in every graph of the bundle: 1 where
+    # GroupQueryAttention gets a dummy query row (export/variants.py, `[fuse] pad_query_row`: a
+    # 1-token decode then gives a speculative verify's logits bit for bit). The runtime's shared KV
+    # buffers hold that many positions more than a sequence may fill. Absent (older bundles): 0.
+    # A runtime that predates it runs such a graph correctly until a sequence fills its buffer,
+    # where onnxruntime refuses the forward (GQA's present shape) instead of a clean "context full".
+    kv_spare: int = 0
 
 
 @dataclass(frozen=True)
@@ -336,6 +343,8 @@ def _graph_spec(raw: dict[str, Any], ignored: list[str]) -> GraphSpec:
     for name, v in raw["variants"].items():
         if v.get("kv_cache") not in ("fp32", "int8") or not isinstance(v.get("query_seqlens"), bool):
             raise TypeError(f"graph.variants[{name!r}]: kv_cache 'fp32'|'int8', query_seqlens true|false")
+    if not isinstance(raw.get("kv_spare", 0), int) or raw.get("kv_spare", 0) < 0:
+        raise TypeError(f"graph.kv_spare must be a count of positions (>= 0), not {raw.get('kv_spare')!r}")
     if raw.get("kv_cache", "fp32") not in ("fp32", "int8"):
         raise TypeError(f"graph.kv_cache must be 'fp32' or 'int8', not {raw.get('kv_cache')!r}")
     if raw.get("draft") is not None:

@@ -232,10 +232,14 @@ class Engine:
 
     def _pads(self, slot: Slot) -> bool:
         """Whether a one-token forward of `slot` runs padded to two ([runtime] pad_decode): on
-        the shared-KV graph with per-position logits, while the dummy's position fits."""
+        the shared-KV graph with per-position logits, while the dummy's position fits. Not on a
+        graph that pads its attention itself (bundle.json `graph.kv_spare`, `[fuse]
+        pad_query_row`): its 1-token forward already takes the verify's path, so pad_decode only
+        matters for bundles exported without it."""
         cache = slot.cache
         return (
             self.options.pad_decode
+            and not self.bundle.graph.kv_spare
             and self.all_logits
             and isinstance(cache, SharedCache)
             and int(cache.lengths[slot.row or 0]) + 2 <= cache.capacity

@@ -279,7 +279,9 @@ class ConcatRunner(_SessionRunner):
 
 @dataclass
 class SharedCache:
-    """Preallocated KV buffers [rows, kv_heads, capacity, head_dim], one per past/present pair.
+    """Preallocated KV buffers [rows, kv_heads, capacity + kv_spare, head_dim], one per
+    past/present pair: `capacity` is what a sequence may fill; a padded graph (bundle.json
+    `graph.kv_spare`) writes its dummy query row's KV one position past the new tokens.
 
     Row b holds `lengths[b]` positions; positions past that are stale and simply overwritten,
     so dropping tokens (a rejected draft, a diverging chat turn) is just lowering the length.
@@ -334,10 +336,13 @@ class SharedRunner(_SessionRunner):
         # quantized cache (static per-channel scales inside the graph; a quarter of the bytes).
         past_type = {i.name: i.type for i in self.session.get_inputs()}[self.past_names[0]]
         self.kv_dtype = np.dtype(_KV_TYPES.get(past_type, np.float32))
+        self.kv_spare = bundle.graph.kv_spare
 
     def empty(self, batch: int = 1, capacity: int | None = None) -> SharedCache:
         cap = min(capacity or self.max_context, self.max_context)
-        shape = (batch, self.kv_shape[0], cap, self.kv_shape[1])
+        # A padded graph (kv_spare 1) writes its dummy row's KV at length + S: one position past
+        # what a sequence may fill, so `length + S + kv_spare` must fit the buffer.
+        shape = (batch, self.kv_shape[0], cap + self.kv_spare, self.kv_shape[1])
         buffers = [lazy_zeros(shape, self.kv_dtype) for _ in self.past_names]
         return SharedCache(buffers, np.zeros(batch, np.int64), cap)
 
@@ -373,7 +378,7 @@ class SharedRunner(_SessionRunner):
                 "ragged rows (counts) need 1..S tokens each, last-token logits and (without the "
                 "query_seqlens graph) empty rows"
             )
-        if int(lengths.max()) + steps > cache.capacity:
+        if int(lengths.max()) + steps + self.kv_spare > cache.buffers[0].shape[2]:
             raise ContextLengthError(
                 f"context full: {int(lengths.max())} cached + {steps} new tokens > {cache.capacity}"
             )

@@ -136,7 +136,9 @@ class MainGraph:
         for name, info in self.inputs.items():
             if name.startswith("past_key_values"):
                 shape = info.shape
-                feeds[name] = np.zeros((1, shape[1], s, shape[3]), types.get(info.type, np.float32))
+                # One spare position: a padded graph ([fuse] pad_query_row) writes its dummy
+                # query row's KV at position s; an unpadded one leaves it unused.
+                feeds[name] = np.zeros((1, shape[1], s + 1, shape[3]), types.get(info.type, np.float32))
         logits, hidden = self.session.run(["logits", HIDDEN], feeds)
         if logits.shape[1] != s:
             raise ExportError("draft: the main graph must return logits for every fed position")

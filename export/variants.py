@@ -14,6 +14,13 @@ rewritten): a variant is a small graph proto whose nodes read the same external 
   refuse the node). Rows of one forward may then feed different numbers of tokens over
   different pasts: a newcomer's prompt joins the running rows' decode step. The portable graph
   stays the main one, so the bundle still loads on onnxruntime 1.23.2.
+- `pad_query_row = true`: every GroupQueryAttention node gets one dummy query row after each row's
+  last new token (`pad_query_row`), so a 1-token decode runs the attention kernel's multi-row
+  path, as a k-token speculative verify does. On an int8 graph (MatMulNBits accuracy_level 4)
+  the 1-row path's last-bit difference became logit gaps up to 1.48 on SmolLM2 and greedy
+  speculation parted from plain decoding; padded, plain decode gives the verify's logits bit for
+  bit (benchmarks/README.md, issue 17). The dummy's KV lands one past the row's length: the
+  bundle records `graph.kv_spare = 1` and the runtime's KV buffers hold one spare position.
 
 Out: `model.onnx` (+ `.data`), the variants, and `variants.json`: file -> {"kv_cache",
 "query_seqlens"} (bundle.json `graph.variants`) with the calibration record.
@@ -51,6 +58,9 @@ class FuseOptions:
     calib_span: tuple[float, float] = (0.5, 1.0)
     calib_tokens: int = 4096
     calib_window: int = 1024  # tokens per calibration forward (positions the scales cover)
+    # A dummy query row in every GQA node of every graph: plain decoding equals verify forwards
+    # bit for bit (greedy speculation gives plain decoding's tokens) at ~no decode cost.
+    pad_query_row: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache not in ("fp32", "int8", "both"):
@@ -89,6 +99,94 @@ def add_query_seqlens(model: Any) -> None:
             while len(node.input) < QUERY_SEQLENS:
                 node.input.append("")
             node.input.append("query_seqlens")
+
+
+PAD = "pad_query_row"  # prefix of the names pad_query_row adds
+
+
+def pad_query_row(model: Any) -> None:
+    """Give every GroupQueryAttention node of `model` (a graph written by export/fuse.py, any
+    variant) one dummy query row: a copy of each row's last new token, fed right after it, with
+    GQA's lengths one longer; the dummy's output row is dropped again.
+
+    Why: GQA's CPU kernel computes a lone query row (S = 1) on another path than several rows, a
+    last-bit difference that int8 activations amplify; with the dummy a decode step has S = 2,
+    the path verify forwards take, and every other op of the graph is row-independent. Row b's
+    dummy sits at index qlens_b, right after its own last real token (a ragged row of the
+    query_seqlens graph: inside its padding, which it ignores; a full row: at index S, the extra
+    position). GQA writes the dummy's KV at position length + new tokens, one past the row, where
+    the next forward overwrites it: the KV buffer needs one spare position (bundle.json
+    `graph.kv_spare`). The rotary tables get one more row, a copy of the last: only a dummy, whose
+    KV is never read, can sit at position max_context, and a sequence may still fill it."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    nodes = list(g.node)
+    by_name = {n.name: n for n in nodes}
+    gqa = [i for i, n in enumerate(nodes) if n.op_type == GQA]
+    if "qlens_i64" not in by_name or "seq_len" not in by_name or not gqa:
+        raise ExportError(f"{PAD}: not a fused graph written by export/fuse.py (no qlens_i64 / seq_len)")
+    if any(n.name.startswith(PAD) for n in nodes):
+        return  # padded already
+    added: list[Any] = []
+
+    def const(name: str, value: Any, dtype: Any = np.int64) -> str:
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), f"{PAD}/{name}"))
+        return f"{PAD}/{name}"
+
+    def op(op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        added.append(helper.make_node(op_type, inputs, [f"{PAD}/{name}"], name=f"{PAD}/{name}", **attrs))
+        return f"{PAD}/{name}"
+
+    one32, one, zero = const("one_i32", 1, np.int32), const("one", 1), const("zero", 0)
+    axes = [const(f"axes_{i}", [i]) for i in range(3)]
+    # The fuse stage's seq_len is a [1] tensor (its index constant is [1]); Range wants scalars.
+    seq = op("Reshape", [by_name["seq_len"].output[0], const("shape_scalar", np.zeros(0))], "seq")
+    rows = op("Reshape", [seq, const("shape_1", [1])], "rows")
+    # Fed position s of row b copies position min(s, qlens_b - 1): [B, S + 1, 1] for GatherND.
+    span = op(
+        "Unsqueeze",
+        [op("Range", [zero, op("Add", [seq, one], "seq_plus_1"), one], "span"), axes[0]],
+        "span_1s",
+    )
+    last = op("Unsqueeze", [op("Sub", [by_name["qlens_i64"].output[0], one], "last"), axes[1]], "last_b1")
+    index = op("Unsqueeze", [op("Min", [span, last], "index_bs"), axes[2]], "index")
+    first = nodes[gqa[0]]
+    swap = {
+        name: op("Add", [name, one32], f"{role}_plus_1")
+        for role, name in (("seqlens_k", first.input[5]), ("total", first.input[6]))
+    }
+    if len(first.input) > QUERY_SEQLENS and first.input[QUERY_SEQLENS]:
+        swap[first.input[QUERY_SEQLENS]] = op(
+            "Add", [first.input[QUERY_SEQLENS], one32], "query_seqlens_plus_1"
+        )
+    minus_1, end = const("minus_1", [-1]), const("end", [np.iinfo(np.int64).max])
+    for kind, table in (("cos", first.input[7]), ("sin", first.input[8])):
+        last_row = op("Slice", [table, minus_1, end, axes[0]], f"{kind}_last_row")
+        swap[table] = op("Concat", [table, last_row], f"rope_{kind}", axis=0)
+    start = const("start", [0])
+    out = nodes[: gqa[0]] + added
+    for node in nodes[gqa[0] :]:
+        if node.op_type != GQA:
+            out.append(node)
+            continue
+        for j in (0, 1, 2):  # packed qkv, or separate q, k, v
+            if node.input[j]:
+                fed = f"{node.name}/{PAD}/input{j}"
+                out.append(
+                    helper.make_node("GatherND", [node.input[j], index], [fed], name=fed, batch_dims=1)
+                )
+                node.input[j] = fed
+        for j, name in enumerate(node.input):
+            if j >= 5 and name in swap:
+                node.input[j] = swap[name]
+        result = node.output[0]
+        node.output[0] = f"{result}/{PAD}"
+        out.append(node)
+        drop = f"{node.name}/{PAD}/drop_row"
+        out.append(helper.make_node("Slice", [node.output[0], start, rows, axes[1]], [result], name=drop))
+    del g.node[:]
+    g.node.extend(out)
 
 
 def quantize_kv(model: Any, absmax: np.ndarray) -> None:
@@ -186,21 +284,31 @@ def build(config: FuseOptions, art: Artifact, out: Path, progress: bool) -> None
     absmax = None
     if "int8" in kinds:
         ids, record["calibration"] = calibration_ids(config, art.hf_dir)
-        absmax = kv_absmax(source, ids, config.calib_window)
+        absmax = kv_absmax(source, ids, config.calib_window)  # the unpadded graph: same KV
+
+    def save(model: Any, name: str) -> None:
+        if config.pad_query_row:  # last: the dummy follows whatever lengths the graph feeds GQA
+            padded = onnx.ModelProto()
+            padded.CopyFrom(model)
+            pad_query_row(padded)
+            model = padded
+        onnx.save(model, str(out / name))
+
+    record["kv_spare"] = int(config.pad_query_row)  # KV positions a forward writes past its tokens
     for k, kind in enumerate(kinds):
         model = onnx.ModelProto()
         model.CopyFrom(base)
         if kind == "int8":
             quantize_kv(model, absmax)
         stem = "model" if k == 0 else "model.kv8"  # the first kind is the main graph
-        onnx.save(model, str(out / f"{stem}.onnx"))
+        save(model, f"{stem}.onnx")
         if k:
             record["variants"][f"{stem}.onnx"] = {"kv_cache": kind, "query_seqlens": False}
         else:
             record["kv_cache"] = kind
         if config.query_seqlens:
             add_query_seqlens(model)
-            onnx.save(model, str(out / f"{stem}.ragged.onnx"))
+            save(model, f"{stem}.ragged.onnx")
             record["variants"][f"{stem}.ragged.onnx"] = {"kv_cache": kind, "query_seqlens": True}
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -212,8 +320,13 @@ def result(config: FuseOptions, art: Artifact, folder: Path) -> Artifact:
         art,
         graph=folder / "model.onnx",
         extra_graphs={**art.extra_graphs, **{name: folder / name for name in variants}},
-        layout={**art.layout, "kv_cache": record["kv_cache"], "variants": variants},
-        facts={"kv_cache": config.kv_cache, "variants": sorted(variants)},
+        layout={
+            **art.layout,
+            "kv_cache": record["kv_cache"],
+            "variants": variants,
+            **({"kv_spare": record["kv_spare"]} if record.get("kv_spare") else {}),
+        },
+        facts={"kv_cache": config.kv_cache, "variants": sorted(variants), PAD: config.pad_query_row},
     )
 
 

@@ -190,6 +190,21 @@ def tiny_fused_variants(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def tiny_fused_padded(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_fused_variants' graphs at int8 with [fuse] pad_query_row: every GroupQueryAttention
+    node gets a dummy query row (plain decode = verify forwards bit for bit)."""
+    from export.variants import FuseOptions
+
+    text = tmp_path_factory.mktemp("calib") / "calib.txt"
+    text.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
+    fuse = FuseOptions(
+        "both", calib_text=text, calib_span=(0.0, 1.0), calib_tokens=512, calib_window=128, pad_query_row=True
+    )
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fused-padded"
+    return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse)
+
+
+@pytest.fixture(scope="session")
 def tiny_fused_all(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fused bundle returning logits for every position (perplexity, speculative verify)."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-fused-all"

@@ -1,6 +1,7 @@
 """Drive a fused bundle the ways the runtime does and save the logits (run under any onnxruntime).
 
     python tests/ort_probe.py BUNDLE OUT.npz   (PYTHONPATH = the repo root)
+    python tests/ort_probe.py --gap BUNDLE ROWS   prints decode_verify_gap (max_batch ROWS)
 
 Ragged first prompts in one batch, a batched decode step, and a multi-token step over a past
 (a chat's next turn): GroupQueryAttention's three paths. tests/edge_llm/test_ort_versions.py
@@ -14,6 +15,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.exact_decode import decode_verify_gap
 from edge_llm.engine import Engine
 from edge_llm.runner import RunnerOptions
 
@@ -31,5 +33,8 @@ def probe(bundle: str) -> dict[str, np.ndarray]:
     return {"prefill": prefill, "decode": decode, "turn": turn, "ort": np.array(ort.__version__)}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "--gap":
+    options = RunnerOptions(threads=1, max_batch=int(sys.argv[3]), speculation="off")
+    print(repr(decode_verify_gap(Engine.load(sys.argv[2], options))))
+elif __name__ == "__main__":
     np.savez(sys.argv[2], **probe(sys.argv[1]))

@@ -264,7 +264,6 @@ def test_keys_on_http(keyed: tuple[Server, str, str]) -> None:
     assert counts[("http", "rate_limited")] == 2 and counts[("http", "completed")] == 3
 
 
-
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_against_edge_llm_serve(tiny_bundle: Path, tmp_path: Path) -> None:
     """The real command line: `edge-llm serve --http`, streamed and gzipped with curl."""
