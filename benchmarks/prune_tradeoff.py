@@ -157,7 +157,10 @@ def level_recipe(name: str, shape: tuple[int, int, float, float], order: list[in
             span=(0.1, 1.0), calib_tokens=args.calib_tokens,
         )  # fmt: skip
     base = recipe_mod.load_recipe(RECIPE)
-    return replace(base, name=f"tradeoff-{name}", trim_vocab=trim, prune=prune, evaluate=None)
+    fuse = base.fuse  # its int8-KV calibration reads the same text file (--text: where it is)
+    if fuse is not None and fuse.calib_text is not None:
+        fuse = replace(fuse, calib_text=Path(args.text))
+    return replace(base, name=f"tradeoff-{name}", trim_vocab=trim, prune=prune, fuse=fuse, evaluate=None)
 
 
 def common_args(ap: argparse.ArgumentParser, tokens: int, threads: int, out: str) -> None:
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     order = kl_order(args) if any(LEVELS[n][1] for n in names) else []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)  # --torch writes no bundle there, only the QA file
         recipes = {n: level_recipe(n, LEVELS[n], order, args) for n in names}
         if args.torch:
             models = {n: recipe_mod.hf_model(r, progress=True) for n, r in recipes.items()}
