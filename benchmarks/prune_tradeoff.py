@@ -248,17 +248,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             }
             rows.append({**shape, **r, "seconds": round(time.perf_counter() - t0, 1)})
             print(f"{n}: {evaluate.headline(r)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            save(rows, args, order, out, partial=True)  # minutes per level: keep what is measured
         if not args.torch:
             speeds = interleaved([models[n] for n in names], args.rounds, 128, args.threads)
             for row, sp in zip(rows, speeds, strict=True):
                 row |= {"decode_tok_s": sp["decode_tok_s"], "decode_x_p0": sp["ratio_to_first"]}
                 row["decode_runs"] = sp["decode_runs"]
+    save(rows, args, order, out, partial=False)
+    return rows
+
+
+def save(
+    rows: list[dict[str, Any]], args: argparse.Namespace, order: list[int], out: Path, partial: bool
+) -> None:
+    """JSON + Markdown (+ the plot once complete); `partial`: levels still to come, no decode yet."""
     doc = {"qa": str(args.qa), "tokens": args.tokens, "threads": args.threads, "torch": args.torch}
     doc |= {"rounds": None if args.torch else args.rounds, "calib_tokens": args.calib_tokens}
-    doc |= {"kl_order": order, "kl_calib_tokens": args.kl_calib, "rows": rows}
+    doc |= {"kl_order": order, "kl_calib_tokens": args.kl_calib, "partial": partial, "rows": rows}
     write_results(out, doc, table(rows, args, order))
-    plot(rows, out.with_suffix(".png"), args.torch)
-    return rows
+    if not partial:
+        plot(rows, out.with_suffix(".png"), args.torch)
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace, order: list[int]) -> list[str]:
@@ -295,10 +304,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace, order: list[int]
             f"| {r['qa_correct']}/{r['qa_questions']} |"
         )
         if not args.torch:
-            line += (
-                f" {r['size_bytes'] / rows[0]['size_bytes']:.3f} | {r['decode_tok_s']:.1f} "
-                f"| {r['decode_x_p0']:.3f} |"
-            )
+            speed = f"{r['decode_tok_s']:.1f} | {r['decode_x_p0']:.3f}" if "decode_x_p0" in r else "— | —"
+            line += f" {r['size_bytes'] / rows[0]['size_bytes']:.3f} | {speed} |"
         lines.append(line)
     return lines
 
