@@ -72,6 +72,7 @@ LEVELS: dict[str, tuple[int, int, float, float]] = {
     "v16_h34_d3": (16384, 3, 0.0, 0.34),
     "v8_m13": (8192, 0, 0.13, 0.0),  # 1,344 channels kept: 24.9%, just short
     "v8_m15": (8192, 0, 0.15, 0.0),  # 1,312 kept
+    "v7_m13": (7168, 0, 0.13, 0.0),  # v8_m13 with 1,024 tokens fewer: 25.3%
     "v12_m16": (12288, 0, 0.16, 0.0),  # 1,280 kept
     # further along the curve
     "v20_d3": (20480, 3, 0.0, 0.0),
