@@ -342,7 +342,8 @@ def plot(rows: list[dict[str, Any]], path: Path, torch: bool = False) -> None:
         ax.set_xlabel("parameters (M)")
         ax.invert_xaxis()  # left to right: more pruning
     kind = "fp32 in torch" if torch else "INT8 bundles"
-    fig.suptitle(f"SmolLM2-135M pruned, {kind}, no distillation (row 'recipe': distilled)")
+    distilled = " (row 'recipe': distilled)" if any(r["level"] == "recipe" for r in rows) else ""
+    fig.suptitle(f"SmolLM2-135M pruned, {kind}, no distillation{distilled}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
