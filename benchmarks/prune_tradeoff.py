@@ -44,25 +44,45 @@ from export import recipe as recipe_mod  # noqa: E402
 from export.prune import PruneConfig  # noqa: E402
 from export.trim_vocab import TrimVocabConfig  # noqa: E402
 
-# name: (vocabulary kept (0: all), layer_ratio, mlp_ratio). SmolLM2-135M: 30 layers of 3.54M
-# parameters, a tied 49,152 x 576 embedding (28.3M); MLP 1536 channels = 79.6M of its 134.5M, so
-# MLP ratios 0.17 / 0.34 / 0.51 / 0.68 remove about 10 / 20 / 30 / 40% (kept widths rounded to
-# multiples of 32). A 12,288-token vocabulary removes 15.8%, each layer 2.6% more; v12_d4 is the
-# pruned recipe's shape before distillation (configs/recipes/smollm2-pruned-int8.toml).
-LEVELS: dict[str, tuple[int, float, float]] = {
-    "p0": (0, 0.0, 0.0),
-    "v12": (12288, 0.0, 0.0),
-    "v12_d2": (12288, 0.067, 0.0),
-    "v12_d4": (12288, 0.134, 0.0),
-    "v12_d6": (12288, 0.2, 0.0),
-    "v8_d3": (8192, 0.1, 0.0),
-    "m17": (0, 0.0, 0.17),
-    "m34": (0, 0.0, 0.34),
-    "m51": (0, 0.0, 0.51),
-    "m68": (0, 0.0, 0.68),
-    "d2_m40": (0, 0.067, 0.40),
+# name: (vocabulary kept (0: all), decoder layers dropped, MLP ratio, query-head ratio).
+# SmolLM2-135M: 30 layers of 3.54M parameters, a tied 49,152 x 576 embedding (28.3M, 21%); a
+# vocabulary of 8,192 / 12,288 / 16,384 / 20,480 tokens (merge order, as the pruned recipe's
+# [trim_vocab]) removes 17.6 / 15.8 / 14.0 / 12.3% of the parameters, each layer 2.6%, MLP
+# ratio 0.17 about 10% (1536 channels = 79.6M; kept widths multiples of 32), a third of the query
+# heads (head ratio 0.34: 2 of 3 per KV group kept) 4.9%. Layers are the first n of one greedy
+# KL search on the unpruned model (`kl_order`: the same search for every level; the greedy
+# choice of n layers is the first n steps of a longer search).
+LEVELS: dict[str, tuple[int, int, float, float]] = {
+    "p0": (0, 0, 0.0, 0.0),
+    # one way at a time: where the knowledge goes
+    "v8": (8192, 0, 0.0, 0.0),
+    "v12": (12288, 0, 0.0, 0.0),
+    "v16": (16384, 0, 0.0, 0.0),
+    "v20": (20480, 0, 0.0, 0.0),
+    "d3": (0, 3, 0.0, 0.0),
+    "d5": (0, 5, 0.0, 0.0),
+    "m17": (0, 0, 0.17, 0.0),
+    "h34": (0, 0, 0.0, 0.34),
+    # >= 25% fewer parameters, reached different ways
+    "v8_d3": (8192, 3, 0.0, 0.0),
+    "v12_d4": (12288, 4, 0.0, 0.0),
+    "v16_d5": (16384, 5, 0.0, 0.0),
+    "v20_d5": (20480, 5, 0.0, 0.0),
+    "v20_m23": (20480, 0, 0.23, 0.0),
+    "v16_h34_d3": (16384, 3, 0.0, 0.34),
+    "v8_m13": (8192, 0, 0.13, 0.0),  # 1,344 channels kept: 24.9%, just short
+    "v8_m15": (8192, 0, 0.15, 0.0),  # 1,312 kept
+    "v7_m13": (7168, 0, 0.13, 0.0),  # v8_m13 with 1,024 tokens fewer: 25.3%
+    "v12_m16": (12288, 0, 0.16, 0.0),  # 1,280 kept
+    # further along the curve
+    "v20_d3": (20480, 3, 0.0, 0.0),
+    "v12_d6": (12288, 6, 0.0, 0.0),
+    "v8_d8": (8192, 8, 0.0, 0.0),
+    "m34": (0, 0, 0.34, 0.0),
+    "m51": (0, 0, 0.51, 0.0),
+    "m68": (0, 0, 0.68, 0.0),
 }
-DEFAULT_LEVELS = ["p0", "v12", "v8_d3", "v12_d4", "v12_d6"]
+DEFAULT_LEVELS = ["p0", "v20", "v20_d3", "v20_d5", "v12_d6", "v8_d8"]
 
 
 def teacher_rows(path: Path | None, qa_file: Path) -> list[dict[str, Any]]:
@@ -107,24 +127,43 @@ def answers_from(folder: Path | None, level: str, questions: list[qa.Question]) 
     return [r["answer"] for r in items]
 
 
-def build(name: str, ratios: tuple[int, float, float], args: argparse.Namespace, work: Path) -> Path:
-    base = recipe_mod.load_recipe(ROOT / "configs" / "recipes" / "smollm2-int8.toml")
-    vocab, layer, mlp = ratios
+RECIPE = ROOT / "configs" / "recipes" / "smollm2-int8.toml"
+
+
+def kl_order(args: argparse.Namespace) -> list[int]:
+    """The layers one greedy KL search on the unpruned model drops (`--kl-depth` of them,
+    `--kl-calib` calibration tokens), in the order it dropped them: a prune stage, cached like
+    any recipe's (13 min for 5 layers on the loaded 2-core host, so every level reuses one)."""
+    base = recipe_mod.load_recipe(RECIPE)
+    n = json.loads((recipe_mod.hf_model(base) / "config.json").read_text())["num_hidden_layers"]
+    cfg = PruneConfig(
+        layer_ratio=round(args.kl_depth / n, 4), layer_method="kl", text=Path(args.text),
+        span=(0.1, 1.0), calib_tokens=args.kl_calib, seq_len=512,
+    )  # fmt: skip
+    folder = recipe_mod.hf_model(replace(base, name="tradeoff-kl", prune=cfg, evaluate=None), progress=True)
+    return [step["dropped"] for step in json.loads((folder / "prune.json").read_text())["layer_kl"]]
+
+
+def level_recipe(name: str, shape: tuple[int, int, float, float], order: list[int], args: argparse.Namespace):
+    """The default recipe (fused graph, INT8 weights and embeddings) with the level's
+    [trim_vocab] / [prune] sections in front and no evaluation."""
+    vocab, depth, mlp, heads = shape
+    if depth > len(order):
+        raise SystemExit(f"level {name} drops {depth} layers; the KL search gave {len(order)} (--kl-depth)")
     trim = None
-    if vocab:  # as the pruned recipe's [trim_vocab], so its cached stage is shared
-        trim = TrimVocabConfig(size=vocab, prior=4096, text=Path(args.text), span=(0.1, 1.0))
+    if vocab:  # as the pruned recipe's [trim_vocab] (merge order), so its cached stage is shared
+        trim = TrimVocabConfig(size=vocab, prior=vocab, text=Path(args.text), span=(0.1, 1.0))
     prune = None
-    if layer or mlp:
+    if depth or mlp or heads:
         prune = PruneConfig(
-            layer_ratio=layer,
-            layer_method="single",
-            mlp_ratio=mlp,
-            text=Path(args.text),
-            span=(0.1, 1.0),
-            calib_tokens=args.calib_tokens,
-        )
-    recipe = replace(base, name=f"tradeoff-{name}", trim_vocab=trim, prune=prune, evaluate=None)
-    return recipe_mod.run(recipe, work / name, progress=True)
+            layers=tuple(order[:depth]), mlp_ratio=mlp, head_ratio=heads, text=Path(args.text),
+            span=(0.1, 1.0), calib_tokens=args.calib_tokens,
+        )  # fmt: skip
+    base = recipe_mod.load_recipe(RECIPE)
+    fuse = base.fuse  # its int8-KV calibration reads the same text file (--text: where it is)
+    if fuse is not None and fuse.calib_text is not None:
+        fuse = replace(fuse, calib_text=Path(args.text))
+    return replace(base, name=f"tradeoff-{name}", trim_vocab=trim, prune=prune, fuse=fuse, evaluate=None)
 
 
 def common_args(ap: argparse.ArgumentParser, tokens: int, threads: int, out: str) -> None:
@@ -149,21 +188,40 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="folder of `edge-llm eval --qa SET --json qa_LEVEL.json` results: those answers are rescored "
         "instead of asked again (a loaded machine: run the levels' QA in parallel processes)",
     )
-    ap.add_argument("--calib-tokens", type=int, default=8192, help="pruning calibration (the recipe's 8192)")
+    ap.add_argument(
+        "--torch",
+        action="store_true",
+        help="measure the pruned HF models in torch (fp32) instead of INT8 bundles: no ONNX export, no "
+        "decode speed; writes OUT_torch",
+    )
+    ap.add_argument(
+        "--calib-tokens", type=int, default=8192, help="width-pruning calibration (the recipe's 8192)"
+    )
+    ap.add_argument(
+        "--kl-depth", type=int, default=8, help="layers the one KL search drops (the deepest level)"
+    )
+    ap.add_argument("--kl-calib", type=int, default=1024, help="the KL search's calibration tokens")
     common_args(ap, tokens=8192, threads=2, out="prune_tradeoff")
     args = ap.parse_args(argv)
     unknown = [n for n in args.levels if n not in LEVELS]
     if unknown or not args.levels:
         ap.error(f"unknown levels {unknown}; known: {list(LEVELS)}")
     names = ["p0"] + [n for n in args.levels if n != "p0"]  # p0: the speed reference
+    out = Path(args.out + ("_torch" if args.torch else ""))
+    order = kl_order(args) if any(LEVELS[n][1] for n in names) else []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        bundles = {n: build(n, LEVELS[n], args, work) for n in names}
-        shapes = dict(LEVELS)
+        work.mkdir(parents=True, exist_ok=True)  # --torch writes no bundle there, only the QA file
+        recipes = {n: level_recipe(n, LEVELS[n], order, args) for n in names}
+        if args.torch:
+            models = {n: recipe_mod.hf_model(r, progress=True) for n, r in recipes.items()}
+        else:
+            models = {n: recipe_mod.run(r, work / n, progress=True) for n, r in recipes.items()}
+        shapes = {n: LEVELS[n] for n in names}
         if args.recipe_bundle is not None:
             names.append("recipe")
-            bundles["recipe"] = args.recipe_bundle
-            shapes["recipe"] = (-1, -1.0, -1.0)  # its own recipe says (bundle.json)
+            models["recipe"] = args.recipe_bundle
+            shapes["recipe"] = (-1, -1, -1.0, -1.0)  # its own recipe says (bundle.json)
         questions = qa.load(args.qa)
         known, kept_file, teacher = teacher_known(teacher_rows(args.teacher_qa, args.qa), args.qa, work)
         kept = [questions[i] for i in known]
@@ -176,58 +234,90 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             given = answers_from(args.qa_dir, n, questions)
             if given is None:
-                r = evaluate.run(cfg, bundles[n], None, progress=False, teacher_qa=teacher)
+                r = evaluate.run(cfg, models[n], None, progress=False, teacher_qa=teacher)
             else:
-                r = evaluate.run(replace(cfg, qa=None), bundles[n], None, progress=False)
+                r = evaluate.run(replace(cfg, qa=None), models[n], None, progress=False)
                 r |= evaluate.qa_result(cfg, qa.scored(kept, [given[i] for i in known]), teacher)
             r.pop("qa_items")
             r["qa_file"] = str(args.qa)
-            vocab, layer, mlp = shapes[n]
-            rows.append({"level": n, "vocab": vocab, "layer_ratio": layer, "mlp_ratio": mlp, **r})
+            vocab, depth, mlp, heads = shapes[n]
+            dropped = order[:depth] if depth >= 0 else None
+            shape = {
+                "level": n,
+                "vocab": vocab,
+                "layers_dropped": dropped,
+                "mlp_ratio": mlp,
+                "head_ratio": heads,
+            }
+            rows.append({**shape, **r, "seconds": round(time.perf_counter() - t0, 1)})
             print(f"{n}: {evaluate.headline(r)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        speeds = interleaved([bundles[n] for n in names], args.rounds, 128, args.threads)
-    for row, s in zip(rows, speeds, strict=True):
-        row |= {"decode_tok_s": s["decode_tok_s"], "decode_x_p0": s["ratio_to_first"]}
-        row["decode_runs"] = s["decode_runs"]
-    full = rows[0]["parameters"]
-    doc = {"qa": str(args.qa), "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads}
-    doc["calib_tokens"] = args.calib_tokens
-    doc["rows"] = rows
-    lines = [
-        f"No distillation (except the row `recipe`: the finished pruned recipe's bundle); pruning "
-        f"calibrated on {args.calib_tokens} tokens. Perplexity (per token: compares rows with the same "
-        f"vocabulary only) and bits per byte (compares all rows): first {args.tokens} tokens of the "
-        f"held-out span, ctx 512, stride 512. "
-        f"QA: `{args.qa.name}`, the {rows[0]['qa_teacher_correct']} questions the teacher answers correctly "
-        f"asked (retained = correct / {rows[0]['qa_teacher_correct']}). Decode: "
-        f"{args.rounds} interleaved rounds, 128 tokens, {args.threads} threads, shared CPU (noisy).",
-        "",
-        "| level | vocab | layers | MLP | params | removed | size MiB | size x p0 | perplexity | bits/byte "
-        "| QA retained | retained exact | answers kept | decode tok/s | decode x p0 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        vocab = "see recipe" if r["vocab"] < 0 else (r["vocab"] or "49152")
-        layers = "" if r["layer_ratio"] < 0 else r["layer_ratio"]
-        mlp = "" if r["mlp_ratio"] < 0 else r["mlp_ratio"]
-        bpb = f"{r['bits_per_byte']:.3f}" if "bits_per_byte" in r else "—"
-        lines.append(
-            f"| {r['level']} | {vocab} | {layers} | {mlp} | {r['parameters'] / 1e6:.1f}M "
-            f"| {1 - r['parameters'] / full:.1%} | {r['size_bytes'] / 2**20:.1f} "
-            f"| {r['size_bytes'] / rows[0]['size_bytes']:.3f} | {r['perplexity']:.2f} | {bpb} "
-            f"| {_pct(r['qa_retained'])} | {_pct(r['qa_retained_exact'])} "
-            f"| {r['qa_correct']}/{r['qa_questions']} | {r['decode_tok_s']:.1f} | {r['decode_x_p0']:.3f} |"
-        )
-    write_results(Path(args.out), doc, lines)
-    plot(rows, Path(args.out).with_suffix(".png"))
+            save(rows, args, order, out, partial=True)  # minutes per level: keep what is measured
+        if not args.torch:
+            speeds = interleaved([models[n] for n in names], args.rounds, 128, args.threads)
+            for row, sp in zip(rows, speeds, strict=True):
+                row |= {"decode_tok_s": sp["decode_tok_s"], "decode_x_p0": sp["ratio_to_first"]}
+                row["decode_runs"] = sp["decode_runs"]
+    save(rows, args, order, out, partial=False)
     return rows
+
+
+def save(
+    rows: list[dict[str, Any]], args: argparse.Namespace, order: list[int], out: Path, partial: bool
+) -> None:
+    """JSON + Markdown (+ the plot once complete); `partial`: levels still to come, no decode yet."""
+    doc = {"qa": str(args.qa), "tokens": args.tokens, "threads": args.threads, "torch": args.torch}
+    doc |= {"rounds": None if args.torch else args.rounds, "calib_tokens": args.calib_tokens}
+    doc |= {"kl_order": order, "kl_calib_tokens": args.kl_calib, "partial": partial, "rows": rows}
+    write_results(out, doc, table(rows, args, order))
+    if not partial:
+        plot(rows, out.with_suffix(".png"), args.torch)
+
+
+def table(rows: list[dict[str, Any]], args: argparse.Namespace, order: list[int]) -> list[str]:
+    """The Markdown: what was measured how, then one row per level."""
+    full, n_known = rows[0]["parameters"], rows[0]["qa_teacher_correct"]
+    what = "fp32 HF models in torch" if args.torch else "fused INT8 bundles (int8 weights and embeddings)"
+    lines = [
+        f"No distillation (except the row `recipe`: the finished pruned recipe's bundle); {what}. "
+        f"Layers dropped: the first n of one greedy KL search on the unpruned model "
+        f"({args.kl_calib} calibration tokens), order {order}. Width pruning calibrated on "
+        f"{args.calib_tokens} tokens. Perplexity (per token: compares rows with the same vocabulary only) "
+        f"and bits per byte (compares all rows): first {args.tokens} tokens of the held-out span, ctx 512, "
+        f"stride 512. QA: `{args.qa.name}`, the {n_known} questions the teacher answers correctly asked "
+        f"(retained = correct / {n_known})."
+        + ("" if args.torch else f" Decode: {args.rounds} interleaved rounds, 128 tokens, {args.threads} "
+           f"threads, shared CPU (noisy)."),
+        "",
+    ]  # fmt: skip
+    head = "| level | vocab | layers dropped | MLP | heads | params | removed | size MiB | perplexity "
+    head += "| bits/byte | QA retained | retained exact | answers kept |"
+    rule = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if not args.torch:
+        head, rule = head + " size x p0 | decode tok/s | decode x p0 |", rule + "---:|---:|---:|"
+    lines += [head, rule]
+    for r in rows:
+        own = r["vocab"] < 0  # the recipe row: its shape is in its bundle.json
+        bpb = f"{r['bits_per_byte']:.3f}" if "bits_per_byte" in r else "—"
+        line = (
+            f"| {r['level']} | {'see recipe' if own else (r['vocab'] or 49152)} "
+            f"| {'' if own else (r['layers_dropped'] or '—')} | {'' if own else r['mlp_ratio'] or '—'} "
+            f"| {'' if own else r['head_ratio'] or '—'} | {r['parameters'] / 1e6:.1f}M "
+            f"| {1 - r['parameters'] / full:.1%} | {r['size_bytes'] / 2**20:.1f} | {r['perplexity']:.2f} "
+            f"| {bpb} | {_pct(r['qa_retained'])} | {_pct(r['qa_retained_exact'])} "
+            f"| {r['qa_correct']}/{r['qa_questions']} |"
+        )
+        if not args.torch:
+            speed = f"{r['decode_tok_s']:.1f} | {r['decode_x_p0']:.3f}" if "decode_x_p0" in r else "— | —"
+            line += f" {r['size_bytes'] / rows[0]['size_bytes']:.3f} | {speed} |"
+        lines.append(line)
+    return lines
 
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, torch: bool = False) -> None:
     try:
         import matplotlib
 
@@ -240,17 +330,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     panels = [
         ("QA retained (%)", [100 * (r["qa_retained"] or 0) for r in rows]),
         ("bits per byte (held-out)", [r.get("bits_per_byte", float("nan")) for r in rows]),
-        ("decode speed (x unpruned)", [r["decode_x_p0"] for r in rows]),
     ]
+    if not torch:
+        panels.append(("decode speed (x unpruned)", [r["decode_x_p0"] for r in rows]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (title, ys) in zip(axes, panels, strict=True):
-        ax.plot(x, ys, "o-", color="#4c72b0")
+        ax.plot(x, ys, "o" if torch else "o-", color="#4c72b0")
         for xi, yi, r in zip(x, ys, rows, strict=True):
             ax.annotate(r["level"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_title(title)
         ax.set_xlabel("parameters (M)")
         ax.invert_xaxis()  # left to right: more pruning
-    fig.suptitle("SmolLM2-135M pruned, INT8, no distillation (row 'recipe': distilled)")
+    kind = "fp32 in torch" if torch else "INT8 bundles"
+    distilled = " (row 'recipe': distilled)" if any(r["level"] == "recipe" for r in rows) else ""
+    fig.suptitle(f"SmolLM2-135M pruned, {kind}, no distillation{distilled}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

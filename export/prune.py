@@ -51,6 +51,10 @@ class PruneConfig:
     # "kl": after the first pass over all layers, later greedy steps try only the `shortlist`
     # layers that cost least alone (each try is most of a forward; 30 per step cost too much).
     shortlist: int = 8
+    # The layers to drop, by index (instead of layer_ratio / layer_method): a measured choice
+    # reused, e.g. the first n steps of one greedy KL search (the report's `layer_kl`), so shapes
+    # that differ elsewhere (vocabulary, width) do not pay the 10+ minute search each.
+    layers: tuple[int, ...] = ()
     keep_last_layer: bool = True  # the last layer maps into the vocabulary space; never drop it
     mlp_ratio: float = 0.0  # fraction of MLP intermediate channels removed
     head_ratio: float = 0.0  # fraction of query heads removed within each KV group
@@ -72,6 +76,10 @@ class PruneConfig:
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"prune.{name} must be in [0, 1) (a fraction removed), not {value}")
         check_span(self.span, "prune.span")
+        if self.layers and self.layer_ratio:
+            raise ValueError("prune: give layers (indices) or layer_ratio, not both")
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ValueError(f"prune.layers must be distinct indices >= 0, not {list(self.layers)}")
         if self.multiple < 1 or self.calib_tokens < 1 or self.seq_len < 2 or self.shortlist < 1:
             raise ValueError("prune: multiple >= 1, calib_tokens >= 1, seq_len >= 2, shortlist >= 1")
         if self.damp <= 0:
@@ -79,6 +87,11 @@ class PruneConfig:
 
     @property
     def active(self) -> bool:
+        return bool(self.layers) or self.measures
+
+    @property
+    def measures(self) -> bool:
+        """Whether pruning needs the calibration pass (explicit layers alone do not)."""
         return any((self.layer_ratio, self.mlp_ratio, self.head_ratio, self.kv_ratio))
 
 
@@ -103,7 +116,12 @@ def plan(config: PruneConfig, hf_config: dict[str, Any]) -> Plan:
     heads = hf_config["num_attention_heads"]
     kv = hf_config.get("num_key_value_heads") or heads
     inter = hf_config["intermediate_size"]
-    drop = round(config.layer_ratio * layers)
+    drop = len(config.layers) if config.layers else round(config.layer_ratio * layers)
+    last = layers - 1 if config.keep_last_layer else layers
+    if config.layers and max(config.layers) >= last:
+        raise ValueError(
+            f"prune.layers {list(config.layers)}: this model's droppable layers are 0..{last - 1}"
+        )
     if layers - drop < 1 + int(config.keep_last_layer and drop > 0):
         raise ValueError(f"prune.layer_ratio {config.layer_ratio} leaves no layer of {layers}")
     keep_inter = inter
@@ -363,7 +381,7 @@ def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False
     }
     layers = model.model.layers
     n = len(layers)
-    if config.active:
+    if config.measures:
         batches, where = calibration(config, hf_dir)
         grams = (
             config.reconstruct and target.intermediate < model.config.intermediate_size,
@@ -373,7 +391,9 @@ def run(config: PruneConfig, hf_dir: Path, out_dir: Path, progress: bool = False
         report["calibration"] = {**where, "tokens": scores["tokens"], "seq_len": config.seq_len}
     else:
         scores = None
-    if scores and config.layer_method == "kl" and target.drop_layers:
+    if config.layers:
+        dropped = sorted(config.layers)
+    elif scores and config.layer_method == "kl" and target.drop_layers:
         last = n - 1 if config.keep_last_layer else n
         dropped, report["layer_kl"] = kl_layers(
             model, batches, target.drop_layers, last, config.shortlist, progress

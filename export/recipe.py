@@ -185,16 +185,36 @@ def resolve(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
-    stages = StageLog(echo=progress)
-    t_all = time.perf_counter()
+def _loaded(recipe: Recipe, stages: StageLog) -> Artifact:
+    """The load stage's artifact: the chain every later stage's cache key starts from."""
     t = time.perf_counter()
     loaded = load_stage.run(recipe.load)
     stages.add("load", time.perf_counter() - t, loaded.cached, source=loaded.source.get("name"))
     key_parts = (recipe.load, loaded.source)
-    art = Artifact(stable_key(*key_parts), key_parts, loaded.source, loaded.hf_dir, loaded.hf_dir)
+    return Artifact(stable_key(*key_parts), key_parts, loaded.source, loaded.hf_dir, loaded.hf_dir)
+
+
+def hf_model(recipe: Recipe, progress: bool = False) -> Path:
+    """The HF folder the recipe's HF stages (load, trim_vocab, prune, distill) end with, cached
+    under the same keys as a whole run (which then reuses them): a pruned shape can be measured
+    in torch before any ONNX export (benchmarks/prune_tradeoff.py --torch)."""
+    stages = StageLog(echo=progress)
+    art = _loaded(recipe, stages)
+    for section, st in STAGES:
+        if st.name not in HF_STAGES:
+            break  # the HF stages come first
+        config = section(recipe)
+        if config is not None:
+            art = stage.run(st, config, art, stages, progress)
+    return art.hf_dir
+
+
+def _run(recipe: Recipe, out_dir: Path, progress: bool) -> Path:
+    stages = StageLog(echo=progress)
+    t_all = time.perf_counter()
+    art = _loaded(recipe, stages)
     if recipe.prune is not None:
-        prune_stage.check_model(recipe.prune, loaded.hf_dir)  # impossible ratios fail before work
+        prune_stage.check_model(recipe.prune, art.hf_dir)  # impossible ratios fail before work
     art = _evaluate(recipe, art, stages, progress)
     for section, st in STAGES:
         config = section(recipe)

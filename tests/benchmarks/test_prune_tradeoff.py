@@ -58,3 +58,21 @@ def test_quant_qa_variants_are_valid_quantize_configs() -> None:
     for name, keys in quant_qa.VARIANTS.items():
         assert replace(QuantizeConfig(), **keys), name
     assert quant_qa.VARIANTS["default"] == {}
+
+
+def test_levels_take_their_layers_from_the_one_kl_order() -> None:
+    """A level drops the first n layers of the shared KL search and trims in merge order (as the
+    pruned recipe); a level deeper than the search is refused before any work."""
+    import argparse
+
+    args = argparse.Namespace(text="/x/valid.txt", calib_tokens=512)
+    order = [13, 12, 26, 14, 17]
+    recipe = prune_tradeoff.level_recipe("v16_h34_d3", prune_tradeoff.LEVELS["v16_h34_d3"], order, args)
+    assert recipe.trim_vocab is not None and recipe.trim_vocab.size == recipe.trim_vocab.prior == 16384
+    assert recipe.prune is not None and recipe.prune.layers == (13, 12, 26)
+    assert recipe.prune.head_ratio == 0.34 and recipe.prune.layer_ratio == 0 and recipe.evaluate is None
+    vocab_only = prune_tradeoff.level_recipe("v20", prune_tradeoff.LEVELS["v20"], [], args)
+    assert vocab_only.prune is None and vocab_only.trim_vocab is not None
+    with pytest.raises(SystemExit, match="--kl-depth"):
+        prune_tradeoff.level_recipe("v8_d8", prune_tradeoff.LEVELS["v8_d8"], order, args)
+    assert set(prune_tradeoff.DEFAULT_LEVELS) <= set(prune_tradeoff.LEVELS)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from edge_llm.errors import ExportError
 from export import prune
 from tests.conftest import TRAIN_TEXT, build_tiny_hf
 
@@ -165,3 +166,22 @@ def test_refit_is_the_least_squares_solution() -> None:
     fitted = prune.refit(w, x.T @ x, keep, damp=1e-9)
     best = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T
     torch.testing.assert_close(fitted, best, atol=1e-6, rtol=1e-6)
+
+
+def test_explicit_layers_drop_exactly_those_without_calibration(tiny4: Path, tmp_path: Path) -> None:
+    """`layers` reuses a measured choice: those layers go, the rest are copied unchanged, and no
+    calibration text is read (none is given)."""
+    report = prune.run(prune.PruneConfig(layers=(2, 0)), tiny4, tmp_path / "p")
+    assert report["dropped_layers"] == [0, 2] and "calibration" not in report
+    src = AutoModelForCausalLM.from_pretrained(str(tiny4))
+    out = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p"))
+    assert len(out.model.layers) == 2
+    for new, old in ((0, 1), (1, 3)):
+        for name, p in out.model.layers[new].named_parameters():
+            assert torch.equal(p, dict(src.model.layers[old].named_parameters())[name]), (new, name)
+    with pytest.raises(ValueError, match="not both"):
+        prune.PruneConfig(layers=(1,), layer_ratio=0.25)
+    with pytest.raises(ValueError, match="distinct"):
+        prune.PruneConfig(layers=(1, 1))
+    with pytest.raises(ExportError, match=r"droppable layers are 0\.\.2"):  # the last layer stays
+        prune.run(prune.PruneConfig(layers=(3,)), tiny4, tmp_path / "q")

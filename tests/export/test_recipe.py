@@ -185,6 +185,29 @@ chat_max_answer = 8
     assert stages["evaluate_distill"]["cached"] and not stages["evaluate_bundle"]["cached"]
 
 
+def test_hf_model_runs_only_the_hf_stages_under_the_full_runs_keys(tmp_path: Path, text_file: Path) -> None:
+    """`hf_model` stops before ONNX; a whole run of the same recipe then finds its prune stage
+    cached (same key), and `layers = [...]` in TOML is the dropped set."""
+    hf = build_tiny_hf(tmp_path / "hf", layers=4)
+    body = f"""
+[load]
+model = "{hf}"
+[prune]
+layers = [1]
+text = "{text_file}"
+[quantize]
+mode = "none"
+"""
+    recipe = recipe_mod.load_recipe(_write(tmp_path, body))
+    assert recipe.prune is not None and recipe.prune.layers == (1,)
+    folder = recipe_mod.hf_model(recipe)
+    assert json.loads((folder / "prune.json").read_text())["dropped_layers"] == [1]
+    assert not list(folder.glob("*.onnx"))
+    out = recipe_mod.run(recipe, tmp_path / "bundle")
+    stages = {s["stage"]: s for s in json.loads((out / "report.json").read_text())["stages"]}
+    assert stages["prune"]["cached"] and not stages["to_onnx"]["cached"]
+
+
 def test_recipe_interrupted_mid_distillation_resumes(
     tmp_path: Path, text_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
