@@ -14,8 +14,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import peers  # benchmarks/peers.py: this script's folder is first on sys.path
+# The checkout's root, not this script's folder: `python -P` (the project's way to run scripts)
+# leaves the script's folder off sys.path, and `import peers` failed there.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import peers
 from edge_llm.cli import Parser, run_handler
 from edge_llm.commands import bench
 

@@ -320,7 +320,8 @@ def markdown(results: list[dict[str, Any]], limit: dict[str, Any] | None = None)
         rows.append(
             f"\nMachine limit: {limit['gb_s']:.1f} GB/s streaming read ({limit['threads']} threads, "
             f"{limit['buffer_mib']} MiB buffer; median pass {limit['gb_s_median']:.1f} GB/s). Weight GB/s = "
-            "batch-1 decode tok/s × the bundle's matmul weight + scale bytes per token; a fraction "
+            "batch-1 decode tok/s × the matmul weight + scale bytes one step reads (each system's own "
+            "model file where it reports them, else the bundle's); a fraction "
             "above 1 can mean part of the weights stayed in cache, or a busier host when the limit was read."
         )
     return "\n".join(rows)
