@@ -498,6 +498,32 @@ def _wait_idle(max_wait: float, threshold: float = 0.15) -> bool:
             return False
 
 
+def _gguf_weight_bytes(model: str) -> int:
+    """Bytes of the matmul weights one llama.cpp decode step reads, from the GGUF's tensor table.
+
+    Every tensor of 2+ dimensions (the norms are vectors) except the token embedding, which is
+    only gathered (one row per token) unless it is also the output projection: with tied weights
+    (no `output.weight`, SmolLM2) llama.cpp multiplies by it in full every step."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(model).tensors}
+    skip = {"token_embd.weight"} if "output.weight" in tensors else set()
+    return sum(
+        int(t.n_bytes)
+        for name, t in tensors.items()
+        if name not in skip and sum(int(d) > 1 for d in t.shape) >= 2
+    )
+
+
+def _onnx_weight_bytes(graph: Path) -> int:
+    """The ONNX graph's streamed matmul bytes, counted as for our bundles (edge_llm/bandwidth.py,
+    numpy only: the peer venv has it)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from edge_llm.bandwidth import weight_bytes_per_token
+
+    return int(weight_bytes_per_token(graph)["bytes"])
+
+
 # A backend: generate(ids, n_new) -> (ttft_s, total_s, token ids); batch(ids, b, n_new) -> total_s.
 Generate = Callable[[list[int], int], tuple[float, float, list[int]]]
 Batch = Callable[[list[int], int, int], float]
@@ -539,6 +565,7 @@ def _llamacpp_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | 
         "flash_attn": bool(s["flash_attn"]),
         "sampler": "greedy (temp=0)",
         "eos": "ignored (generate() does not stop at EOS)",
+        "weight_bytes_per_token": _gguf_weight_bytes(model),
     }
     note = (
         "not measured: llama-cpp-python's Llama API decodes one sequence (multi-sequence "
@@ -602,6 +629,10 @@ def _ortgenai_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batch | 
         "eos": "masked via min_length",
         "ttft_includes": "GeneratorParams + Generator creation",
         "input": "token ids (its own tokenizer mis-reads this tokenizer.json)",
+        "weight_bytes_per_token": _onnx_weight_bytes(
+            Path(model)
+            / json.loads((Path(model) / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+        ),
     }
     return generate, batch, info, ""
 
@@ -662,6 +693,12 @@ def _transformers_backend(model: str, s: dict[str, Any]) -> tuple[Generate, Batc
         "torch_threads": torch.get_num_threads(),
         "sampler": "greedy (generate)",
         "eos": "masked via min_new_tokens",
+        # every Linear's weight (lm_head shares the embedding's: counted once, as a matmul)
+        "weight_bytes_per_token": sum(
+            mod.weight.numel() * mod.weight.element_size()
+            for mod in m.modules()
+            if isinstance(mod, torch.nn.Linear)
+        ),
     }
     return generate, batch, info, ""
 
@@ -697,12 +734,17 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
     n_new, runs = int(s["new_tokens"]), int(s["runs"])
     short, long_ = prompts["short"], prompts["long"]
 
+    # The chat prompts whose decode is timed: "short" (the first chat) and any "chatN" the
+    # caller sent (edge_llm/bench.py's chat_keys; this file imports only the standard library).
+    keys = ["short", *sorted(k for k in prompts if k.startswith("chat"))]
     load_start = os.getloadavg()[0]
     for _ in range(int(s["warmup"])):
-        generate(short, n_new)
+        for key in keys:
+            generate(prompts[key], n_new)
         generate(long_, 1)
-    ttft_short, decode, e2e = [], [], []
-    first_ids: list[int] = []
+    ttft_short, e2e = [], []
+    decode: dict[str, list[float]] = {key: [] for key in keys}
+    out_ids: dict[str, list[int]] = {}
     busy_runs = 0
     cpu_s = wall_s = 0.0
 
@@ -720,14 +762,16 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
         return out
 
     for _ in range(runs):
-        gate()
-        ttft, total, toks = timed(generate, short, n_new)
-        if len(toks) != n_new:
-            raise RuntimeError(f"{system} generated {len(toks)} tokens, expected {n_new}")
-        ttft_short.append(ttft * 1e3)
-        decode.append((n_new - 1) / (total - ttft))
-        e2e.append(n_new / total)
-        first_ids = toks[:16]
+        for key in keys:  # the chats interleave, so drift hits each alike
+            gate()
+            ttft, total, toks = timed(generate, prompts[key], n_new)
+            if len(toks) != n_new:
+                raise RuntimeError(f"{system} generated {len(toks)} tokens, expected {n_new}")
+            decode[key].append((n_new - 1) / (total - ttft))
+            out_ids[key] = [int(t) for t in toks]
+            if key == "short":
+                ttft_short.append(ttft * 1e3)
+                e2e.append(n_new / total)
     ttft_long = []
     for _ in range(runs):
         gate()
@@ -749,8 +793,11 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
     return {
         **base,
         "skipped": None,
-        "decode_tok_s": statistics.median(decode),
-        "decode_tok_s_best": max(decode),
+        "decode_tok_s": statistics.median(decode["short"]),
+        "decode_tok_s_best": max(decode["short"]),
+        "decode_tok_s_by_prompt": {k: statistics.median(v) for k, v in decode.items()},
+        "decode_tok_s_runs_by_prompt": decode,
+        "output_ids_by_prompt": out_ids,
         "e2e_tok_s": statistics.median(e2e),
         "ttft_short_ms": statistics.median(ttft_short),
         "ttft_long_ms": statistics.median(ttft_long),
@@ -768,11 +815,15 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
         "batch_tok_s": statistics.median(batch_runs) if batch_runs else None,
         "batch_note": batch_note
         or ("generated tokens / wall time incl. prefill, short prompt" if batch_runs else ""),
-        "decode_tok_s_runs": decode,
+        "decode_tok_s_runs": decode["short"],
         "ttft_short_ms_runs": ttft_short,
         "ttft_long_ms_runs": ttft_long,
         "batch_tok_s_runs": batch_runs,
-        "first_ids": first_ids,
+        "first_ids": out_ids["short"][:16],
+        # what one batch-1 decode step reads from this system's own model file; the bench divides
+        # decode tok/s x these bytes by the machine's read bandwidth
+        "weight_bytes_per_token": info.get("weight_bytes_per_token"),
+        "weight_bytes_from": "own model file",
         "backend": info,
         "settings": s,
     }

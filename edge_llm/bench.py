@@ -14,6 +14,7 @@ requests at once through a fresh scheduler).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -23,10 +24,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-SHORT_PROMPT = (
-    "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n"
-    "<|im_start|>assistant\n"
+# The chat prompts whose greedy decode is timed (issue 17: "a chat prompt ... the same on two
+# more"), as SmolLM2's ChatML user turns with no system turn. The first is the short prompt every
+# table since 2026-11-25 used (21 tokens); the others are speculation.py's other two chats.
+CHATS = (
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a refrigerator keeps food cold.",
+    "What are three tips for staying focused while studying?",
 )
+
+
+def chat_prompt(content: str) -> str:
+    """One ChatML user turn, ready for the assistant's answer."""
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+SHORT_PROMPT = chat_prompt(CHATS[0])
 LONG_FILLER = (
     "The quick brown fox jumps over the lazy dog while the committee debates the history of the "
     "old harbour town and its fishing fleet. "
@@ -44,18 +57,36 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def prompts(engine: Any, long_tokens: int = 500, text_file: Path | None = None) -> dict[str, list[int]]:
-    """The benchmark prompts as token ids: a chat prompt, and `long_tokens` ids of text."""
-    short = engine.tokenizer.encode(SHORT_PROMPT)
+def prompts(
+    engine: Any, long_tokens: int = 500, text_file: Path | None = None, chats: int = 1
+) -> dict[str, list[int]]:
+    """The benchmark prompts as token ids, from the engine's tokenizer (`prompts_from`)."""
+    return prompts_from(engine.tokenizer, long_tokens, text_file, chats)
+
+
+def prompts_from(
+    tokenizer: Any, long_tokens: int = 500, text_file: Path | None = None, chats: int = 1
+) -> dict[str, list[int]]:
+    """A chat prompt ("short"), `long_tokens` ids of text ("long"), and with `chats` > 1 the next
+    chat prompts of CHATS as "chat2", "chat3"."""
+    if not 1 <= chats <= len(CHATS):
+        raise ValueError(f"chats must be 1..{len(CHATS)}, not {chats}")
+    short = tokenizer.encode(SHORT_PROMPT)
+    extra = {f"chat{i + 1}": tokenizer.encode(chat_prompt(CHATS[i])) for i in range(1, chats)}
     body = (
         text_file.read_text(encoding="utf-8")[:20_000]
         if text_file and text_file.is_file()
         else LONG_FILLER * 60
     )
-    long_ids = engine.tokenizer.encode(body)[:long_tokens]
+    long_ids = tokenizer.encode(body)[:long_tokens]
     if len(long_ids) < long_tokens:
         raise ValueError(f"long-prompt text too short: {len(long_ids)} < {long_tokens} tokens")
-    return {"short": short, "long": long_ids}
+    return {"short": short, "long": long_ids, **extra}
+
+
+def chat_keys(prompt_ids: dict[str, Any]) -> list[str]:
+    """The prompts whose decode is timed: "short" (the first chat) and any "chatN"."""
+    return ["short", *sorted(k for k in prompt_ids if k.startswith("chat"))]
 
 
 def _peak_rss_mib() -> float:
@@ -127,26 +158,39 @@ def measure(
     options = RunnerOptions(
         providers=(ProviderSpec(provider, dict(s["provider_options"])),),
         threads=int(s["threads"]),
-        max_batch=max(sizes),
+        max_batch=1,
         prompt_lookup=lookup,
     )
+    # Batch-1 figures come from a single-stream engine, the one `generate` and `chat` run (one
+    # KV row: the portable graph, 1.10-1.17x the query_seqlens graph's batch-1 decode on ORT
+    # 1.32); the concurrent rows from an engine with max(sizes) rows, as `serve` loads.
     engine = Engine(b, options)
     ids = prompt_ids or prompts(engine)
+    keys = chat_keys(ids)
     ttft0, _, _ = timed_generation(engine, ids["short"], 1)
     load_to_first = time.perf_counter() - t0
     for _ in range(int(s["warmup"])):
-        timed_generation(engine, ids["short"], n_new)
+        for key in keys:
+            timed_generation(engine, ids[key], n_new)
         timed_generation(engine, ids["long"], 1)
-    ttft_short, decode, e2e = [], [], []
-    first_ids: list[int] = []
+    ttft_short, e2e = [], []
+    decode: dict[str, list[float]] = {key: [] for key in keys}
+    out_ids: dict[str, list[int]] = {}
     for _ in range(runs):
-        ttft, total, toks = timed_generation(engine, ids["short"], n_new)
-        ttft_short.append(ttft * 1e3)
-        decode.append((n_new - 1) / (total - ttft))
-        e2e.append(n_new / total)
-        first_ids = toks[:16]
+        for key in keys:  # the chats interleave, so drift hits each alike
+            ttft, total, toks = timed_generation(engine, ids[key], n_new)
+            decode[key].append((n_new - 1) / (total - ttft))
+            out_ids[key] = [int(t) for t in toks]
+            if key == "short":
+                ttft_short.append(ttft * 1e3)
+                e2e.append(n_new / total)
     ttft_long = [timed_generation(engine, ids["long"], 1)[0] * 1e3 for _ in range(runs)]
     peak = _peak_rss_mib()
+    decode_graph = engine.runner.graph_name
+    applied = engine.runner.plan.provider_options[0]
+    if max(sizes, default=1) > 1:
+        del engine  # its KV and session go before the batching engine's come
+        engine = Engine(b, dataclasses.replace(options, max_batch=max(sizes)))
     for size in sizes:
         concurrent_throughput(engine, ids["short"], size, n_new, f"warm{size}")
     # Rounds interleave the sizes so that a shared host's slow drift (+-10% between minutes
@@ -170,8 +214,6 @@ def measure(
 
     from edge_llm.bandwidth import weight_bytes_per_token
 
-    applied = engine.runner.plan.provider_options[0]
-
     return {
         "system": "edge-llm"
         + (f"+lookup{lookup}" if lookup else "")
@@ -189,8 +231,15 @@ def measure(
         "kv_bytes_per_token": kv_bytes_per_token,
         # what one batch-1 decode step streams: the limit columns divide by the machine's bandwidth
         "weight_bytes_per_token": weight_bytes_per_token(b.graph_path)["bytes"],
-        "decode_tok_s": statistics.median(decode),
-        "decode_tok_s_best": max(decode),
+        "decode_tok_s": statistics.median(decode["short"]),
+        "decode_tok_s_best": max(decode["short"]),
+        "decode_graph": decode_graph,
+        "batch_graph": engine.runner.graph_name if sizes else None,
+        # every timed chat prompt ("short" is the first): median tok/s, each run, the ids of the
+        # last run (the bench decodes them to check the systems answer alike)
+        "decode_tok_s_by_prompt": {k: statistics.median(v) for k, v in decode.items()},
+        "decode_tok_s_runs_by_prompt": decode,
+        "output_ids_by_prompt": out_ids,
         "e2e_tok_s": statistics.median(e2e),
         "ttft_short_ms": statistics.median(ttft_short),
         "ttft_long_ms": statistics.median(ttft_long),
@@ -204,10 +253,10 @@ def measure(
         "batch_tok_s_by_size": batch,
         "batch_runs": batch_runs,
         "batch_speedup_8": speedup,
-        "decode_tok_s_runs": decode,
+        "decode_tok_s_runs": decode["short"],
         "ttft_short_ms_runs": ttft_short,
         "ttft_long_ms_runs": ttft_long,
-        "first_ids": first_ids,
+        "first_ids": out_ids["short"][:16],
         "versions": {
             "onnxruntime": onnxruntime.__version__,
             "numpy": numpy.__version__,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +53,20 @@ def add_arguments(p: argparse.ArgumentParser, outputs: bool = True) -> None:
     )
     p.add_argument("--long-tokens", type=int, default=500, help="length of the long prompt (TTFT)")
     p.add_argument(
+        "--chats",
+        type=int,
+        default=1,
+        choices=(1, 2, 3),
+        help="time greedy decode on this many chat prompts (edge_llm/bench.py CHATS; 1: the short one)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every system this many times, round after round; the ratios are medians of the "
+        "rounds' own ratios (later rounds skip the concurrent / batch runs)",
+    )
+    p.add_argument(
         "--prompt-lookup",
         type=int,
         default=0,
@@ -82,57 +97,71 @@ def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
 
     bundle = str(resolve_bundle(args.bundle))
     sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-    ids = bench.prompts(Engine.load(bundle, verify=False), args.long_tokens, args.text)
+    tokenizer = Engine.load(bundle, verify=False).tokenizer  # the engine itself is not kept
+    ids = bench.prompts_from(tokenizer, args.long_tokens, args.text, chats=args.chats)
     common = {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads}
-    # Each system takes from seconds to minutes: one line as it starts and one as it ends, so a
-    # silent terminal never has to be guessed at.
     from edge_llm.commands.generate import provider_specs
     from edge_llm.providers import overlay, parse_option_overrides
 
     specs = provider_specs(args.provider)
     if args.provider_option:
         specs = overlay(specs, parse_option_overrides(args.provider_option))
-    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        (
-            "edge-llm" if len(specs) == 1 else f"edge-llm ({spec.name})",
-            lambda spec=spec: _isolated(
-                bench.measure,
-                bundle,
-                ids,
-                batch_sizes=sizes,
-                provider=spec.name,
-                provider_options=spec.options,
-                **common,
-            ),
-        )
-        for spec in specs  # one row per provider, in the same run
-    ]
-    if args.prompt_lookup:
-        lookup = {"batch_sizes": [1], "prompt_lookup": args.prompt_lookup, **common}
-        name = f"edge-llm+lookup{args.prompt_lookup}"
-        jobs.append((name, lambda: _isolated(bench.measure, bundle, ids, **lookup)))
-    if peers is not None:
-        settings = {**common, "batch_size": 4}
-        jobs += [(s, lambda s=s: peers(s, ids, settings)) for s in PEER_SYSTEMS]
+    peer_systems = tuple(getattr(args, "peer_systems", None) or PEER_SYSTEMS)
+
+    def jobs_of(first: bool) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+        """Every system once; rounds after the first skip the concurrent / batch runs (the
+        8-vs-1 speedup is already paired inside the first round's edge-llm job)."""
+        ours = {**common, "batch_sizes": sizes if first else []}
+        jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            (
+                "edge-llm" if len(specs) == 1 else f"edge-llm ({spec.name})",
+                lambda spec=spec: _isolated(
+                    bench.measure, bundle, ids, provider=spec.name, provider_options=spec.options, **ours
+                ),
+            )
+            for spec in specs  # one row per provider, in the same run
+        ]
+        if args.prompt_lookup:
+            lookup = {**common, "batch_sizes": [1], "prompt_lookup": args.prompt_lookup}
+            name = f"edge-llm+lookup{args.prompt_lookup}"
+            jobs.append((name, lambda: _isolated(bench.measure, bundle, ids, **lookup)))
+        if peers is not None:
+            settings = {**common, "batch_size": 4 if first else 0}
+            jobs += [(s, lambda s=s: peers(s, ids, settings)) for s in peer_systems]
+        return jobs
+
+    n_jobs = len(jobs_of(True))
+    # Each system takes from seconds to minutes: one line as it starts and one as it ends, so a
+    # silent terminal never has to be guessed at.
     print(
-        f"edge-llm bench: {len(jobs)} system(s), prompts {len(ids['short'])} / {len(ids['long'])} tokens, "
-        f"{args.new_tokens} new, {args.runs} runs, {args.threads} threads",
+        f"edge-llm bench: {n_jobs} system(s) x {args.rounds} round(s), prompts {len(ids['short'])} / "
+        f"{len(ids['long'])} tokens, {len(bench.chat_keys(ids))} chat(s), {args.new_tokens} new, "
+        f"{args.runs} runs, {args.threads} threads",
         file=sys.stderr,
         flush=True,
     )
     # The machine's read bandwidth before and after the systems run (a shared host drifts): the
     # limit is the better of the two, and both are in the JSON.
     before = read_bandwidth(args.threads)
-    results = [_timed(i, len(jobs), name, job) for i, (name, job) in enumerate(jobs, 1)]
+    rounds: list[list[dict[str, Any]]] = []
+    for r in range(args.rounds):
+        tag = f"round {r + 1}/{args.rounds} " if args.rounds > 1 else ""
+        jobs = jobs_of(r == 0)
+        rounds.append([_timed(i, len(jobs), tag + name, job) for i, (name, job) in enumerate(jobs, 1)])
     after = read_bandwidth(args.threads)
+    results = rounds[0]
     limit = add_limit(results, [before, after])
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join(sys.argv),
         "results": results,
         "ratios": ratios(results),
+        "ratios_over_rounds": ratios_over_rounds(rounds),
+        "rounds": [[_brief(x) for x in rnd] for rnd in rounds],
+        "outputs": outputs(results, tokenizer),
         "read_bandwidth": limit,
     }
-    table = markdown(results, limit)
+    table = markdown(results, limit) + extra_markdown(report)
     print(table)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -158,12 +187,14 @@ def _timed(i: int, n: int, name: str, job: Callable[[], dict[str, Any]]) -> dict
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each of our variants over each peer, measured in this run (>1 = ours is faster / bigger)."""
+    """Each of our variants over each peer, measured in this run (>1 = ours is faster / bigger);
+    `decode_by_prompt`: the same for every timed chat prompt both measured."""
     ours = [r for r in results if r["system"].startswith("edge-llm") and not r.get("skipped")]
     peers = [r for r in results if not r["system"].startswith("edge-llm") and not r.get("skipped")]
     return {
         f"{o['system']} / {p['system']}": {
             "decode": o["decode_tok_s"] / p["decode_tok_s"],
+            "decode_by_prompt": _by_prompt(o, p),
             "ttft_short": o["ttft_short_ms"] / p["ttft_short_ms"],
             "ttft_long": o["ttft_long_ms"] / p["ttft_long_ms"],
             "peak_rss": o["peak_rss_mib"] / p["peak_rss_mib"],
@@ -173,13 +204,66 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _by_prompt(o: dict[str, Any], p: dict[str, Any]) -> dict[str, float]:
+    mine, theirs = o.get("decode_tok_s_by_prompt", {}), p.get("decode_tok_s_by_prompt", {})
+    return {k: mine[k] / theirs[k] for k in mine if k in theirs}
+
+
+def ratios_over_rounds(rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per pair and chat prompt: each round's decode ratio (both systems measured minutes apart
+    in that round), their median and range: the spread a shared host gives one comparison."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for results in rounds:
+        for pair, r in ratios(results).items():
+            for prompt, value in r["decode_by_prompt"].items():
+                per.setdefault(pair, {}).setdefault(prompt, []).append(value)
+    return {
+        pair: {
+            prompt: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v}
+            for prompt, v in by.items()
+        }
+        for pair, by in per.items()
+    }
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    """One round's figures of one system, for the JSON's `rounds`."""
+    keys = ("system", "skipped", "decode_tok_s", "decode_tok_s_by_prompt", "ttft_short_ms", "ttft_long_ms")
+    return {k: r.get(k) for k in (*keys, "loadavg_1min_start", "cpu_util")}
+
+
+def outputs(results: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
+    """Every system's greedy answer to each chat prompt as text (one tokenizer for all: every
+    system got and returned ids of the bundle's vocabulary), the number of new tokens, and how
+    many leading tokens it shares with our first row's answer: a sanity check that all systems
+    ran the same model on the same prompt (int8 near-ties may part them later)."""
+    ok = [r for r in results if not r.get("skipped") and r.get("output_ids_by_prompt")]
+    if not ok:
+        return {}
+    ref = ok[0]["output_ids_by_prompt"]
+    out: dict[str, Any] = {}
+    for r in ok:
+        for prompt, ids in r["output_ids_by_prompt"].items():
+            mine = ref.get(prompt, [])
+            same = next(
+                (i for i, (a, b) in enumerate(zip(ids, mine, strict=False)) if a != b),
+                min(len(ids), len(mine)),
+            )
+            out.setdefault(r["system"], {})[prompt] = {
+                "new_tokens": len(ids),
+                "same_prefix_as_first_row": same,
+                "text": tokenizer.decode(ids),
+            }
+    return out
+
+
 def add_limit(results: list[dict[str, Any]], measured: list[dict[str, Any]]) -> dict[str, Any]:
     """Each result's batch-1 decode as weight traffic (GB/s) and as a fraction of the machine's
     read bandwidth (the best of `measured`), in place; returns the limit record for the JSON.
 
-    The peers run the same model at 8 bits (llama.cpp Q8_0: 34 bytes per 32 weights;
-    onnxruntime-genai int8: blocks of 32 with fp32 scales), within a few percent of the bundle's
-    bytes, so they are charged the bundle's bytes per token (`weight_bytes_from` says so)."""
+    Each system is charged the bytes its own model file streams per step (`benchmarks/peers.py`
+    counts the GGUF's tensors, ort-genai's ONNX graph, torch's Linear weights); a result that
+    brings none is charged the bundle's bytes (`weight_bytes_from` says which)."""
     from edge_llm.bandwidth import decode_traffic
 
     best = max(measured, key=lambda m: m["gb_s"])
@@ -190,6 +274,7 @@ def add_limit(results: list[dict[str, Any]], measured: list[dict[str, Any]]) -> 
             continue
         if not r.get("weight_bytes_per_token"):
             r["weight_bytes_per_token"], r["weight_bytes_from"] = ours, "edge-llm bundle"
+        r.setdefault("weight_bytes_from", "own model file")
         r.update(decode_traffic(r["decode_tok_s"], r["weight_bytes_per_token"], limit["gb_s"]))
     return limit
 
@@ -235,10 +320,61 @@ def markdown(results: list[dict[str, Any]], limit: dict[str, Any] | None = None)
         rows.append(
             f"\nMachine limit: {limit['gb_s']:.1f} GB/s streaming read ({limit['threads']} threads, "
             f"{limit['buffer_mib']} MiB buffer; median pass {limit['gb_s_median']:.1f} GB/s). Weight GB/s = "
-            "batch-1 decode tok/s × the bundle's matmul weight + scale bytes per token; a fraction "
+            "batch-1 decode tok/s × the matmul weight + scale bytes one step reads (each system's own "
+            "model file where it reports them, else the bundle's); a fraction "
             "above 1 can mean part of the weights stayed in cache, or a busier host when the limit was read."
         )
     return "\n".join(rows)
+
+
+def extra_markdown(report: dict[str, Any]) -> str:
+    """The per-prompt decode table, the ratios over rounds and the answers' sanity check."""
+    ok = [r for r in report["results"] if not r.get("skipped")]
+    prompts = list(ok[0].get("decode_tok_s_by_prompt", {})) if ok else []
+    parts = []
+    if len(prompts) > 1:
+        rows = [
+            "| system | " + " | ".join(f"{p} tok/s" for p in prompts) + " | weight bytes/token | from |",
+            "|---|" + "---:|" * len(prompts) + "---:|---|",
+        ]
+        for r in ok:
+            by = r.get("decode_tok_s_by_prompt", {})
+            cells = " | ".join(f"{by[p]:.1f}" if p in by else "" for p in prompts)
+            wb = r.get("weight_bytes_per_token")
+            rows.append(
+                f"| {r.get('label', r['system'])} | {cells} | "
+                f"{wb / 1e6:.1f} MB | {r.get('weight_bytes_from', '')} |"
+                if wb
+                else f"| {r.get('label', r['system'])} | {cells} | | |"
+            )
+        parts.append("\n\nBatch-1 greedy decode per chat prompt (round 1):\n\n" + "\n".join(rows))
+    over = report.get("ratios_over_rounds", {})
+    if over:
+        n = len(report.get("rounds", []))
+        rows = ["| ours / peer | " + " | ".join(prompts) + " |", "|---|" + "---:|" * len(prompts)]
+        for pair, by in over.items():
+            cells = [
+                f"{by[p]['median']:.2f} ({by[p]['min']:.2f}–{by[p]['max']:.2f})" if p in by else ""
+                for p in prompts
+            ]
+            rows.append(f"| {pair} | " + " | ".join(cells) + " |")
+        parts.append(
+            f"\n\nDecode ratio per chat prompt, median of {n} round(s) (range):\n\n" + "\n".join(rows)
+        )
+    answers = report.get("outputs", {})
+    if answers:
+        rows = [
+            "| system | prompt | new tokens | same first tokens as row 1 | answer starts |",
+            "|---|---|---:|---:|---|",
+        ]
+        for system, by in answers.items():
+            for prompt, a in by.items():
+                text = a["text"][:70].replace("\n", " ").replace("|", "/")
+                rows.append(
+                    f"| {system} | {prompt} | {a['new_tokens']} | {a['same_prefix_as_first_row']} | {text} |"
+                )
+        parts.append("\n\nGreedy answers (last timed run):\n\n" + "\n".join(rows))
+    return "".join(parts)
 
 
 def _traffic(r: dict[str, Any]) -> str:

@@ -97,3 +97,75 @@ def test_runtime_finds_nothing_by_its_own_path() -> None:
     for path in (p for p in package.rglob("*.py") if p.name not in packaging):
         source = path.read_text(encoding="utf-8")
         assert "__file__" not in source and "spec_from_file_location" not in source, path
+
+
+def test_three_chats_rounds_and_answers(
+    tiny_fused_variants: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 17's peer run: decode timed on three chat prompts for every system, ratios per prompt
+    as the median of each round's own ratio, later rounds without the batch runs, every answer
+    decoded with one tokenizer, and batch-1 decode on the single-stream engine (portable graph)
+    while the concurrent rows run on the batching one (query_seqlens graph)."""
+    import statistics
+
+    from edge_llm import bench as measure
+    from edge_llm.bundle import load_bundle
+    from edge_llm.cli import build_parser
+    from edge_llm.commands import bench
+    from edge_llm.tokenizer import Tokenizer
+
+    calls: list[tuple[str, dict, dict]] = []
+    speeds = iter([10.0, 20.0, 40.0, 5.0, 10.0, 20.0] * 10)  # per call: its decode tok/s
+
+    def fake_peer(system: str, ids: dict, settings: dict) -> dict:
+        calls.append((system, ids, settings))
+        v = next(speeds)
+        keys = measure.chat_keys(ids)
+        return {
+            "system": system,
+            "skipped": None,
+            "decode_tok_s": v,
+            "decode_tok_s_by_prompt": {k: v for k in keys},
+            "output_ids_by_prompt": {k: ids[k][:4] for k in keys},  # echoes its prompt
+            "ttft_short_ms": 1.0,
+            "ttft_long_ms": 1.0,
+            "peak_rss_mib": 1.0,
+            "prompt_tokens": {"short": len(ids["short"]), "long": len(ids["long"])},
+            "weight_bytes_per_token": 1000,
+        }
+
+    argv = ["bench", "--bundle", str(tiny_fused_variants), "--runs", "1", "--new-tokens", "4"]
+    argv += ["--batch-sizes", "1,2", "--long-tokens", "50", "--chats", "3", "--rounds", "2"]
+    args = build_parser().parse_args([*argv, "--json", str(tmp_path / "b.json")])
+    args.peer_systems = ["llamacpp", "ortgenai"]
+    assert bench.run(args, peers=fake_peer) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+
+    # the same three chat prompts (ChatML turns of CHATS, from the bundle's tokenizer) for everyone
+    tok = Tokenizer(load_bundle(tiny_fused_variants))
+    want = [tok.encode(measure.chat_prompt(c)) for c in measure.CHATS]
+    for _, ids, _ in calls:
+        assert [ids["short"], ids["chat2"], ids["chat3"]] == want
+    batches = [(s, st["batch_size"]) for s, _, st in calls]
+    assert batches == [("llamacpp", 4), ("ortgenai", 4), ("llamacpp", 0), ("ortgenai", 0)]
+    ours = report["results"][0]
+    assert set(ours["decode_tok_s_by_prompt"]) == {"short", "chat2", "chat3"}
+    assert all(len(v) == 4 for v in ours["output_ids_by_prompt"].values())
+    assert ours["decode_graph"] != ours["batch_graph"]  # portable for one stream, ragged for 2
+    assert set(ours["batch_tok_s_by_size"]) == {"1", "2"}
+
+    # ratios: each round's own, then their median; round 2 ran without batch runs
+    assert len(report["rounds"]) == 2
+    over = report["ratios_over_rounds"]["edge-llm / llamacpp"]["chat3"]
+    mine = [rnd[0]["decode_tok_s_by_prompt"]["chat3"] for rnd in report["rounds"]]
+    theirs = [rnd[1]["decode_tok_s_by_prompt"]["chat3"] for rnd in report["rounds"]]
+    assert over["rounds"] == pytest.approx([a / b for a, b in zip(mine, theirs, strict=True)])
+    assert over["median"] == pytest.approx(statistics.median(over["rounds"]))
+
+    # answers as text; the echoing peer shares no leading token with our answer unless it equals it
+    ans = report["outputs"]["llamacpp"]["chat2"]
+    assert ans["new_tokens"] == 4 and ans["text"] == tok.decode(want[1][:4])
+    assert report["outputs"]["edge-llm"]["short"]["same_prefix_as_first_row"] == 4
+    assert report["results"][1]["weight_bytes_from"] == "own model file"
+    out = capsys.readouterr().out
+    assert "Decode ratio per chat prompt, median of 2 round(s)" in out and "| edge-llm / ortgenai |" in out
