@@ -76,6 +76,7 @@ def draft_cost(spec: Engine, plain: Engine, ids: list[int], steps: int) -> dict:
     spec.prefill(ids, Slot())
     hidden = spec.runner.hidden[0, -1].copy()
     draft_s, main_s = [], []
+    verify_s: dict[int, list[float]] = {k: [] for k in (1, 2, 3, 4, 6)}
     cached = len(slot.ids)
     for _ in range(steps // 8):
         t = time.perf_counter()
@@ -89,8 +90,19 @@ def draft_cost(spec: Engine, plain: Engine, ids: list[int], steps: int) -> dict:
         main_s.append((time.perf_counter() - t) / 8)
         plain.runner.truncate(slot.cache, cached)
         slot.ids = slot.ids[:cached]
+        for k, times in verify_s.items():  # a verify of k drafts: one forward of k+1 tokens
+            t = time.perf_counter()
+            plain.runner.forward(np.full((1, k + 1), token, np.int64), slot.cache, all_logits=True)
+            times.append(time.perf_counter() - t)
+            plain.runner.truncate(slot.cache, cached)
     d, m = statistics.median(draft_s), statistics.median(main_s)
-    return {"draft_step_ms": d * 1e3, "main_step_ms": m * 1e3, "draft_over_main": d / m}
+    verify = {str(k): statistics.median(v) / m for k, v in verify_s.items()}
+    return {
+        "draft_step_ms": d * 1e3,
+        "main_step_ms": m * 1e3,
+        "draft_over_main": d / m,
+        "verify_over_main": verify,
+    }
 
 
 def main() -> None:
@@ -153,7 +165,7 @@ def main() -> None:
     cost = draft_cost(spec, plain, prompts[0], 96)
     print(
         f"draft step {cost['draft_step_ms']:.2f} ms vs main decode step {cost['main_step_ms']:.2f} ms "
-        f"= {cost['draft_over_main']:.3f}"
+        f"= {cost['draft_over_main']:.3f}; verify of k drafts vs a main step: {cost['verify_over_main']}"
     )
     files = spec.bundle.files
     draft_file = spec.bundle.graph.draft.file if spec.bundle.graph.draft else ""
@@ -192,7 +204,8 @@ def main() -> None:
         f"({chat_acc['accepted']}/{chat_acc['drafted']} drafts kept), WikiText-2 valid first 10% "
         f"{wiki_acc['accepted_per_verify']:.2f} ({wiki_acc['accepted']}/{wiki_acc['drafted']}).",
         f"Draft cost: {cost['draft_step_ms']:.2f} ms per draft token vs {cost['main_step_ms']:.2f} ms per "
-        f"main decode step = {cost['draft_over_main']:.3f}.",
+        f"main decode step = {cost['draft_over_main']:.3f}. A verify of k drafts (k+1 tokens) vs a main "
+        "step: " + ", ".join(f"k={k} x{v:.2f}" for k, v in cost["verify_over_main"].items()) + ".",
         f"Bundle {size['bundle_bytes'] / 1e6:.1f} MB, of which draft {size['draft_bytes'] / 1e6:.1f} MB "
         f"(+{100 * size['growth']:.1f}%).",
     ]

@@ -480,7 +480,7 @@ class Generation:
         self.cached = 0
         self.drafted = self.accepted = self.verifies = 0  # speculation: proposed / kept tokens, verifies
         self.spec_backoff = self.spec_wait = 0
-        self.draft_len = 0  # the trained draft's current length (0: not started; it adapts)
+        self.rejected = 0  # trained-draft verifies that ended at a rejected draft (its acceptance)
         # The main graph's final hidden state where `last` was predicted (the draft's input).
         self.hidden: np.ndarray | None = None
         self.constraint = constraint

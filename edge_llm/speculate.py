@@ -22,10 +22,13 @@ distribution plain sampling gives (p: `sampling.distribution`, temperature/top-k
 Requests with a repetition penalty or a JSON constraint decode plainly (their p changes with
 every kept token).
 
-Draft length adapts per request (the rule of Hugging Face's assisted generation): +2 after a
-verify that kept every draft, -1 otherwise, within 1..`max_draft`; after verifies that keep
-nothing, speculation pauses for 1, 3, 7, ... plain steps, so text the draft cannot guess costs
-little.
+The trained draft's length is chosen per verify by expected gain: each draft is kept with
+probability a (estimated from the request's own verifies: kept / (kept + rejections), prior 1/2),
+so k drafts yield (1 - a^(k+1)) / (1 - a) tokens per verify, which costs 1 + (VERIFY_COST +
+DRAFT_COST) k main decode steps; the k with the most tokens per cost wins, and where no k beats
+plain decoding (k = 0) speculation pauses for 1, 3, 7, ... plain steps and then probes with one
+draft. (Before: +2 after a verify that kept every draft, -1 otherwise, and a pause after every
+verify that kept nothing, however often drafts were kept.)
 
 Without a trained draft, `lookup` speculates for greedy requests with prompt lookup: the draft is
 the tokens that followed the latest earlier occurrence of the context's last n-gram, verified the
@@ -51,6 +54,11 @@ if TYPE_CHECKING:
     from edge_llm.engine import Engine, Generation
 
 MAX_BACKOFF = 16
+# Verify and draft cost in main decode steps (benchmarks/speculation.py, SmolLM2 int8, 2 threads,
+# 2026-12-07 on a loaded 2-core host: a verify of k = 1 / 2 / 3 drafts x1.12 / 1.30 / 1.52 of a
+# 1-token step; a draft step 0.015x with a 4k vocabulary).
+VERIFY_COST = 0.15
+DRAFT_COST = 0.015
 
 
 class Draft:
@@ -104,12 +112,14 @@ def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool
     """Draft, verify and accept for an `eligible` `q`; False (nothing done) when it should decode
     plainly this step."""
     left = q.params.max_tokens - len(q.generated) - 1
-    if q.spec_wait > 0:
-        q.spec_wait -= 1
-        return False
-    k = min(q.draft_len or max_draft, max_draft, left)
+    k = draft_length(q.accepted, q.rejected, max_draft)
+    if k == 0:  # plain decoding gives more at this acceptance: pause, then probe with one draft
+        if q.spec_wait > 0:
+            q.spec_wait -= 1
+            return False
+        k = 1
     room = engine.max_context - len(q.slot.ids) - 1
-    k = min(k, room)
+    k = min(k, left, room)
     if k < 1:
         return False
     greedy = q.params.greedy
@@ -122,12 +132,23 @@ def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool
         accepted, nxt = _verify_greedy(logits, drafts)
     else:
         accepted, nxt = _verify_sampled(logits, drafts, probs, draft.rows, q)
-    q.draft_len = min(max_draft, k + 2) if accepted == k else max(1, k - 1)
+    q.rejected += accepted < k
     if _keep(engine, q, tokens, cached, accepted):
         return True
     q.hidden = hidden[accepted].copy()
     q.accept(nxt)
     return True
+
+
+def draft_length(accepted: int, rejected: int, max_draft: int) -> int:
+    """The number of drafts (0..max_draft) with the most expected tokens per unit of cost, after
+    `accepted` kept drafts and `rejected` rejections (0: plain decoding gives more)."""
+    a = (accepted + 1) / (accepted + rejected + 2)
+
+    def rate(k: int) -> float:
+        return sum(a**i for i in range(k + 1)) / (1 + (VERIFY_COST + DRAFT_COST) * k)
+
+    return max(range(max_draft + 1), key=rate)
 
 
 def lookup(engine: Engine, q: Generation, max_draft: int) -> bool:

@@ -55,11 +55,13 @@ def chats(
     seed: int,
     device: str,
     keep: Callable[[str], bool] | None = None,
+    greedy: bool = False,
 ) -> list[tuple[list[int], int]]:
     """Conversations of about `tokens` tokens in all, each the templated user question the
     teacher wrote (prompted with its template up to an empty user turn) and its own answer
-    (at most `max_answer` tokens, sampled with `seed`): (ids, prompt length) each. `keep`: a
-    question it returns False for is not answered (e.g. one of an evaluation set)."""
+    (at most `max_answer` tokens, sampled with `seed`, or its greedy answer with `greedy`):
+    (ids, prompt length) each. `keep`: a question it returns False for is not answered (e.g.
+    one of an evaluation set)."""
     import torch
 
     hf_tok = hf_tokenizer(teacher_dir)
@@ -87,7 +89,7 @@ def chats(
             if empty_rounds == 10:
                 raise ExportError("chat_tokens: the teacher wrote no user question in 10 tries")
             continue
-        for chat in _answer(teacher, hf_tok, questions, max_answer, stop, pad, device):
+        for chat in _answer(teacher, hf_tok, questions, max_answer, stop, pad, device, greedy):
             out_chats.append(chat)
             total += len(chat[0])
     return out_chats
@@ -117,10 +119,18 @@ def _sampling(stop: list[int], pad: int) -> dict[str, Any]:
 
 
 def _answer(
-    teacher: Any, hf_tok: Any, questions: list[str], max_answer: int, stop: list[int], pad: int, device: str
+    teacher: Any,
+    hf_tok: Any,
+    questions: list[str],
+    max_answer: int,
+    stop: list[int],
+    pad: int,
+    device: str,
+    greedy: bool = False,
 ) -> list[tuple[list[int], int]]:
     """One batch: each question templated as a user turn, answered by the teacher (left-padded
-    prompts), with its end of turn when the answer ended before `max_answer`."""
+    prompts; sampled, or greedy with `greedy`), with its end of turn when the answer ended
+    before `max_answer`."""
     import torch
 
     prompts = [
@@ -130,10 +140,9 @@ def _answer(
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    how = {"do_sample": False, "eos_token_id": stop, "pad_token_id": pad} if greedy else _sampling(stop, pad)
     with torch.inference_mode():
-        out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **_sampling(stop, pad))[
-            :, width:
-        ].tolist()
+        out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **how)[:, width:].tolist()
     chats = []
     for p, answer in zip(prompts, out, strict=True):
         kept = until(answer, stop)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 HIDDEN = "hidden_states"  # the main graph's extra output
 REPORT = "draft.json"
 DRAFT_FILE = "draft.onnx"
+HELD_OUT = "held_out_chats.json"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class DraftConfig:
     chat_tokens: int = 16_000  # chat turns the teacher writes (10% held out for the report)
     chat_max_answer: int = 160
     chat_seed: int = 1
+    # The teacher answers greedily: the runtime's chat answers are the main graph's greedy
+    # tokens, and sampled answers (temperature 1) teach the draft text it will not be asked for.
+    chat_greedy: bool = True
     seq_len: int = 256
     vocab: int = 8192  # draft vocabulary: the most frequent tokens the main graph emits
     intermediate: int = 1024  # the head's MLP width
@@ -190,17 +195,23 @@ def text_rows(config: DraftConfig, tok: Any, span: tuple[float, float], tokens: 
     return [ids[i * config.seq_len : (i + 1) * config.seq_len] for i in range(n)]
 
 
-def chat_rows(config: DraftConfig, teacher_dir: Path) -> list[list[int]]:
-    """Chat turns the teacher writes itself (question and answer), `chat_tokens` in all."""
+def chat_rows(config: DraftConfig, teacher_dir: Path) -> list[tuple[list[int], int]]:
+    """Chat turns the teacher writes itself (question and answer), `chat_tokens` in all:
+    (ids, prompt length) each."""
     if not config.chat_tokens:
         return []
     from export import teacher
 
     model = teacher.load_model(teacher_dir, "cpu", config.threads)
-    chats = teacher.chats(
-        model, teacher_dir, config.chat_tokens, config.chat_max_answer, config.chat_seed, "cpu"
+    return teacher.chats(
+        model,
+        teacher_dir,
+        config.chat_tokens,
+        config.chat_max_answer,
+        config.chat_seed,
+        "cpu",
+        greedy=config.chat_greedy,
     )
-    return [ids for ids, _ in chats]
 
 
 def choose_vocab(corpus: Corpus, size: int, must: list[int]) -> np.ndarray:
@@ -251,15 +262,22 @@ def train(head: Any, corpus: Corpus, vmap: np.ndarray, config: DraftConfig, prog
     origins = corpus.origins(config.unroll)
     steps = max(1, int(config.epochs * len(origins) / config.batch))
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=steps, pct_start=0.05)
     rows_of = torch.from_numpy(vmap)
     hidden = torch.from_numpy(corpus.hidden)
     ids, greedy = torch.from_numpy(corpus.ids), torch.from_numpy(corpus.greedy.astype(np.int64))
     unk = int(vmap.max())  # the out-of-vocabulary row: never a target, never proposed
-    t0, done, losses = time.perf_counter(), 0, []
+    t0, done, losses, rates = time.perf_counter(), 0, [], []
     for step in range(steps):
-        if config.max_minutes and time.perf_counter() - t0 > 60 * config.max_minutes:
+        # Progress is steps or wall time, whichever is further along: under the time cap the
+        # learning rate still warms up and anneals to zero (a schedule cut off at full rate
+        # left the 2026-12-04 draft at 153 of 925 steps barely trained).
+        elapsed = time.perf_counter() - t0
+        frac = max(step / steps, elapsed / (60 * config.max_minutes) if config.max_minutes else 0.0)
+        if frac >= 1.0:
             break
+        rates.append(schedule(config.lr, frac))
+        for group in opt.param_groups:
+            group["lr"] = rates[-1]
         t = torch.from_numpy(rng.choice(origins, config.batch))
         state = hidden[t].float()
         loss = torch.zeros(())
@@ -272,18 +290,32 @@ def train(head: Any, corpus: Corpus, vmap: np.ndarray, config: DraftConfig, prog
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
         done = step + 1
         losses.append(loss.item() / config.unroll)
         if progress and done % 50 == 0:
-            log.info("draft: step %d/%d loss %.3f", done, steps, np.mean(losses[-50:]))
+            log.info(
+                "draft: step %d (of %d planned, %.0f%% done) loss %.3f",
+                done,
+                steps,
+                100 * frac,
+                np.mean(losses[-50:]),
+            )
     return {
         "steps": done,
         "planned_steps": steps,
         "seconds": round(time.perf_counter() - t0, 1),
         "loss_first": round(float(np.mean(losses[:20])), 4) if losses else None,
         "loss_last": round(float(np.mean(losses[-20:])), 4) if losses else None,
+        "lr_peak": max(rates, default=0.0),
+        "lr_last": rates[-1] if rates else 0.0,
     }
+
+
+def schedule(peak: float, progress: float, warmup: float = 0.05) -> float:
+    """Learning rate at `progress` in [0, 1): linear warm-up to `peak`, then cosine to zero."""
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / (1.0 - warmup)))
 
 
 def agreement(head: Any, corpus: Corpus, vmap: np.ndarray, vocab: np.ndarray, k: int) -> dict[str, Any]:
@@ -398,7 +430,9 @@ def build(config: DraftConfig, art: Artifact, out: Path, progress: bool) -> None
     t0 = time.perf_counter()
     chats = chat_rows(config, art.teacher)
     held = max(1, len(chats) // 10) if chats else 0
-    train_seqs = text_rows(config, tok, config.span, config.tokens) + chats[held:]
+    train_seqs = text_rows(config, tok, config.span, config.tokens) + [ids for ids, _ in chats[held:]]
+    # The held-out chats, for benchmarks/draft_agreement.py --chats (not part of the bundle).
+    (out / HELD_OUT).write_text(json.dumps([[ids, n] for ids, n in chats[:held]]) + "\n")
     corpus = Corpus.build(main, train_seqs)
     data_s = time.perf_counter() - t0
     eos = special_ids(art.hf_dir)[1]
@@ -421,7 +455,9 @@ def build(config: DraftConfig, art: Artifact, out: Path, progress: bool) -> None
         )
     }
     if held:
-        held_out["chat"] = agreement(head, Corpus.build(main, chats[:held]), vmap, vocab, config.k)
+        held_out["chat"] = agreement(
+            head, Corpus.build(main, [ids for ids, _ in chats[:held]]), vmap, vocab, config.k
+        )
     fp32 = out / "draft-fp32.onnx"
     write_onnx(head, vmap, eps, fp32)
     quant = quantize_draft(fp32, out / DRAFT_FILE, config.block_size) if config.block_size else {}

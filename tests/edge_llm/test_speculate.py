@@ -110,19 +110,31 @@ def test_greedy_identical_when_drafts_are_partly_right(
 
 
 def test_draft_length_adapts(engines: tuple[Engine, Engine], monkeypatch: pytest.MonkeyPatch) -> None:
-    on, _ = engines
+    on, off = engines
     ids = on.encode_request(prompt=PROMPTS[1])
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    wrong = _oracle(list(off.complete(ids, params).token_ids), 1)  # every draft token wrong
     lengths: list[int] = []
-    inner = speculate._draft
 
     def spy(d: speculate.Draft, q: Generation, k: int, greedy: bool) -> tuple[list[int], list]:
         lengths.append(k)
-        return inner(d, q, k, greedy)
+        return wrong(d, q, k, greedy)
 
     monkeypatch.setattr(speculate, "_draft", spy)
-    on.complete(ids, SamplingParams(max_tokens=60, ignore_eos=True))
-    # A draft rejected outright shrinks to 1 and backs off (plain steps between tries).
-    assert lengths and lengths[0] == on.options.draft_tokens and min(lengths) == 1
+    out = on.complete(ids, params)
+    # Starts at the prior's best length, then shrinks to single-draft probes between plain steps.
+    assert lengths[0] == speculate.draft_length(0, 0, on.options.draft_tokens) > 1
+    assert lengths[-1] == 1 and out.usage is not None and out.usage.accepted_draft_tokens == 0
+    assert out.usage.draft_verifies < 15  # paused: most of the 60 tokens were plain steps
+
+
+def test_draft_length_follows_the_acceptance() -> None:
+    """Expected tokens per cost: long drafts when nearly all are kept, one when about half are,
+    none (plain decoding) when few are."""
+    assert speculate.draft_length(60, 2, 6) == 6
+    assert 1 <= speculate.draft_length(10, 10, 6) <= 3
+    assert speculate.draft_length(1, 20, 6) == 0
+    assert speculate.draft_length(0, 0, 0) == 0
 
 
 def _chi2_p(a: Counter[int], b: Counter[int]) -> float:

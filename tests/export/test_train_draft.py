@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from export.recipe import Recipe
@@ -35,3 +37,48 @@ def test_draft_needs_the_fused_graph_with_tail_logits(tmp_path: Path) -> None:
 def test_bad_draft_config_rejected(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DraftConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_training_anneals_within_the_time_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut off by `max_minutes`, training still warms up to the peak rate and anneals to ~0
+    (the 2026-12-04 draft stopped at 153 of 925 planned steps with its schedule at full rate)."""
+    from export import train_draft
+    from export.train_draft import Corpus, make_head, train
+
+    clock = iter(range(0, 10**6, 1))  # a slow host: every reading of the clock is a second later
+    monkeypatch.setattr(train_draft, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+
+    rng = np.random.default_rng(0)
+    n, h, v = 512, 16, 32
+    corpus = Corpus(
+        rng.integers(0, v, n), rng.standard_normal((n, h)).astype(np.float16),
+        rng.integers(0, v, n).astype(np.int32), np.array([0]), np.array([n]),
+    )  # fmt: skip
+    vmap = np.append(np.arange(v - 1), v)  # token v-1 outside the draft vocabulary (row v)
+    head = make_head(rng.standard_normal((v + 1, h)).astype(np.float32), 8, 1e-6)
+    config = DraftConfig(tokens=n, seq_len=8, batch=8, epochs=10_000.0, max_minutes=1.0, threads=1)
+    fit = train(head, corpus, vmap, config, progress=False)
+    assert fit["steps"] < fit["planned_steps"]  # the time cap ended it
+    assert fit["lr_peak"] > 0.5 * config.lr
+    assert fit["lr_last"] < 0.05 * config.lr
+
+
+def test_teacher_answers_greedily_when_asked(tiny_hf: Path) -> None:
+    """chat_greedy: the teacher's answers do not depend on the sampling seed (they do sampled)."""
+    import torch
+
+    from export import teacher
+    from export.hf import special_ids
+
+    model = teacher.load_model(tiny_hf, "cpu", 1)
+    tok = teacher.hf_tokenizer(tiny_hf)
+    stop = special_ids(tiny_hf)[1]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    questions = ["What is the capital of France?", "Name a colour."]
+
+    def answer(seed: int, greedy: bool) -> list[tuple[list[int], int]]:
+        torch.manual_seed(seed)
+        return teacher._answer(model, tok, questions, 16, stop, pad, "cpu", greedy)
+
+    assert answer(1, True) == answer(2, True)
+    assert answer(1, False) != answer(2, False)
