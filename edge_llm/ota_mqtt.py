@@ -367,6 +367,14 @@ class OtaReceiver:
                         self.transfer = None
                         self._discard_files()
 
+    def _wait_swap(self) -> bool:
+        """Wait for the scheduler's latest swap; False if the server stops first (the next start
+        serves the committed slot)."""
+        while not self.server.scheduler.wait_swap(1.0):
+            if self._stop.is_set():
+                return False
+        return True
+
     def _apply_transfer(self, t: Transfer) -> None:
         self._say({"state": "verifying", "transfer": t.sha256})
         got = sha256_file(self.part)
@@ -405,23 +413,22 @@ class OtaReceiver:
                 self.server.refresh_status()
                 self._say({"state": "switching", "transfer": t.sha256, "waiting_s": self.cfg.swap_timeout_s,
                            "note": "running requests finish on the old bundle first"})  # fmt: skip
-                while not self.server.scheduler.wait_swap(1.0):
-                    if self._stop.is_set():  # stopping: the next start serves the new slot
-                        return
+                if not self._wait_swap():
+                    return
         except SwapSupersededError:
             # A newer swap replaced this one before it happened (a SIGHUP reload, which loads the
-            # slot link committed above): the update is applied if the engine it brings serves
-            # this slot, so wait for it instead of calling a committed switch failed.
-            while not self.server.scheduler.wait_swap(1.0):
-                if self._stop.is_set():
-                    return
-            serving = Path(self.server.scheduler.engine.bundle.path).resolve()
-            if serving != Path(staged.path).resolve():
-                self._refuse(t.sha256, f"switch replaced by a swap to {serving}; the link names slot"
-                             f" {staged.slot}, which the next start serves", "failed")  # fmt: skip
+            # slot link committed above): waited for below, like one replaced after the timeout.
+            if not self._wait_swap():
                 return
         except EdgeLLMError as exc:
             self._refuse(t.sha256, f"switch failed: {exc}", "failed")
+            return
+        # A reload may have replaced this swap (before or after the timeout): the update is
+        # applied if the engine serving now runs from this slot, not merely the link moved.
+        serving = Path(self.server.scheduler.engine.bundle.path).resolve()
+        if serving != Path(staged.path).resolve():
+            self._refuse(t.sha256, f"switch replaced by a swap to {serving}; the link names slot"
+                         f" {staged.slot}, which the next start serves", "failed")  # fmt: skip
             return
         switch_s = round(time.monotonic() - t0, 3)
         done = {"outcome": "done", **switched, "switch_s": switch_s}

@@ -337,6 +337,18 @@ class SharedRunner(_SessionRunner):
         past_type = {i.name: i.type for i in self.session.get_inputs()}[self.past_names[0]]
         self.kv_dtype = np.dtype(_KV_TYPES.get(past_type, np.float32))
         self.kv_spare = bundle.graph.kv_spare
+        if self.kv_spare and not self.ragged:
+            # A padded graph's decode step is 2 query rows per sequence, and GroupQueryAttention
+            # without query_seqlens refuses S > 1 over a past for more than one row: such a graph
+            # runs one sequence at a time (the ragged graph, onnxruntime >= 1.32, batches).
+            self.batches = False
+            if options.max_batch > 1:
+                log.warning(
+                    "%s pads its attention ([fuse] pad_query_row) and %s has no query_seqlens input:"
+                    " one sequence at a time (max_batch %d not used); batching needs the bundle's"
+                    " ragged graph (onnxruntime >= 1.32) or a bundle exported with pad_query_row = false",
+                    bundle.path.name, self.graph_name, options.max_batch,
+                )  # fmt: skip
 
     def empty(self, batch: int = 1, capacity: int | None = None) -> SharedCache:
         cap = min(capacity or self.max_context, self.max_context)

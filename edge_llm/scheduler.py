@@ -42,13 +42,7 @@ from dataclasses import dataclass
 
 from edge_llm import constrain, protocol
 from edge_llm.engine import Chunk, Engine, Generation
-from edge_llm.errors import (
-    BusyError,
-    ContextLengthError,
-    EdgeLLMError,
-    RequestError,
-    SwapSupersededError,
-)
+from edge_llm.errors import BusyError, ContextLengthError, EdgeLLMError, RequestError, SwapSupersededError
 from edge_llm.protocol import Event, Request
 from edge_llm.runner import SharedCache
 from edge_llm.sampling import SamplingParams

@@ -93,8 +93,11 @@ def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
     from edge_llm import bench
     from edge_llm.bandwidth import read_bandwidth
     from edge_llm.engine import Engine
+    from edge_llm.errors import ConfigError
     from edge_llm.paths import resolve_bundle
 
+    if args.rounds < 1 or args.runs < 1:
+        raise ConfigError(f"bench: --rounds and --runs must be >= 1 (got {args.rounds}, {args.runs})")
     bundle = str(resolve_bundle(args.bundle))
     sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     tokenizer = Engine.load(bundle, verify=False).tokenizer  # the engine itself is not kept

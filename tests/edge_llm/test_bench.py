@@ -87,6 +87,18 @@ def test_peers_come_from_the_caller(tiny_fused: Path, tmp_path: Path, capsys: py
     assert "[4/4] transformers done in" in err and "skipped (transformers is a stub)" in err
 
 
+def test_zero_rounds_or_runs_is_a_clear_error(tiny_fused: Path) -> None:
+    """--rounds 0 used to end in an IndexError after loading the bundle."""
+    from edge_llm.cli import build_parser
+    from edge_llm.commands import bench
+    from edge_llm.errors import ConfigError
+
+    for flag in ("--rounds", "--runs"):
+        args = build_parser().parse_args(["bench", "--bundle", str(tiny_fused), flag, "0"])
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            bench.run(args)
+
+
 def test_runtime_finds_nothing_by_its_own_path() -> None:
     """The runtime reaches nothing outside its package (it once ran ../benchmarks/peers.py)."""
     package = Path(__file__).resolve().parents[2] / "edge_llm"

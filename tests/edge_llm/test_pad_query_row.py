@@ -192,3 +192,31 @@ def test_padding_is_idempotent_and_refuses_other_graphs(tiny_fused_padded: Path,
     optimum = onnx.load(str(tiny_bundle / "model.onnx"), load_external_data=False)
     with pytest.raises(ExportError, match="not a fused graph"):
         pad_query_row(optimum)
+
+
+def test_a_padded_graph_without_query_seqlens_serves_one_row_at_a_time(tiny_fused_padded: Path) -> None:
+    """Its decode step is 2 query rows per sequence, which GroupQueryAttention without
+    query_seqlens refuses for a batch of several rows over a past ("batch_size must be 1"): the
+    engine says it cannot batch, so a max_batch-4 scheduler runs concurrent requests one after
+    another and answers each as alone (before the mend every row of the first batched step failed)."""
+    from edge_llm.protocol import Request
+    from edge_llm.scheduler import Scheduler
+    from tests.edge_llm.test_scheduler import Collector
+
+    engine = _engine(tiny_fused_padded, max_batch=4, ragged=False)
+    assert engine.runner.graph_name == "model.onnx" and not engine.can_batch
+    solo = engine.complete(
+        engine.encode_request(prompt=PROMPT), SamplingParams(max_tokens=6, ignore_eos=True)
+    )
+    s = Scheduler(engine, max_queue=8, max_inflight_per_client=8, max_batch=4)
+    assert s.max_batch == 1
+    s.start()
+    try:
+        sinks = [Collector() for _ in range(3)]
+        for i, sink in enumerate(sinks):
+            s.submit(Request(id=f"p{i}", prompt=PROMPT, max_tokens=6, ignore_eos=True), sink)
+        finals = [sink.final() for sink in sinks]
+    finally:
+        s.close(grace_s=1)
+    assert [(f.kind, f.message) for f in finals] == [("final", "")] * 3
+    assert all(f.text == solo.text and f.usage["completion_tokens"] == 6 for f in finals)
