@@ -19,8 +19,9 @@ rewritten): a variant is a small graph proto whose nodes read the same external 
   path, as a k-token speculative verify does. On an int8 graph (MatMulNBits accuracy_level 4)
   the 1-row path's last-bit difference became logit gaps up to 1.78 on SmolLM2
   (benchmarks/results/exact_decode.json) and greedy speculation parted from plain decoding;
-  padded, plain decode gives the verify's logits bit for bit (benchmarks/README.md, issue 17). The dummy's KV lands one past the row's length: the
-  bundle records `graph.kv_spare = 1` and the runtime's KV buffers hold one spare position.
+  padded, plain decode gives the verify's logits bit for bit (benchmarks/README.md, issue 17).
+  The dummy's KV lands one past the row's length: the bundle records `graph.kv_spare = 1` and
+  the runtime's KV buffers hold one spare position.
 
 Out: `model.onnx` (+ `.data`), the variants, and `variants.json`: file -> {"kv_cache",
 "query_seqlens"} (bundle.json `graph.variants`) with the calibration record.
