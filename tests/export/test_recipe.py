@@ -64,11 +64,13 @@ def test_shipped_recipes_parse() -> None:
     npu = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-qdq-npu.toml")
     assert npu.quantize.mode == "qdq" and npu.quantize.activation_bits == 16
     assert npu.static is not None and npu.static.past_length == 512
-    # Every recipe of the fused graph pads its attention (greedy speculation = plain decoding);
+    # The recipes that speculate pad their attention (greedy speculation = plain decoding); the
+    # pruned one has no query_seqlens graph, where a padded graph could not batch, and no draft;
     # the static NPU graphs are optimum graphs, which [fuse] does not touch.
     draft = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-int8-draft.toml")
-    for r in (plain, pruned, draft):
+    for r in (plain, draft):
         assert r.to_onnx.graph == "fused" and r.fuse is not None and r.fuse.pad_query_row
+    assert pruned.fuse is not None and not pruned.fuse.pad_query_row and not pruned.fuse.query_seqlens
     assert npu.fuse is None
 
 
