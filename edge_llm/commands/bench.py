@@ -264,7 +264,7 @@ def add_limit(results: list[dict[str, Any]], measured: list[dict[str, Any]]) -> 
     """Each result's batch-1 decode as weight traffic (GB/s) and as a fraction of the machine's
     read bandwidth (the best of `measured`), in place; returns the limit record for the JSON.
 
-    Each system is charged the bytes its own model file streams per step (`benchmarks/peers.py`
+    Each system is charged the bytes its own model file streams per step (`benchmarks/peers_worker.py`
     counts the GGUF's tensors, ort-genai's ONNX graph, torch's Linear weights); a result that
     brings none is charged the bundle's bytes (`weight_bytes_from` says which)."""
     from edge_llm.bandwidth import decode_traffic

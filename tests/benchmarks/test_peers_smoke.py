@@ -16,11 +16,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import peers  # noqa: E402
 
 
-def test_module_imports_only_stdlib() -> None:
-    # Any interpreter (project venv, peer venv) must be able to run the worker file.
+@pytest.mark.parametrize("name", ["peers.py", "peers_worker.py"])
+def test_module_imports_only_stdlib(name: str) -> None:
+    # Any interpreter (project venv, peer venv) must be able to run the worker file; peers.py
+    # imports peers_worker.py, which must also stand alone.
     code = (
         "import sys, runpy; before=set(sys.modules);"
-        f"runpy.run_path({str(ROOT / 'benchmarks' / 'peers.py')!r}, run_name='x');"
+        f"runpy.run_path({str(ROOT / 'benchmarks' / name)!r}, run_name='x');"
         "heavy={'numpy','torch','transformers','llama_cpp','onnxruntime_genai','tokenizers'};"
         "sys.exit(len(heavy & set(sys.modules)))"
     )
