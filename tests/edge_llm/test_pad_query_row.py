@@ -150,25 +150,27 @@ def test_padded_logits_equal_unpadded_logits(
     # One sequence: a prompt with logits for every position, then greedy 1-token decode steps.
     caches = [r.empty(1) for r in runners]
     prompt = rng.integers(3, 380, (1, 40))
-    out = [r.forward(prompt, c, all_logits=True) for r, c in zip(runners, caches)]
+    out = [r.forward(prompt, c, all_logits=True) for r, c in zip(runners, caches, strict=True)]
     _agree(*out, gaps)
     for _ in range(8):
         token = np.array([[int(out[0][0, -1].argmax())]])
-        out = [r.forward(token, c, all_logits=True) for r, c in zip(runners, caches)]
+        out = [r.forward(token, c, all_logits=True) for r, c in zip(runners, caches, strict=True)]
         _agree(*out, gaps)
     # Two rows of different lengths in one cache: a ragged first prompt (empty rows: any graph).
     caches = [r.empty(2) for r in runners]
     tokens, counts = rng.integers(3, 380, (2, 24)), np.array([24, 13])
-    _agree(*[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches)], gaps)
+    _agree(*[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches, strict=True)], gaps)
     lengths = [24, 13]
     # Over a past, several rows need the query_seqlens graph once padded: the portable GQA
     # refuses batch > 1 with S > 1 over a past (the runner's batching is handled apart).
     if runners[0].ragged:
         for _ in range(6):  # 1-token decode steps
             tokens = rng.integers(3, 380, (2, 1))
-            _agree(*[r.forward(tokens, c) for r, c in zip(runners, caches)], gaps)
+            _agree(*[r.forward(tokens, c) for r, c in zip(runners, caches, strict=True)], gaps)
         tokens, counts = rng.integers(3, 380, (2, 3)), np.array([3, 1])  # a verify beside a decode
-        _agree(*[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches)], gaps)
+        _agree(
+            *[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches, strict=True)], gaps
+        )
         lengths = [33, 20]
     assert [c.lengths.tolist() for c in caches] == [lengths, lengths]
     print(f"{graph}: max |padded - unpadded| = {max(gaps):.3g}")
