@@ -13,4 +13,6 @@ import os
 # package first, so ORT is always imported after this line. A user's own setting is kept.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-__version__ = "0.1.0"
+# Bumped when a bundle may need this runtime (bundle.json `requirements.edge_llm`): 0.2.0 reads
+# `graph.kv_spare`. pyproject.toml's version follows it (tests/test_packaging.py).
+__version__ = "0.2.0"

@@ -49,6 +49,8 @@ OPTIONAL_FILES = frozenset({"report.json", "report.md", "report.png"})
 # What the cpu target's fused graph needs (export/targets.py derives it from the graph's ops;
 # tests/edge_llm/test_requirements.py checks the two agree). Also pyproject's onnxruntime floor.
 PORTABLE_CPU_ORT = "1.23.2"
+# The first runtime that reads `graph.kv_spare`: a bundle with kv_spare > 0 requires it.
+KV_SPARE_RUNTIME = "0.2.0"
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class GraphSpec:
     # 1-token decode then gives a speculative verify's logits bit for bit). The runtime's shared KV
     # buffers hold that many positions more than a sequence may fill. Absent (older bundles): 0.
     # A runtime that predates it runs such a graph correctly until a sequence fills its buffer,
-    # where onnxruntime refuses the forward (GQA's present shape) instead of a clean "context full".
+    # where onnxruntime refuses the forward (GQA's present shape) instead of a clean "context full":
+    # so the export also sets `requirements.edge_llm` to KV_SPARE_RUNTIME, and those refuse it.
     kv_spare: int = 0
 
 

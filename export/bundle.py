@@ -19,6 +19,7 @@ from typing import Any
 from edge_llm import chat
 from edge_llm.bundle import (
     FORMAT_VERSION,
+    KV_SPARE_RUNTIME,
     Architecture,
     Bundle,
     GraphSpec,
@@ -142,7 +143,10 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
                     inputs.target,
                     set(inputs.layout.get("contexts", {}).values()),
                     set(inputs.layout.get("variants", {})),
-                )
+                ),
+                # Runtimes before KV_SPARE_RUNTIME ignore graph.kv_spare and overrun the KV
+                # buffer when a sequence fills it: they must refuse the bundle instead.
+                edge_llm=KV_SPARE_RUNTIME if inputs.layout.get("kv_spare", 0) > 0 else "",
             ),
             provider_options=targets.provider_options(inputs.target),
         )

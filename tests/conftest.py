@@ -177,29 +177,35 @@ def tiny_fused_int8(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return export_bundle(tiny_hf, tmp_path_factory.mktemp("bundles") / "tiny-fused-int8", "int8", "fused")
 
 
-@pytest.fixture(scope="session")
-def tiny_fused_variants(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fused bundle with every [fuse] variant: fp32 and int8 KV, each also with query_seqlens."""
+def fuse_every_variant(tmp_path_factory: pytest.TempPathFactory, pad_query_row: bool = False) -> Any:
+    """[fuse] with every variant (fp32 and int8 KV, each also with query_seqlens), the int8 KV
+    scales calibrated on the tiny training text."""
     from export.variants import FuseOptions
 
     text = tmp_path_factory.mktemp("calib") / "calib.txt"
     text.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    fuse = FuseOptions("both", calib_text=text, calib_span=(0.0, 1.0), calib_tokens=512, calib_window=128)
+    return FuseOptions(
+        "both",
+        calib_text=text,
+        calib_span=(0.0, 1.0),
+        calib_tokens=512,
+        calib_window=128,
+        pad_query_row=pad_query_row,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_variants(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fused bundle with every [fuse] variant: fp32 and int8 KV, each also with query_seqlens."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-fused-variants"
-    return export_bundle(tiny_hf, out, "none", "fused", fuse=fuse)
+    return export_bundle(tiny_hf, out, "none", "fused", fuse=fuse_every_variant(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
 def tiny_fused_padded(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_fused_variants' graphs at int8 with [fuse] pad_query_row: every GroupQueryAttention
     node gets a dummy query row (plain decode = verify forwards bit for bit)."""
-    from export.variants import FuseOptions
-
-    text = tmp_path_factory.mktemp("calib") / "calib.txt"
-    text.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    fuse = FuseOptions(
-        "both", calib_text=text, calib_span=(0.0, 1.0), calib_tokens=512, calib_window=128, pad_query_row=True
-    )
+    fuse = fuse_every_variant(tmp_path_factory, pad_query_row=True)
     out = tmp_path_factory.mktemp("bundles") / "tiny-fused-padded"
     return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse)
 

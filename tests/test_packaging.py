@@ -21,3 +21,13 @@ def test_metadata_applies_without_warnings(tmp_path: Path, monkeypatch: pytest.M
         warnings.simplefilter("error")
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert dist.metadata.license_expression == "Apache-2.0"
+
+
+def test_the_package_version_is_the_runtimes() -> None:
+    """bundle.json `requirements.edge_llm` is compared with `edge_llm.__version__`: the installed
+    distribution must say the same version, or `pip show` and the refusal disagree."""
+    from edge_llm import __version__
+    from edge_llm.config import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["version"] == __version__

@@ -21,11 +21,11 @@ import pytest
 from benchmarks.exact_decode import decode_verify_gap
 from edge_llm import speculate
 from edge_llm.board import RunnerOptions
-from edge_llm.bundle import load_bundle, version_tuple
+from edge_llm.bundle import KV_SPARE_RUNTIME, load_bundle, version_tuple
 from edge_llm.engine import Engine, Slot
-from edge_llm.errors import ContextLengthError
+from edge_llm.errors import BundleError, ContextLengthError
 from edge_llm.sampling import SamplingParams
-from tests.conftest import export_bundle, run_python, tiny_draft_config
+from tests.conftest import export_bundle, fuse_every_variant, run_python, tiny_draft_config
 from tests.edge_llm.test_ort_versions import PROBE, PYTHONS
 
 RAGGED_ORT = version_tuple(ort.__version__) >= (1, 32)
@@ -60,6 +60,13 @@ def padded_draft(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPa
     return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse, draft=tiny_draft_config(tiny_text))
 
 
+@pytest.fixture(scope="module")
+def unpadded_twin(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_fused_padded exported without [fuse] pad_query_row: the same weights and KV scales."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fused-unpadded"
+    return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse_every_variant(tmp_path_factory))
+
+
 def test_every_graph_is_padded_and_the_bundle_says_so(tiny_fused_padded: Path, tiny_fused_int8: Path) -> None:
     meta = json.loads((tiny_fused_padded / "bundle.json").read_text())
     assert meta["graph"]["kv_spare"] == 1
@@ -75,6 +82,25 @@ def test_every_graph_is_padded_and_the_bundle_says_so(tiny_fused_padded: Path, t
     assert meta["requirements"]["onnxruntime"] == "1.23.2"
 
 
+def test_a_runtime_that_ignores_kv_spare_refuses_the_padded_bundle(
+    tiny_fused_padded: Path, unpadded_twin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runtime before KV_SPARE_RUNTIME keeps no spare KV position and would overrun its buffer
+    (an onnxruntime error) when a sequence fills it; OTA brings new bundles to old runtimes, so
+    the padded bundle requires the newer runtime, and the old one refuses it at load in one line."""
+    padded = json.loads((tiny_fused_padded / "bundle.json").read_text())["requirements"]
+    assert padded["edge_llm"] == KV_SPARE_RUNTIME == "0.2.0"
+    assert load_bundle(tiny_fused_padded).requirements.edge_llm == "0.2.0"
+    # An unpadded bundle still loads on runtimes that predate `requirements.edge_llm`.
+    assert "edge_llm" not in json.loads((unpadded_twin / "bundle.json").read_text())["requirements"]
+    monkeypatch.setattr("edge_llm.bundle.__version__", "0.1.0")
+    with pytest.raises(BundleError) as refused:
+        load_bundle(tiny_fused_padded)
+    message = "this bundle needs edge-llm ≥ 0.2.0 (found 0.1.0): update the runtime or re-export"
+    assert str(refused.value).endswith(message) and "\n" not in str(refused.value)
+    assert load_bundle(unpadded_twin).graph.kv_spare == 0
+
+
 @pytest.mark.parametrize(("rows", "kv", "graph"), GRAPHS)
 def test_plain_decode_equals_every_verify_row_bit_for_bit(
     tiny_fused_padded: Path, rows: int, kv: str, graph: str
@@ -82,6 +108,72 @@ def test_plain_decode_equals_every_verify_row_bit_for_bit(
     engine = _engine(tiny_fused_padded, rows, kv)
     assert engine.runner.graph_name == graph and not engine.options.pad_decode
     assert decode_verify_gap(engine) == 0.0
+
+
+# Padded vs unpadded logits. Prefill is bit-exact; a 1-token decode is not with the fp32 KV:
+# the unpadded graph takes GQA's lone-row path (what the padding is for), a last-bit difference
+# that the int8 activations of MatMulNBits round to a step (measured: 4.9e-4 on logits of size
+# ~5; 0.0 with the int8 KV). A wrong position or rotary row is off by far more.
+PAD_TOLERANCE = 2e-3
+
+
+def _agree(padded: np.ndarray, plain: np.ndarray, gaps: list[float]) -> None:
+    assert padded.shape == plain.shape
+    gaps.append(float(np.abs(padded - plain).max()))
+    np.testing.assert_allclose(padded, plain, rtol=0, atol=PAD_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("rows", "kv", "graph"),
+    [
+        *GRAPHS,
+        pytest.param(
+            2,
+            "int8",
+            "model.kv8.ragged.onnx",
+            id="kv8-ragged",
+            marks=pytest.mark.skipif(not RAGGED_ORT, reason="query_seqlens needs onnxruntime >= 1.32"),
+        ),
+    ],
+)
+def test_padded_logits_equal_unpadded_logits(
+    tiny_fused_padded: Path, unpadded_twin: Path, rows: int, kv: str, graph: str
+) -> None:
+    """The dummy query row must not change a real row's logits: prefill (every position),
+    1-token decode steps and two ragged rows sharing a cache give the unpadded graph's logits.
+    Comparing decode with verify on the padded graph alone cannot see a position or rotary
+    mistake that hits both alike; this comparison does."""
+    runners = [_engine(b, rows, kv).runner for b in (tiny_fused_padded, unpadded_twin)]
+    assert [r.graph_name for r in runners] == [graph, graph] and [r.kv_spare for r in runners] == [1, 0]
+    rng = np.random.default_rng(1)
+    gaps: list[float] = []
+    # One sequence: a prompt with logits for every position, then greedy 1-token decode steps.
+    caches = [r.empty(1) for r in runners]
+    prompt = rng.integers(3, 380, (1, 40))
+    out = [r.forward(prompt, c, all_logits=True) for r, c in zip(runners, caches, strict=True)]
+    _agree(*out, gaps)
+    for _ in range(8):
+        token = np.array([[int(out[0][0, -1].argmax())]])
+        out = [r.forward(token, c, all_logits=True) for r, c in zip(runners, caches, strict=True)]
+        _agree(*out, gaps)
+    # Two rows of different lengths in one cache: a ragged first prompt (empty rows: any graph).
+    caches = [r.empty(2) for r in runners]
+    tokens, counts = rng.integers(3, 380, (2, 24)), np.array([24, 13])
+    _agree(*[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches, strict=True)], gaps)
+    lengths = [24, 13]
+    # Over a past, several rows need the query_seqlens graph once padded: the portable GQA
+    # refuses batch > 1 with S > 1 over a past (the runner's batching is handled apart).
+    if runners[0].ragged:
+        for _ in range(6):  # 1-token decode steps
+            tokens = rng.integers(3, 380, (2, 1))
+            _agree(*[r.forward(tokens, c) for r, c in zip(runners, caches, strict=True)], gaps)
+        tokens, counts = rng.integers(3, 380, (2, 3)), np.array([3, 1])  # a verify beside a decode
+        _agree(
+            *[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches, strict=True)], gaps
+        )
+        lengths = [33, 20]
+    assert [c.lengths.tolist() for c in caches] == [lengths, lengths]
+    print(f"{graph}: max |padded - unpadded| = {max(gaps):.3g}")
 
 
 def test_without_the_option_plain_decode_and_verify_differ(tiny_fused_int8: Path) -> None:
