@@ -379,8 +379,11 @@ def report(args: argparse.Namespace, net: netns.Net, boards: list[Board], client
         f"| answered exactly once (application) | {once} / {args.requests} |",
         f"| lost | {len(lost)} {dict(clients.errors) or ''} |",
         f"| duplicated (a second result, or another id's) | {dup} |",
-        *([f"| streamed deltas not adding up to the final text | {clients.stream_mismatch} |"]
-          if args.stream else []),
+        *(
+            [f"| streamed deltas not adding up to the final text | {clients.stream_mismatch} |"]
+            if args.stream
+            else []
+        ),
         f"| latency p50 / p99 / max (s) | {fmt(p['p50'])} / {fmt(p['p99'])} / {fmt(p['max'])} |",
         f"| requests resent by the SDK (same id) / slower than the resend timer | {resent} / "
         f"{doc['slower_than_resend']} |",

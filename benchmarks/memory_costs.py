@@ -110,8 +110,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=None)
-    ap.add_argument("--points", default="16@16,256@256,512@512,256@2000,512@2000,2000@2000",
-                    help="prefill pieces C@T: T tokens fed in pieces of C")
+    ap.add_argument(
+        "--points",
+        default="16@16,256@256,512@512,256@2000,512@2000,2000@2000",
+        help="prefill pieces C@T: T tokens fed in pieces of C",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/memory_costs"))
     args = ap.parse_args(argv)
     bundle_dir = args.bundle or default_bundle()

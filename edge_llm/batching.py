@@ -30,6 +30,7 @@ from edge_llm.runner import SharedCache
 if TYPE_CHECKING:
     from edge_llm.engine import Engine, Generation
 
+
 def pending(q: Generation) -> bool:
     """Whether `q` still has prompt tokens to feed (deferred, no token sampled yet)."""
     return q.last < 0 and not q.finished and len(q.slot.ids) < len(q.ids)

@@ -50,6 +50,7 @@ def range_text(name: str) -> str:
     low, high, low_ok = NUMBER_RANGES[name]
     return f"{name} must be in {'[' if low_ok else '('}{low:g}, {high:g}]"
 
+
 # The fixed set of error codes a reply may carry. Anything else the runtime raises is reported
 # as "internal" so clients can switch on a closed set.
 ERROR_CODES = (

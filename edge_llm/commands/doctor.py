@@ -50,8 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-
-
 def facts() -> dict[str, Any]:
     import numpy
     import onnxruntime as ort
