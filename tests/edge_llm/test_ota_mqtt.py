@@ -65,6 +65,18 @@ def start_device(prefix: Path, broker: Broker, public: Path, device: str = DEVIC
     return server
 
 
+def held_request(broker: Broker) -> tuple[threading.Thread, dict[str, Any]]:
+    """A 4-token request (id "held") on its own thread, not started; its final lands in the dict
+    under "r". The caller holds the engine's steps to keep it running across a switch."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        with client(broker, device=DEVICE, timeout=120) as c:
+            result["r"] = c.generate(messages=HELLO, max_tokens=4, ignore_eos=True, request_id="held")
+
+    return threading.Thread(target=run), result
+
+
 def sender(broker: Broker, **kw: Any) -> UpdateSender:
     return UpdateSender(Connection(broker.host, broker.port), timeout=kw.pop("timeout", 120), **kw)
 
@@ -158,13 +170,7 @@ def test_a_switch_slower_than_the_sender_is_neither_sent_again_nor_staged_over_t
         step(seqs)
 
     old_engine.step = held_step  # type: ignore[method-assign]
-    result: dict[str, Any] = {}
-
-    def long_request() -> None:
-        with client(broker, device=DEVICE, timeout=120) as c:
-            result["r"] = c.generate(messages=HELLO, max_tokens=4, ignore_eos=True, request_id="held")
-
-    held = threading.Thread(target=long_request)
+    held, result = held_request(broker)
     try:
         held.start()
         assert stepping.wait(30)  # the request runs on the old engine
@@ -233,13 +239,7 @@ def test_a_reload_that_replaces_the_updates_waiting_swap_still_ends_done(
     server = start_device(prefix, broker, keys[1], swap_timeout_s=60)
     update = make_update(tiny_bundle, tmp_path, keys[0])
     gate, stepping = gate_method(server.engine, "step", monkeypatch)
-    result: dict[str, Any] = {}
-
-    def long_request() -> None:
-        with client(broker, device=DEVICE, timeout=120) as c:
-            result["r"] = c.generate(messages=HELLO, max_tokens=4, ignore_eos=True, request_id="held")
-
-    held = threading.Thread(target=long_request)
+    held, result = held_request(broker)
     try:
         held.start()
         assert stepping.wait(30)

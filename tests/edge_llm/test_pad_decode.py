@@ -63,10 +63,17 @@ def test_greedy_speculation_equals_padded_plain_decoding(
     spec = Engine.load(
         tiny_fused_int8, RunnerOptions(threads=1, speculation="lookup", prompt_lookup=4, pad_decode=True)
     )
-    ids = padded.encode_request(prompt=PROMPT)
+    assert_lookup_speculation_keeps_plain_tokens(padded, spec, monkeypatch)
+
+
+def assert_lookup_speculation_keeps_plain_tokens(
+    plain: Engine, spec: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy prompt-lookup speculation on `spec` gives `plain`'s 48 tokens, token for token,
+    with drafts from that reference, every third one wrong (verifies keep 0..k tokens)."""
+    ids = plain.encode_request(prompt=PROMPT)
     params = SamplingParams(max_tokens=48, ignore_eos=True)
-    ref = list(padded.complete(ids, params).token_ids)
-    # Drafts from the reference, every third one wrong: verifies keep 0..k tokens.
+    ref = list(plain.complete(ids, params).token_ids)
     calls = [0]
 
     def draft(context: list[int], k: int, min_ngram: int = 2) -> list[int]:

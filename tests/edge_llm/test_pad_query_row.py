@@ -19,7 +19,6 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks.exact_decode import decode_verify_gap
-from edge_llm import speculate
 from edge_llm.board import RunnerOptions
 from edge_llm.bundle import KV_SPARE_RUNTIME, load_bundle, version_tuple
 from edge_llm.engine import Engine, Slot
@@ -27,6 +26,7 @@ from edge_llm.errors import BundleError, ContextLengthError
 from edge_llm.sampling import SamplingParams
 from tests.conftest import export_bundle, fuse_every_variant, run_python, tiny_draft_config
 from tests.edge_llm.test_ort_versions import PROBE, PYTHONS
+from tests.edge_llm.test_pad_decode import assert_lookup_speculation_keeps_plain_tokens
 
 RAGGED_ORT = version_tuple(ort.__version__) >= (1, 32)
 PROMPT = "The capital of France is"
@@ -188,24 +188,7 @@ def test_greedy_prompt_lookup_speculation_gives_plain_decodings_tokens(
 ) -> None:
     plain = _engine(tiny_fused_padded, rows, kv)
     spec = _engine(tiny_fused_padded, rows, kv, speculation="lookup", prompt_lookup=4)
-    ids = plain.encode_request(prompt=PROMPT)
-    params = SamplingParams(max_tokens=48, ignore_eos=True)
-    ref = list(plain.complete(ids, params).token_ids)
-    calls = [0]
-
-    def draft(context: list[int], k: int, min_ngram: int = 2) -> list[int]:
-        """Drafts from the reference, every third one wrong: verifies keep 0..k tokens."""
-        start = len(context) - len(ids)
-        out = []
-        for pos in range(start, min(start + k, len(ref))):
-            calls[0] += 1
-            out.append(ref[pos] if calls[0] % 3 else (ref[pos] + 1) % 384)
-        return out
-
-    monkeypatch.setattr(speculate, "lookup_draft", draft)
-    out = spec.complete(ids, params)
-    assert list(out.token_ids) == ref
-    assert out.usage.draft_verifies > 0 and out.usage.accepted_draft_tokens > 0
+    assert_lookup_speculation_keeps_plain_tokens(plain, spec, monkeypatch)
 
 
 def test_greedy_trained_draft_speculation_gives_plain_decodings_tokens(padded_draft: Path) -> None:
