@@ -165,6 +165,11 @@ def run(args: argparse.Namespace, peers: PeerRunner | None = None) -> int:
         "read_bandwidth": limit,
     }
     table = markdown(results, limit) + extra_markdown(report)
+    if len(rounds) > 1:  # the table and its read-limit fractions are one round's, not medians
+        table = (
+            f"Round 1 of {len(rounds)} (the round with the concurrent runs); the decode ratios per"
+            " prompt further down are medians over all rounds.\n\n" + table
+        )
     print(table)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")

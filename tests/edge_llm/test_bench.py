@@ -148,10 +148,14 @@ def test_three_chats_rounds_and_answers(
 
     argv = ["bench", "--bundle", str(tiny_fused_variants), "--runs", "1", "--new-tokens", "4"]
     argv += ["--batch-sizes", "1,2", "--long-tokens", "50", "--chats", "3", "--rounds", "2"]
-    args = build_parser().parse_args([*argv, "--json", str(tmp_path / "b.json")])
+    args = build_parser().parse_args(
+        [*argv, "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]
+    )
     args.peer_systems = ["llamacpp", "ortgenai"]
     assert bench.run(args, peers=fake_peer) == 0
     report = json.loads((tmp_path / "b.json").read_text())
+    # the table is round 1's (with the concurrent runs), and says so
+    assert (tmp_path / "b.md").read_text().startswith("Round 1 of 2 (the round with the concurrent runs)")
 
     # the same three chat prompts (ChatML turns of CHATS, from the bundle's tokenizer) for everyone
     tok = Tokenizer(load_bundle(tiny_fused_variants))
