@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -89,20 +88,6 @@ def _rss_mib() -> float:
     except ImportError:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_rss_mib() -> float:
-    """This process's high-water RSS. VmHWM belongs to the address space, which exec replaces;
-    getrusage's ru_maxrss survives exec on Linux, so a worker started by a big parent would
-    report the parent's peak instead of its own."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _versions(*dists: str) -> dict[str, str]:
@@ -393,17 +378,12 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
     n_new, runs = int(s["new_tokens"]), int(s["runs"])
     short, long_ = prompts["short"], prompts["long"]
 
-    # The chat prompts whose decode is timed: "short" (the first chat) and any "chatN" the
-    # caller sent (edge_llm/bench.py's chat_keys; this file imports only the standard library).
-    keys = ["short", *sorted(k for k in prompts if k.startswith("chat"))]
+    # The loop this runtime's bench runs too (edge_llm/bench.py imports only the standard library
+    # at module level, so the peer's interpreter can import it from the checkout).
+    sys.path.insert(0, str(REPO_ROOT))
+    from edge_llm.bench import peak_rss_mib, time_chats
+
     load_start = os.getloadavg()[0]
-    for _ in range(int(s["warmup"])):
-        for key in keys:
-            generate(prompts[key], n_new)
-        generate(long_, 1)
-    ttft_short, e2e = [], []
-    decode: dict[str, list[float]] = {key: [] for key in keys}
-    out_ids: dict[str, list[int]] = {}
     busy_runs = 0
     cpu_s = wall_s = 0.0
 
@@ -411,31 +391,21 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
         nonlocal busy_runs
         busy_runs += not _wait_idle(float(s["idle_wait_s"]))
 
-    def timed(fn: Callable[..., Any], *args: Any) -> Any:
-        """Call fn, adding its process CPU time and wall time to the totals."""
+    def timed(ids: list[int], n: int) -> tuple[float, float, list[int]]:
+        """A timed request: after waiting for an idle host, adding its process CPU time and wall
+        time to the totals; a chat must give exactly n_new tokens."""
         nonlocal cpu_s, wall_s
+        gate()
         c, w = time.process_time(), time.perf_counter()
-        out = fn(*args)
+        ttft, total, toks = generate(ids, n)
         cpu_s += time.process_time() - c
         wall_s += time.perf_counter() - w
-        return out
+        if n == n_new and len(toks) != n_new:
+            raise RuntimeError(f"{system} generated {len(toks)} tokens, expected {n_new}")
+        return ttft, total, toks
 
-    for _ in range(runs):
-        for key in keys:  # the chats interleave, so drift hits each alike
-            gate()
-            ttft, total, toks = timed(generate, prompts[key], n_new)
-            if len(toks) != n_new:
-                raise RuntimeError(f"{system} generated {len(toks)} tokens, expected {n_new}")
-            decode[key].append((n_new - 1) / (total - ttft))
-            out_ids[key] = [int(t) for t in toks]
-            if key == "short":
-                ttft_short.append(ttft * 1e3)
-                e2e.append(n_new / total)
-    ttft_long = []
-    for _ in range(runs):
-        gate()
-        ttft_long.append(timed(generate, long_, 1)[0] * 1e3)
-    peak = _peak_rss_mib()
+    chats = time_chats(generate, prompts, n_new, runs, int(s["warmup"]), timed)
+    peak = peak_rss_mib()
     # Timed runs' CPU seconds / (wall seconds x threads): well below 1 means the worker's threads
     # were waiting for cores that other processes held (the figures are then pessimistic).
     cpu_util = cpu_s / max(wall_s * int(s["threads"]), 1e-9)
@@ -452,14 +422,7 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
     return {
         **base,
         "skipped": None,
-        "decode_tok_s": statistics.median(decode["short"]),
-        "decode_tok_s_best": max(decode["short"]),
-        "decode_tok_s_by_prompt": {k: statistics.median(v) for k, v in decode.items()},
-        "decode_tok_s_runs_by_prompt": decode,
-        "output_ids_by_prompt": out_ids,
-        "e2e_tok_s": statistics.median(e2e),
-        "ttft_short_ms": statistics.median(ttft_short),
-        "ttft_long_ms": statistics.median(ttft_long),
+        **chats,
         "prompt_tokens": {"short": len(short), "long": len(long_)},
         "new_tokens": n_new,
         "runs": runs,
@@ -469,16 +432,13 @@ def measure(system: str, model: str, prompts: Prompts, settings: dict[str, Any])
         "loadavg_1min_start": load_start,
         "rss_after_load_mib": rss_load,
         "peak_rss_mib": peak,
-        "peak_rss_with_batch_mib": _peak_rss_mib(),
+        "peak_rss_with_batch_mib": peak_rss_mib(),
         "batch_size": b if batch_runs else None,
         "batch_tok_s": statistics.median(batch_runs) if batch_runs else None,
         "batch_note": batch_note
         or ("generated tokens / wall time incl. prefill, short prompt" if batch_runs else ""),
-        "decode_tok_s_runs": decode["short"],
-        "ttft_short_ms_runs": ttft_short,
-        "ttft_long_ms_runs": ttft_long,
         "batch_tok_s_runs": batch_runs,
-        "first_ids": out_ids["short"][:16],
+        "first_ids": chats["output_ids_by_prompt"]["short"][:16],
         # what one batch-1 decode step reads from this system's own model file; the bench divides
         # decode tok/s x these bytes by the machine's read bandwidth
         "weight_bytes_per_token": info.get("weight_bytes_per_token"),

@@ -21,6 +21,7 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def chat_keys(prompt_ids: dict[str, Any]) -> list[str]:
     return ["short", *sorted(k for k in prompt_ids if k.startswith("chat"))]
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """This process's high-water RSS. VmHWM belongs to the address space, which exec replaces;
     getrusage's ru_maxrss survives exec on Linux, so a worker started by a big parent would
     report the parent's peak instead of its own."""
@@ -113,6 +114,58 @@ def timed_generation(engine: Any, ids: list[int], n_new: int) -> tuple[float, fl
     while not gen.finished:
         engine.step([gen])
     return ttft, time.perf_counter() - t0, gen.generated
+
+
+# One greedy request: (ids, new tokens) -> (ttft_s, total_s, generated ids).
+Generate = Callable[[list[int], int], tuple[float, float, list[int]]]
+
+
+def time_chats(
+    generate: Generate,
+    ids: dict[str, list[int]],
+    n_new: int,
+    runs: int,
+    warmup: int,
+    timed: Generate | None = None,
+) -> dict[str, Any]:
+    """Warm up, then time greedy decode on every chat prompt (`chat_keys`; interleaved, so a shared
+    host's drift hits each alike) and the time to first token of the long prompt: the loop this
+    runtime's bench and every peer's worker (benchmarks/peers_worker.py) share. `timed` (default
+    `generate`) runs the timed requests: a peer's waits for an idle host and CPU-time count.
+    Returns the result fields both report: medians, each run, the last run's ids per prompt."""
+    timed = timed or generate
+    keys = chat_keys(ids)
+    for _ in range(warmup):
+        for key in keys:
+            generate(ids[key], n_new)
+        generate(ids["long"], 1)
+    ttft_short, e2e = [], []
+    decode: dict[str, list[float]] = {key: [] for key in keys}
+    out_ids: dict[str, list[int]] = {}
+    for _ in range(runs):
+        for key in keys:
+            ttft, total, toks = timed(ids[key], n_new)
+            decode[key].append((n_new - 1) / (total - ttft))
+            out_ids[key] = [int(t) for t in toks]
+            if key == "short":
+                ttft_short.append(ttft * 1e3)
+                e2e.append(n_new / total)
+    ttft_long = [timed(ids["long"], 1)[0] * 1e3 for _ in range(runs)]
+    return {
+        "decode_tok_s": statistics.median(decode["short"]),
+        "decode_tok_s_best": max(decode["short"]),
+        # every timed chat prompt ("short" is the first): median tok/s, each run, the ids of the
+        # last run (the bench decodes them to check the systems answer alike)
+        "decode_tok_s_by_prompt": {k: statistics.median(v) for k, v in decode.items()},
+        "decode_tok_s_runs_by_prompt": decode,
+        "output_ids_by_prompt": out_ids,
+        "e2e_tok_s": statistics.median(e2e),
+        "ttft_short_ms": statistics.median(ttft_short),
+        "ttft_long_ms": statistics.median(ttft_long),
+        "decode_tok_s_runs": decode["short"],
+        "ttft_short_ms_runs": ttft_short,
+        "ttft_long_ms_runs": ttft_long,
+    }
 
 
 def concurrent_throughput(engine: Any, ids: list[int], clients: int, n_new: int, tag: str) -> float:
@@ -166,26 +219,10 @@ def measure(
     # 1.32); the concurrent rows from an engine with max(sizes) rows, as `serve` loads.
     engine = Engine(b, options)
     ids = prompt_ids or prompts(engine)
-    keys = chat_keys(ids)
     ttft0, _, _ = timed_generation(engine, ids["short"], 1)
     load_to_first = time.perf_counter() - t0
-    for _ in range(int(s["warmup"])):
-        for key in keys:
-            timed_generation(engine, ids[key], n_new)
-        timed_generation(engine, ids["long"], 1)
-    ttft_short, e2e = [], []
-    decode: dict[str, list[float]] = {key: [] for key in keys}
-    out_ids: dict[str, list[int]] = {}
-    for _ in range(runs):
-        for key in keys:  # the chats interleave, so drift hits each alike
-            ttft, total, toks = timed_generation(engine, ids[key], n_new)
-            decode[key].append((n_new - 1) / (total - ttft))
-            out_ids[key] = [int(t) for t in toks]
-            if key == "short":
-                ttft_short.append(ttft * 1e3)
-                e2e.append(n_new / total)
-    ttft_long = [timed_generation(engine, ids["long"], 1)[0] * 1e3 for _ in range(runs)]
-    peak = _peak_rss_mib()
+    chats = time_chats(lambda p, n: timed_generation(engine, p, n), ids, n_new, runs, int(s["warmup"]))
+    peak = peak_rss_mib()
     decode_graph = engine.runner.graph_name
     applied = engine.runner.plan.provider_options[0]
     if max(sizes, default=1) > 1:
@@ -231,32 +268,20 @@ def measure(
         "kv_bytes_per_token": kv_bytes_per_token,
         # what one batch-1 decode step streams: the limit columns divide by the machine's bandwidth
         "weight_bytes_per_token": weight_bytes_per_token(b.graph_path)["bytes"],
-        "decode_tok_s": statistics.median(decode["short"]),
-        "decode_tok_s_best": max(decode["short"]),
+        **chats,
         "decode_graph": decode_graph,
         "batch_graph": engine.runner.graph_name if sizes else None,
-        # every timed chat prompt ("short" is the first): median tok/s, each run, the ids of the
-        # last run (the bench decodes them to check the systems answer alike)
-        "decode_tok_s_by_prompt": {k: statistics.median(v) for k, v in decode.items()},
-        "decode_tok_s_runs_by_prompt": decode,
-        "output_ids_by_prompt": out_ids,
-        "e2e_tok_s": statistics.median(e2e),
-        "ttft_short_ms": statistics.median(ttft_short),
-        "ttft_long_ms": statistics.median(ttft_long),
         "first_token_after_load_s": load_to_first,
         "ttft_cold_ms": ttft0 * 1e3,
         "prompt_tokens": {"short": len(ids["short"]), "long": len(ids["long"])},
         "new_tokens": n_new,
         "runs": runs,
         "peak_rss_mib": peak,
-        "peak_rss_with_batch_mib": _peak_rss_mib(),
+        "peak_rss_with_batch_mib": peak_rss_mib(),
         "batch_tok_s_by_size": batch,
         "batch_runs": batch_runs,
         "batch_speedup_8": speedup,
-        "decode_tok_s_runs": decode["short"],
-        "ttft_short_ms_runs": ttft_short,
-        "ttft_long_ms_runs": ttft_long,
-        "first_ids": out_ids["short"][:16],
+        "first_ids": chats["output_ids_by_prompt"]["short"][:16],
         "versions": {
             "onnxruntime": onnxruntime.__version__,
             "numpy": numpy.__version__,
