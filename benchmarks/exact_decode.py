@@ -32,18 +32,25 @@ from edge_llm.runner import RunnerOptions  # noqa: E402
 from edge_llm.sampling import SamplingParams  # noqa: E402
 
 
+def greedy_decode(engine: Engine, ids: list[int], n: int) -> tuple[Slot, list[int], list[np.ndarray]]:
+    """Prefill `ids`, then `n` greedy 1-token forwards: (the slot, the tokens fed, the logits of
+    each forward)."""
+    slot = Slot()
+    logits, _ = engine.prefill(ids, slot)
+    tokens, rows = [], []
+    for _ in range(n):
+        tokens.append(int(logits.argmax()))
+        logits = engine.decode_one_token(tokens[-1], slot)
+        rows.append(logits)
+    return slot, tokens, rows
+
+
 def decode_verify_gap(engine: Engine, steps: int = 14, ks: tuple[int, ...] = (2, 3, 7)) -> float:
     """Largest |logit| difference between `engine`'s greedy plain decode (1-token forwards) and
     verify forwards of k tokens over the same tokens from the same state: 0.0 where 1-token
     forwards take the verify's kernel path ([fuse] pad_query_row, [runtime] pad_decode)."""
     ids = engine.encode_request(prompt="The capital of France is")
-    slot = Slot()
-    logits, _ = engine.prefill(ids, slot)
-    tokens, rows = [], []
-    for _ in range(steps):
-        tokens.append(int(logits.argmax()))
-        logits = engine.decode_one_token(tokens[-1], slot)
-        rows.append(logits)
+    _, tokens, rows = greedy_decode(engine, ids, steps)
     gap = 0.0
     for k in ks:
         verify = Slot()

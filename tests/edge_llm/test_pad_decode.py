@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.exact_decode import decode_verify_gap
+from benchmarks.exact_decode import decode_verify_gap, greedy_decode
 from edge_llm import speculate
 from edge_llm.board import RunnerOptions
-from edge_llm.engine import Engine, Slot
+from edge_llm.engine import Engine
 from edge_llm.sampling import SamplingParams
 
 PROMPT = "The capital of France is"
@@ -29,20 +29,9 @@ def padded(tiny_fused_int8: Path) -> Engine:
     return Engine.load(tiny_fused_int8, RunnerOptions(threads=1, speculation="off", pad_decode=True))
 
 
-def _decode(engine: Engine, ids: list[int], n: int) -> tuple[Slot, list[int], list[np.ndarray]]:
-    slot = Slot()
-    logits, _ = engine.prefill(ids, slot)
-    tokens, rows = [], []
-    for _ in range(n):
-        tokens.append(int(logits.argmax()))
-        logits = engine.decode_one_token(tokens[-1], slot)
-        rows.append(logits)
-    return slot, tokens, rows
-
-
 def test_padded_decode_gives_the_verify_forwards_logits_bit_for_bit(padded: Engine) -> None:
     ids = padded.encode_request(prompt=PROMPT)
-    slot = _decode(padded, ids, 14)[0]
+    slot = greedy_decode(padded, ids, 14)[0]
     assert int(slot.cache.lengths[0]) == len(ids) + 14  # the dummy positions were cut off
     assert decode_verify_gap(padded) == 0.0
 
@@ -52,8 +41,8 @@ def test_unpadded_decode_takes_another_kernel_path(tiny_fused_int8: Path, padded
     forward's first row (if a future onnxruntime makes them equal, pad_decode is not needed)."""
     plain = Engine.load(tiny_fused_int8, RunnerOptions(threads=1, speculation="off"))
     ids = plain.encode_request(prompt=PROMPT)
-    rows = _decode(padded, ids, 6)[2]
-    rows_1 = _decode(plain, ids, 6)[2]
+    rows = greedy_decode(padded, ids, 6)[2]
+    rows_1 = greedy_decode(plain, ids, 6)[2]
     assert max(float(np.abs(a - b).max()) for a, b in zip(rows, rows_1, strict=True)) > 0
 
 
