@@ -1,5 +1,4 @@
-"""Blockwise weight encoding for ONNX Runtime's MatMulNBits, and the graph rewrite that uses it
-(plus its per-channel alternative, DynamicQuantizeMatMul: `rewrite_channel_int8`).
+"""Blockwise weight encoding for ONNX Runtime's MatMulNBits, and the graph rewrite that uses it.
 
 In: fp32 weight matrices W [K, N] (MatMul initializers of an ONNX graph). Out: MatMulNBits
 weights — packed unsigned codes [N, K/block, block*bits/8], one fp32 scale per block, optional
@@ -93,24 +92,16 @@ def encode_grid4(w: np.ndarray, block: int = 32) -> NBitsWeight | None:
 
 
 def weight_error(original: np.ndarray, encoded: NBitsWeight) -> dict[str, float]:
-    return error(original, encoded.dequantize(), encoded.bits)
-
-
-def error(original: np.ndarray, computed: np.ndarray, bits: int) -> dict[str, float]:
-    """Relative RMS and max-abs error of the matrix a graph computes with against the original."""
-    diff = computed - original
+    diff = encoded.dequantize() - original
     ref = float((original.astype(np.float64) ** 2).mean())
     return {
-        "bits": bits,
+        "bits": encoded.bits,
         "rel_rms": float(np.sqrt((diff.astype(np.float64) ** 2).mean() / max(ref, 1e-30))),
         "max_abs": float(np.abs(diff).max()),
     }
 
 
 Encoder = Callable[[np.ndarray], NBitsWeight]
-# (MatMul/Gemm node, its weight as [K, N], a name stem) -> (nodes, initializers, error report):
-# what replaces one linear node.
-Replacement = Callable[[Any, np.ndarray, str], tuple[list[Any], list[Any], dict[str, float]]]
 
 
 def rewrite_matmuls(
@@ -123,19 +114,41 @@ def rewrite_matmuls(
     """
     from onnx import helper, numpy_helper
 
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    errors: dict[str, dict[str, float]] = {}
+    new_nodes: list[Any] = []
+    dead: set[str] = set()
     block_sums: dict[tuple[str, int], str] = {}
-
-    def nbits_nodes(node: Any, w: np.ndarray, base: str) -> tuple[list[Any], list[Any], dict[str, float]]:
+    extra_inits: list[Any] = []
+    for node in graph.node:
+        weight = node.input[1] if _is_linear(node) else None
+        init = inits.get(weight) if weight else None
+        if init is None or len(init.dims) != 2 or init.data_type != 1:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(init)
+        if node.op_type == "Gemm":  # transB=1: the weight is stored [N, K] (a tied embedding)
+            w = w.T
         enc = encode(w)
+        errors[weight] = weight_error(w, enc)
+        base = (node.name or weight).strip("/").replace("/", "_")
         names = [f"{base}_q{enc.bits}", f"{base}_scales"]
-        inits = [numpy_helper.from_array(enc.packed, names[0]), numpy_helper.from_array(enc.scales, names[1])]
+        extra_inits += [
+            numpy_helper.from_array(enc.packed, names[0]),
+            numpy_helper.from_array(enc.scales, names[1]),
+        ]
         inputs = [node.input[0], *names]
         if enc.zero_points is not None:
             inputs.append(f"{base}_zp")
-            inits.append(numpy_helper.from_array(enc.zero_points, inputs[-1]))
+            extra_inits.append(numpy_helper.from_array(enc.zero_points, inputs[-1]))
         out = node.output[0] if enc.block_min is None else f"{base}_main"
         level = accuracy_level(node.name) if callable(accuracy_level) else accuracy_level
-        nodes = [
+        new_nodes.append(
             helper.make_node(
                 "MatMulNBits",
                 inputs,
@@ -148,78 +161,13 @@ def rewrite_matmuls(
                 block_size=enc.block,
                 accuracy_level=level,
             )
-        ]
+        )
         if enc.block_min is not None:
-            sums = _block_sums(node.input[0], enc, block_sums, nodes, inits)
+            sums = _block_sums(node.input[0], enc, block_sums, new_nodes, extra_inits)
             mins = f"{base}_block_min"
-            inits.append(numpy_helper.from_array(enc.block_min, mins))
-            nodes.append(helper.make_node("MatMul", [sums, mins], [f"{base}_offset"]))
-            nodes.append(helper.make_node("Add", [out, f"{base}_offset"], [node.output[0]]))
-        return nodes, inits, weight_error(w, enc)
-
-    return replace_linears(model, nbits_nodes)
-
-
-def rewrite_channel_int8(model: Any, reduce_range: bool) -> dict[str, dict[str, float]]:
-    """Replace every linear (as `rewrite_matmuls` finds them) by DynamicQuantizeMatMul, in place:
-    int8 weights with one scale per output channel (symmetric, +-127, or +-64 with
-    `reduce_range` as onnxruntime's quantizer does), activations quantized to uint8 per tensor at
-    run time inside the op. Written directly (not through ORT's quantizer and its optimizer), so
-    the graph runs it as one node at any optimization level. Returns the per-weight error report.
-    """
-    from onnx import helper, numpy_helper
-
-    levels = 64 if reduce_range else 127
-
-    def channel_nodes(node: Any, w: np.ndarray, base: str) -> tuple[list[Any], list[Any], dict[str, float]]:
-        scale = np.abs(w).max(axis=0) / levels
-        scale[scale == 0] = 1.0
-        codes = np.clip(np.rint(w / scale), -levels, levels).astype(np.int8)
-        inits = [
-            numpy_helper.from_array(codes, f"{base}_q8c"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale"),
-        ]
-        op = helper.make_node(
-            "DynamicQuantizeMatMul",
-            [node.input[0], f"{base}_q8c", f"{base}_scale"],
-            [node.output[0]],
-            name=f"{node.name}_dqmm",
-            domain="com.microsoft",
-        )
-        return [op], inits, error(w, codes.astype(np.float32) * scale, 8)
-
-    return replace_linears(model, channel_nodes)
-
-
-def replace_linears(model: Any, replacement: Replacement) -> dict[str, dict[str, float]]:
-    """Run `replacement` on every linear node with a 2-D fp32 initializer weight, in place; drop
-    weights no node reads any more. Returns {weight name: error report}."""
-    from onnx import numpy_helper
-
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    errors: dict[str, dict[str, float]] = {}
-    new_nodes: list[Any] = []
-    dead: set[str] = set()
-    extra_inits: list[Any] = []
-    for node in graph.node:
-        weight = node.input[1] if _is_linear(node) else None
-        init = inits.get(weight) if weight else None
-        if init is None or len(init.dims) != 2 or init.data_type != 1:
-            new_nodes.append(node)
-            continue
-        w = numpy_helper.to_array(init)
-        if node.op_type == "Gemm":  # transB=1: the weight is stored [N, K] (a tied embedding)
-            w = w.T
-        nodes, new_inits, errors[weight] = replacement(
-            node, w, (node.name or weight).strip("/").replace("/", "_")
-        )
-        new_nodes += nodes
-        extra_inits += new_inits
+            extra_inits.append(numpy_helper.from_array(enc.block_min, mins))
+            new_nodes.append(helper.make_node("MatMul", [sums, mins], [f"{base}_offset"]))
+            new_nodes.append(helper.make_node("Add", [out, f"{base}_offset"], [node.output[0]]))
         uses[weight] -= 1
         if uses[weight] == 0:
             dead.add(weight)

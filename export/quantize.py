@@ -7,11 +7,6 @@ Modes (`QuantizeConfig.mode`), each for a target:
 - "grid" (CPU): lossless re-encoding of weights that already sit on a GGUF grid (Q4_1 -> 4-bit
   codes + block offsets, Q8_0 -> int8); anything off-grid falls back to "int8". For a GGUF source
   this keeps the source model's exact weights (see `export/nbits.py`).
-- "channel" (CPU, fused or optimum graph): int8 weights with one scale per output channel in
-  onnxruntime's DynamicQuantizeMatMul (activations quantized to uint8 per tensor at run time,
-  u8 x s8 GEMM; export/nbits.py `rewrite_channel_int8`). Its cost grows less with the rows of a
-  step than MatMulNBits' (benchmarks/gemm_shapes.py), but one scale per tensor means a row's
-  output depends on the other rows of its forward (batch rows, speculative verify tokens).
 - "dynamic" (CPU, any ORT build): `onnxruntime.quantization.quantize_dynamic`, MatMul weights
   int8 per output channel, activations quantized at run time (MatMulInteger / DynamicQuantize).
 - "qdq" (NPUs, e.g. QNN HTP): `quantize_static` in QDQ format, uint8 activations with ranges
@@ -43,7 +38,7 @@ from export import nbits
 from export.stage import Artifact, Stage
 
 log = logging.getLogger(__name__)
-MODES = ("none", "int8", "grid", "channel", "dynamic", "qdq")
+MODES = ("none", "int8", "grid", "dynamic", "qdq")
 REPORT = "quantize.json"
 QDQ_NOTES = (
     "QDQ graph with dynamic shapes, calibrated as prefill (past length 0) with MinMax ranges from "
@@ -54,7 +49,7 @@ QDQ_NOTES = (
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    mode: Literal["none", "int8", "grid", "channel", "dynamic", "qdq"] = "int8"
+    mode: Literal["none", "int8", "grid", "dynamic", "qdq"] = "int8"
     block_size: int = 64  # SmolLM2: ppl 1.006x fp32 at 72% of block 16's per-token time (configs/recipes)
     # 4: int8 activations x n-bit weights inside the kernel; on x86 CPUs levels 1-3 run a slow
     # dequantize-then-fp32 path (measured ~5x slower per token on SmolLM2).
@@ -64,7 +59,7 @@ class QuantizeConfig:
     # 74 correct QA answers on SmolLM2 (benchmarks/quant_qa.py), and not every MatMul need pay
     # the slow path to win them back.
     exact_activations: tuple[str, ...] = ()
-    # "auto": int8 with the CPU contrib-op modes (int8, grid, channel), fp32 with the others (none, and
+    # "auto": int8 with the CPU weight-only modes (int8, grid), fp32 with the others (none, and
     # the standard-op graphs that ORT's quantizers and NPUs take). SmolLM2, int8 block 64: bundle
     # 249 -> 170 MB, ppl 19.870 -> 19.887 (fp32 19.752), same decode speed and peak RSS (ORT maps
     # the table's pages in as rows are read, so the fp32 table was mostly not resident anyway).
@@ -75,7 +70,7 @@ class QuantizeConfig:
     calib_tokens: int = 1024
     calib_seq_len: int = 128
     activation_bits: int = 8  # qdq: 8 (uint8) or 16 (uint16, "A16W8", what QNN HTP runs LLMs with)
-    # channel, dynamic, and qdq with 8-bit activations: 7-bit weights. On x86 CPUs without VNNI (AVX2 only)
+    # dynamic, and qdq with 8-bit activations: 7-bit weights. On x86 CPUs without VNNI (AVX2 only)
     # ORT's u8 x s8 kernels add pairs of products in int16, which saturates with full-range
     # weights: a tiny Llama's logits were off by 0.43 on average with 8-bit weights on such a
     # host and within the fp32 tolerance on an AVX-512 VNNI host. false: full 8-bit weights for
@@ -99,7 +94,7 @@ def embeddings(config: QuantizeConfig) -> Literal["fp32", "int8"]:
     """The token-embedding format `config` asks for, "auto" resolved by mode."""
     if config.embeddings != "auto":
         return config.embeddings
-    return "int8" if config.mode in ("int8", "grid", "channel") else "fp32"
+    return "int8" if config.mode in ("int8", "grid") else "fp32"
 
 
 @dataclass(frozen=True)
@@ -143,19 +138,6 @@ def run(
                 "block_size": config.block_size,
                 "accuracy_level": config.accuracy_level,
                 **({"exact_activations": list(config.exact_activations)} if config.exact_activations else {}),
-            }
-        elif config.mode == "channel":
-            users = _weight_users(model)
-            errors = nbits.rewrite_channel_int8(model, config.reduce_range)
-            errors = {users.get(w, w): e for w, e in errors.items()}
-            if not errors:
-                raise ExportError(f"{model_path}: no MatMul with a constant weight to quantize")
-            method = {
-                "method": "dynamic_quantize_matmul",
-                "mode": "channel",
-                "weights": "int8 per output channel",
-                "activations": "uint8 per tensor at run time",
-                "reduce_range": config.reduce_range,
             }
     if embeddings(config) == "int8":
         errors |= quantize_embeddings(model, config.block_size)

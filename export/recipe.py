@@ -67,7 +67,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.static is not None and (
-            self.to_onnx.graph == "fused" or self.quantize.mode in ("int8", "grid", "channel")
+            self.to_onnx.graph == "fused" or self.quantize.mode in ("int8", "grid")
         ):
             raise ValueError(
                 "[static] fixes the shapes of an optimum graph of standard ops: it needs to_onnx.graph "

@@ -33,7 +33,6 @@ VERIFIED_ORT = ("1.20.1", "1.21.1", "1.22.1", "1.23.2", "1.31.1", "1.32.0")
 OP_MIN_ORT: dict[str, str] = {
     "com.microsoft:GroupQueryAttention": "1.23.2",  # 9 inputs: rotary inside, shared KV buffer
     "com.microsoft:MatMulNBits": "1.23.2",  # bits 8, accuracy_level 4
-    "com.microsoft:DynamicQuantizeMatMul": "1.23.2",  # quantize mode "channel"
     "com.microsoft:GatherBlockQuantized": "1.23.2",  # with `bits`: 1.22.1 refuses the attribute
     "com.microsoft:SkipSimplifiedLayerNormalization": "1.23.2",
     "com.microsoft:QuickGelu": "1.23.2",

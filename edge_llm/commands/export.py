@@ -10,7 +10,7 @@ from typing import Any
 
 from edge_llm.errors import ConfigError
 
-QUANT_MODES = ("int8", "grid", "channel", "dynamic", "qdq", "none")
+QUANT_MODES = ("int8", "grid", "dynamic", "qdq", "none")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
