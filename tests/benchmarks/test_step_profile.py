@@ -23,3 +23,8 @@ def test_profile_by_operator(tiny_fused_variants: Path, tmp_path: Path) -> None:
     assert "| GroupQueryAttention |" in table and "| all kernels |" in table
     assert not list(Path("/tmp").glob("edge-llm-step-profile-*"))  # profiles removed
     assert len(result["shapes_ms"]["2x3"]) == 2 and "| 2x3 |" in table
+    cpu = step_profile.main(
+        [*argv, "--graph", "ragged", "--shapes", "1x1,2x1", "--rounds", "1", "--clock", "cpu"]
+    )
+    assert cpu["shapes_clock"] == "cpu" and all(v[0] > 0 for v in cpu["shapes_ms"].values())
+    assert "(CPU time of 1 thread)" in out.with_suffix(".md").read_text()
