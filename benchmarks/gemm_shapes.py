@@ -11,6 +11,8 @@ as a decode step does (~140 MB at int8; the L3 cannot hold them between runs). F
 - `nbits8-bB-aL[-h0]`: MatMulNBits 8-bit, blocks of B along K, accuracy_level L, `-h0`: lm_head
   at level 0 (what the quantize stage writes, export/nbits.py `encode_int8`; the default recipe
   is `nbits8-b64-a4-h0`).
+- `nbits4-bB-aL`: MatMulNBits 4-bit, symmetric (no quantize mode writes it; for the kernel's
+  cost by M only).
 - `dynamic` / `dynamic-rr`: the quantize stage's mode "dynamic" (onnxruntime's quantize_dynamic:
   int8 weights per output channel, uint8 activations quantized per tensor at run time;
   MatMulInteger, fused by ORT into DynamicQuantizeMatMul), full 8-bit / reduce_range weights.
@@ -105,9 +107,38 @@ def build(fmt: str, fp32: Path, work: Path) -> Path:
         )
     elif fmt in ("dynamic", "dynamic-rr"):
         cfg = QuantizeConfig(mode="dynamic", reduce_range=fmt == "dynamic-rr")
+    elif fmt.startswith("nbits4-"):
+        return build_4bit(fmt, fp32, work)
     else:
         raise SystemExit(f"unknown format {fmt!r}")
     return quantize(cfg, fp32, work / fmt).model_path
+
+
+def build_4bit(fmt: str, fp32: Path, work: Path) -> Path:
+    """`nbits4-bB-aL`: MatMulNBits 4-bit, symmetric (absmax/7 per block, ORT's default zero point
+    8). No quantize mode writes it (its error is ~8x int8's); here for the kernel's cost by M."""
+    import onnx
+
+    from export import nbits
+    from export.quantize import save
+
+    _, b, a = fmt.split("-")
+    block = int(b[1:])
+
+    def encode(w: np.ndarray) -> nbits.NBitsWeight:
+        blocks = nbits._blocks(w, block)
+        scale = np.abs(blocks).max(axis=-1, keepdims=True) / 7.0
+        scale[scale == 0] = 1.0
+        codes = (np.clip(np.rint(blocks / scale), -8, 7) + 8).astype(np.uint8)
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+        return nbits.NBitsWeight(4, block, *w.shape, packed, scale.reshape(-1), None, None)
+
+    model = onnx.load(str(fp32))
+    nbits.rewrite_matmuls(model, encode, int(a[1:]))
+    out = work / fmt / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save(model, out)
+    return out
 
 
 def feeds(args: argparse.Namespace, m: int) -> dict[str, np.ndarray]:
