@@ -23,8 +23,9 @@ All sessions live in one process and are timed interleaved: each round runs ever
 rounds (on a shared host the best is the steadier of the two). `--clock cpu` times the calling
 thread's CPU time instead of the wall clock, with one intra-op thread (ORT then runs every kernel
 on the calling thread) and no spinning: what the kernels cost in CPU, which other processes on a
-loaded host barely move (they still share the caches and memory bus), where wall-clock figures
-there swing by 2x between runs. onnxruntime's profiler
+loaded host move less than the wall clock (CPU time still counts stalls on the caches and memory
+bus they share; the same format's M = 1 figure moved ~10% between runs here), where wall-clock
+figures there swung by 2x between runs. onnxruntime's profiler
 (one more session per format, run after the timed rounds) splits a run by GEMM shape. Out:
 `benchmarks/results/gemm_shapes.{json,md}` (ms per run, ratio to M = 1, per-shape µs).
 
