@@ -9,7 +9,12 @@ says which kernels grow with the rows of a step and which are paid once per step
 `--shapes` also times whole forwards of those shapes (rows x new tokens, default 1x1, 8x1, 8x2,
 8x4, 1x21) in interleaved rounds (median over rounds of the best of 5): what folding a prompt
 into a batch-8 step costs (8x2, 8x4: two or four tokens per row, padding included) against
-prefilling it alone (1x21) — the figures behind edge_llm/batching.py's defaults.
+prefilling it alone (1x21) — the figures behind edge_llm/batching.py's defaults. `--clock cpu`
+times them in the calling thread's CPU time with one intra-op thread and no spinning (ORT runs
+every kernel on the calling thread): on a host loaded by other jobs the wall clock swings by 2x
+between runs, CPU time less (it still counts the stalls on caches and memory that neighbours
+share). `--against B2 ...` times other bundles' shapes in the same rounds (each round every
+bundle, order alternating), one column pair per bundle.
 
     python benchmarks/step_profile.py BUNDLE [--past 64] [--steps 20] [--graph portable|ragged]
 """
@@ -23,6 +28,8 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +74,14 @@ def profile(bundle: Any, rows: int, past: int, steps: int, options: RunnerOption
 
 
 def shape_times(
-    bundle: Any, options: RunnerOptions, shapes: list[tuple[int, int]], past: int, rounds: int
+    bundle: Any,
+    options: RunnerOptions,
+    shapes: list[tuple[int, int]],
+    past: int,
+    rounds: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """ms per forward of each (rows, tokens) shape over a past of `past`, per round."""
+    """ms per forward of each (rows, tokens) shape over a past of `past`, per round (best of 5)."""
     runner = SharedRunner(bundle, options)
     if not runner.ragged and any(r > 1 and s > 1 for r, s in shapes):
         raise SystemExit("several tokens per row over a past need the query_seqlens graph (--graph ragged)")
@@ -81,9 +93,9 @@ def shape_times(
         for r, s in shapes if k % 2 == 0 else shapes[::-1]:
             best = float("inf")
             for _ in range(5):
-                t = time.perf_counter()
+                t = clock()
                 runner.forward_rows(np.full((r, s), 5, np.int64), cache, 0)
-                best = min(best, time.perf_counter() - t)
+                best = min(best, clock() - t)
                 cache.lengths[:r] -= s
             out[f"{r}x{s}"].append(1e3 * best)
     return out
@@ -98,6 +110,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--graph", choices=("portable", "ragged"), default="portable")
     ap.add_argument("--shapes", default="", help="also time forwards: e.g. 1x1,8x1,8x2,8x4,1x21")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --shapes")
+    ap.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="--shapes: cpu = 1 thread's CPU time"
+    )
+    ap.add_argument(
+        "--against",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="--shapes: also these bundles, interleaved by round",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_profile")
     args = ap.parse_args(argv)
     bundle = load_bundle(args.bundle)
@@ -127,17 +149,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if args.shapes:
         shapes = [(int(a), int(b)) for a, b in (x.split("x") for x in args.shapes.split(","))]
-        times = shape_times(bundle, options, shapes, args.past, args.rounds)
-        result["shapes_ms"] = times
-        base = statistics.median(times[f"{shapes[0][0]}x{shapes[0][1]}"])
+        run_opts = replace(options, threads=1, spin=False) if args.clock == "cpu" else options
+        clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        others = [load_bundle(b) for b in args.against]
+        if not others:
+            times = shape_times(bundle, run_opts, shapes, args.past, args.rounds, clock)
+            per_bundle = [times]
+        else:  # round by round, every bundle's shapes before the next round of any (order alternating)
+            per_bundle = [{f"{r}x{s}": [] for r, s in shapes} for _ in range(1 + len(others))]
+            for k in range(args.rounds):
+                order = list(enumerate([bundle, *others]))
+                for i, b in order if k % 2 == 0 else order[::-1]:
+                    for key, v in shape_times(b, run_opts, shapes, args.past, 1, clock).items():
+                        per_bundle[i][key] += v
+            times = per_bundle[0]
+            result["against"] = {str(b): t for b, t in zip(args.against, per_bundle[1:], strict=True)}
+        result["shapes_ms"], result["shapes_clock"] = times, args.clock
         lines += [
             "",
-            f"Whole forwards over a past of {args.past}, median of {args.rounds} interleaved rounds:",
+            f"Whole forwards over a past of {args.past}, median of {args.rounds} interleaved rounds"
+            + (" (CPU time of 1 thread):" if args.clock == "cpu" else ":"),
             "",
         ]
-        lines += ["| rows x tokens | ms | vs first |", "|---|---:|---:|"]
-        for key, ms in times.items():
-            lines.append(f"| {key} | {statistics.median(ms):.2f} | {statistics.median(ms) / base:.2f} |")
+        names = [args.bundle.name, *(b.name for b in args.against)]
+        lines += [
+            "| rows x tokens | " + " | ".join(f"{n} ms | vs first" for n in names) + " |",
+            "|---|" + "---:|---:|" * len(names),
+        ]
+        first = f"{shapes[0][0]}x{shapes[0][1]}"
+        for key in times:
+            cells = []
+            for t in per_bundle:
+                ms = statistics.median(t[key])
+                cells.append(f"{ms:.2f} | {ms / statistics.median(t[first]):.2f}")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
     write_results(args.out, result, lines)
     print("\n".join(lines))
     return result
