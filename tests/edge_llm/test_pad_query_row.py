@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from benchmarks.exact_decode import decode_verify_gap
+from benchmarks.exact_decode import batched_then_alone, decode_verify_gap
 from edge_llm import speculate
 from edge_llm.board import RunnerOptions
 from edge_llm.bundle import (
@@ -32,7 +32,7 @@ from edge_llm.bundle import (
     version_tuple,
     write_manifest,
 )
-from edge_llm.engine import Engine, Generation, Slot
+from edge_llm.engine import Engine, Slot
 from edge_llm.errors import BundleError, ContextLengthError
 from edge_llm.sampling import SamplingParams
 from tests.conftest import export_bundle, run_python, tiny_draft_config
@@ -352,9 +352,10 @@ def test_the_portable_padded_graph_batches_unless_always_padded(
 def test_a_row_that_speculates_once_alone_keeps_plain_tokens_after_batched_steps(
     tiny_fused_padded: Path, rows: int, kv: str, graph: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What serve does: a long request shares unpadded batched steps with a short one, then runs
-    alone, padded, and speculates (rows of a wider batch never do). Greedy prompt-lookup
-    speculation gives plain decoding's tokens under the same schedule, token for token."""
+    """What serve does (`batched_then_alone`): a long request shares unpadded batched steps with a
+    short one, then runs alone, padded, and speculates (rows of a wider batch never do). Greedy
+    prompt-lookup speculation gives plain decoding's tokens under the same schedule, token for
+    token (benchmarks/exact_decode.py checks the same on SmolLM2)."""
     engines = [
         _engine(tiny_fused_padded, 2, kv, ragged=graph != "model.onnx", **spec)
         for spec in ({}, {"speculation": "lookup", "prompt_lookup": 4})
@@ -370,16 +371,10 @@ def test_a_row_that_speculates_once_alone_keeps_plain_tokens_after_batched_steps
             return _f(tokens, *a, **k)  # type: ignore[operator]
 
         monkeypatch.setattr(engine.runner, "forward_rows", spy)
-        cache = engine.batch_cache(2)
         ids = engine.encode_request(prompt=PROMPT)
-        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 8)]
-        seqs = [Generation(engine, ids, p, engine.attach(Slot(), cache, r)) for r, p in enumerate(params)]
-        engine.start_all(seqs)
-        while not seqs[0].finished:
-            engine.step([q for q in seqs if not q.finished])
-        runs.append(seqs[0])
+        runs.append(batched_then_alone(engine, ids, SamplingParams(max_tokens=40, ignore_eos=True), 8))
         # The second (speculating) run drafts the plain run's tokens, every third one wrong.
-        monkeypatch.setattr(speculate, "lookup_draft", drafts_from(list(seqs[0].generated), len(ids)))
+        monkeypatch.setattr(speculate, "lookup_draft", drafts_from(list(runs[0].generated), len(ids)))
     plain, spec = runs
     assert spec.generated == plain.generated and len(plain.generated) == 40
     assert spec.verifies > 0 and spec.accepted > 0
