@@ -341,7 +341,10 @@ class SharedRunner(_SessionRunner):
         # one row, where speculation runs and plain decoding must take the verify's kernel path;
         # batched steps run unpadded (the dummy cost ~9% of 8-stream throughput).
         self.pad_switch = PAD_INPUT in bundle.graph.inputs
-        if self.kv_spare and not self.ragged and not self.pad_switch:
+        # [runtime] pad_batches: forwards of several rows padded too (greedy output independent
+        # of batching), as every forward of a bundle padded before the switch is.
+        self.pad_rows = self.pad_switch and options.pad_batches
+        if self.kv_spare and not self.ragged and (self.pad_rows or not self.pad_switch):
             # An always-padded graph (exported before the switch) decodes 2 query rows per
             # sequence, and GroupQueryAttention without query_seqlens refuses S > 1 over a past
             # for more than one row: such a graph runs one sequence at a time (its ragged graph,
@@ -351,7 +354,8 @@ class SharedRunner(_SessionRunner):
                 log.warning(
                     "%s pads its attention ([fuse] pad_query_row) and %s has no query_seqlens input:"
                     " one sequence at a time (max_batch %d not used); batching needs the bundle's"
-                    " ragged graph (onnxruntime >= 1.32) or a bundle re-exported by edge-llm >= 0.3.0",
+                    " ragged graph (onnxruntime >= 1.32), or [runtime] pad_batches = false on a bundle"
+                    " exported by edge-llm >= 0.3.0",
                     bundle.path.name, self.graph_name, options.max_batch,
                 )  # fmt: skip
 
@@ -421,7 +425,7 @@ class SharedRunner(_SessionRunner):
             news = np.full(rows, steps, np.int32) if counts is None else counts.astype(np.int32)
             binding.bind_cpu_input("query_seqlens", news)
         if self.pad_switch:
-            binding.bind_cpu_input(PAD_INPUT, np.array(int(rows == 1), np.int32))
+            binding.bind_cpu_input(PAD_INPUT, np.array(int(rows == 1 or self.pad_rows), np.int32))
         self.session.run_with_iobinding(binding)
         self.profiled()
         cache.lengths[first : first + rows] = total if advance is None else np.where(advance, total, lengths)

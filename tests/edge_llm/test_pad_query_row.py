@@ -380,3 +380,31 @@ def test_a_row_that_speculates_once_alone_keeps_plain_tokens_after_batched_steps
     assert spec.verifies > 0 and spec.accepted > 0
     assert (2, 1) in shapes  # batched 1-token steps of both rows ...
     assert any(r == 1 and s > 2 for r, s in shapes)  # ... and verifies of the lone row
+
+
+def test_pad_batches_pads_forwards_of_several_rows_as_before(tiny_fused_padded: Path, tmp_path: Path) -> None:
+    """[runtime] pad_batches: batched steps padded too, the logits of a bundle padded before the
+    switch bit for bit (and not those of the default, unpadded batched steps); on the portable
+    graph padded rows cannot share a forward over a past, so it serves one row at a time."""
+    old = always_padded(tiny_fused_padded, tmp_path / "always-padded")
+    assert not _engine(tiny_fused_padded, 4, ragged=False, pad_batches=True).can_batch
+    if not RAGGED_ORT:
+        return
+    engines = [
+        _engine(tiny_fused_padded, 2, pad_batches=True),
+        _engine(old, 2),
+        _engine(tiny_fused_padded, 2),
+    ]
+    assert [e.runner.graph_name for e in engines] == ["model.ragged.onnx"] * 3
+    rng = np.random.default_rng(2)
+    caches = [e.runner.empty(2) for e in engines]
+    tokens, counts = rng.integers(3, 380, (2, 24)), np.array([24, 13])
+    for e, c in zip(engines, caches, strict=True):
+        e.runner.forward_rows(tokens, c, 0, counts=counts)
+    unequal = 0
+    for _ in range(6):  # batched 1-token steps over the two pasts
+        tokens = rng.integers(3, 380, (2, 1))
+        padded, before, default = (e.runner.forward(tokens, c) for e, c in zip(engines, caches, strict=True))
+        assert np.array_equal(padded, before)
+        unequal += not np.array_equal(padded, default)
+    assert unequal > 0  # fp32 KV: the unpadded 1-row path differs in the last bits
