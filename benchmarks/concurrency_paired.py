@@ -17,7 +17,12 @@ and also reports the median time to first token. `ragged:N` runs the ragged grap
 padding budget of N token-rows per step (`[runtime] fold_padding`; 0: one prompt token per step, no
 padding).
 
-    python benchmarks/concurrency_paired.py BUNDLE [--rounds 4] [--new-tokens 128] [--graphs ragged]
+Several bundles (e.g. the same recipe exported two ways) run in the same interleaved rounds, each
+on each graph of `--graphs` (labels `<folder>/<graph>`), and every label's 1- and 8-stream
+throughput is also given as a ratio to the first label's, per round and as the median.
+
+    python benchmarks/concurrency_paired.py BUNDLE [BUNDLE ...] [--rounds 4] [--new-tokens 128]
+        [--graphs ragged]
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ def staggered(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
+    ap.add_argument("bundles", type=Path, nargs="+", metavar="bundle")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -87,27 +92,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--stagger", type=int, default=0, help="decode steps between arrivals (0: all at once)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/concurrency_paired")
     args = ap.parse_args(argv)
-    bundle = load_bundle(args.bundle)
+    args.bundle = args.bundles[0]
     graphs = [g.strip() for g in args.graphs.split(",") if g.strip()]
     if not graphs or any(g.split(":")[0] not in ("portable", "ragged", "auto") for g in graphs):
         raise SystemExit("--graphs: a comma list of portable, ragged, ragged:PADDING (or auto)")
+    if len({p.name for p in args.bundles}) < len(args.bundles):
+        raise SystemExit("bundles: give folders of different names (they label the results)")
     engines = {}
-    for g in graphs:
-        ragged = g != "portable"  # the ragged graph with folding on (prompts up to 64 tokens)
-        padding = int(g.split(":")[1]) if ":" in g else 0  # the fold's padding budget
-        options = RunnerOptions(
-            threads=args.threads, max_batch=8, ragged=ragged, fold_max=64 if ragged else 0,
-            fold_padding=padding,
-        )  # fmt: skip
-        engine = Engine(bundle, options)
-        label = "ragged" if engine.runner.ragged else "portable"
-        if ":" in g and label == "ragged":
-            label = g
-        if g.startswith("ragged") and not engine.runner.ragged:
-            raise SystemExit(
-                f"{args.bundle}: no query_seqlens graph this onnxruntime runs ([fuse] query_seqlens)"
-            )
-        engines[label] = engine
+    for path in args.bundles:
+        bundle = load_bundle(path)
+        for g in graphs:
+            ragged = g != "portable"  # the ragged graph with folding on (prompts up to 64 tokens)
+            padding = int(g.split(":")[1]) if ":" in g else 0  # the fold's padding budget
+            options = RunnerOptions(
+                threads=args.threads, max_batch=8, ragged=ragged, fold_max=64 if ragged else 0,
+                fold_padding=padding,
+            )  # fmt: skip
+            engine = Engine(bundle, options)
+            label = "ragged" if engine.runner.ragged else "portable"
+            if ":" in g and label == "ragged":
+                label = g
+            if g.startswith("ragged") and not engine.runner.ragged:
+                raise SystemExit(
+                    f"{path}: no query_seqlens graph this onnxruntime runs ([fuse] query_seqlens)"
+                )
+            engines[f"{path.name}/{label}" if len(args.bundles) > 1 else label] = engine
     graphs = list(engines)
     ids = bench.prompts(engines[graphs[0]])["short"]
     log: list[tuple[tuple[int, ...], float]] = []
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(g, size, runs[g][size][-1], flush=True)
     result: dict[str, Any] = {
         "bundle": str(args.bundle),
+        "bundles": [str(p) for p in args.bundles],
         "graphs": graphs,
         "stagger": args.stagger,
         "runs": runs,
@@ -180,13 +190,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "step_ratio_8_per_round": steps,
         }
     first = graphs[0]
+    # Each label against the first, round by round (the same round ran both, interleaved).
+    result["vs_first"] = {
+        g: {
+            f"tok_s_{size}_ratio_per_round": [
+                b["tok_s"] / a["tok_s"] for a, b in zip(runs[first][size], runs[g][size], strict=True)
+            ]
+            for size in (1, 8)
+        }
+        for g in graphs[1:]
+    }
+    for ratios in result["vs_first"].values():
+        for size in (1, 8):
+            ratios[f"tok_s_{size}_ratio_median"] = statistics.median(ratios[f"tok_s_{size}_ratio_per_round"])
     # kept at the top level for readers of earlier results (the first graph's figures)
     result["speedup_8_median"] = result[first]["speedup_8_median"]
     result["speedup_8_per_round"] = result[first]["speedup_8_per_round"]
     result["cpu"] = bench.cpu_info()
     arrive = f"arriving {args.stagger} decode steps apart" if args.stagger else "submitted at once"
     lines = [
-        f"`{args.bundle.name}`, {args.threads} threads, {len(ids)}-token prompt, {args.new_tokens} new "
+        f"{', '.join(f'`{p.name}`' for p in args.bundles)}, {args.threads} threads, "
+        f"{len(ids)}-token prompt, {args.new_tokens} new "
         f"tokens, 8 requests {arrive}; graphs: {', '.join(graphs)}.",
         "",
         "| round | graph | 1 stream tok/s | 8 streams tok/s | 8/1 | prefill forwards (8) "
@@ -211,6 +235,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines.append("")
     for g in graphs:
         lines.append(f"Median 8/1 ({g}): {result[g]['speedup_8_median']:.2f}")
+    for g, ratios in result["vs_first"].items():
+        lines.append(
+            f"{g} / {first}: 1 stream x{ratios['tok_s_1_ratio_median']:.3f}, 8 streams "
+            f"x{ratios['tok_s_8_ratio_median']:.3f} (medians of per-round ratios; 8 streams per round "
+            + " / ".join(f"{x:.2f}" for x in ratios["tok_s_8_ratio_per_round"])
+            + ")"
+        )
     write_results(args.out, result, lines)
     print("\n".join(lines))
     return result

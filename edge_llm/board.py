@@ -43,6 +43,12 @@ class RunnerOptions:
     # runs the kernel path a speculative verify runs, so greedy speculation gives plain
     # decoding's output bit for bit (edge_llm/speculate.py). Costs a wider forward per token.
     pad_decode: bool = False
+    # On a bundle padded behind `query_pad` ([fuse] pad_query_row): also pad forwards of several
+    # rows. Off, batched steps run unpadded (the dummy cost ~9% of 8-stream throughput) and a
+    # request's greedy output can differ, at a near-tie, between steps batched and alone; on, it
+    # does not (speculation is exact either way). Without the query_seqlens graph, padded rows
+    # cannot share a forward over a past: on, the portable graph serves one row at a time.
+    pad_batches: bool = False
     # Memory budget in MB (0: none). `edge_llm.memory.plan_memory` derives max_batch,
     # max_context, prefill_chunk and [sessions] max_live from it (the configured values are upper
     # limits) and refuses at start-up a budget the bundle cannot fit.

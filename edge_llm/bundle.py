@@ -51,6 +51,11 @@ OPTIONAL_FILES = frozenset({"report.json", "report.md", "report.png"})
 PORTABLE_CPU_ORT = "1.23.2"
 # The first runtime that reads `graph.kv_spare`: a bundle with kv_spare > 0 requires it.
 KV_SPARE_RUNTIME = "0.2.0"
+# The padded graph's switch (export/variants.py `pad_query_row`): an int32 scalar input, 1 = every
+# GroupQueryAttention node gets a dummy query row, 0 = none. The first runtime that feeds it is
+# PAD_SWITCH_RUNTIME: a bundle whose graph has the input requires it (older ones would not feed it).
+PAD_INPUT = "query_pad"
+PAD_SWITCH_RUNTIME = "0.3.0"
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,8 @@ class GraphSpec:
     # A runtime that predates it runs such a graph correctly until a sequence fills its buffer,
     # where onnxruntime refuses the forward (GQA's present shape) instead of a clean "context full":
     # so the export also sets `requirements.edge_llm` to KV_SPARE_RUNTIME, and those refuse it.
+    # Since PAD_SWITCH_RUNTIME the dummy is switched by the graph input PAD_INPUT (in `inputs`):
+    # the runtime pads forwards of one row (where speculation runs) and not batched ones.
     kv_spare: int = 0
 
 

@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from edge_llm import plugin_eps
 from edge_llm.board import RunnerOptions
-from edge_llm.bundle import Bundle, check_graph_io, check_requirements, choose_graph
+from edge_llm.bundle import PAD_INPUT, Bundle, check_graph_io, check_requirements, choose_graph
 from edge_llm.errors import BundleError, ContextLengthError
 from edge_llm.providers import ProviderPlan, placement_from_profile, plan_providers, with_bundle_defaults
 
@@ -337,16 +337,25 @@ class SharedRunner(_SessionRunner):
         past_type = {i.name: i.type for i in self.session.get_inputs()}[self.past_names[0]]
         self.kv_dtype = np.dtype(_KV_TYPES.get(past_type, np.float32))
         self.kv_spare = bundle.graph.kv_spare
-        if self.kv_spare and not self.ragged:
-            # A padded graph's decode step is 2 query rows per sequence, and GroupQueryAttention
-            # without query_seqlens refuses S > 1 over a past for more than one row: such a graph
-            # runs one sequence at a time (the ragged graph, onnxruntime >= 1.32, batches).
+        # The padded graph's switch (export/variants.py): the dummy query row only in forwards of
+        # one row, where speculation runs and plain decoding must take the verify's kernel path;
+        # batched steps run unpadded (the dummy cost ~9% of 8-stream throughput).
+        self.pad_switch = PAD_INPUT in bundle.graph.inputs
+        # [runtime] pad_batches: forwards of several rows padded too (greedy output independent
+        # of batching), as every forward of a bundle padded before the switch is.
+        self.pad_rows = self.pad_switch and options.pad_batches
+        if self.kv_spare and not self.ragged and (self.pad_rows or not self.pad_switch):
+            # An always-padded graph (exported before the switch) decodes 2 query rows per
+            # sequence, and GroupQueryAttention without query_seqlens refuses S > 1 over a past
+            # for more than one row: such a graph runs one sequence at a time (its ragged graph,
+            # onnxruntime >= 1.32, batches; a graph with the switch batches unpadded).
             self.batches = False
             if options.max_batch > 1:
                 log.warning(
                     "%s pads its attention ([fuse] pad_query_row) and %s has no query_seqlens input:"
                     " one sequence at a time (max_batch %d not used); batching needs the bundle's"
-                    " ragged graph (onnxruntime >= 1.32) or a bundle exported with pad_query_row = false",
+                    " ragged graph (onnxruntime >= 1.32), or [runtime] pad_batches = false on a bundle"
+                    " exported by edge-llm >= 0.3.0",
                     bundle.path.name, self.graph_name, options.max_batch,
                 )  # fmt: skip
 
@@ -415,6 +424,8 @@ class SharedRunner(_SessionRunner):
         if self.ragged:
             news = np.full(rows, steps, np.int32) if counts is None else counts.astype(np.int32)
             binding.bind_cpu_input("query_seqlens", news)
+        if self.pad_switch:
+            binding.bind_cpu_input(PAD_INPUT, np.array(int(rows == 1 or self.pad_rows), np.int32))
         self.session.run_with_iobinding(binding)
         self.profiled()
         cache.lengths[first : first + rows] = total if advance is None else np.where(advance, total, lengths)

@@ -20,6 +20,8 @@ from edge_llm import chat
 from edge_llm.bundle import (
     FORMAT_VERSION,
     KV_SPARE_RUNTIME,
+    PAD_INPUT,
+    PAD_SWITCH_RUNTIME,
     Architecture,
     Bundle,
     GraphSpec,
@@ -145,8 +147,9 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
                     set(inputs.layout.get("variants", {})),
                 ),
                 # Runtimes before KV_SPARE_RUNTIME ignore graph.kv_spare and overrun the KV
-                # buffer when a sequence fills it: they must refuse the bundle instead.
-                edge_llm=KV_SPARE_RUNTIME if inputs.layout.get("kv_spare", 0) > 0 else "",
+                # buffer when a sequence fills it; runtimes before PAD_SWITCH_RUNTIME do not feed
+                # the padded graph's switch: they must refuse the bundle instead.
+                edge_llm=runtime_needed(graph_inputs, inputs.layout.get("kv_spare", 0)),
             ),
             provider_options=targets.provider_options(inputs.target),
         )
@@ -175,3 +178,10 @@ def _requirements_fields(
         if version_tuple(need["onnxruntime"]) > version_tuple(req["onnxruntime"]):
             extra[name] = need["onnxruntime"]
     return {**req, "contrib_ops": tuple(sorted(ops)), "graphs": extra}
+
+
+def runtime_needed(graph_inputs: tuple[str, ...], kv_spare: int) -> str:
+    """bundle.json `requirements.edge_llm`: the first runtime that runs the graph right ("": any)."""
+    if PAD_INPUT in graph_inputs:
+        return PAD_SWITCH_RUNTIME  # feeds the padded graph's switch (and reads kv_spare)
+    return KV_SPARE_RUNTIME if kv_spare > 0 else ""

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_llm.bundle import DraftSpec
+from edge_llm.bundle import PAD_INPUT, DraftSpec
 from edge_llm.errors import ExportError
 from export.hf import special_ids
 from export.onnx_graph import link_or_copy
@@ -138,6 +138,8 @@ class MainGraph:
         }
         if "logits_to_keep" in self.inputs:
             feeds["logits_to_keep"] = np.array(s, np.int64)
+        if PAD_INPUT in self.inputs:  # the padded graph's switch: padded, as the runtime runs a lone row
+            feeds[PAD_INPUT] = np.array(1, np.int32)
         for name, info in self.inputs.items():
             if name.startswith("past_key_values"):
                 shape = info.shape

@@ -15,11 +15,15 @@ rewritten): a variant is a small graph proto whose nodes read the same external 
   different pasts: a newcomer's prompt joins the running rows' decode step. The portable graph
   stays the main one, so the bundle still loads on onnxruntime 1.23.2.
 - `pad_query_row = true`: every GroupQueryAttention node gets one dummy query row after each row's
-  last new token (`pad_query_row`), so a 1-token decode runs the attention kernel's multi-row
-  path, as a k-token speculative verify does. On an int8 graph (MatMulNBits accuracy_level 4)
-  the 1-row path's last-bit difference became logit gaps up to 1.78 on SmolLM2
-  (benchmarks/results/exact_decode.json) and greedy speculation parted from plain decoding;
-  padded, plain decode gives the verify's logits bit for bit (benchmarks/README.md, issue 17).
+  last new token (`pad_query_row`) where the graph input `query_pad` is 1, so a 1-token decode
+  runs the attention kernel's multi-row path, as a k-token speculative verify does. The runtime
+  feeds 1 to forwards of one row (where speculation runs) and 0 to batched ones, which then run
+  as the unpadded graph (no dummy rows: ~9% of 8-stream throughput, and the portable graph can
+  batch again: its GQA refuses 2 query rows over a past for more than one row). On an int8
+  graph (MatMulNBits accuracy_level 4) the 1-row path's last-bit difference became logit gaps up
+  to 1.78 on SmolLM2 (benchmarks/results/exact_decode.json) and greedy speculation parted from
+  plain decoding; padded, plain decode gives the verify's logits bit for bit (benchmarks/README.md,
+  issue 17).
   The dummy's KV lands one past the row's length: the bundle records `graph.kv_spare = 1` and
   the runtime's KV buffers hold one spare position.
 
@@ -37,9 +41,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edge_llm.bundle import PAD_INPUT
 from edge_llm.errors import ExportError
+from export.cache import stable_key
 from export.onnx_graph import link_or_copy
-from export.stage import Artifact, Stage
+from export.stage import Artifact, Stage, chain_key
 from export.text import check_span
 
 GQA = "GroupQueryAttention"
@@ -59,9 +65,10 @@ class FuseOptions:
     calib_span: tuple[float, float] = (0.5, 1.0)
     calib_tokens: int = 4096
     calib_window: int = 1024  # tokens per calibration forward (positions the scales cover)
-    # A dummy query row in every GQA node of every graph: plain decoding equals verify forwards
-    # bit for bit (greedy speculation gives plain decoding's tokens); no measurable cost at batch 1,
-    # ~9% of 8-stream throughput (README, 5 interleaved quiet rounds).
+    # A dummy query row in every GQA node of every graph, behind the graph input `query_pad`: the
+    # runtime pads forwards of one row, so plain decoding equals verify forwards bit for bit
+    # (greedy speculation, which runs on lone rows, gives plain decoding's tokens), and not
+    # batched steps (always padded, 8-stream throughput was ~9% lower; README).
     pad_query_row: bool = False
 
     def __post_init__(self) -> None:
@@ -104,12 +111,20 @@ def add_query_seqlens(model: Any) -> None:
 
 
 PAD = "pad_query_row"  # prefix of the names pad_query_row adds
+# The padded graph's switch is PAD_INPUT, an int32 scalar input: 1 = the dummy row, 0 = none. A
+# required input, not an overridable initializer (a default of 1 would let older runtimes run the
+# graph as before, but onnxruntime warns at every session start that such an initializer is not
+# constant), so a bundle with it requires the runtime that feeds it (`requirements.edge_llm`).
+# Part of the variants stage's cache key when padding: 2 = the dummy behind PAD_INPUT (1: always).
+PAD_VERSION = 2
 
 
 def pad_query_row(model: Any) -> None:
     """Give every GroupQueryAttention node of `model` (a graph written by export/fuse.py, any
-    variant) one dummy query row: a copy of each row's last new token, fed right after it, with
-    GQA's lengths one longer; the dummy's output row is dropped again.
+    variant) one dummy query row where the int32 scalar input `query_pad` (PAD_INPUT) is fed 1:
+    a copy of each row's last new token, fed right after it, with GQA's lengths one longer; the
+    dummy's output row is dropped again. Fed 0, the graph is the unpadded one (the same GQA inputs
+    bit for bit; the index below is then the identity on every real token).
 
     Why: GQA's CPU kernel computes a lone query row (S = 1) on another path than several rows, a
     last-bit difference that int8 activations amplify; with the dummy a decode step has S = 2,
@@ -119,8 +134,13 @@ def pad_query_row(model: Any) -> None:
     position). GQA writes the dummy's KV at position length + new tokens, one past the row, where
     the next forward overwrites it: the KV buffer needs one spare position (bundle.json
     `graph.kv_spare`). The rotary tables get one more row, a copy of the last: only a dummy, whose
-    KV is never read, can sit at position max_context, and a sequence may still fill it."""
-    from onnx import helper, numpy_helper
+    KV is never read, can sit at position max_context, and a sequence may still fill it.
+
+    Why a switch rather than always: the dummy doubles GQA's query rows, which at batch 8 cost
+    ~9% of throughput (README), while speculation, the only thing that needs the verify's path,
+    runs on lone rows; and the portable GQA (no query_seqlens) refuses S > 1 over a past for more
+    than one row, so an always-padded portable graph could not batch at all."""
+    from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
     nodes = list(g.node)
@@ -140,27 +160,30 @@ def pad_query_row(model: Any) -> None:
         added.append(helper.make_node(op_type, inputs, [f"{PAD}/{name}"], name=f"{PAD}/{name}", **attrs))
         return f"{PAD}/{name}"
 
-    one32, one, zero = const("one_i32", 1, np.int32), const("one", 1), const("zero", 0)
+    g.input.append(helper.make_tensor_value_info(PAD_INPUT, TensorProto.INT32, []))
+    pad32 = PAD_INPUT
+    pad = op("Cast", [pad32], "pad_i64", to=TensorProto.INT64)
+    one, zero = const("one", 1), const("zero", 0)
     axes = [const(f"axes_{i}", [i]) for i in range(3)]
     # The fuse stage's seq_len is a [1] tensor (its index constant is [1]); Range wants scalars.
     seq = op("Reshape", [by_name["seq_len"].output[0], const("shape_scalar", np.zeros(0))], "seq")
     rows = op("Reshape", [seq, const("shape_1", [1])], "rows")
-    # Fed position s of row b copies position min(s, qlens_b - 1): [B, S + 1, 1] for GatherND.
+    # Fed position s of row b copies position min(s, qlens_b - 1): [B, S + pad, 1] for GatherND.
     span = op(
         "Unsqueeze",
-        [op("Range", [zero, op("Add", [seq, one], "seq_plus_1"), one], "span"), axes[0]],
+        [op("Range", [zero, op("Add", [seq, pad], "seq_plus_pad"), one], "span"), axes[0]],
         "span_1s",
     )
     last = op("Unsqueeze", [op("Sub", [by_name["qlens_i64"].output[0], one], "last"), axes[1]], "last_b1")
     index = op("Unsqueeze", [op("Min", [span, last], "index_bs"), axes[2]], "index")
     first = nodes[gqa[0]]
     swap = {
-        name: op("Add", [name, one32], f"{role}_plus_1")
+        name: op("Add", [name, pad32], f"{role}_plus_pad")
         for role, name in (("seqlens_k", first.input[5]), ("total", first.input[6]))
     }
     if len(first.input) > QUERY_SEQLENS and first.input[QUERY_SEQLENS]:
         swap[first.input[QUERY_SEQLENS]] = op(
-            "Add", [first.input[QUERY_SEQLENS], one32], "query_seqlens_plus_1"
+            "Add", [first.input[QUERY_SEQLENS], pad32], "query_seqlens_plus_pad"
         )
     minus_1, end = const("minus_1", [-1]), const("end", [np.iinfo(np.int64).max])
     for kind, table in (("cos", first.input[7]), ("sin", first.input[8])):
@@ -332,4 +355,10 @@ def result(config: FuseOptions, art: Artifact, folder: Path) -> Artifact:
     )
 
 
-STAGE = Stage("variants", build, result)
+def key(config: FuseOptions, art: Artifact) -> str:
+    """The stage's cache key: padded graphs also key on PAD_VERSION (a cached output of an older
+    padding must not be reused); unpadded ones keep the plain key (their graphs are unchanged)."""
+    return stable_key(art.key, config, PAD_VERSION) if config.pad_query_row else chain_key(config, art)
+
+
+STAGE = Stage("variants", build, result, key=key)

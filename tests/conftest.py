@@ -204,10 +204,18 @@ def tiny_fused_variants(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def tiny_fused_padded(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_fused_variants' graphs at int8 with [fuse] pad_query_row: every GroupQueryAttention
-    node gets a dummy query row (plain decode = verify forwards bit for bit)."""
+    node gets a dummy query row behind the `query_pad` input (the runtime sets it for lone rows:
+    their plain decode = verify forwards bit for bit)."""
     fuse = fuse_every_variant(tmp_path_factory, pad_query_row=True)
     out = tmp_path_factory.mktemp("bundles") / "tiny-fused-padded"
     return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse)
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_unpadded(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_fused_padded exported without [fuse] pad_query_row: the same weights and KV scales."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fused-unpadded"
+    return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse_every_variant(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")

@@ -48,3 +48,22 @@ def test_staggered_arrivals_fold_on_the_ragged_graph(tiny_fused_variants: Path, 
     assert len([s for s in ragged["prefill_shapes"] if s[0] == 1]) < len(alone)
     assert any(s[0] > 1 for s in ragged["prefill_shapes"])
     assert ragged["ttft_s_median"] > 0 and "TTFT" in out.with_suffix(".md").read_text()
+
+
+def test_two_bundles_in_the_same_rounds(
+    tiny_fused_padded: Path, tiny_fused_unpadded: Path, tmp_path: Path
+) -> None:
+    """Old vs new export of one recipe: every bundle on every graph in each round, labelled by
+    folder, with each label's throughput as a ratio to the first's (round by round)."""
+    out = tmp_path / "pair"
+    argv = [str(tiny_fused_unpadded), str(tiny_fused_padded), "--rounds", "2", "--new-tokens", "6"]
+    result = concurrency_paired.main([*argv, "--threads", "1", "--graphs", "portable", "--out", str(out)])
+    labels = ["tiny-fused-unpadded/portable", "tiny-fused-padded/portable"]
+    assert result["graphs"] == labels and result["bundles"] == argv[:2]
+    # The padded portable graph batches (its batched steps run unpadded): one 8-row prefill, 5 steps.
+    for label in labels:
+        assert [r["prefill_shapes"][0][0] for r in result["runs"][label][8]] == [8, 8]
+        assert [r["decode_steps"] for r in result["runs"][label][8]] == [5, 5]
+    ratios = result["vs_first"][labels[1]]
+    assert len(ratios["tok_s_8_ratio_per_round"]) == 2 and ratios["tok_s_8_ratio_median"] > 0
+    assert f"{labels[1]} / {labels[0]}" in out.with_suffix(".md").read_text()

@@ -96,3 +96,30 @@ def test_bundle_with_variants_loads_on_other_ort(python: str, tiny_fused_variant
         if version_tuple(ort.__version__) >= (1, 32):
             assert new.stdout.split(" ", 1)[0].endswith(".ragged.onnx")
         assert tokens == new.stdout.split(" ", 1)[1]
+
+
+@pytest.mark.skipif(not PYTHONS, reason="no other onnxruntime venv (.ci/run makes .venvs/ort-1.23.2)")
+@pytest.mark.parametrize("python", PYTHONS)
+def test_padded_bundle_batches_on_other_ort(
+    python: str, tiny_fused_padded: Path, tiny_fused_unpadded: Path, tmp_path: Path
+) -> None:
+    """The padded bundle's portable graph on an older build (no query_seqlens): the probe's two
+    rows decode in one forward over their pasts, unpadded (`query_pad` 0: an always-padded graph
+    made GQA refuse it, "batch_size must be 1"), with the unpadded bundle's logits bit for bit;
+    so do the ragged first prompts and one row's multi-token turn (padded: S > 1 takes the
+    multi-row path either way)."""
+    outs = {}
+    for name, bundle in (("padded", tiny_fused_padded), ("unpadded", tiny_fused_unpadded)):
+        outs[name] = tmp_path / f"{name}.npz"
+        res = _run(python, str(PROBE), str(bundle), str(outs[name]))
+        assert res.returncode == 0, res.stderr[-2000:]
+    import onnxruntime as ort
+
+    padded, unpadded = np.load(outs["padded"]), np.load(outs["unpadded"])
+    assert str(padded["ort"]) == str(unpadded["ort"]) != ort.__version__
+    for key in ("prefill", "decode", "turn"):
+        assert np.array_equal(padded[key], unpadded[key]), key
+    can_batch = "from edge_llm.engine import Engine; from edge_llm.runner import RunnerOptions as R; "
+    can_batch += "import sys; print(Engine.load(sys.argv[1], R(threads=1, max_batch=4)).can_batch)"
+    res = _run(python, "-c", can_batch, str(tiny_fused_padded))
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr[-2000:]

@@ -10,6 +10,7 @@ pad_decode is for the bundles exported without it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,17 +64,23 @@ def assert_lookup_speculation_keeps_plain_tokens(
     ids = plain.encode_request(prompt=PROMPT)
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     ref = list(plain.complete(ids, params).token_ids)
+    monkeypatch.setattr(speculate, "lookup_draft", drafts_from(ref, len(ids)))
+    out = spec.complete(ids, params)
+    assert list(out.token_ids) == ref
+    assert out.usage.draft_verifies > 0 and out.usage.accepted_draft_tokens > 0
+
+
+def drafts_from(ref: list[int], prompt_len: int) -> Callable[..., list[int]]:
+    """A stand-in for `speculate.lookup_draft` that drafts the reference tokens `ref` generated
+    after a prompt of `prompt_len`, every third one wrong (verifies keep 0..k tokens)."""
     calls = [0]
 
     def draft(context: list[int], k: int, min_ngram: int = 2) -> list[int]:
-        start = len(context) - len(ids)
+        start = len(context) - prompt_len
         out = []
         for pos in range(start, min(start + k, len(ref))):
             calls[0] += 1
             out.append(ref[pos] if calls[0] % 3 else (ref[pos] + 1) % 384)
         return out
 
-    monkeypatch.setattr(speculate, "lookup_draft", draft)
-    out = spec.complete(ids, params)
-    assert list(out.token_ids) == ref
-    assert out.usage.draft_verifies > 0 and out.usage.accepted_draft_tokens > 0
+    return draft

@@ -1,6 +1,9 @@
-"""`[fuse] pad_query_row`: every GroupQueryAttention node gets a dummy query row, so a plain
-1-token decode takes the kernel path a speculative verify takes and greedy speculation gives
-plain decoding's tokens, token for token, without `[runtime] pad_decode` (issue 17).
+"""`[fuse] pad_query_row`: every GroupQueryAttention node gets a dummy query row behind the graph
+input `query_pad`, which the runtime sets for forwards of one row: there a plain 1-token decode
+takes the kernel path a speculative verify takes and greedy speculation gives plain decoding's
+tokens, token for token, without `[runtime] pad_decode` (issue 17). Forwards of several rows
+(batched decode steps, where no row speculates) run without the dummy: the unpadded graph's
+logits bit for bit, and the portable graph batches.
 
 Cause (benchmarks/README.md): GQA's CPU kernel computes a lone query row on another path than
 several rows, a last-bit difference that MatMulNBits' int8 activations (accuracy_level 4)
@@ -18,15 +21,23 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from benchmarks.exact_decode import decode_verify_gap
+from benchmarks.exact_decode import batched_then_alone, decode_verify_gap
+from edge_llm import speculate
 from edge_llm.board import RunnerOptions
-from edge_llm.bundle import KV_SPARE_RUNTIME, load_bundle, version_tuple
+from edge_llm.bundle import (
+    KV_SPARE_RUNTIME,
+    PAD_INPUT,
+    PAD_SWITCH_RUNTIME,
+    load_bundle,
+    version_tuple,
+    write_manifest,
+)
 from edge_llm.engine import Engine, Slot
 from edge_llm.errors import BundleError, ContextLengthError
 from edge_llm.sampling import SamplingParams
-from tests.conftest import export_bundle, fuse_every_variant, run_python, tiny_draft_config
+from tests.conftest import export_bundle, run_python, tiny_draft_config
 from tests.edge_llm.test_ort_versions import PROBE, PYTHONS
-from tests.edge_llm.test_pad_decode import assert_lookup_speculation_keeps_plain_tokens
+from tests.edge_llm.test_pad_decode import assert_lookup_speculation_keeps_plain_tokens, drafts_from
 
 RAGGED_ORT = version_tuple(ort.__version__) >= (1, 32)
 PROMPT = "The capital of France is"
@@ -60,16 +71,33 @@ def padded_draft(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPa
     return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse, draft=tiny_draft_config(tiny_text))
 
 
-@pytest.fixture(scope="module")
-def unpadded_twin(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_fused_padded exported without [fuse] pad_query_row: the same weights and KV scales."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny-fused-unpadded"
-    return export_bundle(tiny_hf, out, "int8", "fused", fuse=fuse_every_variant(tmp_path_factory))
+def always_padded(bundle: Path, out: Path) -> Path:
+    """A copy of padded `bundle` as exported before the switch (edge-llm 0.2.0): `query_pad` a
+    constant 1 in every graph, so every forward has the dummy row; manifest and requirements to
+    match. Old bundles like it are still in the field and must still load."""
+    import shutil
+    from dataclasses import replace
+
+    shutil.copytree(bundle, out)
+    for name in ["model.onnx", *load_bundle(bundle).graph.variants]:
+        model = onnx.load(str(out / name), load_external_data=False)
+        inputs = [i for i in model.graph.input if i.name != PAD_INPUT]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, np.int32), PAD_INPUT))
+        onnx.save(model, str(out / name))
+    old = load_bundle(out, verify=False)
+    graph = replace(old.graph, inputs=tuple(i for i in old.graph.inputs if i != PAD_INPUT))
+    requirements = replace(old.requirements, edge_llm=KV_SPARE_RUNTIME)
+    write_manifest(replace(old, graph=graph, requirements=requirements))
+    return out
 
 
-def test_every_graph_is_padded_and_the_bundle_says_so(tiny_fused_padded: Path, tiny_fused_int8: Path) -> None:
+def test_every_graph_is_padded_behind_the_switch_and_the_bundle_says_so(
+    tiny_fused_padded: Path, tiny_fused_int8: Path
+) -> None:
     meta = json.loads((tiny_fused_padded / "bundle.json").read_text())
-    assert meta["graph"]["kv_spare"] == 1
+    assert meta["graph"]["kv_spare"] == 1 and PAD_INPUT in meta["graph"]["inputs"]
     assert load_bundle(tiny_fused_int8).graph.kv_spare == 0  # unpadded (and older) bundles
     files = ["model.onnx", *meta["graph"]["variants"]]
     assert len(files) == 4
@@ -78,27 +106,39 @@ def test_every_graph_is_padded_and_the_bundle_says_so(tiny_fused_padded: Path, t
         gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
         fed = {n.output[0] for n in graph.node if n.op_type == "GatherND"}
         assert len(gqa) == 2 and all(n.input[0] in fed for n in gqa), name
+        switch = [i for i in graph.input if i.name == PAD_INPUT]
+        assert len(switch) == 1 and PAD_INPUT not in {t.name for t in graph.initializer}, name
+        assert switch[0].type.tensor_type.elem_type == onnx.TensorProto.INT32, name
+        assert len(switch[0].type.tensor_type.shape.dim) == 0, name  # a scalar
     # The portable graph still loads on the oldest onnxruntime the bundle claims.
     assert meta["requirements"]["onnxruntime"] == "1.23.2"
 
 
-def test_a_runtime_that_ignores_kv_spare_refuses_the_padded_bundle(
-    tiny_fused_padded: Path, unpadded_twin: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_runtime_that_does_not_feed_the_switch_refuses_the_padded_bundle(
+    tiny_fused_padded: Path,
+    tiny_fused_unpadded: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A runtime before KV_SPARE_RUNTIME keeps no spare KV position and would overrun its buffer
-    (an onnxruntime error) when a sequence fills it; OTA brings new bundles to old runtimes, so
-    the padded bundle requires the newer runtime, and the old one refuses it at load in one line."""
+    """A runtime before PAD_SWITCH_RUNTIME does not feed `query_pad` (onnxruntime: a missing
+    input at the first forward), and one before KV_SPARE_RUNTIME keeps no spare KV position (an
+    onnxruntime error when a sequence fills its buffer); OTA brings new bundles to old runtimes,
+    so the padded bundle requires the newer runtime, and an old one refuses it at load in one
+    line. A bundle padded before the switch still requires only KV_SPARE_RUNTIME."""
     padded = json.loads((tiny_fused_padded / "bundle.json").read_text())["requirements"]
-    assert padded["edge_llm"] == KV_SPARE_RUNTIME == "0.2.0"
-    assert load_bundle(tiny_fused_padded).requirements.edge_llm == "0.2.0"
+    assert padded["edge_llm"] == PAD_SWITCH_RUNTIME == "0.3.0"
+    assert load_bundle(tiny_fused_padded).requirements.edge_llm == "0.3.0"
+    old = always_padded(tiny_fused_padded, tmp_path / "always-padded")
+    assert load_bundle(old).requirements.edge_llm == KV_SPARE_RUNTIME == "0.2.0"
     # An unpadded bundle still loads on runtimes that predate `requirements.edge_llm`.
-    assert "edge_llm" not in json.loads((unpadded_twin / "bundle.json").read_text())["requirements"]
-    monkeypatch.setattr("edge_llm.bundle.__version__", "0.1.0")
-    with pytest.raises(BundleError) as refused:
-        load_bundle(tiny_fused_padded)
-    message = "this bundle needs edge-llm ≥ 0.2.0 (found 0.1.0): update the runtime or re-export"
-    assert str(refused.value).endswith(message) and "\n" not in str(refused.value)
-    assert load_bundle(unpadded_twin).graph.kv_spare == 0
+    assert "edge_llm" not in json.loads((tiny_fused_unpadded / "bundle.json").read_text())["requirements"]
+    assert load_bundle(old).graph.kv_spare == 1 and load_bundle(tiny_fused_unpadded).graph.kv_spare == 0
+    for version, needs, bundle in (("0.2.0", "0.3.0", tiny_fused_padded), ("0.1.0", "0.2.0", old)):
+        monkeypatch.setattr("edge_llm.bundle.__version__", version)
+        with pytest.raises(BundleError) as refused:
+            load_bundle(bundle)
+        message = f"this bundle needs edge-llm ≥ {needs} (found {version}): update the runtime or re-export"
+        assert str(refused.value).endswith(message) and "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize(("rows", "kv", "graph"), GRAPHS)
@@ -110,10 +150,10 @@ def test_plain_decode_equals_every_verify_row_bit_for_bit(
     assert decode_verify_gap(engine) == 0.0
 
 
-# Padded vs unpadded logits. Prefill is bit-exact; a 1-token decode is not with the fp32 KV:
-# the unpadded graph takes GQA's lone-row path (what the padding is for), a last-bit difference
-# that the int8 activations of MatMulNBits round to a step (measured: 4.9e-4 on logits of size
-# ~5; 0.0 with the int8 KV). A wrong position or rotary row is off by far more.
+# Padded vs unpadded logits of one row (padded there). Prefill is bit-exact; a 1-token decode is
+# not with the fp32 KV: the unpadded graph takes GQA's lone-row path (what the padding is for), a
+# last-bit difference that the int8 activations of MatMulNBits round to a step (measured: 4.9e-4
+# on logits of size ~5; 0.0 with the int8 KV). A wrong position or rotary row is off by far more.
 PAD_TOLERANCE = 2e-3
 
 
@@ -137,14 +177,16 @@ def _agree(padded: np.ndarray, plain: np.ndarray, gaps: list[float]) -> None:
     ],
 )
 def test_padded_logits_equal_unpadded_logits(
-    tiny_fused_padded: Path, unpadded_twin: Path, rows: int, kv: str, graph: str
+    tiny_fused_padded: Path, tiny_fused_unpadded: Path, rows: int, kv: str, graph: str
 ) -> None:
-    """The dummy query row must not change a real row's logits: prefill (every position),
-    1-token decode steps and two ragged rows sharing a cache give the unpadded graph's logits.
-    Comparing decode with verify on the padded graph alone cannot see a position or rotary
-    mistake that hits both alike; this comparison does."""
-    runners = [_engine(b, rows, kv).runner for b in (tiny_fused_padded, unpadded_twin)]
+    """The dummy query row must not change a real row's logits: one row's prefill (every
+    position) and 1-token decode steps (padded) give the unpadded graph's logits; forwards of
+    several rows (not padded: `query_pad` 0) give them bit for bit, on every graph. Comparing
+    decode with verify on the padded graph alone cannot see a position or rotary mistake that
+    hits both alike; this comparison does."""
+    runners = [_engine(b, rows, kv).runner for b in (tiny_fused_padded, tiny_fused_unpadded)]
     assert [r.graph_name for r in runners] == [graph, graph] and [r.kv_spare for r in runners] == [1, 0]
+    assert [r.pad_switch for r in runners] == [True, False] and all(r.batches for r in runners)
     rng = np.random.default_rng(1)
     gaps: list[float] = []
     # One sequence: a prompt with logits for every position, then greedy 1-token decode steps.
@@ -156,24 +198,25 @@ def test_padded_logits_equal_unpadded_logits(
         token = np.array([[int(out[0][0, -1].argmax())]])
         out = [r.forward(token, c, all_logits=True) for r, c in zip(runners, caches, strict=True)]
         _agree(*out, gaps)
-    # Two rows of different lengths in one cache: a ragged first prompt (empty rows: any graph).
+    # Two rows of different lengths in one cache: a ragged first prompt (empty rows: any graph),
+    # then 1-token decode steps over the past: the batched steps, unpadded on every graph (the
+    # portable GQA, padded, would refuse 2 query rows over a past for batch 2).
     caches = [r.empty(2) for r in runners]
     tokens, counts = rng.integers(3, 380, (2, 24)), np.array([24, 13])
-    _agree(*[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches, strict=True)], gaps)
-    lengths = [24, 13]
-    # Over a past, several rows need the query_seqlens graph once padded: the portable GQA
-    # refuses batch > 1 with S > 1 over a past (the runner's batching is handled apart).
-    if runners[0].ragged:
-        for _ in range(6):  # 1-token decode steps
-            tokens = rng.integers(3, 380, (2, 1))
-            _agree(*[r.forward(tokens, c) for r, c in zip(runners, caches, strict=True)], gaps)
-        tokens, counts = rng.integers(3, 380, (2, 3)), np.array([3, 1])  # a verify beside a decode
-        _agree(
-            *[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches, strict=True)], gaps
-        )
+    batched = [[r.forward_rows(tokens, c, 0, counts=counts) for r, c in zip(runners, caches, strict=True)]]
+    for _ in range(6):
+        tokens = rng.integers(3, 380, (2, 1))
+        batched.append([r.forward(tokens, c) for r, c in zip(runners, caches, strict=True)])
+    lengths = [30, 19]
+    if runners[0].ragged:  # a verify beside a decode: rows of 3 and 1 new tokens over a past
+        tokens, counts = rng.integers(3, 380, (2, 3)), np.array([3, 1])
+        pair = zip(runners, caches, strict=True)
+        batched.append([r.forward_rows(tokens, c, 0, counts=counts) for r, c in pair])
         lengths = [33, 20]
+    for padded, plain in batched:
+        assert np.array_equal(padded, plain)
     assert [c.lengths.tolist() for c in caches] == [lengths, lengths]
-    print(f"{graph}: max |padded - unpadded| = {max(gaps):.3g}")
+    print(f"{graph}: max |padded - unpadded| = {max(gaps):.3g} (one row), 0 (several rows)")
 
 
 def test_without_the_option_plain_decode_and_verify_differ(tiny_fused_int8: Path) -> None:
@@ -269,29 +312,99 @@ def test_padding_is_idempotent_and_refuses_other_graphs(tiny_fused_padded: Path,
         pad_query_row(optimum)
 
 
-def test_a_padded_graph_without_query_seqlens_serves_one_row_at_a_time(tiny_fused_padded: Path) -> None:
-    """Its decode step is 2 query rows per sequence, which GroupQueryAttention without
-    query_seqlens refuses for a batch of several rows over a past ("batch_size must be 1"): the
-    engine says it cannot batch, so a max_batch-4 scheduler runs concurrent requests one after
-    another and answers each as alone (before the mend every row of the first batched step failed)."""
+@pytest.mark.parametrize("switch", [True, False], ids=["switch", "always-padded"])
+def test_the_portable_padded_graph_batches_unless_always_padded(
+    tiny_fused_padded: Path, tmp_path: Path, switch: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the switch, a max_batch-4 scheduler on the portable graph (what onnxruntime < 1.32
+    runs) batches concurrent requests: their steps run unpadded. A bundle padded before the
+    switch decodes 2 query rows per sequence, which GroupQueryAttention without query_seqlens
+    refuses for several rows over a past ("batch_size must be 1"): the engine says it cannot
+    batch (with a warning), so the scheduler runs the requests one after another and answers
+    each as alone (before the mend every row of the first batched step failed)."""
     from edge_llm.protocol import Request
     from edge_llm.scheduler import Scheduler
     from tests.edge_llm.test_scheduler import Collector
 
-    engine = _engine(tiny_fused_padded, max_batch=4, ragged=False)
-    assert engine.runner.graph_name == "model.onnx" and not engine.can_batch
+    bundle = tiny_fused_padded if switch else always_padded(tiny_fused_padded, tmp_path / "always-padded")
+    engine = _engine(bundle, max_batch=4, ragged=False)
+    assert engine.runner.graph_name == "model.onnx" and engine.can_batch == switch
+    assert ("one sequence at a time" in caplog.text) != switch
     solo = engine.complete(
         engine.encode_request(prompt=PROMPT), SamplingParams(max_tokens=6, ignore_eos=True)
     )
     s = Scheduler(engine, max_queue=8, max_inflight_per_client=8, max_batch=4)
-    assert s.max_batch == 1
+    assert s.max_batch == (4 if switch else 1)
+    sinks = [Collector() for _ in range(3)]
+    for i, sink in enumerate(sinks):  # queued before the worker starts: admitted together
+        s.submit(Request(id=f"p{i}", prompt=PROMPT, max_tokens=6, ignore_eos=True), sink)
     s.start()
     try:
-        sinks = [Collector() for _ in range(3)]
-        for i, sink in enumerate(sinks):
-            s.submit(Request(id=f"p{i}", prompt=PROMPT, max_tokens=6, ignore_eos=True), sink)
         finals = [sink.final() for sink in sinks]
     finally:
         s.close(grace_s=1)
     assert [(f.kind, f.message) for f in finals] == [("final", "")] * 3
     assert all(f.text == solo.text and f.usage["completion_tokens"] == 6 for f in finals)
+    assert s.stats["peak_batch"] == (3 if switch else 1)
+
+
+@pytest.mark.parametrize(("rows", "kv", "graph"), GRAPHS[:2])
+def test_a_row_that_speculates_once_alone_keeps_plain_tokens_after_batched_steps(
+    tiny_fused_padded: Path, rows: int, kv: str, graph: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What serve does (`batched_then_alone`): a long request shares unpadded batched steps with a
+    short one, then runs alone, padded, and speculates (rows of a wider batch never do). Greedy
+    prompt-lookup speculation gives plain decoding's tokens under the same schedule, token for
+    token (benchmarks/exact_decode.py checks the same on SmolLM2)."""
+    engines = [
+        _engine(tiny_fused_padded, 2, kv, ragged=graph != "model.onnx", **spec)
+        for spec in ({}, {"speculation": "lookup", "prompt_lookup": 4})
+    ]
+    shapes: list[tuple[int, int]] = []
+    runs = []
+    for engine in engines:
+        assert engine.runner.graph_name == graph and engine.can_batch
+        forward_rows = engine.runner.forward_rows
+
+        def spy(tokens: np.ndarray, *a: object, _f: object = forward_rows, **k: object) -> np.ndarray:
+            shapes.append(tokens.shape)
+            return _f(tokens, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(engine.runner, "forward_rows", spy)
+        ids = engine.encode_request(prompt=PROMPT)
+        runs.append(batched_then_alone(engine, ids, SamplingParams(max_tokens=40, ignore_eos=True), 8))
+        # The second (speculating) run drafts the plain run's tokens, every third one wrong.
+        monkeypatch.setattr(speculate, "lookup_draft", drafts_from(list(runs[0].generated), len(ids)))
+    plain, spec = runs
+    assert spec.generated == plain.generated and len(plain.generated) == 40
+    assert spec.verifies > 0 and spec.accepted > 0
+    assert (2, 1) in shapes  # batched 1-token steps of both rows ...
+    assert any(r == 1 and s > 2 for r, s in shapes)  # ... and verifies of the lone row
+
+
+def test_pad_batches_pads_forwards_of_several_rows_as_before(tiny_fused_padded: Path, tmp_path: Path) -> None:
+    """[runtime] pad_batches: batched steps padded too, the logits of a bundle padded before the
+    switch bit for bit (and not those of the default, unpadded batched steps); on the portable
+    graph padded rows cannot share a forward over a past, so it serves one row at a time."""
+    old = always_padded(tiny_fused_padded, tmp_path / "always-padded")
+    assert not _engine(tiny_fused_padded, 4, ragged=False, pad_batches=True).can_batch
+    if not RAGGED_ORT:
+        return
+    engines = [
+        _engine(tiny_fused_padded, 2, pad_batches=True),
+        _engine(old, 2),
+        _engine(tiny_fused_padded, 2),
+    ]
+    assert [e.runner.graph_name for e in engines] == ["model.ragged.onnx"] * 3
+    rng = np.random.default_rng(2)
+    caches = [e.runner.empty(2) for e in engines]
+    tokens, counts = rng.integers(3, 380, (2, 24)), np.array([24, 13])
+    for e, c in zip(engines, caches, strict=True):
+        e.runner.forward_rows(tokens, c, 0, counts=counts)
+    unequal = 0
+    for _ in range(6):  # batched 1-token steps over the two pasts
+        tokens = rng.integers(3, 380, (2, 1))
+        padded, before, default = (e.runner.forward(tokens, c) for e, c in zip(engines, caches, strict=True))
+        assert np.array_equal(padded, before)
+        unequal += not np.array_equal(padded, default)
+    assert unequal > 0  # fp32 KV: the unpadded 1-row path differs in the last bits

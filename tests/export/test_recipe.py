@@ -65,8 +65,8 @@ def test_shipped_recipes_parse() -> None:
     assert npu.quantize.mode == "qdq" and npu.quantize.activation_bits == 16
     assert npu.static is not None and npu.static.past_length == 512
     # The recipes that speculate pad their attention (greedy speculation = plain decoding); the
-    # pruned one has no query_seqlens graph, where a padded graph could not batch, and no draft;
-    # the static NPU graphs are optimum graphs, which [fuse] does not touch.
+    # pruned one has no draft (and was chosen unpadded when a padded graph without query_seqlens
+    # could not batch); the static NPU graphs are optimum graphs, which [fuse] does not touch.
     draft = recipe_mod.load_recipe(REPO / "configs/recipes/smollm2-int8-draft.toml")
     for r in (plain, draft):
         assert r.to_onnx.graph == "fused" and r.fuse is not None and r.fuse.pad_query_row

@@ -161,3 +161,18 @@ def test_fuse_options_checked() -> None:
                 "evaluate": {"text": t, "span": [0.0, 0.1]},
             },
         )
+
+
+def test_padded_variants_have_their_own_cache_key() -> None:
+    """A padded stage output from before the `query_pad` switch (always padded) must not be
+    reused for a recipe now: padding keys on PAD_VERSION; unpadded graphs did not change, so their
+    key stays the plain chained one (their cached outputs stay valid)."""
+    from export.cache import stable_key
+    from export.stage import Artifact
+    from export.variants import PAD_VERSION, STAGE
+
+    art = Artifact("k" * 16, ("k",), {}, Path("t"), Path("h"))
+    plain, padded = FuseOptions(), FuseOptions(pad_query_row=True)
+    assert STAGE.key(plain, art) == stable_key(art.key, plain)
+    assert STAGE.key(padded, art) == stable_key(art.key, padded, PAD_VERSION) != stable_key(art.key, padded)
+    assert PAD_VERSION == 2
