@@ -166,11 +166,17 @@ def export_default(args: argparse.Namespace, recipe: Any, run_recipe: Any) -> in
 def _recipe_key(args: argparse.Namespace, recipe: Any) -> str:
     """The default bundle's folder key: the recipe as applied (flags included) and the graph
     writer's version, so a pipeline that now writes a different graph (e.g. 3: the portable GQA
-    graph) builds a new bundle instead of calling an old one up to date."""
+    graph) builds a new bundle instead of calling an old one up to date. A padded graph also keys
+    on the pad's version, as the variants stage's cache does: without it the query_pad switch
+    (PAD_VERSION 2) found the always-padded bundle "up to date" and kept serving one row at a time."""
     from export.cache import stable_key
     from export.to_onnx import STAGE_VERSION
+    from export.variants import PAD_VERSION
 
-    return stable_key(recipe, STAGE_VERSION)[:12]
+    versions: tuple[int, ...] = (STAGE_VERSION,)
+    if recipe.fuse is not None and recipe.fuse.pad_query_row:
+        versions += (PAD_VERSION,)
+    return stable_key(recipe, *versions)[:12]
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -248,3 +248,21 @@ def test_an_unreadable_password_file_is_a_clear_error(
     pw = tmp_path / "ok.pw"
     pw.write_text("secret\n")
     assert make_client(MqttConfig(host="h", device="d", username="u", password_file=str(pw)), "c")
+
+
+def test_default_bundle_key_follows_the_pad_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A padded recipe's bundle must be rebuilt when the pad's graph changes (query_pad switch),
+    # while an unpadded recipe's folder name does not move with it.
+    import export.variants
+    from edge_llm.commands.export import _recipe_key
+    from export.recipe import load_recipe
+
+    padded = load_recipe(Path(__file__).parents[2] / "configs/recipes/smollm2-int8.toml")
+    plain = load_recipe(Path(__file__).parents[2] / "configs/recipes/smollm2-pruned-int8.toml")
+    assert padded.fuse is not None and padded.fuse.pad_query_row
+    assert plain.fuse is not None and not plain.fuse.pad_query_row
+    args = argparse.Namespace()
+    before = _recipe_key(args, padded), _recipe_key(args, plain)
+    monkeypatch.setattr(export.variants, "PAD_VERSION", export.variants.PAD_VERSION + 1)
+    after = _recipe_key(args, padded), _recipe_key(args, plain)
+    assert after[0] != before[0] and after[1] == before[1]
