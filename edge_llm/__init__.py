@@ -14,5 +14,6 @@ import os
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # Bumped when a bundle may need this runtime (bundle.json `requirements.edge_llm`): 0.2.0 reads
-# `graph.kv_spare`. pyproject.toml's version follows it (tests/test_packaging.py).
-__version__ = "0.2.0"
+# `graph.kv_spare`, 0.3.0 runs an eagle1 draft. pyproject.toml's version follows it
+# (tests/test_packaging.py).
+__version__ = "0.3.0"

@@ -51,6 +51,9 @@ OPTIONAL_FILES = frozenset({"report.json", "report.md", "report.png"})
 PORTABLE_CPU_ORT = "1.23.2"
 # The first runtime that reads `graph.kv_spare`: a bundle with kv_spare > 0 requires it.
 KV_SPARE_RUNTIME = "0.2.0"
+# The first runtime that runs a draft of kind "eagle1" (its own KV cache): older ones would feed
+# it as the stateless kind and fail at its first draft step, so such a bundle requires it.
+EAGLE1_RUNTIME = "0.3.0"
 
 
 @dataclass(frozen=True)

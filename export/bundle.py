@@ -18,6 +18,7 @@ from typing import Any
 
 from edge_llm import chat
 from edge_llm.bundle import (
+    EAGLE1_RUNTIME,
     FORMAT_VERSION,
     KV_SPARE_RUNTIME,
     Architecture,
@@ -146,7 +147,7 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
                 ),
                 # Runtimes before KV_SPARE_RUNTIME ignore graph.kv_spare and overrun the KV
                 # buffer when a sequence fills it: they must refuse the bundle instead.
-                edge_llm=KV_SPARE_RUNTIME if inputs.layout.get("kv_spare", 0) > 0 else "",
+                edge_llm=runtime_needed(inputs.layout),
             ),
             provider_options=targets.provider_options(inputs.target),
         )
@@ -157,6 +158,16 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
 
 
 __all__ = ["FORMAT_VERSION", "BundleConfig", "BundleInputs", "run"]
+
+
+def runtime_needed(layout: dict[str, Any]) -> str:
+    """The oldest edge-llm that runs this graph layout ("": any): runtimes before KV_SPARE_RUNTIME
+    ignore graph.kv_spare and overrun the KV buffer when a sequence fills it; runtimes before
+    EAGLE1_RUNTIME feed an eagle1 draft as the stateless kind. They must refuse the bundle."""
+    draft = layout.get("draft")
+    if draft is not None and draft.kind == "eagle1":
+        return EAGLE1_RUNTIME
+    return KV_SPARE_RUNTIME if layout.get("kv_spare", 0) > 0 else ""
 
 
 def _requirements_fields(

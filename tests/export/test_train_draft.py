@@ -120,3 +120,26 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny_hf: Path) -> None:
             pad_token_id=0,
         )[:, width:].tolist()
     assert [teacher.until(o, sorted(stop)) for o in out] == [new for new, _ in alone]
+
+
+def test_teacher_chats_are_cached(tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher writes a draft's chats once per teacher and chat settings: another draft kind
+    over the same teacher reads them from the export cache."""
+    from dataclasses import replace
+
+    from export import teacher, train_draft
+
+    calls: list[int] = []
+    real = teacher.chats
+
+    def counted(*args: object, **kwargs: object) -> list[tuple[list[int], int]]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(teacher, "chats", counted)
+    config = DraftConfig(text=tmp_path / "t.txt", chat_tokens=97, chat_max_answer=8, threads=1, chat_seed=5)
+    first = train_draft.chat_rows(config, tiny_hf)
+    again = train_draft.chat_rows(replace(config, kind="eagle1"), tiny_hf)
+    assert calls == [1] and first == again and sum(len(ids) for ids, _ in first) >= 97
+    train_draft.chat_rows(replace(config, chat_seed=6), tiny_hf)
+    assert calls == [1, 1]  # other settings: written again
