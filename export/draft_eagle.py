@@ -25,12 +25,11 @@ training-time test).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from export.train_draft import Corpus
+Corpus = Any  # export.train_draft.Corpus (which imports this module)
 
 KIND = "eagle1"
 # Graph IO beyond the stateless draft's (hidden, input_ids -> feature, logits): the draft's KV
