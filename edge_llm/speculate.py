@@ -4,9 +4,14 @@ In: a `Generation` whose last forward left the main graph's final hidden state i
 (the position that produced `q.last`). Out: the generation advanced by 1 + accepted tokens, in
 one forward of the main graph over [last, d1..dk] with `logits_to_keep = k+1`.
 
-The draft (`export/train_draft.py`) is stateless: (hidden state, next token) -> (guessed next
-hidden state, logits over its reduced vocabulary), so drafting k tokens is k tiny forwards and
-nothing needs undoing when a draft is rejected; the main cache is cut back to what was kept.
+The draft (`export/train_draft.py`), kind "feature-mlp", is stateless: (hidden state, next token)
+-> (guessed next hidden state, logits over its reduced vocabulary), so drafting k tokens is k tiny
+forwards and nothing needs undoing when a draft is rejected; the main cache is cut back to what
+was kept. Kind "eagle1" (`export/draft_eagle.py`) adds one attention layer over the draft's own
+history of (state, token) pairs, from the last prompt position on, with its own KV cache
+(`DraftKV`, one per generation): each drafting first feeds the real pairs the main graph produced
+since the last one (`Generation.trail`: verified and plainly decoded positions alike), then its
+guesses; the next drafting reads only the real prefix, so a rejected guess costs nothing to undo.
 
 Greedy requests keep the longest prefix of drafts equal to the main graph's argmax, plus its own
 next token: output identical to plain greedy decoding wherever the graph gives the same logits
