@@ -11,6 +11,7 @@ prefills a prompt of `--prompt` tokens and then, one token per step through
   - multi: the same over the states of one multi-token forward (what the stage trains on);
   - free: plain greedy decoding from the prompt, the draft fed the main graph's own token (what
     speculation's first draft sees).
+An eagle1 draft keeps every pair from the prompt's end on in its history (as in speculation).
 Out: printed and written to `benchmarks/results/draft_agreement.{json,md}`.
 
     python benchmarks/draft_agreement.py BUNDLE [--chats heldout.json] [--pad-decode]
@@ -32,13 +33,24 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results_io import write_results  # noqa: E402
 from edge_llm.engine import Engine, Slot  # noqa: E402
 from edge_llm.runner import RunnerOptions  # noqa: E402
+from edge_llm.speculate import DraftKV  # noqa: E402
 
 
-def guess(engine: Engine, hidden: np.ndarray, token: int) -> int:
-    """The draft's first guess (a full-vocabulary id) from (hidden state, next token)."""
+def guess(engine: Engine, kv: DraftKV | None, hidden: np.ndarray, token: int) -> int:
+    """The draft's first guess (a full-vocabulary id) from (hidden state, next token); an eagle1
+    draft (`kv`: its cache) also keeps the pair in its history, as speculation does."""
     assert engine.draft is not None
-    _, logits = engine.draft(hidden, token)
+    if kv is None:
+        _, logits = engine.draft(hidden, token)
+    else:
+        _, logits = engine.draft.step(kv, hidden[None], [token], commit=True)
     return int(engine.draft.vocab[int(np.argmax(logits))])
+
+
+def history(engine: Engine) -> DraftKV | None:
+    """An empty history for an eagle1 draft (None for the stateless one): one per sequence."""
+    assert engine.draft is not None
+    return DraftKV(engine.draft.width) if engine.draft.stateful else None
 
 
 def forced(engine: Engine, ids: list[int], prompt: int) -> tuple[int, int, int]:
@@ -47,9 +59,10 @@ def forced(engine: Engine, ids: list[int], prompt: int) -> tuple[int, int, int]:
     logits, _ = engine.prefill(ids[:prompt], slot)
     hidden = engine.runner.hidden[0, -1].copy()
     one = n = 0
+    kv = history(engine)
     for t in range(prompt, len(ids) - 1):
         # state after ids[t-1]; the draft sees ids[t] and guesses the greedy token after it
-        d = guess(engine, hidden, ids[t])
+        d = guess(engine, kv, hidden, ids[t])
         logits = engine.decode_one_token(ids[t], slot)
         hidden = engine.runner.hidden[0, engine.last_pos].copy()
         one += d == int(np.argmax(logits))
@@ -58,8 +71,10 @@ def forced(engine: Engine, ids: list[int], prompt: int) -> tuple[int, int, int]:
     cache = engine.runner.empty(1)
     full = engine.runner.forward(np.asarray([ids], np.int64), cache, all_logits=True)[0]
     states = engine.runner.hidden[0].copy()
+    kv = history(engine)
     multi = sum(
-        guess(engine, states[t - 1], ids[t]) == int(np.argmax(full[t])) for t in range(prompt, len(ids) - 1)
+        guess(engine, kv, states[t - 1], ids[t]) == int(np.argmax(full[t]))
+        for t in range(prompt, len(ids) - 1)
     )
     return n, one, multi
 
@@ -71,8 +86,9 @@ def free(engine: Engine, ids: list[int], new: int) -> tuple[int, int]:
     hidden = engine.runner.hidden[0, -1].copy()
     token = int(np.argmax(logits))
     agree = 0
+    kv = history(engine)
     for _ in range(new):
-        d = guess(engine, hidden, token)
+        d = guess(engine, kv, hidden, token)
         logits = engine.decode_one_token(token, slot)
         hidden = engine.runner.hidden[0, engine.last_pos].copy()
         token = int(np.argmax(logits))

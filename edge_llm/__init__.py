@@ -14,6 +14,6 @@ import os
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # Bumped when a bundle may need this runtime (bundle.json `requirements.edge_llm`): 0.2.0 reads
-# `graph.kv_spare`; 0.3.0 feeds the padded graph's `query_pad` switch. pyproject.toml's version
-# follows it (tests/test_packaging.py).
+# `graph.kv_spare`; 0.3.0 feeds the padded graph's `query_pad` switch and runs an eagle1 draft.
+# pyproject.toml's version follows it (tests/test_packaging.py).
 __version__ = "0.3.0"

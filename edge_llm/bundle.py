@@ -56,6 +56,9 @@ KV_SPARE_RUNTIME = "0.2.0"
 # PAD_SWITCH_RUNTIME: a bundle whose graph has the input requires it (older ones would not feed it).
 PAD_INPUT = "query_pad"
 PAD_SWITCH_RUNTIME = "0.3.0"
+# The first runtime that runs a draft of kind "eagle1" (its own KV cache): older ones would feed
+# it as the stateless kind and fail at its first draft step, so such a bundle requires it.
+EAGLE1_RUNTIME = "0.3.0"
 
 
 @dataclass(frozen=True)

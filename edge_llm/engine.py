@@ -482,7 +482,11 @@ class Generation:
         self.spec_backoff = self.spec_wait = 0
         self.rejected = 0  # trained-draft verifies that ended at a rejected draft (its acceptance)
         # The main graph's final hidden state where `last` was predicted (the draft's input).
-        self.hidden: np.ndarray | None = None
+        self._hidden: np.ndarray | None = None
+        # An eagle1 draft's unread history (each state set, paired with the generated token after
+        # it) and its KV cache (speculate.DraftKV).
+        self.trail: list[np.ndarray] | None = [] if engine.draft and engine.draft.stateful else None
+        self.draft_kv: speculate.DraftKV | None = None
         self.constraint = constraint
         self.error: ConstraintError | None = None  # set with finish "error"
         self.finish: str | None = None
@@ -493,6 +497,16 @@ class Generation:
     @property
     def finished(self) -> bool:
         return self.finish is not None
+
+    @property
+    def hidden(self) -> np.ndarray | None:
+        return self._hidden
+
+    @hidden.setter
+    def hidden(self, state: np.ndarray | None) -> None:
+        self._hidden = state
+        if self.trail is not None and state is not None:
+            self.trail.append(state)
 
     def take(self, logits: np.ndarray) -> None:
         """Sample from the logits of the last fed position and account for the new token."""

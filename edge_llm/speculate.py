@@ -4,9 +4,14 @@ In: a `Generation` whose last forward left the main graph's final hidden state i
 (the position that produced `q.last`). Out: the generation advanced by 1 + accepted tokens, in
 one forward of the main graph over [last, d1..dk] with `logits_to_keep = k+1`.
 
-The draft (`export/train_draft.py`) is stateless: (hidden state, next token) -> (guessed next
-hidden state, logits over its reduced vocabulary), so drafting k tokens is k tiny forwards and
-nothing needs undoing when a draft is rejected; the main cache is cut back to what was kept.
+The draft (`export/train_draft.py`), kind "feature-mlp", is stateless: (hidden state, next token)
+-> (guessed next hidden state, logits over its reduced vocabulary), so drafting k tokens is k tiny
+forwards and nothing needs undoing when a draft is rejected; the main cache is cut back to what
+was kept. Kind "eagle1" (`export/draft_eagle.py`) adds one attention layer over the draft's own
+history of (state, token) pairs, from the last prompt position on, with its own KV cache
+(`DraftKV`, one per generation): each drafting first feeds the real pairs the main graph produced
+since the last one (`Generation.trail`: verified and plainly decoded positions alike), then its
+guesses; the next drafting reads only the real prefix, so a rejected guess costs nothing to undo.
 
 Greedy requests keep the longest prefix of drafts equal to the main graph's argmax, plus its own
 next token: output identical to plain greedy decoding wherever the graph gives the same logits
@@ -84,14 +89,57 @@ class Draft:
         # full id -> draft row (-1: outside the draft vocabulary, probability 0 under the draft)
         self.rows = np.full(bundle.architecture.vocab_size, -1, np.int64)
         self.rows[self.vocab] = np.arange(self.vocab.size)
+        if spec.kind not in KINDS:
+            known = ", ".join(KINDS)
+            raise BundleError(f"{path}: draft kind {spec.kind!r} unknown to this runtime ({known})")
+        # eagle1: an attention layer over the draft's own history, with its own KV cache (DraftKV)
+        self.stateful = spec.kind == "eagle1"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if self.stateful and not {"past_key", "past_value"} <= set(inputs):
+            raise BundleError(f"{path}: an eagle1 draft needs past_key / past_value inputs")
+        self.width = int(inputs["past_key"].shape[1]) if self.stateful else 0
 
     def __call__(self, hidden: np.ndarray, token: int) -> tuple[np.ndarray, np.ndarray]:
-        """(guessed next hidden state [H], logits over the draft vocabulary [Vd])."""
+        """Stateless kind: (guessed next hidden state [H], logits over the draft vocabulary [Vd])."""
         feature, logits = self.session.run(
             ["feature", "logits"],
             {"hidden": hidden[None].astype(np.float32, copy=False), "input_ids": np.array([token], np.int64)},
         )
         return feature[0], logits[0, : self.vocab.size]
+
+    def step(
+        self, kv: DraftKV, hidden: np.ndarray, tokens: Sequence[int], commit: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """eagle1: feed pairs (state [S, H], token [S]) after the cached history; (the last pair's
+        feature [H], logits [Vd]). `commit`: the pairs are real (main-graph states) and stay; else
+        they are guesses, kept only until the next commit, which reads the real prefix alone."""
+        past = slice(0, kv.fed) if commit else slice(0, kv.key.shape[0])
+        feature, logits, kv.key, kv.value = self.session.run(
+            ["feature", "logits", "present_key", "present_value"],
+            {
+                "hidden": hidden.astype(np.float32, copy=False),
+                "input_ids": np.asarray(tokens, np.int64),
+                "past_key": kv.key[past],  # a prefix of rows: a view, no copy
+                "past_value": kv.value[past],
+            },
+        )
+        if commit:
+            kv.fed += len(tokens)
+        return feature[-1], logits[-1, : self.vocab.size]
+
+
+KINDS = ("feature-mlp", "eagle1")
+
+
+class DraftKV:
+    """An eagle1 draft's KV cache for one generation: `fed` real pairs (main-graph state, token)
+    at its start, then the guesses of the latest drafting. A rejected guess is dropped by reading
+    only the first `fed` rows next time (no copy)."""
+
+    def __init__(self, width: int) -> None:
+        self.key = np.zeros((0, width), np.float32)
+        self.value = np.zeros((0, width), np.float32)
+        self.fed = 0
 
 
 def eligible(engine: Engine, q: Generation, draft: bool) -> bool:
@@ -135,7 +183,10 @@ def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool
     q.rejected += accepted < k
     if _keep(engine, q, tokens, cached, accepted):
         return True
-    q.hidden = hidden[accepted].copy()
+    # The verified positions' real states: the last one is the next draft's input; with a
+    # stateful draft each also joins its history (`Generation.trail`), paired with its token.
+    for state in hidden[: accepted + 1]:
+        q.hidden = state.copy()
     q.accept(nxt)
     return True
 
@@ -200,8 +251,23 @@ def _draft(draft: Draft, q: Generation, k: int, greedy: bool) -> tuple[list[int]
     state, token = q.hidden, q.last
     drafts: list[int] = []
     probs: list[np.ndarray] = []
-    for _ in range(k):
-        state, logits = draft(state, token)
+    kv = None
+    if draft.stateful:  # the real pairs since the last drafting go in first (q.trail ends with
+        # the current one: (q.hidden, q.last)), then each guess after them
+        assert q.trail is not None
+        if q.draft_kv is None:
+            q.draft_kv = DraftKV(draft.width)
+        kv = q.draft_kv
+        tokens = q.generated[kv.fed :]
+        if len(tokens) != len(q.trail) or tokens[-1] != q.last:
+            raise RuntimeError("draft history out of step with the generation")  # a bug, not input
+        state, logits = draft.step(kv, np.stack(q.trail), tokens, commit=True)
+        q.trail.clear()
+    for i in range(k):
+        if kv is None:
+            state, logits = draft(state, token)
+        elif i:
+            state, logits = draft.step(kv, state[None], [token], commit=False)
         if greedy:
             row = int(np.argmax(logits))
         else:

@@ -18,6 +18,7 @@ from typing import Any
 
 from edge_llm import chat
 from edge_llm.bundle import (
+    EAGLE1_RUNTIME,
     FORMAT_VERSION,
     KV_SPARE_RUNTIME,
     PAD_INPUT,
@@ -148,8 +149,9 @@ def run(config: BundleConfig, inputs: BundleInputs, out_dir: Path) -> Path:
                 ),
                 # Runtimes before KV_SPARE_RUNTIME ignore graph.kv_spare and overrun the KV
                 # buffer when a sequence fills it; runtimes before PAD_SWITCH_RUNTIME do not feed
-                # the padded graph's switch: they must refuse the bundle instead.
-                edge_llm=runtime_needed(graph_inputs, inputs.layout.get("kv_spare", 0)),
+                # the padded graph's switch, runtimes before EAGLE1_RUNTIME feed an eagle1 draft
+                # as the stateless kind: they must refuse the bundle instead.
+                edge_llm=runtime_needed(inputs.layout, graph_inputs),
             ),
             provider_options=targets.provider_options(inputs.target),
         )
@@ -180,8 +182,15 @@ def _requirements_fields(
     return {**req, "contrib_ops": tuple(sorted(ops)), "graphs": extra}
 
 
-def runtime_needed(graph_inputs: tuple[str, ...], kv_spare: int) -> str:
-    """bundle.json `requirements.edge_llm`: the first runtime that runs the graph right ("": any)."""
+def runtime_needed(layout: dict[str, Any], graph_inputs: tuple[str, ...]) -> str:
+    """bundle.json `requirements.edge_llm`: the oldest edge-llm that runs this bundle right
+    ("": any) — the newest of what its parts need."""
+    need = [""]
+    if layout.get("kv_spare", 0) > 0:
+        need.append(KV_SPARE_RUNTIME)  # older runtimes ignore kv_spare and overrun the KV buffer
     if PAD_INPUT in graph_inputs:
-        return PAD_SWITCH_RUNTIME  # feeds the padded graph's switch (and reads kv_spare)
-    return KV_SPARE_RUNTIME if kv_spare > 0 else ""
+        need.append(PAD_SWITCH_RUNTIME)  # feeds the padded graph's switch
+    draft = layout.get("draft")
+    if draft is not None and draft.kind == "eagle1":
+        need.append(EAGLE1_RUNTIME)  # keeps the draft's own KV cache
+    return max(need, key=lambda v: version_tuple(v) if v else ())

@@ -303,37 +303,14 @@ def answer_torch(
 def _answer_batch(
     model: Any, tok: Any, stop: set[int], prompts: list[list[int]], max_new_tokens: int
 ) -> list[str]:
-    """Greedy answers to left-padded prompts in one KV cache; a row stops at a stop id or once its
-    text holds a newline, the batch when every row has."""
-    import torch
+    """Greedy answers to left-padded prompts in one KV cache (`teacher.greedy_batch`); a row stops
+    at a stop id or once its text holds a newline, the batch when every row has."""
+    from export.teacher import greedy_batch
 
-    width = max(map(len, prompts))
-    x = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # pad id is masked: any id
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts positions from its own first token
-    new: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    past = None
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            o = model(
-                input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
-            )
-            past, tokens = o.past_key_values, o.logits[:, -1].argmax(-1).tolist()
-            for i, token in enumerate(tokens):
-                if done[i]:
-                    continue
-                if token in stop:
-                    done[i] = True
-                    continue
-                new[i].append(token)
-                done[i] = "\n" in tok.decode(new[i], skip_special_tokens=True)
-            if all(done):
-                break
-            x = torch.tensor([[t] for t in tokens])
-            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-            pos = pos[:, -1:] + 1
-    texts = [tok.decode(n, skip_special_tokens=True) for n in new]
+    rows = greedy_batch(
+        model, prompts, max_new_tokens, stop, lambda new: "\n" in tok.decode(new, skip_special_tokens=True)
+    )
+    texts = [tok.decode(new, skip_special_tokens=True) for new, _ in rows]
     # As the runtime's stream decoder: an incomplete character at the very end is dropped.
     return [t.split("\n", 1)[0] if "\n" in t else t.rstrip("\ufffd") for t in texts]
 

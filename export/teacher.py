@@ -137,17 +137,82 @@ def _answer(
         hf_tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
         for q in questions
     ]
+    if greedy:  # the QA check's loop; finished rows leave the batch (answers run 10-160 tokens)
+        rows = greedy_batch(teacher, prompts, max_answer, set(stop), shrink=True, device=device)
+        return [
+            (p + new + ([stop[0]] if ended else []), len(p))
+            for p, (new, ended) in zip(prompts, rows, strict=True)
+        ]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    how = {"do_sample": False, "eos_token_id": stop, "pad_token_id": pad} if greedy else _sampling(stop, pad)
     with torch.inference_mode():
-        out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **how)[:, width:].tolist()
+        out = teacher.generate(ids, attention_mask=mask, max_new_tokens=max_answer, **_sampling(stop, pad))
     chats = []
-    for p, answer in zip(prompts, out, strict=True):
+    for p, answer in zip(prompts, out[:, width:].tolist(), strict=True):
         kept = until(answer, stop)
         chats.append((p + kept + ([stop[0]] if len(kept) < len(answer) else []), len(p)))
     return chats
+
+
+def greedy_batch(
+    model: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop: set[int],
+    done: Callable[[list[int]], bool] | None = None,
+    shrink: bool = False,
+    device: str = "cpu",
+) -> list[tuple[list[int], bool]]:
+    """Greedy continuations of left-padded `prompts` in one KV cache: (new ids without the stop
+    id, whether a stop id ended it) per prompt. A row ends at a stop id or when `done(its new
+    ids)` says so, the batch when every row has. `shrink`: finished rows leave the batch (their
+    cache rows dropped), so long answers do not carry short ones' dead rows; a row's numbers may
+    then differ in the last bit from an unshrunk batch (another GEMM shape).
+    Why not `generate`: measured slower on a loaded 2-core host (benchmarks/README.md,
+    *Speculative decoding with a trained draft*), and this loop is the one the QA check runs."""
+    import torch
+
+    width = max(map(len, prompts))
+    x = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)  # pad: masked
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts positions from its own first token
+    new: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    finished = [False] * len(prompts)
+    live = list(range(len(prompts)))  # prompt index of each batch row
+    past = None
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            o = model(
+                input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
+            )
+            past, tokens = o.past_key_values, o.logits[:, -1].argmax(-1).tolist()
+            for r, token in enumerate(tokens):
+                i = live[r]
+                if finished[i]:
+                    continue
+                if token in stop:
+                    stopped[i] = finished[i] = True
+                    continue
+                new[i].append(token)
+                finished[i] = done is not None and done(new[i])
+            if all(finished[i] for i in live):
+                break
+            if shrink and any(finished[i] for i in live):
+                keep = [r for r, i in enumerate(live) if not finished[i]]
+                index = torch.tensor(keep, device=device)
+                past.batch_select_indices(index)
+                mask, pos, tokens, live = (
+                    mask[index],
+                    pos[index],
+                    [tokens[r] for r in keep],
+                    [live[r] for r in keep],
+                )
+            x = torch.tensor([[t] for t in tokens], device=device)
+            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=mask.dtype, device=device)], 1)
+            pos = pos[:, -1:] + 1
+    return [(n, s) for n, s in zip(new, stopped, strict=True)]
 
 
 def until(ids: list[int], stop: list[int]) -> list[int]:

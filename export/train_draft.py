@@ -34,6 +34,7 @@ import numpy as np
 
 from edge_llm.bundle import PAD_INPUT, DraftSpec
 from edge_llm.errors import ExportError
+from export import draft_eagle
 from export.hf import special_ids
 from export.onnx_graph import link_or_copy
 from export.stage import Artifact, Stage
@@ -44,6 +45,7 @@ HIDDEN = "hidden_states"  # the main graph's extra output
 REPORT = "draft.json"
 DRAFT_FILE = "draft.onnx"
 HELD_OUT = "held_out_chats.json"
+KINDS = ("feature-mlp", draft_eagle.KIND)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class DraftConfig:
     # tokens, and sampled answers (temperature 1) teach the draft text it will not be asked for.
     chat_greedy: bool = True
     seq_len: int = 256
+    # "feature-mlp": the stateless head below; "eagle1": + one attention layer over the draft's
+    # own history with its own KV cache (export/draft_eagle.py), trained on `window`-pair windows.
+    kind: str = "feature-mlp"
+    window: int = 128
     vocab: int = 8192  # draft vocabulary: the most frequent tokens the main graph emits
     intermediate: int = 1024  # the head's MLP width
     unroll: int = 3  # draft steps trained on the head's own guessed hidden states
@@ -84,6 +90,8 @@ class DraftConfig:
             (self.batch >= 1 and self.lr > 0 and self.epochs > 0, "batch >= 1, lr > 0, epochs > 0"),
             (self.chat_tokens >= 0 and self.chat_max_answer >= 8, "chat_tokens >= 0, chat_max_answer >= 8"),
             (self.block_size >= 0 and self.max_minutes >= 0, "block_size, max_minutes >= 0"),
+            (self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}"),
+            (8 <= self.window <= 1024, "window in 8..1024"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -197,23 +205,55 @@ def text_rows(config: DraftConfig, tok: Any, span: tuple[float, float], tokens: 
     return [ids[i * config.seq_len : (i + 1) * config.seq_len] for i in range(n)]
 
 
+# How `chat_rows` writes chats (question sampler, greedy batched answers): part of the cache key.
+CHATS_METHOD = "magpie-greedy-batch-v1"
+CHATS_FILE = "chats.json"
+
+
 def chat_rows(config: DraftConfig, teacher_dir: Path) -> list[tuple[list[int], int]]:
     """Chat turns the teacher writes itself (question and answer), `chat_tokens` in all:
-    (ids, prompt length) each."""
+    (ids, prompt length) each. Cached (stage folders `teacher-chats-<key>`) by the teacher's
+    content and the chat settings: on a loaded 2-core host they are most of the stage's time,
+    and another draft kind or training setting over the same teacher reuses them."""
     if not config.chat_tokens:
         return []
-    from export import teacher
+    import importlib.metadata
+    import os
 
-    model = teacher.load_model(teacher_dir, "cpu", config.threads)
-    return teacher.chats(
-        model,
-        teacher_dir,
-        config.chat_tokens,
-        config.chat_max_answer,
-        config.chat_seed,
-        "cpu",
-        greedy=config.chat_greedy,
-    )
+    from export import teacher
+    from export.cache import cached_stage, stable_key
+    from export.qa import model_digest
+
+    versions = [importlib.metadata.version(m) for m in ("torch", "transformers")]
+    settings = [config.chat_tokens, config.chat_max_answer, config.chat_seed, config.chat_greedy]
+    key = stable_key(model_digest(teacher_dir), settings, CHATS_METHOD, versions)
+
+    def build(out: Path) -> None:
+        model = teacher.load_model(teacher_dir, "cpu", config.threads)
+        rows = teacher.chats(
+            model,
+            teacher_dir,
+            config.chat_tokens,
+            config.chat_max_answer,
+            config.chat_seed,
+            "cpu",
+            greedy=config.chat_greedy,
+        )
+        tmp = out / (CHATS_FILE + ".tmp")
+        tmp.write_text(json.dumps([[ids, n] for ids, n in rows]), encoding="utf-8")
+        os.replace(tmp, out / CHATS_FILE)
+
+    folder, hit = cached_stage("teacher-chats", key, build)
+    try:
+        rows = json.loads((folder / CHATS_FILE).read_text(encoding="utf-8"))
+        chats = [([int(i) for i in ids], int(n)) for ids, n in rows]
+    except (OSError, ValueError, TypeError):
+        raise ExportError(
+            f"{folder}: cached teacher chats are damaged (remove the folder to recompute)"
+        ) from None
+    if hit:
+        log.info("draft: %d teacher chats from the cache (%s)", len(chats), folder)
+    return chats
 
 
 def choose_vocab(corpus: Corpus, size: int, must: list[int]) -> np.ndarray:
@@ -253,21 +293,53 @@ def make_head(table: np.ndarray, intermediate: int, eps: float) -> Any:
     return Head()
 
 
-def train(head: Any, corpus: Corpus, vmap: np.ndarray, config: DraftConfig, progress: bool) -> dict[str, Any]:
+def train(
+    head: Any,
+    corpus: Corpus,
+    vmap: np.ndarray,
+    config: DraftConfig,
+    progress: bool,
+    first: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Fit `head` on `corpus`: CE on the main graph's greedy token (in-vocabulary targets) and
-    smooth-L1 to its hidden state, over `unroll` chained steps; returns what it did."""
+    smooth-L1 to its hidden state, over `unroll` chained steps; returns what it did. `first`
+    (eagle1): each sequence's first drafted position (a chat's answer)."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    origins = corpus.origins(config.unroll)
-    steps = max(1, int(config.epochs * len(origins) / config.batch))
     opt = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=0.0)
-    rows_of = torch.from_numpy(vmap)
-    hidden = torch.from_numpy(corpus.hidden)
-    ids, greedy = torch.from_numpy(corpus.ids), torch.from_numpy(corpus.greedy.astype(np.int64))
     unk = int(vmap.max())  # the out-of-vocabulary row: never a target, never proposed
+    if config.kind == draft_eagle.KIND:
+        windows = draft_eagle.Windows(
+            corpus, first if first is not None else np.ones(len(corpus.starts)), config.window
+        )
+        per = max(1, config.batch // config.window)  # `batch` counts pairs: windows of `window`
+        steps = max(1, int(config.epochs * len(corpus.ids) / (per * config.window)))
+
+        def batch_loss() -> Any:
+            pick = rng.integers(len(windows), size=per)
+            return draft_eagle.loss(head, windows.batch(pick, vmap), config.unroll, config.hidden_weight, unk)
+    else:
+        origins = corpus.origins(config.unroll)
+        steps = max(1, int(config.epochs * len(origins) / config.batch))
+        rows_of = torch.from_numpy(vmap)
+        hidden = torch.from_numpy(corpus.hidden)
+        ids, greedy = torch.from_numpy(corpus.ids), torch.from_numpy(corpus.greedy.astype(np.int64))
+
+        def batch_loss() -> Any:
+            t = torch.from_numpy(rng.choice(origins, config.batch))
+            state = hidden[t].float()
+            loss = torch.zeros(())
+            for j in range(1, config.unroll + 1):
+                state, logits = head(state, rows_of[ids[t + j]])
+                target = rows_of[greedy[t + j]]
+                target = torch.where(target == unk, torch.full_like(target, -100), target)
+                loss = loss + F.cross_entropy(logits[:, :unk], target, ignore_index=-100)
+                loss = loss + config.hidden_weight * F.smooth_l1_loss(state, hidden[t + j].float())
+            return loss
+
     t0, done, losses, rates = time.perf_counter(), 0, [], []
     for step in range(steps):
         # Progress is steps or wall time, whichever is further along: under the time cap the
@@ -280,15 +352,7 @@ def train(head: Any, corpus: Corpus, vmap: np.ndarray, config: DraftConfig, prog
         rates.append(schedule(config.lr, frac))
         for group in opt.param_groups:
             group["lr"] = rates[-1]
-        t = torch.from_numpy(rng.choice(origins, config.batch))
-        state = hidden[t].float()
-        loss = torch.zeros(())
-        for j in range(1, config.unroll + 1):
-            state, logits = head(state, rows_of[ids[t + j]])
-            target = rows_of[greedy[t + j]]
-            target = torch.where(target == unk, torch.full_like(target, -100), target)
-            loss = loss + F.cross_entropy(logits[:, :unk], target, ignore_index=-100)
-            loss = loss + config.hidden_weight * F.smooth_l1_loss(state, hidden[t + j].float())
+        loss = batch_loss()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -432,7 +496,11 @@ def build(config: DraftConfig, art: Artifact, out: Path, progress: bool) -> None
     t0 = time.perf_counter()
     chats = chat_rows(config, art.teacher)
     held = max(1, len(chats) // 10) if chats else 0
-    train_seqs = text_rows(config, tok, config.span, config.tokens) + [ids for ids, _ in chats[held:]]
+    text = text_rows(config, tok, config.span, config.tokens)
+    train_seqs = text + [ids for ids, _ in chats[held:]]
+    # eagle1: the first drafted pair of each sequence (a chat's answer; the runtime's draft
+    # history starts at the generation)
+    first = np.asarray([1] * len(text) + [n for _, n in chats[held:]], np.int64)
     # The held-out chats, for benchmarks/draft_agreement.py --chats (not part of the bundle).
     (out / HELD_OUT).write_text(json.dumps([[ids, n] for ids, n in chats[:held]]) + "\n")
     corpus = Corpus.build(main, train_seqs)
@@ -445,23 +513,33 @@ def build(config: DraftConfig, art: Artifact, out: Path, progress: bool) -> None
 
     emb = load_weights(art.hf_dir)["model.embed_tokens.weight"]
     table = np.concatenate([emb[vocab], emb.mean(0, keepdims=True)]).astype(np.float32)
-    head = make_head(table, config.intermediate, eps)
-    fit = train(head, corpus, vmap, config, progress)
-    held_out = {
-        "text": agreement(
-            head,
-            Corpus.build(main, text_rows(config, tok, config.eval_span, config.eval_tokens)),
-            vmap,
-            vocab,
-            config.k,
+    eagle = config.kind == draft_eagle.KIND
+    theta = float(hf_config.get("rope_theta", 10000.0))
+    if eagle:
+        heads = int(hf_config["num_attention_heads"])
+        head = draft_eagle.make_eagle(
+            table, config.intermediate, eps, heads, theta, art_context(art, hf_config)
         )
-    }
+    else:
+        head = make_head(table, config.intermediate, eps)
+    fit = train(head, corpus, vmap, config, progress, first)
+
+    def check(seqs: list[list[int]], starts: list[int]) -> dict[str, Any]:
+        held_corpus = Corpus.build(main, seqs)
+        if eagle:
+            windows = draft_eagle.disjoint(held_corpus, np.asarray(starts), config.window)
+            return draft_eagle.agreement(head, windows, vmap, config.k)
+        return agreement(head, held_corpus, vmap, vocab, config.k)
+
+    eval_text = text_rows(config, tok, config.eval_span, config.eval_tokens)
+    held_out = {"text": check(eval_text, [1] * len(eval_text))}
     if held:
-        held_out["chat"] = agreement(
-            head, Corpus.build(main, [ids for ids, _ in chats[:held]]), vmap, vocab, config.k
-        )
+        held_out["chat"] = check([ids for ids, _ in chats[:held]], [n for _, n in chats[:held]])
     fp32 = out / "draft-fp32.onnx"
-    write_onnx(head, vmap, eps, fp32)
+    if eagle:
+        draft_eagle.write_onnx(head, vmap, eps, theta, fp32)
+    else:
+        write_onnx(head, vmap, eps, fp32)
     quant = quantize_draft(fp32, out / DRAFT_FILE, config.block_size) if config.block_size else {}
     if config.block_size:
         fp32.unlink()
@@ -483,9 +561,15 @@ def build(config: DraftConfig, art: Artifact, out: Path, progress: bool) -> None
     (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")
 
 
+def art_context(art: Artifact, hf_config: dict[str, Any]) -> int:
+    """The longest sequence the main graph serves: the draft's rotary table covers it."""
+    return int(art.layout.get("context_length") or hf_config.get("max_position_embeddings", 2048))
+
+
 def result(config: DraftConfig, art: Artifact, folder: Path) -> Artifact:
     rep = json.loads((folder / REPORT).read_text(encoding="utf-8"))
-    spec = DraftSpec(file=DRAFT_FILE, vocab=tuple(rep["vocab"]))
+    kind = rep["config"].get("kind", "feature-mlp")
+    spec = DraftSpec(file=DRAFT_FILE, vocab=tuple(rep["vocab"]), kind=kind)
     facts = {"draft_bytes": rep["draft_bytes"], "held_out": rep["held_out"], "training": rep["training"]}
     return replace(
         art,

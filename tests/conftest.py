@@ -268,6 +268,16 @@ def tiny_draft(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPath
     return export_bundle(tiny_hf, out, "none", "fused", draft=tiny_draft_config(tiny_text))
 
 
+@pytest.fixture(scope="session")
+def tiny_eagle(tiny_hf: Path, tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_draft with the EAGLE-1-style draft (kind "eagle1": an attention layer, its own KV)."""
+    from dataclasses import replace
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-eagle"
+    config = replace(tiny_draft_config(tiny_text), kind="eagle1", window=16)  # type: ignore[type-var]
+    return export_bundle(tiny_hf, out, "none", "fused", draft=config)
+
+
 def gate_method(
     obj: Any, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[threading.Event, threading.Event]:

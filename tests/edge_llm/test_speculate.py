@@ -25,11 +25,13 @@ from edge_llm.sampling import SamplingParams
 PROMPTS = ["The capital of France is", "def add(a, b):", "Small language models run on"]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_draft: Path) -> tuple[Engine, Engine]:
-    """(speculating with the draft, plain) on the same bundle."""
-    on = Engine.load(tiny_draft, RunnerOptions(threads=1, speculation="draft"))
-    off = Engine.load(tiny_draft, RunnerOptions(threads=1, speculation="off"))
+@pytest.fixture(scope="module", params=["tiny_draft", "tiny_eagle"])
+def engines(request: pytest.FixtureRequest) -> tuple[Engine, Engine]:
+    """(speculating with the draft, plain) on the same bundle: the stateless draft, and the
+    eagle1 draft with its own KV cache."""
+    bundle = request.getfixturevalue(request.param)
+    on = Engine.load(bundle, RunnerOptions(threads=1, speculation="draft"))
+    off = Engine.load(bundle, RunnerOptions(threads=1, speculation="off"))
     return on, off
 
 
@@ -50,6 +52,7 @@ def test_bundle_ships_the_draft(tiny_draft: Path) -> None:
 
 def test_auto_uses_the_draft_and_off_does_not(engines: tuple[Engine, Engine], tiny_fused: Path) -> None:
     on, off = engines
+    assert on.draft is not None and on.draft.stateful == (on.bundle.graph.draft.kind == "eagle1")
     assert on.draft is not None and off.draft is None and off.lookup == 0
     assert Engine.load(on.bundle.path).draft is not None  # "auto": the bundle has a draft
     assert Engine.load(tiny_fused).draft is None  # no draft: plain (prompt_lookup 0)
@@ -256,3 +259,51 @@ def test_a_draft_bundle_with_variants_loads_them_without_the_draft(
     assert int8.complete(ids, SamplingParams(max_tokens=4, ignore_eos=True)).usage.completion_tokens == 4
     with pytest.raises(BundleError, match="only on the main graph"):
         Engine.load(bundle, RunnerOptions(kv_cache="int8", ragged=False, speculation="draft"))
+
+
+def test_eagle_draft_history_is_the_real_pairs(tiny_eagle: Path) -> None:
+    """After a greedy generation the eagle1 draft's cache holds exactly the real (state, token)
+    pairs from the last prompt position on: the same rows one draft forward over the main
+    graph's states of the whole text gives (guesses and rejected drafts left no trace)."""
+    on = Engine.load(tiny_eagle, RunnerOptions(threads=1, speculation="draft"))
+    assert on.draft is not None and on.draft.stateful
+    ids = on.encode_request(prompt=PROMPTS[2])
+    gen = on.start(ids, SamplingParams(max_tokens=40, ignore_eos=True))
+    while not gen.finished:
+        on.step([gen])
+    kv = gen.draft_kv
+    assert kv is not None and gen.verifies > 0 and 0 < kv.fed < len(gen.generated)
+    full = [*ids, *gen.generated]
+    on.runner.forward(np.asarray([full], np.int64), on.runner.empty(1), all_logits=True)
+    states = on.runner.hidden[0, len(ids) - 1 : len(ids) - 1 + kv.fed]
+    ref = speculate.DraftKV(on.draft.width)
+    on.draft.step(ref, states, gen.generated[: kv.fed], commit=True)
+    np.testing.assert_allclose(kv.key[: kv.fed], ref.key, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(kv.value[: kv.fed], ref.value, rtol=1e-3, atol=1e-4)
+
+
+def test_eagle_bundle_needs_the_runtime_that_runs_it(
+    tiny_eagle: Path, tiny_draft: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eagle1 draft needs edge-llm >= EAGLE1_RUNTIME (older runtimes would feed it as the
+    stateless kind): bundle.json says so and an older runtime refuses it in one line; the
+    stateless draft's bundle keeps loading there."""
+    from edge_llm.bundle import EAGLE1_RUNTIME
+
+    assert json.loads((tiny_eagle / "bundle.json").read_text())["requirements"]["edge_llm"] == EAGLE1_RUNTIME
+    monkeypatch.setattr("edge_llm.bundle.__version__", "0.2.0")
+    with pytest.raises(BundleError, match=f"needs edge-llm ≥ {EAGLE1_RUNTIME}"):
+        load_bundle(tiny_eagle)
+    assert load_bundle(tiny_draft).graph.draft is not None
+
+
+def test_unknown_draft_kind_refused(tiny_draft: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_draft, copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["graph"]["draft"]["kind"] = "eagle9"
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="draft kind 'eagle9' unknown to this runtime"):
+        Engine.load(copy, RunnerOptions(threads=1, speculation="draft"))

@@ -82,3 +82,64 @@ def test_teacher_answers_greedily_when_asked(tiny_hf: Path) -> None:
 
     assert answer(1, True) == answer(2, True)
     assert answer(1, False) != answer(2, False)
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(tiny_hf: Path) -> None:
+    """teacher.greedy_batch (the QA check's loop, which now writes the draft's chats): left-padded
+    rows of different lengths, rows leaving the batch as they stop (shrink), give each prompt the
+    tokens it gets alone, and what HF `generate` gives greedily."""
+    import torch
+
+    from export import teacher
+
+    model = teacher.load_model(tiny_hf, "cpu", 1)
+    tok = teacher.hf_tokenizer(tiny_hf)
+    questions = ["What is the capital of France?", "Hi", "Name three colours of the rainbow, please.", "Why?"]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in questions
+    ]
+    free = [teacher.greedy_batch(model, [p], 20, set())[0][0] for p in prompts]
+    # A stop id each row meets at another step (or never): rows end at different times.
+    stop = {free[0][3], free[2][9]}
+    alone = [teacher.greedy_batch(model, [p], 20, stop)[0] for p in prompts]
+    assert len({len(new) for new, _ in alone}) > 1 and any(ended for _, ended in alone)
+    assert teacher.greedy_batch(model, prompts, 20, stop, shrink=True) == alone
+    assert teacher.greedy_batch(model, prompts, 20, stop) == alone
+    # HF generate, greedy, on the same left-padded batch (what chats used before)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=sorted(stop),
+            pad_token_id=0,
+        )[:, width:].tolist()
+    assert [teacher.until(o, sorted(stop)) for o in out] == [new for new, _ in alone]
+
+
+def test_teacher_chats_are_cached(tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher writes a draft's chats once per teacher and chat settings: another draft kind
+    over the same teacher reads them from the export cache."""
+    from dataclasses import replace
+
+    from export import teacher, train_draft
+
+    calls: list[int] = []
+    real = teacher.chats
+
+    def counted(*args: object, **kwargs: object) -> list[tuple[list[int], int]]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(teacher, "chats", counted)
+    config = DraftConfig(text=tmp_path / "t.txt", chat_tokens=97, chat_max_answer=8, threads=1, chat_seed=5)
+    first = train_draft.chat_rows(config, tiny_hf)
+    again = train_draft.chat_rows(replace(config, kind="eagle1"), tiny_hf)
+    assert calls == [1] and first == again and sum(len(ids) for ids, _ in first) >= 97
+    train_draft.chat_rows(replace(config, chat_seed=6), tiny_hf)
+    assert calls == [1, 1]  # other settings: written again
