@@ -16,6 +16,10 @@ shorter), micro-batches with gradient accumulation, and an optional wall-clock c
 (`max_minutes`, which makes the result depend on machine speed: recorded in the report). Uses
 CUDA when present (`device = "auto"`). A progress bar shows the loss and tokens/s.
 
+Faster steps on a CPU (both off by default): `teacher_topk` keeps the teacher's top-k targets per
+row (export/distill_targets.py), so it runs once per row across epochs and reruns; `autocast`
+runs the student's decoder in bf16 where the hardware has it (LM head and loss stay fp32).
+
 Checkpoints: every `checkpoint_every` optimizer steps the student, optimizer, schedule and data
 position go to `out_dir/checkpoint.pt` (written atomically); a rerun into the same folder — the
 recipe keeps an interrupted stage's `.partial` folder — resumes from there with the same data
