@@ -16,6 +16,10 @@ shorter), micro-batches with gradient accumulation, and an optional wall-clock c
 (`max_minutes`, which makes the result depend on machine speed: recorded in the report). Uses
 CUDA when present (`device = "auto"`). A progress bar shows the loss and tokens/s.
 
+Faster steps on a CPU (both off by default): `teacher_topk` keeps the teacher's top-k targets per
+row (export/distill_targets.py), so it runs once per row across epochs and reruns; `autocast`
+runs the student's decoder in bf16 where the hardware has it (LM head and loss stay fp32).
+
 Checkpoints: every `checkpoint_every` optimizer steps the student, optimizer, schedule and data
 position go to `out_dir/checkpoint.pt` (written atomically); a rerun into the same folder — the
 recipe keeps an interrupted stage's `.partial` folder — resumes from there with the same data
@@ -34,12 +38,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 
 from edge_llm.errors import ExportError
-from export import evaluate, qa, trim_vocab
+from export import distill_targets, evaluate, qa, trim_vocab
 from export.hf import TOKENIZER_FILES
 from export.stage import Artifact, Stage
 from export.teacher import answers as teacher_answers
@@ -82,6 +87,16 @@ class DistillConfig:
     hidden_weight: float = 0.0  # 1 - cos(final hidden states of student and teacher)
     ce_weight: float = 0.0  # cross-entropy on the text's next tokens
     freeze_embeddings: bool = True  # the tied embedding / lm_head stays the teacher's
+    # Teacher targets computed once (export/distill_targets.py): > 0, the teacher's top-k
+    # log-probs + tail mass per position, kept in the export cache; every later epoch and rerun
+    # trains on them without the teacher. 0: the teacher runs on every micro-batch (full KL).
+    teacher_topk: int = 0
+    # The student's decoder layers in bf16 autocast (fp32 master weights, the LM head and loss in
+    # fp32): "auto" where the hardware computes bf16 natively (CPU avx512_bf16 / AMX, CUDA).
+    autocast: Literal["off", "bf16", "auto"] = "off"
+    # Token counts at which the student is also saved to out_dir/at-<tokens> (a learning curve
+    # of what only a finished model can show: QA answers, chat agreement).
+    save_at: tuple[int, ...] = ()
     checkpoint_every: int = 20  # optimizer steps
     # Learning curve: every `eval_every` optimizer steps (0: never; also at the start and the
     # end) the student's perplexity on the held-out span, same windows as `evaluate`.
@@ -114,6 +129,12 @@ class DistillConfig:
             ),
             (self.chat_max_answer >= 8, "chat_max_answer must be >= 8"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
+            (self.teacher_topk >= 0, "teacher_topk must be >= 0"),
+            (
+                not (self.teacher_topk and self.hidden_weight),
+                "teacher_topk keeps the teacher's logits only; hidden_weight needs its hidden states",
+            ),
+            (all(t >= 1 for t in self.save_at), "save_at token counts must be >= 1"),
             (self.eval_tokens >= 2 and self.eval_context >= 2, "eval_tokens, eval_context >= 2"),
             (
                 not (self.eval_every and overlaps(self.span, self.eval_span)),
@@ -137,6 +158,35 @@ def pick_device(config: DistillConfig) -> str:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ExportError("distill.device = 'cuda' but no CUDA device is available")
     return config.device
+
+
+def bf16_native(device: str) -> bool:
+    """Whether `device` computes bf16 natively; elsewhere autocast emulates it, slower than fp32."""
+    import torch
+
+    if device == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: not detected, so "auto" stays fp32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def use_bf16(config: DistillConfig, device: str) -> bool:
+    return config.autocast == "bf16" or (config.autocast == "auto" and bf16_native(device))
+
+
+def student_forward(student: Any, ids: Any, bf16: bool) -> Any:
+    """The student's fp32 logits and final hidden state (as `.logits`, `.hidden_states[-1]`).
+    With `bf16` the decoder runs under bf16 autocast and the LM head outside it: bf16 keeps ~3
+    significant digits (~0.05 on a logit of 10), too coarse for the KL the student learns from."""
+    import torch
+
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = student.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = hidden.float()
+    return SimpleNamespace(logits=student.get_output_embeddings()(hidden), hidden_states=(hidden,))
 
 
 def load_tokenizer(teacher_dir: Path) -> Any:
@@ -309,17 +359,24 @@ def order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def losses(config: DistillConfig, s_out: Any, t_out: Any, labels: Any) -> dict[str, Any]:
+def losses(
+    config: DistillConfig, s_out: Any, t_out: Any, labels: Any, targets: tuple[Any, Any, Any] | None = None
+) -> dict[str, Any]:
+    """The loss parts; the KL from the teacher's output `t_out`, or from its cached top-k
+    `targets` (ids, log-probs, tail log-mass) when `t_out` is None."""
     import torch.nn.functional as F
 
     T = config.temperature
     s = s_out.logits.float()
-    t = t_out.logits.float()
     parts: dict[str, Any] = {}
     if config.kl_weight:
-        t_lp = F.log_softmax(t / T, dim=-1)
-        s_lp = F.log_softmax(s / T, dim=-1)
-        kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
+        if t_out is None:
+            assert targets is not None
+            kl = distill_targets.topk_kl(s, *targets, T)
+        else:
+            t_lp = F.log_softmax(t_out.logits.float() / T, dim=-1)
+            s_lp = F.log_softmax(s / T, dim=-1)
+            kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
         parts["kl"] = kl * (T * T) * config.kl_weight
     if config.hidden_weight:
         cos = F.cosine_similarity(s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float(), dim=-1)
@@ -375,6 +432,13 @@ def run(
         trim_vocab.restrict_head(teacher, vmap)  # after the teacher wrote its chats
         to_teacher = torch.from_numpy(vmap).to(device)
     held_out = held_out_ids(config, tok)
+    targets = None
+    if config.teacher_topk:
+        where_k = distill_targets.targets_path(
+            qa.model_digest(teacher_dir), data, config.teacher_topk, config.temperature, vmap
+        )
+        targets = distill_targets.Targets(data, config.teacher_topk, config.temperature, where_k)
+    bf16 = use_bf16(config, device)
     ckpt_path = out_dir / CHECKPOINT
     state = {"step": 0, "history": [], "seconds": 0.0, "resumed_at": [], "curve": []}
     if ckpt_path.is_file():
@@ -400,16 +464,18 @@ def run(
         for micro in range(config.grad_accum):
             rows = _rows(data.shape[0], (step * per_step) + micro * config.batch, config.batch, config.seed)
             ids = torch.from_numpy(data[rows]).to(device)
-            with torch.no_grad():
-                t_ids = ids if to_teacher is None else to_teacher[ids]
-                t_out = teacher(t_ids, output_hidden_states=want_hidden, use_cache=False)
-            s_out = student(ids, output_hidden_states=want_hidden, use_cache=False)
-            parts = losses(config, s_out, t_out, ids)
+            t_out = cached = None
+            if targets is not None:
+                cached = targets.get(rows, ids, lambda x: _teacher(teacher, x, to_teacher).logits)
+            else:
+                t_out = _teacher(teacher, ids, to_teacher, want_hidden)
+            s_out = student_forward(student, ids, bf16)
+            parts = losses(config, s_out, t_out, ids, cached)
             loss = sum(parts.values()) / config.grad_accum
             loss.backward()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / config.grad_accum
-            del t_out, s_out, parts, loss
+            del t_out, cached, s_out, parts, loss
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -427,17 +493,21 @@ def run(
             state["curve"].append(curve_point(student, held_out, config, device, tokens))
             log.info("distill: %d tokens, held-out perplexity %.3f", tokens, state["curve"][-1]["perplexity"])
             t_start += state["curve"][-1]["seconds"]  # the time cap and tok/s count training only
+        done = state["step"] * per_step * config.seq_len
+        for at in config.save_at:  # the snapshots this step reached
+            if done - per_step * config.seq_len < at <= done:
+                _save_student(student, student_dir, out_dir / f"at-{at}")
+                student.train()
         if state["step"] % config.checkpoint_every == 0 or last:
             _checkpoint(ckpt_path, student, opt, state)
+            if targets is not None:
+                targets.save()
         if out_of_time:
             stopped = "max_minutes"
             break
     if bar is not None:
         bar.close()
-    student.eval().save_pretrained(out_dir, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (Path(student_dir) / name).is_file():
-            shutil.copy2(Path(student_dir) / name, out_dir / name)
+    _save_student(student, student_dir, out_dir)
     hist = state["history"]
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -448,6 +518,9 @@ def run(
         "tokens_trained": state["step"] * per_step * config.seq_len,
         "stopped_by": stopped,
         "seconds": round(state["seconds"], 1),
+        "bf16": bf16,
+        # This process's teacher forwards (0 when every row's targets were cached already).
+        "teacher_rows": None if targets is None else targets.teacher_rows,
         "resumed_at_steps": state["resumed_at"],
         "first_loss": hist[0] if hist else None,
         "last_loss": hist[-1] if hist else None,
@@ -457,6 +530,23 @@ def run(
     (out_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     ckpt_path.unlink(missing_ok=True)
     return report
+
+
+def _teacher(teacher: Any, ids: Any, to_teacher: Any, hidden: bool = False) -> Any:
+    """The teacher's output on the student's ids (mapped to its own when the vocabulary was trimmed)."""
+    import torch
+
+    with torch.no_grad():
+        t_ids = ids if to_teacher is None else to_teacher[ids]
+        return teacher(t_ids, output_hidden_states=hidden, use_cache=False)
+
+
+def _save_student(student: Any, student_dir: Path, folder: Path) -> None:
+    """The student (eval mode) with the input folder's tokenizer files, as an HF folder."""
+    student.eval().save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (Path(student_dir) / name).is_file():
+            shutil.copy2(Path(student_dir) / name, folder / name)
 
 
 def _rows(n: int, start: int, count: int, seed: int) -> np.ndarray:

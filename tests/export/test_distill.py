@@ -11,35 +11,9 @@ import torch
 from tokenizers import Tokenizer
 
 from edge_llm.errors import ExportError
-from export import distill, evaluate, prune, qa
+from export import distill, evaluate, qa
 from export.teacher import CHAT_ROWS
 from export.text import read_span
-from tests.conftest import TRAIN_TEXT, build_tiny_hf
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> tuple[Path, Path]:
-    """(teacher, pruned student) folders."""
-    teacher = build_tiny_hf(tmp_path_factory.mktemp("teacher"), layers=4)
-    student = tmp_path_factory.mktemp("student")
-    cfg = prune.PruneConfig(
-        layer_ratio=0.25,
-        mlp_ratio=0.5,
-        multiple=8,
-        text=text_file,
-        span=(0.0, 1.0),
-        calib_tokens=256,
-        seq_len=64,
-    )
-    prune.run(cfg, teacher, student)
-    return teacher, student
 
 
 def _config(text: Path, **kw: object) -> distill.DistillConfig:
