@@ -215,6 +215,23 @@ def disjoint(corpus: Corpus, first: np.ndarray, window: int) -> Windows:
     return w
 
 
+def mlp_head_nodes(normed: str, residual: str) -> list[Any]:
+    """The draft's SwiGLU MLP on `normed` plus `residual` -> `feature`, and the reduced-vocabulary
+    head -> `logits`: the same nodes end both draft kinds' graphs (train_draft's stateless one)."""
+    from onnx import helper  # lazily, as the graph writer below: onnx is an export-only import
+
+    n = helper.make_node
+    return [
+        n("MatMul", [normed, "draft.gate"], ["gate"], name="gate_proj"),
+        n("MatMul", [normed, "draft.up"], ["up"], name="up_proj"),
+        n("QuickGelu", ["gate"], ["silu"], name="silu", domain="com.microsoft", alpha=1.0),
+        n("Mul", ["silu", "up"], ["act"], name="mul"),
+        n("MatMul", ["act", "draft.down"], ["mlp"], name="down_proj"),
+        n("Add", [residual, "mlp"], ["feature"], name="residual"),
+        n("Gemm", ["feature", "draft.table"], ["logits"], name="lm_head", transB=1),
+    ]
+
+
 def write_onnx(head: Any, vmap: np.ndarray, eps: float, theta: float, out: Path) -> None:
     """The EAGLE-1 draft as an fp32 ONNX graph (`edge_llm.bundle.DraftSpec` kind "eagle1")."""
     import onnx
@@ -302,13 +319,7 @@ def write_onnx(head: Any, vmap: np.ndarray, eps: float, theta: float, out: Path)
         n("MatMul", ["ctx", "draft.wo"], ["attn"], name="o_proj"),
         n("Add", ["z", "attn"], ["z2"], name="attn_residual"),
         n("SimplifiedLayerNormalization", ["z2", "draft.ln2"], ["n2"], name="ln2", axis=-1, epsilon=eps),
-        n("MatMul", ["n2", "draft.gate"], ["gate"], name="gate_proj"),
-        n("MatMul", ["n2", "draft.up"], ["up"], name="up_proj"),
-        n("QuickGelu", ["gate"], ["silu"], name="silu", domain=ms, alpha=1.0),
-        n("Mul", ["silu", "up"], ["act"], name="mul"),
-        n("MatMul", ["act", "draft.down"], ["mlp"], name="down_proj"),
-        n("Add", ["z2", "mlp"], ["feature"], name="residual"),
-        n("Gemm", ["feature", "draft.table"], ["logits"], name="lm_head", transB=1),
+        *mlp_head_nodes("n2", "z2"),
     ]
     f32 = TensorProto.FLOAT
     graph = helper.make_graph(

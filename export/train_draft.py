@@ -432,13 +432,7 @@ def write_onnx(head: Any, vmap: np.ndarray, eps: float, out: Path) -> None:
         n("Concat", ["hidden", "embedded"], ["joined"], name="join", axis=-1),
         n("MatMul", ["joined", "draft.fc"], ["z"], name="fc"),
         n("SimplifiedLayerNormalization", ["z", "draft.norm"], ["normed"], name="norm", axis=-1, epsilon=eps),
-        n("MatMul", ["normed", "draft.gate"], ["gate"], name="gate_proj"),
-        n("MatMul", ["normed", "draft.up"], ["up"], name="up_proj"),
-        n("QuickGelu", ["gate"], ["silu"], name="silu", domain="com.microsoft", alpha=1.0),
-        n("Mul", ["silu", "up"], ["act"], name="mul"),
-        n("MatMul", ["act", "draft.down"], ["mlp"], name="down_proj"),
-        n("Add", ["z", "mlp"], ["feature"], name="residual"),
-        n("Gemm", ["feature", "draft.table"], ["logits"], name="lm_head", transB=1),
+        *draft_eagle.mlp_head_nodes("normed", "z"),
     ]
     f32 = TensorProto.FLOAT
     graph = helper.make_graph(
