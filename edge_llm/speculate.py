@@ -30,7 +30,7 @@ every kept token).
 The trained draft's length is chosen per verify by expected gain: each draft is kept with
 probability a (estimated from the request's own verifies: kept / (kept + rejections), prior 1/2),
 so k drafts yield (1 - a^(k+1)) / (1 - a) tokens per verify, which costs 1 + (VERIFY_COST +
-DRAFT_COST) k main decode steps; the k with the most tokens per cost wins, and where no k beats
+DRAFT_COST[kind]) k main decode steps; the k with the most tokens per cost wins, and where no k beats
 plain decoding (k = 0) speculation pauses for 1, 3, 7, ... plain steps and then probes with one
 draft. (Before: +2 after a verify that kept every draft, -1 otherwise, and a pause after every
 verify that kept nothing, however often drafts were kept.)
@@ -61,9 +61,10 @@ if TYPE_CHECKING:
 MAX_BACKOFF = 16
 # Verify and draft cost in main decode steps (benchmarks/speculation.py, SmolLM2 int8, 2 threads,
 # 2026-12-07 on a loaded 2-core host: a verify of k = 1 / 2 / 3 drafts x1.12 / 1.30 / 1.52 of a
-# 1-token step; a draft step 0.015x with a 4k vocabulary).
+# 1-token step; a draft step 0.015x with a 4k vocabulary). The eagle1 kind's attention layer makes
+# its step 0.041x (quiet host, 2026-12-08, benchmarks/README.md), so its cost is its own.
 VERIFY_COST = 0.15
-DRAFT_COST = 0.015
+DRAFT_COST = {"feature-mlp": 0.015, "eagle1": 0.041}
 
 
 class Draft:
@@ -94,6 +95,7 @@ class Draft:
             raise BundleError(f"{path}: draft kind {spec.kind!r} unknown to this runtime ({known})")
         # eagle1: an attention layer over the draft's own history, with its own KV cache (DraftKV)
         self.stateful = spec.kind == "eagle1"
+        self.cost = DRAFT_COST[spec.kind]  # main decode steps per draft step: draft_length weighs it
         inputs = {i.name: i for i in self.session.get_inputs()}
         if self.stateful and not {"past_key", "past_value"} <= set(inputs):
             raise BundleError(f"{path}: an eagle1 draft needs past_key / past_value inputs")
@@ -160,7 +162,7 @@ def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool
     """Draft, verify and accept for an `eligible` `q`; False (nothing done) when it should decode
     plainly this step."""
     left = q.params.max_tokens - len(q.generated) - 1
-    k = draft_length(q.accepted, q.rejected, max_draft)
+    k = draft_length(q.accepted, q.rejected, max_draft, draft.cost)
     if k == 0:  # plain decoding gives more at this acceptance: pause, then probe with one draft
         if q.spec_wait > 0:
             q.spec_wait -= 1
@@ -191,13 +193,16 @@ def advance(engine: Engine, draft: Draft, q: Generation, max_draft: int) -> bool
     return True
 
 
-def draft_length(accepted: int, rejected: int, max_draft: int) -> int:
+def draft_length(
+    accepted: int, rejected: int, max_draft: int, draft_cost: float = DRAFT_COST["feature-mlp"]
+) -> int:
     """The number of drafts (0..max_draft) with the most expected tokens per unit of cost, after
-    `accepted` kept drafts and `rejected` rejections (0: plain decoding gives more)."""
+    `accepted` kept drafts and `rejected` rejections (0: plain decoding gives more); `draft_cost`:
+    one draft step in main decode steps."""
     a = (accepted + 1) / (accepted + rejected + 2)
 
     def rate(k: int) -> float:
-        return sum(a**i for i in range(k + 1)) / (1 + (VERIFY_COST + DRAFT_COST) * k)
+        return sum(a**i for i in range(k + 1)) / (1 + (VERIFY_COST + draft_cost) * k)
 
     return max(range(max_draft + 1), key=rate)
 
