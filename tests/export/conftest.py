@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 
 from export import prune
-from tests.conftest import TRAIN_TEXT, build_tiny_hf
+from tests.conftest import build_tiny_hf
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text("\n".join(TRAIN_TEXT), encoding="utf-8")
-    return path
+def text_file(tiny_text: Path) -> Path:
+    return tiny_text  # the session's training text file (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,6 @@ from tests.conftest import TRAIN_TEXT, build_tiny_hf
 
 
 @pytest.fixture(scope="module")
-def text_file(tiny_text: Path) -> Path:
-    return tiny_text  # the session's training text file (conftest)
-
-
-@pytest.fixture(scope="module")
 def tiny4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_hf(tmp_path_factory.mktemp("tiny4"), layers=4)
 

@@ -22,11 +22,6 @@ OTHER = ["Paris is the capital. Rome, München and naïve café 🙂", "return a
 
 
 @pytest.fixture(scope="module")
-def text_file(tiny_text: Path) -> Path:
-    return tiny_text  # the session's training text file (conftest)
-
-
-@pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_hf(tmp_path_factory.mktemp("teacher"), layers=2)
 
