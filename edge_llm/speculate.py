@@ -130,7 +130,7 @@ class Draft:
         return feature[-1], logits[-1, : self.vocab.size]
 
 
-KINDS = ("feature-mlp", "eagle1")
+KINDS = tuple(DRAFT_COST)  # the draft kinds this runtime runs: each has its step cost
 
 
 class DraftKV:
